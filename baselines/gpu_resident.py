@@ -1,0 +1,11 @@
+"""gpu_resident: every expert preloaded into device slots, served by the same expert code as the offloaded methods."""
+
+from __future__ import annotations
+
+from spmoe.offload.assemble import on_demand_runtime
+from spmoe.strategy import MethodContext, Runtime, register_strategy
+
+
+@register_strategy("gpu_resident", offloads=False, description="all experts on the device, no SD (reference)")
+def build(ctx: MethodContext) -> Runtime:
+    return on_demand_runtime(ctx, len(ctx.target.layout.keys), "lru", preload=True)

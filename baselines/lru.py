@@ -1,0 +1,18 @@
+"""
+lru_nosd: on-demand expert loading into one global cache (all layers share the slots), no
+prefetch, no SD: the plain offloading floor. The eviction policy is `method.eviction`
+(lru by default, lfu available). The cache gets every slot the memory plan leaves.
+"""
+
+from __future__ import annotations
+
+from spmoe.offload.assemble import on_demand_runtime
+from spmoe.strategy import MethodContext, Runtime, register_strategy
+
+
+@register_strategy("lru_nosd", offloads=True, description="on-demand loading into an LRU expert cache, no SD")
+def build(ctx: MethodContext) -> Runtime:
+    slots = ctx.plan.num_slots
+    if ctx.cfg.method.num_slots is not None:
+        slots = min(slots, ctx.cfg.method.num_slots)
+    return on_demand_runtime(ctx, slots, ctx.cfg.method.eviction)

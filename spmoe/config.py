@@ -1,0 +1,101 @@
+"""
+Typed run configuration: one dataclass per Hydra group, plus the top-level `RunConfig`.
+
+Hydra composes `conf/` at the entry point and converts it once with `OmegaConf.to_object`;
+below that, the library only sees these dataclasses (never a DictConfig). The schemas are
+registered in Hydra's ConfigStore by `register_configs()`, so a typo in a YAML key or a wrong
+type fails at compose time.
+
+Units: sizes in bytes or GiB (`_gib`), times in milliseconds, bandwidth in GB/s (1e9 B/s).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; valid: {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+@dataclass
+class ModelConfig:
+    """Target MoE model. `family` is the transformers `model_type`; `hf_config` its shape."""
+
+    name: str = "tiny"
+    family: str = "mixtral"
+    weights: str = "random"  # random | checkpoint
+    path: str | None = None  # checkpoint directory (safetensors) when weights=checkpoint
+    dtype: str = "float32"
+    hf_config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "synthetic"  # synthetic | humaneval
+    prompt_len: int = 32  # synthetic: tokens per prompt
+    max_prompt_tokens: int = 2048  # longer prompts are truncated from the left
+
+
+@dataclass
+class MethodConfig:
+    """An offloading method; `name` selects the registered strategy (see `spmoe.strategy`)."""
+
+    name: str = "gpu_resident"
+    eviction: str = "lru"  # lru | lfu
+    num_slots: int | None = None  # cap on expert slots (default: all the memory plan allows)
+
+
+@dataclass
+class HardwareConfig:
+    """A device profile. A budget emulates a smaller card on a larger one (always labeled so)."""
+
+    name: str = "cpu"
+    device: str = "cpu"
+    gpu_budget_gib: float | None = None  # None: no budget (the whole device)
+    pcie_gb_per_s: float | None = None  # the emulated card's PCIe bandwidth (recorded; pacing comes later)
+    reserve_mib: float = 512.0  # CUDA workspaces, allocator fragmentation and temporaries
+    emulated: bool = False
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # none | wandb
+    project: str = "spmoe"
+    mode: str = "offline"
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+    max_new_tokens: int = 100
+    num_prompts: int = 2
+    check_lossless: str = "auto"  # auto | true | false: compare tokens with the gpu_resident reference
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore (called by the entry point only)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    for group, node in [
+        ("model", ModelConfig),
+        ("dataset", DatasetConfig),
+        ("method", MethodConfig),
+        ("hardware", HardwareConfig),
+        ("logger", LoggerConfig),
+    ]:
+        cs.store(group=group, name=f"{group}_schema", node=node)

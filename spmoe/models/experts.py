@@ -1,0 +1,134 @@
+"""
+The engine's experts module, installed in place of transformers' fused `mlp.experts`.
+
+transformers' MoE blocks call `experts(hidden_states [T, H], top_k_index [T, A], top_k_weights
+[T, A])`; `OffloadedExperts` has that signature and asks an `ExpertProvider` for each routed
+expert's weights, so the same expert code serves every method (GPU-resident, offloaded,
+prefetched). Weights of one expert live in one flat buffer of `ExpertLayout.expert_numel`
+elements: `gate_up [2I, H]` (gate rows, then up rows) followed by `down [H, I]`, exactly the
+per-expert slices of transformers' fused `gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`.
+
+Invariant: the output does not depend on the order in which the provider yields experts:
+each expert writes its own (token, slot) rows of a [T, A, H] buffer, and the weighted sum over
+A runs in a fixed order afterwards. So methods that load experts in different orders produce
+bit-identical results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+import torch
+from torch import nn
+
+from spmoe.types import ExpertKey
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Shapes of a model's routed experts. T = tokens, H = hidden, I = expert intermediate, A = top-k."""
+
+    moe_layers: tuple[int, ...]  # decoder-layer indices that have routed experts
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    intermediate_size: int
+    dtype: torch.dtype
+
+    @property
+    def expert_numel(self) -> int:
+        return 3 * self.intermediate_size * self.hidden_size
+
+    @property
+    def expert_bytes(self) -> int:
+        return self.expert_numel * torch.finfo(self.dtype).bits // 8
+
+    @property
+    def keys(self) -> list[ExpertKey]:
+        return [(layer, e) for layer in self.moe_layers for e in range(self.num_experts)]
+
+    def split(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One expert's flat buffer -> (gate_up [2I, H], down [H, I]) views."""
+        h, i = self.hidden_size, self.intermediate_size
+        return flat[: 2 * i * h].view(2 * i, h), flat[2 * i * h :].view(h, i)
+
+
+class ExpertProvider(Protocol):
+    def experts_for(self, layer: int, expert_ids: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield (expert, flat weights on the compute device) for each id, in any order.
+
+        The weights are valid until the consumer resumes the iterator."""
+        ...
+
+
+def expert_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act_fn: nn.Module) -> torch.Tensor:
+    """x [N, H] -> [N, H]: act(x W_gate^T) * (x W_up^T) W_down^T, as transformers' eager experts."""
+    gate, up = nn.functional.linear(x, gate_up).chunk(2, dim=-1)  # [N, I] each
+    return nn.functional.linear(act_fn(gate) * up, down)
+
+
+class OffloadedExperts(nn.Module):
+    """Drop-in for transformers' fused experts module; weights come from `provider`."""
+
+    def __init__(self, layer_idx: int, layout: ExpertLayout, act_fn: nn.Module, provider: ExpertProvider):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.layout = layout
+        self.act_fn = act_fn
+        self.provider = provider
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        # T = tokens, A = experts per token, H = hidden
+        num_tokens, top_k = top_k_index.shape
+        # NOTE: one device->host sync per layer: the copies are issued from the CPU, so it must know the ids.
+        index_cpu = top_k_index.cpu()  # [T, A]
+        expert_ids = torch.unique(index_cpu).tolist()
+        ys = hidden_states.new_zeros(num_tokens, top_k, hidden_states.shape[-1])  # [T, A, H]
+        device = hidden_states.device
+        for e, flat in self.provider.experts_for(self.layer_idx, expert_ids):
+            gate_up, down = self.layout.split(flat)
+            rows, pos = torch.where(index_cpu == e)  # CPU: no sync
+            if num_tokens == 1:
+                ys[0, pos.item()] = expert_mlp(hidden_states, gate_up, down, self.act_fn)[0]
+            else:
+                rows_d, pos_d = rows.to(device), pos.to(device)
+                ys[rows_d, pos_d] = expert_mlp(hidden_states[rows_d], gate_up, down, self.act_fn)
+        out = (ys.float() * top_k_weights.float()[..., None]).sum(dim=1)  # [T, H], fixed summation order
+        return out.to(hidden_states.dtype)
+
+
+def find_experts(model: nn.Module) -> dict[int, nn.Module]:
+    """Decoder-layer index -> the `mlp.experts` module, for every layer with routed experts."""
+    found = {}
+    for idx, layer in enumerate(model.model.layers):
+        experts = getattr(getattr(layer, "mlp", None), "experts", None)
+        if experts is not None and not isinstance(experts, nn.ModuleList):
+            found[idx] = experts
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no `model.layers[i].mlp.experts` modules: not a supported MoE model")
+    return found
+
+
+def layout_of(model: nn.Module, dtype: torch.dtype) -> ExpertLayout:
+    experts = find_experts(model)
+    first = next(iter(experts.values()))
+    cfg = model.config
+    top_k = getattr(cfg, "num_experts_per_tok", None)
+    if top_k is None:
+        raise ValueError(f"config of {cfg.model_type} has no num_experts_per_tok")
+    return ExpertLayout(
+        moe_layers=tuple(experts),
+        num_experts=first.num_experts,
+        top_k=int(top_k),
+        hidden_size=first.hidden_dim,
+        intermediate_size=first.intermediate_dim,
+        dtype=dtype,
+    )
+
+
+def install_experts(model: nn.Module, layout: ExpertLayout, provider: ExpertProvider) -> None:
+    """Replace every layer's experts module by an `OffloadedExperts` served by `provider`."""
+    for idx in layout.moe_layers:
+        mlp = model.model.layers[idx].mlp
+        mlp.experts = OffloadedExperts(idx, layout, mlp.experts.act_fn, provider)

@@ -1,0 +1,88 @@
+"""
+GPU memory plan: how many expert slots a hardware profile's budget leaves.
+
+    slots = floor((budget - non_expert - draft - kv - activations - reserve) / expert_bytes)
+
+capped at the number of experts. `non_expert` is every target weight that is not a routed
+expert (attention, norms, embeddings, routers, shared experts), `draft` the draft model (0
+without SD), `kv` the KV caches at the longest sequence of the run, `activations` an upper
+estimate of the largest forward's temporaries (logits are computed for the last positions
+only), `reserve` the CUDA workspaces and allocator slack. A budget that cannot hold the
+non-expert weights plus `top_k` experts (one token's experts at one layer, the least a forward
+can run with) is rejected before anything is loaded, with the numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from transformers import PretrainedConfig
+
+from spmoe.models.experts import ExpertLayout
+
+
+class BudgetError(ValueError):
+    pass
+
+
+@dataclass
+class MemoryPlan:
+    budget_bytes: int | None
+    non_expert_bytes: int
+    draft_bytes: int
+    kv_bytes: int
+    activation_bytes: int
+    reserve_bytes: int
+    expert_bytes: int
+    num_experts_total: int
+    num_slots: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def kv_bytes(cfg: PretrainedConfig, max_seq_len: int, dtype_bytes: int) -> int:
+    """K and V for every layer at `max_seq_len` positions."""
+    heads = cfg.num_attention_heads
+    if hasattr(cfg, "qk_rope_head_dim"):  # DeepSeek MLA caches full per-head K and V
+        per_token = heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
+    else:
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        per_token = 2 * getattr(cfg, "num_key_value_heads", heads) * head_dim
+    return cfg.num_hidden_layers * per_token * max_seq_len * dtype_bytes
+
+
+def activation_bytes(cfg: PretrainedConfig, layout: ExpertLayout, max_tokens: int, dtype_bytes: int) -> int:
+    """Upper estimate of one forward's live temporaries at `max_tokens` tokens."""
+    dense_i = max(getattr(cfg, "intermediate_size", 0) or 0, layout.intermediate_size)
+    per_token = (16 * cfg.hidden_size + 4 * dense_i) * dtype_bytes + 4 * layout.top_k * cfg.hidden_size
+    logits = 2 * 4 * cfg.vocab_size * 16  # fp32 logits of up to 16 positions, twice
+    return max_tokens * per_token + logits
+
+
+def plan_memory(
+    layout: ExpertLayout,
+    budget_bytes: int | None,
+    non_expert_bytes: int,
+    draft_bytes: int,
+    kv: int,
+    activations: int,
+    reserve_bytes: int,
+) -> MemoryPlan:
+    total = len(layout.keys)
+    if budget_bytes is None:
+        num_slots = total
+    else:
+        free = budget_bytes - non_expert_bytes - draft_bytes - kv - activations - reserve_bytes
+        num_slots = min(total, max(0, free // layout.expert_bytes))
+        if num_slots < layout.top_k:
+            gib = 2**30
+            raise BudgetError(
+                f"GPU budget {budget_bytes / gib:.2f} GiB is too small: non-expert weights {non_expert_bytes / gib:.2f} GiB"
+                f" + draft {draft_bytes / gib:.2f} GiB + KV cache {kv / gib:.2f} GiB + activations {activations / gib:.2f} GiB"
+                f" + reserve {reserve_bytes / gib:.2f} GiB leave {max(free, 0) / gib:.2f} GiB, room for {num_slots} experts"
+                f" of {layout.expert_bytes / gib:.3f} GiB; at least top_k={layout.top_k} are needed"
+                f" (needs a budget of at least {(budget_bytes - free + layout.top_k * layout.expert_bytes) / gib:.2f} GiB)"
+            )
+    return MemoryPlan(budget_bytes, non_expert_bytes, draft_bytes, kv, activations, reserve_bytes,
+                      layout.expert_bytes, total, int(num_slots))

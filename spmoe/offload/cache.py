@@ -1,0 +1,109 @@
+"""
+ExpertCache: a fixed pool of device slots holding expert weights, with pluggable eviction.
+
+Terms: a *slot* holds one expert (a flat buffer of `slot_numel` elements); a *hit* is an
+access to a resident key; a *miss* admits a key into a free slot or evicts a *victim* chosen by
+the policy among resident, unpinned keys. A *pinned* slot is in use by the layer being
+computed (or by an in-flight copy) and cannot be evicted.
+
+Invariants: no allocation after __init__; a key maps to at most one slot; counters count
+accesses made through `lookup`/`admit` only (`preload` does not count). Copy ordering (never
+overwrite a slot a kernel may still read) is the transfer engine's job, not this class's.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from spmoe.offload.eviction import EvictionPolicy
+from spmoe.types import ExpertKey
+
+
+class NoEvictableSlot(RuntimeError):
+    pass
+
+
+class ExpertCache:
+    def __init__(self, num_slots: int, slot_numel: int, dtype: torch.dtype, device: torch.device | str,
+                 policy: EvictionPolicy):
+        if num_slots < 1:
+            raise ValueError(f"an expert cache needs at least one slot, got {num_slots}")
+        self.num_slots = num_slots
+        self.policy = policy
+        self.storage = torch.empty(num_slots, slot_numel, dtype=dtype, device=device)  # [S, N]
+        self._slot_of: dict[ExpertKey, int] = {}
+        self._key_of: list[ExpertKey | None] = [None] * num_slots
+        self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+        self._pins: Counter[int] = Counter()
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.storage.numel() * self.storage.element_size()
+
+    def __contains__(self, key: ExpertKey) -> bool:
+        return key in self._slot_of
+
+    def resident(self) -> list[ExpertKey]:
+        return list(self._slot_of)
+
+    def slot(self, slot: int) -> torch.Tensor:
+        return self.storage[slot]
+
+    def lookup(self, key: ExpertKey) -> int | None:
+        """The slot holding `key` (a hit, counted) or None (not counted: call `admit`)."""
+        slot = self._slot_of.get(key)
+        if slot is not None:
+            self.hits += 1
+            self.policy.touch(key)
+        return slot
+
+    def can_admit(self) -> bool:
+        return bool(self._free) or any(self._pins[s] == 0 for s in self._slot_of.values())
+
+    def admit(self, key: ExpertKey) -> tuple[int, ExpertKey | None]:
+        """Make room for a missing `key`: (its slot, the evicted key or None). Counts a miss."""
+        if key in self._slot_of:
+            raise ValueError(f"expert {key} is already resident")
+        evicted = None
+        if self._free:
+            slot = self._free.pop()
+        else:
+            candidates = [k for k, s in self._slot_of.items() if self._pins[s] == 0]
+            if not candidates:
+                raise NoEvictableSlot(f"all {self.num_slots} slots are pinned; cannot admit {key}")
+            evicted = self.policy.victim(candidates)
+            slot = self._slot_of.pop(evicted)
+            self.policy.on_evict(evicted)
+            self.evictions += 1
+        self._slot_of[key] = slot
+        self._key_of[slot] = key
+        self.misses += 1
+        self.policy.touch(key)
+        return slot, evicted
+
+    def access(self, key: ExpertKey) -> tuple[int, bool, ExpertKey | None]:
+        """lookup, then admit on a miss: (slot, hit, evicted key)."""
+        slot = self.lookup(key)
+        if slot is not None:
+            return slot, True, None
+        slot, evicted = self.admit(key)
+        return slot, False, evicted
+
+    def preload(self, key: ExpertKey) -> int:
+        """Admit without counting (initial residency, e.g. the GPU-resident reference)."""
+        slot, _ = self.admit(key)
+        self.misses -= 1
+        return slot
+
+    def pin(self, slot: int) -> None:
+        self._pins[slot] += 1
+
+    def unpin(self, slot: int) -> None:
+        if self._pins[slot] <= 0:
+            raise ValueError(f"slot {slot} is not pinned")
+        self._pins[slot] -= 1

@@ -1,0 +1,67 @@
+"""
+Eviction policies for the GPU expert cache: pure bookkeeping over ExpertKeys, no tensors.
+
+A policy sees every access (`touch`), every insertion and every eviction of the cache it
+serves, and names a victim among the evictable resident keys. Terms:
+- LRU: evict the least recently used resident key.
+- LFU: evict the resident key with the fewest accesses over the whole run (counts survive
+  eviction, so a popular expert that was evicted comes back with its history); ties go to
+  the least recently used.
+Invariant: `victim(candidates)` returns one of `candidates` and never mutates state.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Iterable, Protocol
+
+from spmoe.types import ExpertKey
+
+
+class EvictionPolicy(Protocol):
+    def touch(self, key: ExpertKey) -> None: ...
+    def on_evict(self, key: ExpertKey) -> None: ...
+    def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey: ...
+
+
+class LruPolicy:
+    def __init__(self) -> None:
+        self._clock = 0
+        self._last_use: dict[ExpertKey, int] = {}
+
+    def touch(self, key: ExpertKey) -> None:
+        self._clock += 1
+        self._last_use[key] = self._clock
+
+    def on_evict(self, key: ExpertKey) -> None:
+        self._last_use.pop(key, None)
+
+    def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
+        return min(candidates, key=lambda k: self._last_use.get(k, 0))
+
+
+class LfuPolicy:
+    def __init__(self) -> None:
+        self._clock = 0
+        self._last_use: dict[ExpertKey, int] = {}
+        self._count: Counter[ExpertKey] = Counter()
+
+    def touch(self, key: ExpertKey) -> None:
+        self._clock += 1
+        self._last_use[key] = self._clock
+        self._count[key] += 1
+
+    def on_evict(self, key: ExpertKey) -> None:
+        pass  # counts are kept: frequency is a property of the expert, not of its residency
+
+    def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
+        return min(candidates, key=lambda k: (self._count[k], self._last_use.get(k, 0)))
+
+
+POLICIES = {"lru": LruPolicy, "lfu": LfuPolicy}
+
+
+def make_policy(name: str) -> EvictionPolicy:
+    if name not in POLICIES:
+        raise ValueError(f"unknown eviction policy {name!r}; valid: {sorted(POLICIES)}")
+    return POLICIES[name]()

@@ -1,0 +1,65 @@
+"""
+OnDemandProvider: the ExpertProvider of every offloading method without prefetch.
+
+For one layer's routed experts: hits are pinned first; then the misses are admitted and all
+their copies are issued at once (batched on the copy stream), so the copy of expert j+1
+overlaps the compute of expert j. Experts are yielded hits first, then misses in issue order;
+each is released (its free event recorded, its pin dropped) when the consumer resumes. If the
+cache has fewer free slots than misses, the remaining misses are issued as slots are released,
+so any cache with at least one slot makes progress.
+
+Every layer's needed/hit/miss lists go to the `ExpertEventLog`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterator
+
+import torch
+
+from spmoe.offload.cache import ExpertCache
+from spmoe.offload.store import ExpertStore
+from spmoe.offload.transfer import TransferEngine
+from spmoe.trace.records import ExpertEventLog
+
+
+class OnDemandProvider:
+    def __init__(self, cache: ExpertCache, store: ExpertStore, transfer: TransferEngine, events: ExpertEventLog):
+        self.cache = cache
+        self.store = store
+        self.transfer = transfer
+        self.events = events
+
+    def experts_for(self, layer: int, expert_ids: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
+        cache, transfer = self.cache, self.transfer
+        ready: deque[tuple[int, int]] = deque()  # (expert, slot), in yield order
+        pending: deque[int] = deque()
+        hits, misses = [], []
+        for e in expert_ids:
+            slot = cache.lookup((layer, e))
+            if slot is None:
+                pending.append(e)
+                misses.append(e)
+            else:
+                cache.pin(slot)
+                ready.append((e, slot))
+                hits.append(e)
+        self.events.record(layer, list(expert_ids), hits, misses)
+
+        def issue() -> None:
+            while pending and cache.can_admit():
+                e = pending.popleft()
+                slot, _ = cache.admit((layer, e))
+                cache.pin(slot)
+                transfer.load(slot, cache.slot(slot), self.store.flat((layer, e)))
+                ready.append((e, slot))
+
+        issue()
+        while ready:
+            e, slot = ready.popleft()
+            transfer.wait_ready(slot)
+            yield e, cache.slot(slot)
+            transfer.release(slot)
+            cache.unpin(slot)
+            issue()

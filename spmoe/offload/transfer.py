@@ -1,0 +1,106 @@
+"""
+Transfer engine: host->device expert copies into cache slots, and their ordering.
+
+On CUDA, copies run on a dedicated copy stream. Per slot there are two events:
+- `ready[s]`, recorded on the copy stream after the copy into slot s; the compute stream
+  waits on it (`wait_ready`) before reading the slot. Never a device-wide synchronize.
+- `free[s]`, recorded on the compute stream after the last kernel that reads slot s
+  (`release`); the copy stream waits on it before overwriting the slot, so a slot is never
+  overwritten while a kernel may still read it.
+Timing uses extra events, harvested only once they have completed: copy time (for achieved
+bandwidth) and *stall* time (the compute stream blocked on an in-flight copy).
+On CPU, copies are synchronous; the whole copy is stall.
+
+Invariant: every `load` is followed by `wait_ready` before the slot is read, and every read
+is followed by `release` before the slot can be reloaded.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TransferStats:
+    h2d_bytes: int = 0
+    copy_ms: float = 0.0  # time the copy engine spent copying
+    stall_ms: float = 0.0  # time compute waited for copies
+
+    def add(self, other: TransferStats) -> None:
+        self.h2d_bytes += other.h2d_bytes
+        self.copy_ms += other.copy_ms
+        self.stall_ms += other.stall_ms
+
+
+class TransferEngine:
+    def __init__(self, device: torch.device, num_slots: int):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self._pending = TransferStats()
+        self._copy_spans: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._stall_spans: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        if self.cuda:
+            self.copy_stream = torch.cuda.Stream(device)
+            self.ready = [torch.cuda.Event() for _ in range(num_slots)]
+            self.free = [torch.cuda.Event() for _ in range(num_slots)]
+            self._freed = [False] * num_slots
+
+    def load(self, slot: int, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Copy `src` (host) into slot `slot`'s buffer `dst`, ordered after the slot's last reader."""
+        nbytes = src.numel() * src.element_size()
+        self._pending.h2d_bytes += nbytes
+        if not self.cuda:
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            ms = (time.perf_counter() - t0) * 1e3
+            self._pending.copy_ms += ms
+            self._pending.stall_ms += ms
+            return
+        with torch.cuda.stream(self.copy_stream):
+            if self._freed[slot]:
+                self.copy_stream.wait_event(self.free[slot])
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src, non_blocking=True)
+            end.record()
+            self.ready[slot].record()
+        self._copy_spans.append((start, end))
+
+    def wait_ready(self, slot: int) -> None:
+        """Make the current (compute) stream wait until slot `slot`'s copy has landed."""
+        if not self.cuda or self.ready[slot].query():
+            return
+        stream = torch.cuda.current_stream(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        stream.wait_event(self.ready[slot])
+        end.record(stream)
+        self._stall_spans.append((start, end))
+
+    def release(self, slot: int) -> None:
+        """The compute stream has enqueued its last read of slot `slot`."""
+        if self.cuda:
+            self.free[slot].record(torch.cuda.current_stream(self.device))
+            self._freed[slot] = True
+
+    def collect(self) -> TransferStats:
+        """Stats since the last collect; spans whose events have not completed stay pending."""
+        if self.cuda:
+            self._pending.copy_ms += _harvest(self._copy_spans)
+            self._pending.stall_ms += _harvest(self._stall_spans)
+        out, self._pending = self._pending, TransferStats()
+        return out
+
+
+def _harvest(spans: list[tuple[torch.cuda.Event, torch.cuda.Event]]) -> float:
+    total_ms, keep = 0.0, []
+    for start, end in spans:
+        if end.query():
+            total_ms += start.elapsed_time(end)
+        else:
+            keep.append((start, end))
+    spans[:] = keep
+    return total_ms

@@ -1,0 +1,81 @@
+"""
+Methods as registered strategies.
+
+A method is a build function that, given the shared `MethodContext` (target model skeleton with
+its store, device, memory plan, config), returns a `Runtime`: the model to run with its experts
+served, and the components the engine reads stats from. Every method goes through the same
+`Engine`; none forks the loop, the timers or the trace. Baselines register themselves in
+`baselines/` with `@register_strategy(name, offloads=..., description=...)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from spmoe.config import RunConfig
+from spmoe.offload.budget import MemoryPlan
+from spmoe.offload.cache import ExpertCache
+from spmoe.offload.transfer import TransferEngine, TransferStats
+from spmoe.trace.records import ExpertEventLog
+
+
+@dataclass
+class MethodContext:
+    cfg: RunConfig
+    target: "TargetModel"  # noqa: F821  (spmoe.models.build.TargetModel; avoids an import cycle)
+    device: torch.device
+    plan: MemoryPlan
+
+
+@dataclass
+class Runtime:
+    model: nn.Module
+    events: ExpertEventLog
+    transfer: TransferEngine | None = None
+    cache: ExpertCache | None = None
+    collect_extra: Callable[[], TransferStats] | None = None  # stats of transfers the engine does not see
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def collect(self) -> TransferStats:
+        stats = self.transfer.collect() if self.transfer else TransferStats()
+        if self.collect_extra:
+            stats.add(self.collect_extra())
+        return stats
+
+    def close(self) -> None:
+        for fn in self.closers:
+            fn()
+        self.closers.clear()
+
+
+@dataclass
+class StrategySpec:
+    name: str
+    build: Callable[[MethodContext], Runtime]
+    offloads: bool  # False: every expert must fit on the device
+    description: str
+
+
+STRATEGIES: dict[str, StrategySpec] = {}
+
+
+def register_strategy(name: str, offloads: bool, description: str):
+    def deco(build: Callable[[MethodContext], Runtime]):
+        if name in STRATEGIES:
+            raise ValueError(f"strategy {name!r} registered twice")
+        STRATEGIES[name] = StrategySpec(name, build, offloads, description)
+        return build
+
+    return deco
+
+
+def get_strategy(name: str) -> StrategySpec:
+    import baselines  # noqa: F401  (registers the built-in methods)
+
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown method {name!r}; valid: {sorted(STRATEGIES)}")
+    return STRATEGIES[name]

@@ -1,0 +1,78 @@
+"""
+Summary metrics from step records (DESIGN.md section 5).
+
+- TPOT per prompt = (t of the last token - t of the first token) / (generated tokens - 1):
+  prefill excluded (that is TTFT). Reported as the mean over prompts and p50/p90 across prompts.
+- Expert hits / misses, H2D bytes, copy and stall time: decode steps only (prefill traffic is
+  reported under `prefill_*`). `h2d_gb_per_s` = decode H2D bytes / time the copy engine spent
+  copying them (the achieved bandwidth during loads).
+- Acceptance rate = accepted / drafted; mean acceptance length = 1 + accepted / verify steps.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+from spmoe.trace.records import StepRecord
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    if len(xs) == 1:
+        return xs[0]
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def summarize(records_by_prompt: list[list[StepRecord]]) -> dict:
+    tpots, ttfts = [], []
+    decode_tokens, decode_ms = 0, 0.0
+    hits = misses = h2d = pre_h2d = pre_misses = 0
+    copy_ms = stall_ms = 0.0
+    drafted = accepted = verify_steps = 0
+    for records in records_by_prompt:
+        prefill, decode = records[0], records[1:]
+        n = sum(r.num_emitted for r in records)
+        ttfts.append(prefill.t_ms)
+        if n > 1:
+            tpots.append((records[-1].t_ms - prefill.t_ms) / (n - 1))
+            decode_tokens += n - 1
+            decode_ms += records[-1].t_ms - prefill.t_ms
+        pre_h2d += prefill.h2d_bytes
+        pre_misses += sum(len(ev.misses) for ev in prefill.layers)
+        for r in decode:
+            h2d += r.h2d_bytes
+            copy_ms += r.copy_ms
+            stall_ms += r.stall_ms
+            hits += sum(len(ev.hits) for ev in r.layers)
+            misses += sum(len(ev.misses) for ev in r.layers)
+            if r.num_drafted is not None:
+                drafted += r.num_drafted
+                accepted += r.num_accepted or 0
+                verify_steps += 1
+    spec = verify_steps > 0
+    return {
+        "num_prompts": len(records_by_prompt),
+        "num_generated_tokens": sum(sum(r.num_emitted for r in rs) for rs in records_by_prompt),
+        "tpot_ms": statistics.fmean(tpots) if tpots else None,
+        "tpot_p50_ms": _percentile(tpots, 0.5) if tpots else None,
+        "tpot_p90_ms": _percentile(tpots, 0.9) if tpots else None,
+        "ttft_ms": statistics.fmean(ttfts),
+        "tokens_per_s": decode_tokens / decode_ms * 1e3 if decode_ms > 0 else None,
+        "acceptance_rate": accepted / drafted if spec and drafted else None,
+        "mean_acceptance_length": 1 + accepted / verify_steps if spec else None,
+        "expert_hits": hits,
+        "expert_misses": misses,
+        "expert_hit_rate": hits / (hits + misses) if hits + misses else None,
+        "prefetch_hits": 0,
+        "late_prefetches": 0,
+        "wasted_prefetches": 0,
+        "h2d_bytes": h2d,
+        "h2d_bytes_per_token": h2d / decode_tokens if decode_tokens else None,
+        "h2d_gb_per_s": h2d / copy_ms / 1e6 if copy_ms > 0 else None,
+        "copy_ms": copy_ms,
+        "stall_ms": stall_ms,
+        "prefill_h2d_bytes": pre_h2d,
+        "prefill_expert_misses": pre_misses,
+    }

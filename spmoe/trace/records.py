@@ -1,0 +1,59 @@
+"""
+Trace schema: the records the engine and the expert provider emit.
+
+- `LayerEvents`: for one forward of one MoE layer, the experts it needed and which of them were
+  hits (resident before needed) or misses (loaded on demand). Prefetch kinds come with the
+  prefetching methods.
+- `StepRecord`: one engine step (prefill, one decode token, or one draft+verify step), with
+  its wall time, the tokens it emitted, transfer totals and its per-layer events.
+Times are milliseconds, sizes bytes. Records are plain dataclasses; files are written by the
+runner (`trace.jsonl`, one StepRecord per line).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class LayerEvents:
+    layer: int
+    needed: list[int]
+    hits: list[int]
+    misses: list[int]
+
+
+@dataclass
+class StepRecord:
+    prompt_idx: int
+    step: int  # 0 = prefill
+    phase: str  # prefill | decode
+    pos: int  # sequence length before the step
+    num_emitted: int  # tokens this step emitted
+    t_ms: float  # wall time at the end of the step, since the prompt started
+    step_ms: float
+    h2d_bytes: int = 0
+    copy_ms: float = 0.0
+    stall_ms: float = 0.0
+    num_drafted: int | None = None
+    num_accepted: int | None = None
+    draft_ms: float | None = None
+    verify_ms: float | None = None
+    layers: list[LayerEvents] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ExpertEventLog:
+    """Collects LayerEvents from the provider; the engine drains it once per step."""
+
+    def __init__(self) -> None:
+        self._events: list[LayerEvents] = []
+
+    def record(self, layer: int, needed: list[int], hits: list[int], misses: list[int]) -> None:
+        self._events.append(LayerEvents(layer, needed, hits, misses))
+
+    def drain(self) -> list[LayerEvents]:
+        out, self._events = self._events, []
+        return out
