@@ -8,4 +8,4 @@ Registered methods (see `spmoe.strategy`). Importing this package registers them
 | accelerate | HF accelerate `device_map` offload under the same budget: the naive floor |
 """
 
-from baselines import gpu_resident, lru  # noqa: F401
+from baselines import accelerate_offload, gpu_resident, lru  # noqa: F401

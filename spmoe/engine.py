@@ -12,6 +12,7 @@ reached the host. TPOT (see `spmoe.trace.metrics`) uses the first and last decod
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 
@@ -32,10 +33,13 @@ class Engine:
     def __init__(self, runtime: Runtime, device: torch.device):
         self.runtime = runtime
         self.device = device
+        # transformers >= 5.2x renamed `past_key_values` to `cache`; the GPU image has 5.17
+        params = inspect.signature(runtime.model.forward).parameters
+        self._kv_kwarg = "cache" if "cache" in params else "past_key_values"
 
     def _forward(self, ids: list[int], kv: DynamicCache) -> torch.Tensor:
         input_ids = torch.tensor([ids], device=self.device)  # [1, T]
-        out = self.runtime.model(input_ids=input_ids, past_key_values=kv, use_cache=True, logits_to_keep=1)
+        out = self.runtime.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{self._kv_kwarg: kv})
         return out.logits[0, -1]  # [V]
 
     def _record(self, prompt_idx: int, step: int, phase: str, pos: int, t_start: float, t_step: float) -> StepRecord:

@@ -167,7 +167,7 @@ def test_rs_emitted_tokens_follow_target_distribution():
         if res.num_accepted == 2:
             third[res.token_ids[2]] += 1
 
-    emp = first / n; print("TV", _tv(emp, p[0]), _tv(emp, q[0]), _tv(second / second.sum(), p[1]), _tv(third / third.sum(), p[2]), second.sum(), third.sum())
+    emp = first / n
     assert _tv(emp, p[0]) < 0.02
     assert _tv(emp, q[0]) > 0.3
     # Second token given the first was accepted: a fresh accept step at position 1 -> p_1.

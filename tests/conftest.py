@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny configs built from the real presets in conf/, CPU, seeded."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from experiments.presets import load_preset
+from spmoe.config import MethodConfig, RunConfig
+
+logging.getLogger("transformers").setLevel(logging.ERROR)
+torch.set_num_threads(2)
+
+
+def tiny_run_config(model: str = "tiny", method: str = "gpu_resident", **kw) -> RunConfig:
+    cfg = RunConfig(
+        model=load_preset("model", model),
+        dataset=load_preset("dataset", "synthetic", prompt_len=12),
+        method=MethodConfig(name=method),
+        hardware=load_preset("hardware", "cpu"),
+        max_new_tokens=16,
+        num_prompts=2,
+    )
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+@pytest.fixture
+def gpu():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    return torch.device("cuda")
