@@ -35,6 +35,7 @@ class ExpertStore:
             slab = torch.empty(layout.num_experts * layout.expert_numel, dtype=layout.dtype)
             self._slabs[layer] = slab
             if pin:
+                slab.zero_()  # touch first: registering faulted-in pages is several times faster
                 _register(slab)
         self.pinned = pin
         log.info("expert store: %d experts, %.2f GiB host memory, pinned=%s, %.1f s",
