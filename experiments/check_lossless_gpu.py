@@ -12,6 +12,7 @@ lru_nosd with every slot (loads on demand, no eviction) and with few slots (heav
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import logging
 
@@ -29,6 +30,14 @@ def forced_logits(session, method: MethodConfig, hw, prompt: list[int], tokens: 
     plan = session.plan(hw, method.name)
     ctx = MethodContext(session.cfg, session.target, session.device, plan)
     runtime = get_strategy(method.name).build(ctx)
+    probes: list = []
+
+    def probe(module, args):
+        h, idx, w = args
+        probes.append((module.layer_idx, h.double().sum().item(), idx.tolist(), w.float().tolist()))
+
+    hooks = [model_layer.mlp.experts.register_forward_pre_hook(probe)
+             for model_layer in (runtime.model.model.layers[i] for i in session.target.layout.moe_layers)]
     try:
         model = runtime.model
         kv = DynamicCache(config=model.config)
@@ -41,8 +50,10 @@ def forced_logits(session, method: MethodConfig, hw, prompt: list[int], tokens: 
             logits = model(input_ids=torch.tensor([ids], device=session.device), use_cache=True, logits_to_keep=1,
                            **{kw: kv}).logits[0, -1]
             out.append(logits.float().cpu())
-        return torch.stack(out)  # [N, V]
+        return torch.stack(out), probes  # [N, V]
     finally:
+        for h in hooks:
+            h.remove()
         runtime.close()
 
 
@@ -52,8 +63,19 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=40)
     ap.add_argument("--small-slots", type=int, default=6)
+    ap.add_argument("--sdpa", default="default", choices=["default", "math", "flash", "efficient", "cudnn"])
+    ap.add_argument("--deterministic", action="store_true")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO)
+    logging.basicConfig(level=logging.WARNING)
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if args.sdpa != "default":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
+                   "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[args.sdpa]
+        sdpa_kernel(backend).__enter__()
     model = load_preset("model", args.model)
     model.hf_config["num_hidden_layers"] = args.layers
     hw = load_preset("hardware", "h200")
@@ -63,7 +85,7 @@ def main() -> None:
     try:
         gens, _, _ = s.generate(MethodConfig(name="gpu_resident"), hw, args.tokens)
         tokens, prompt = gens[0].token_ids, s.prompts[0].token_ids
-        ref = forced_logits(s, MethodConfig(name="gpu_resident"), hw, prompt, tokens)
+        ref, ref_probes = forced_logits(s, MethodConfig(name="gpu_resident"), hw, prompt, tokens)
         assert torch.equal(ref.argmax(-1), torch.tensor(tokens)), "forced reference disagrees with its own greedy run"
         cases = {
             "gpu_resident_again": MethodConfig(name="gpu_resident"),
@@ -72,14 +94,21 @@ def main() -> None:
         }
         report = {}
         for name, m in cases.items():
-            got = forced_logits(s, m, hw, prompt, tokens)
+            got, probes = forced_logits(s, m, hw, prompt, tokens)
+            for a, b in zip(ref_probes, probes):
+                if a != b:
+                    what = "hidden" if a[1] != b[1] else "router index" if a[2] != b[2] else "router weights"
+                    print(f"{name}: first differing experts input at layer {a[0]}: {what}; ref idx {a[2][:2]} got {b[2][:2]}"
+                          f" ref w {a[3][:2]} got {b[3][:2]}", flush=True)
+                    break
             diff = (got - ref).abs().amax(-1)  # [N]
             bad = torch.nonzero(diff).flatten().tolist()
             report[name] = {"identical_steps": len(tokens) - len(bad), "first_diff_step": bad[0] if bad else None,
                             "max_abs_diff": float(diff.max()), "argmax_agree": float((got.argmax(-1) == ref.argmax(-1)).float().mean())}
         top2 = ref.topk(2, dim=-1).values
         report["reference_min_top2_gap"] = float((top2[:, 0] - top2[:, 1]).min())
-        print(json.dumps(report, indent=1))
+        print(json.dumps({"sdpa": args.sdpa, "deterministic": args.deterministic,
+                          **{k: (v["first_diff_step"] if isinstance(v, dict) else v) for k, v in report.items()}}))
     finally:
         s.close()
 
