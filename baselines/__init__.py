@@ -4,7 +4,9 @@ Registered methods (see `spmoe.strategy`). Importing this package registers them
 | name | what it is |
 |---|---|
 | gpu_resident | every expert resident on the device, no SD: the correctness reference and speed ceiling |
+| gpu_resident_sd | every expert resident, with SD (same draft, same k) |
 | lru_nosd | on-demand loading into a global LRU (or LFU, `method.eviction=lfu`) expert cache, no SD |
+| lru | the same cache, with SD: verification loads the union of k+1 tokens' experts |
 | accelerate | HF accelerate `device_map` offload under the same budget: the naive floor |
 """
 

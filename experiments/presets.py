@@ -11,10 +11,10 @@ from pathlib import Path
 
 import yaml
 
-from spmoe.config import DatasetConfig, HardwareConfig, LoggerConfig, MethodConfig, ModelConfig
+from spmoe.config import DatasetConfig, DraftConfig, HardwareConfig, LoggerConfig, MethodConfig, ModelConfig, TwinConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-_GROUPS = {"model": ModelConfig, "dataset": DatasetConfig, "method": MethodConfig,
+_GROUPS = {"model": ModelConfig, "draft": DraftConfig, "dataset": DatasetConfig, "method": MethodConfig,
            "hardware": HardwareConfig, "logger": LoggerConfig}
 
 
@@ -30,4 +30,6 @@ def load_preset(group: str, name: str, **overrides):
         raise ValueError(f"unknown {group} {name!r}; valid: {preset_names(group)}")
     data = {k: v for k, v in yaml.safe_load(path.read_text()).items() if k != "defaults"}
     data.update(overrides)
+    if group == "model" and isinstance(data.get("twin"), dict):
+        data["twin"] = TwinConfig(**data["twin"])
     return _GROUPS[group](**data)

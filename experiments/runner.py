@@ -19,14 +19,19 @@ from pathlib import Path
 import torch
 import transformers
 
-from spmoe.config import HardwareConfig, MethodConfig, RunConfig, parse_dtype
+from transformers import AutoModelForCausalLM
+
+from spmoe.config import HardwareConfig, MethodConfig, RunConfig, SpecConfig, parse_dtype
 from spmoe.data.prompts import load_prompts
 from spmoe.data.tokenizer import load_tokenizer
 from spmoe.engine import Engine, Generation
 from spmoe.io import write_json_atomic, write_jsonl_atomic
 from spmoe.models.build import TargetModel, fill_store, hf_config, materialize, param_bytes, skeleton
+from spmoe.models.draft import build_draft, check_vocab, draft_hf_config
+from spmoe.models.twin import upcycle
 from spmoe.offload.budget import BudgetError, MemoryPlan, activation_bytes, kv_bytes, plan_memory
 from spmoe.offload.store import ExpertStore
+from spmoe.spec.drafter import ModelDrafter
 from spmoe.strategy import MethodContext, get_strategy
 from spmoe.trace.metrics import summarize
 
@@ -55,14 +60,18 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
 
 
-def make_plan(cfg: RunConfig, hf_cfg, layout, non_expert_bytes: int, max_prompt_len: int) -> MemoryPlan:
+def make_plan(cfg: RunConfig, hf_cfg, layout, non_expert_bytes: int, max_prompt_len: int,
+              draft_bytes: int = 0) -> MemoryPlan:
     dtype_bytes = torch.finfo(parse_dtype(cfg.model.dtype)).bits // 8
     budget = None if cfg.hardware.gpu_budget_gib is None else int(cfg.hardware.gpu_budget_gib * GIB)
-    max_seq = max_prompt_len + cfg.max_new_tokens + 16
-    return plan_memory(layout, budget, non_expert_bytes, draft_bytes=0,
-                       kv=kv_bytes(hf_cfg, max_seq, dtype_bytes),
+    return plan_memory(layout, budget, non_expert_bytes, draft_bytes=draft_bytes,
+                       kv=kv_bytes(hf_cfg, _max_seq(cfg, max_prompt_len), dtype_bytes),
                        activations=activation_bytes(hf_cfg, layout, max_prompt_len, dtype_bytes),
                        reserve_bytes=int(cfg.hardware.reserve_mib * 2**20))
+
+
+def _max_seq(cfg: RunConfig, max_prompt_len: int) -> int:
+    return max_prompt_len + cfg.max_new_tokens + cfg.spec.num_draft_tokens + 1
 
 
 def _reference_fits(plan: MemoryPlan, device: torch.device) -> bool:
@@ -75,10 +84,13 @@ def _reference_fits(plan: MemoryPlan, device: torch.device) -> bool:
 
 @dataclass
 class Session:
-    """A loaded target (non-expert weights on the device, experts in the host store) and its prompts.
+    """A loaded target (non-expert weights on the device, experts in the host store), the draft
+    model when one is configured, and the prompts.
 
     Several methods can run on one session one after another (the benchmark scripts do), each
-    with its own memory plan; each run installs its own experts provider and frees it after."""
+    with its own memory plan; each run installs its own experts provider and frees it after.
+    Budget accounting per method: the draft counts only for speculative methods, so a method's
+    `peak_gpu_bytes` = its own allocation peak + the resident weights it uses."""
 
     cfg: RunConfig
     device: torch.device
@@ -86,12 +98,29 @@ class Session:
     target: TargetModel
     tokenizer: object
     prompts: list
+    draft: object = None  # PreTrainedModel | None
+
+    @property
+    def draft_weight_bytes(self) -> int:
+        return param_bytes(self.draft) if self.draft is not None else 0
+
+    def draft_bytes(self) -> int:
+        """Draft weights + its KV cache at the run's longest sequence."""
+        if self.draft is None:
+            return 0
+        dtype_bytes = next(self.draft.parameters()).element_size()
+        max_prompt = max(len(p.token_ids) for p in self.prompts)
+        return self.draft_weight_bytes + kv_bytes(self.draft.config, _max_seq(self.cfg, max_prompt), dtype_bytes)
 
     def plan(self, hardware: HardwareConfig, method: str) -> MemoryPlan:
+        spec = get_strategy(method)
+        if spec.speculative and self.draft is None:
+            raise ValueError(f"method {method!r} uses speculative decoding and needs a draft model: pass"
+                             f" draft=<name> (valid: {_draft_names()})")
         cfg = replace(self.cfg, hardware=hardware)
         plan = make_plan(cfg, self.hf_cfg, self.target.layout, self.target.non_expert_bytes,
-                         max(len(p.token_ids) for p in self.prompts))
-        spec = get_strategy(method)
+                         max(len(p.token_ids) for p in self.prompts),
+                         draft_bytes=self.draft_bytes() if spec.speculative else 0)
         if not spec.offloads and plan.num_slots < plan.num_experts_total:
             raise BudgetError(
                 f"method {spec.name} keeps all {plan.num_experts_total} experts on the device"
@@ -100,20 +129,30 @@ class Session:
         return plan
 
     def generate(self, method: MethodConfig, hardware: HardwareConfig, max_new_tokens: int,
-                 num_prompts: int | None = None) -> tuple[list[Generation], MemoryPlan, int | None]:
+                 num_prompts: int | None = None, spec_cfg: SpecConfig | None = None,
+                 ) -> tuple[list[Generation], MemoryPlan, int | None]:
         """Run one method over the prompts: (generations, memory plan, peak device bytes)."""
+        spec = get_strategy(method.name)
         plan = self.plan(hardware, method.name)
-        cfg = replace(self.cfg, method=method, hardware=hardware, max_new_tokens=max_new_tokens)
+        cfg = replace(self.cfg, method=method, hardware=hardware, max_new_tokens=max_new_tokens,
+                      spec=spec_cfg or self.cfg.spec)
         ctx = MethodContext(cfg, self.target, self.device, plan)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        runtime = get_strategy(method.name).build(ctx)
+            allocated_at_start = torch.cuda.memory_allocated(self.device)
+        runtime = spec.build(ctx)
         try:
-            engine = Engine(runtime, self.device)
+            drafter = None
+            if spec.speculative:
+                drafter = ModelDrafter(self.draft, self.device, cfg.spec.temperature, cfg.spec.top_p)
+            engine = Engine(runtime, self.device, drafter, cfg.spec, cfg.seed)
             prompts = self.prompts[:num_prompts]
             gens = [engine.generate(p.token_ids, max_new_tokens, i) for i, p in enumerate(prompts)]
-            peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+            peak = None
+            if self.device.type == "cuda":
+                resident = self.target.non_expert_bytes + (self.draft_weight_bytes if spec.speculative else 0)
+                peak = torch.cuda.max_memory_allocated(self.device) - allocated_at_start + resident
         finally:
             runtime.close()
         return gens, plan, peak
@@ -126,26 +165,49 @@ class Session:
         self.target.store.close()
 
 
+def _draft_names() -> list[str]:
+    from experiments.presets import preset_names
+
+    return [n for n in preset_names("draft") if n != "none"]
+
+
 def open_session(cfg: RunConfig) -> Session:
     """Validate names, plan memory for cfg's method and hardware (failing before any large
-    allocation), then load the target."""
-    get_strategy(cfg.method.name)
+    allocation), then load the draft (if any) and the target."""
+    spec = get_strategy(cfg.method.name)
     if cfg.check_lossless not in ("auto", "true", "false"):
         raise ValueError(f"check_lossless={cfg.check_lossless!r}; valid: auto, true, false")
     if cfg.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
+    if cfg.spec.num_draft_tokens < 1 and spec.speculative:
+        raise ValueError(f"spec.num_draft_tokens must be >= 1 for {spec.name}, got {cfg.spec.num_draft_tokens}")
+    if cfg.model.weights == "twin" and cfg.draft.name == "none":
+        raise ValueError("model.weights=twin upcycles the target from its draft: pass draft=<name>"
+                         f" (valid: {_draft_names()})")
     device = resolve_device(cfg.hardware.device)
     hf_cfg = hf_config(cfg.model)
     model, layout = skeleton(hf_cfg, parse_dtype(cfg.model.dtype))
+    draft_cfg = None
+    if cfg.draft.name != "none":
+        draft_cfg = draft_hf_config(cfg.draft)
+        check_vocab(hf_cfg, draft_cfg, cfg.draft.name)
     tokenizer = load_tokenizer(cfg.model.path if cfg.model.weights == "checkpoint" else None, hf_cfg.vocab_size)
     prompts = load_prompts(cfg.dataset, tokenizer, hf_cfg.vocab_size, cfg.num_prompts, cfg.seed)
     target = TargetModel(model, layout, None, param_bytes(model), cfg.model.weights)
     session = Session(cfg, device, hf_cfg, target, tokenizer, prompts)
+    if draft_cfg is not None:
+        with torch.device("meta"):
+            session.draft = AutoModelForCausalLM.from_config(draft_cfg)  # sizes only, for the plan
     log.info("memory plan: %s", session.plan(cfg.hardware, cfg.method.name))
+    if draft_cfg is not None:
+        session.draft = build_draft(cfg.draft, draft_cfg, device, cfg.seed + 7)
     materialize(model, cfg.model, device, cfg.seed)
     target.store = ExpertStore(layout, pin=device.type == "cuda")
     try:
-        fill_store(target.store, cfg.model, device, cfg.seed, std=getattr(hf_cfg, "initializer_range", 0.02))
+        if cfg.model.weights == "twin":
+            upcycle(model, layout, target.store, session.draft, cfg.model.twin, cfg.seed)
+        else:
+            fill_store(target.store, cfg.model, device, cfg.seed, std=getattr(hf_cfg, "initializer_range", 0.02))
     except BaseException:
         target.store.close()
         raise
@@ -153,8 +215,10 @@ def open_session(cfg: RunConfig) -> Session:
 
 
 def summarize_run(session: Session, method: MethodConfig, hardware: HardwareConfig, gens: list[Generation],
-                  plan: MemoryPlan, peak: int | None, reference: list[list[int]] | None) -> dict:
+                  plan: MemoryPlan, peak: int | None, reference: list[list[int]] | None,
+                  spec_cfg: SpecConfig | None = None) -> dict:
     cfg, spec = session.cfg, get_strategy(method.name)
+    spec_cfg = spec_cfg or cfg.spec
     lossless, agreement = None, None
     if reference is not None:
         same = [sum(a == b for a, b in zip(g.token_ids, r)) for g, r in zip(gens, reference)]
@@ -164,20 +228,25 @@ def summarize_run(session: Session, method: MethodConfig, hardware: HardwareConf
     return {
         "method": spec.name,
         "model": cfg.model.name,
-        "draft": None,
+        "draft": cfg.draft.name if spec.speculative else None,
+        "num_draft_tokens": spec_cfg.num_draft_tokens if spec.speculative else None,
+        "temperature": spec_cfg.temperature,
         "dataset": cfg.dataset.name,
         "hardware": hardware.name,
         "hardware_emulated": hardware.emulated,
         "weights": cfg.model.weights,
+        "twin_expert_noise": cfg.model.twin.expert_noise if cfg.model.weights == "twin" else None,
         "dtype": cfg.model.dtype,
         "eviction": method.eviction if spec.offloads else None,
         "seed": cfg.seed,
         "max_new_tokens": len(gens[0].token_ids) if gens else cfg.max_new_tokens,
         **summarize([g.records for g in gens]),
+        "distinct_token_ratio": sum(len(set(g.token_ids)) / len(g.token_ids) for g in gens) / len(gens),
         "num_slots": plan.num_slots if spec.offloads else plan.num_experts_total,
         "num_experts_total": plan.num_experts_total,
         "expert_bytes": plan.expert_bytes,
         "non_expert_bytes": plan.non_expert_bytes,
+        "draft_bytes_planned": plan.draft_bytes,
         "kv_bytes_planned": plan.kv_bytes,
         "activation_bytes_planned": plan.activation_bytes,
         "peak_gpu_bytes": peak,

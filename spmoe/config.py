@@ -26,15 +26,49 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 @dataclass
+class TwinConfig:
+    """How a target MoE is upcycled from its dense draft (`model.weights=twin`).
+
+    Every expert = the draft's FFN + `expert_noise` x (a seeded Gaussian of the same std as the
+    FFN weights, drawn per expert); attention, norms, embeddings and head are the draft's."""
+
+    expert_noise: float = 0.1
+
+
+@dataclass
 class ModelConfig:
     """Target MoE model. `family` is the transformers `model_type`; `hf_config` its shape."""
 
     name: str = "tiny"
     family: str = "mixtral"
-    weights: str = "random"  # random | checkpoint
+    weights: str = "random"  # random | checkpoint | twin (upcycled from the draft)
     path: str | None = None  # checkpoint directory (safetensors) when weights=checkpoint
     dtype: str = "float32"
     hf_config: dict[str, Any] = field(default_factory=dict)
+    twin: TwinConfig = field(default_factory=TwinConfig)
+
+
+@dataclass
+class DraftConfig:
+    """Dense (or small MoE) draft model for speculative decoding, fully on the device.
+
+    `name: none` means no draft; SD methods then fail at start."""
+
+    name: str = "none"
+    family: str = "llama"
+    weights: str = "random"  # random | checkpoint
+    path: str | None = None
+    dtype: str = "float32"
+    hf_config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SpecConfig:
+    """Speculative decoding: k draft tokens per step; temperature 0 = greedy (exact verification)."""
+
+    num_draft_tokens: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
 
 
 @dataclass
@@ -75,6 +109,8 @@ class LoggerConfig:
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    draft: DraftConfig = field(default_factory=DraftConfig)
+    spec: SpecConfig = field(default_factory=SpecConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
@@ -93,6 +129,7 @@ def register_configs() -> None:
     cs.store(name="run_schema", node=RunConfig)
     for group, node in [
         ("model", ModelConfig),
+        ("draft", DraftConfig),
         ("dataset", DatasetConfig),
         ("method", MethodConfig),
         ("hardware", HardwareConfig),

@@ -1,13 +1,19 @@
 """
-The decode loop every method runs through: prefill, then one token per step (greedy), batch 1.
+The decode loop every method runs through: prefill, then steps of draft -> verify -> accept ->
+rollback, batch 1. Without a drafter a step drafts nothing (k = 0) and "verification" of the one
+pending token is plain decoding, so SD and non-SD runs share every line of the loop.
 
-Each step ends with the new token on the host (the only host sync the loop itself makes), then
-the step's transfer totals and per-layer expert events are collected into a `StepRecord`.
-Methods differ only in the `Runtime` they plug in (how experts are served); the loop, the
-timers and the records are the same for all, which is what makes comparisons fair.
+Token bookkeeping: `seq` = prompt + emitted tokens. The target KV cache always holds
+`seq[:-1]`; a step feeds `[seq[-1], d_1..d_k]` (k+1 positions, logits for all of them), accepts
+n drafts, emits n+1 tokens (accepted drafts + the recovered or bonus token), and crops the
+target cache back to `len(seq) - 1` of the new sequence (the drafter likewise, see
+`spmoe.spec.drafter`). Greedy (temperature 0) is exact; sampling uses rejection sampling, so
+the output distribution is the target's.
 
-Timing: `t_ms` of a record is wall time since the prompt started, taken after the step's token
-reached the host. TPOT (see `spmoe.trace.metrics`) uses the first and last decode records.
+Each step ends with its tokens on the host; then the step's transfer totals and per-layer
+expert events are collected into a `StepRecord`. Methods differ only in the `Runtime` they plug
+in (how experts are served) and whether they draft; the loop, timers and records are the same
+for all, which is what makes comparisons fair.
 """
 
 from __future__ import annotations
@@ -19,6 +25,10 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from spmoe.config import SpecConfig
+from spmoe.spec.drafter import ModelDrafter
+from spmoe.spec.kv import crop_to
+from spmoe.spec.verify import AcceptResult, probs_from_logits, rejection_sample, verify_greedy
 from spmoe.strategy import Runtime
 from spmoe.trace.records import StepRecord
 
@@ -30,43 +40,75 @@ class Generation:
 
 
 class Engine:
-    def __init__(self, runtime: Runtime, device: torch.device):
+    def __init__(self, runtime: Runtime, device: torch.device, drafter: ModelDrafter | None = None,
+                 spec: SpecConfig | None = None, seed: int = 0):
         self.runtime = runtime
         self.device = device
+        self.drafter = drafter
+        self.spec = spec or SpecConfig(num_draft_tokens=0)
+        self.seed = seed
+        if drafter is not None and self.spec.num_draft_tokens < 1:
+            raise ValueError(f"spec.num_draft_tokens must be >= 1 with a draft model, got {self.spec.num_draft_tokens}")
         # transformers >= 5.2x renamed `past_key_values` to `cache`; the GPU image has 5.17
         params = inspect.signature(runtime.model.forward).parameters
         self._kv_kwarg = "cache" if "cache" in params else "past_key_values"
 
-    def _forward(self, ids: list[int], kv: DynamicCache) -> torch.Tensor:
+    def _target(self, ids: list[int], kv: DynamicCache, num_logits: int) -> torch.Tensor:
         input_ids = torch.tensor([ids], device=self.device)  # [1, T]
-        out = self.runtime.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{self._kv_kwarg: kv})
-        return out.logits[0, -1]  # [V]
+        out = self.runtime.model(input_ids=input_ids, use_cache=True, logits_to_keep=num_logits,
+                                 **{self._kv_kwarg: kv})
+        return out.logits[0].float().cpu()  # [num_logits, V]; the host copy syncs the step
 
-    def _record(self, prompt_idx: int, step: int, phase: str, pos: int, t_start: float, t_step: float) -> StepRecord:
+    def _accept(self, drafts: list[int], draft_probs, logits: torch.Tensor, gen: torch.Generator) -> AcceptResult:
+        draft_ids = torch.tensor(drafts, dtype=torch.long)
+        if self.spec.temperature == 0:
+            return verify_greedy(draft_ids, logits)
+        p = probs_from_logits(logits, self.spec.temperature, self.spec.top_p)  # [K+1, V]
+        q = draft_probs if draft_probs is not None else torch.zeros(0, logits.shape[-1])
+        return rejection_sample(draft_ids, q, p, gen)
+
+    def _record(self, prompt_idx: int, step: int, phase: str, pos: int, emitted: int, t_start: float,
+                t_step: float, **spec_fields) -> StepRecord:
         now = time.perf_counter()
         stats = self.runtime.collect()
         return StepRecord(
-            prompt_idx=prompt_idx, step=step, phase=phase, pos=pos, num_emitted=1,
+            prompt_idx=prompt_idx, step=step, phase=phase, pos=pos, num_emitted=emitted,
             t_ms=(now - t_start) * 1e3, step_ms=(now - t_step) * 1e3,
             h2d_bytes=stats.h2d_bytes, copy_ms=stats.copy_ms, stall_ms=stats.stall_ms,
-            layers=self.runtime.events.drain(),
+            layers=self.runtime.events.drain(), **spec_fields,
         )
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, prompt_idx: int = 0) -> Generation:
         if not prompt_ids:
             raise ValueError("empty prompt")
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + prompt_idx)
         self.runtime.collect()
         self.runtime.events.drain()
         kv = DynamicCache(config=self.runtime.model.config)
         t_start = time.perf_counter()
-        token = int(self._forward(prompt_ids, kv).argmax())
-        records = [self._record(prompt_idx, 0, "prefill", 0, t_start, t_start)]
-        tokens = [token]
-        while len(tokens) < max_new_tokens:
+        first = self._accept([], None, self._target(prompt_ids, kv, 1), gen).token_ids
+        if self.drafter is not None:
+            self.drafter.begin(prompt_ids)
+        seq = prompt_ids + first
+        records = [self._record(prompt_idx, 0, "prefill", 0, 1, t_start, t_start)]
+        while len(seq) - len(prompt_ids) < max_new_tokens:
             t_step = time.perf_counter()
-            pos = len(prompt_ids) + len(tokens) - 1
-            token = int(self._forward([token], kv).argmax())
-            tokens.append(token)
-            records.append(self._record(prompt_idx, len(records), "decode", pos, t_start, t_step))
-        return Generation(tokens, records)
+            remaining = max_new_tokens - (len(seq) - len(prompt_ids))
+            k = min(self.spec.num_draft_tokens, remaining - 1) if self.drafter is not None else 0
+            drafts, draft_probs = self.drafter.propose(seq, k, gen) if k > 0 else ([], None)
+            t_verify = time.perf_counter()
+            logits = self._target([seq[-1]] + drafts, kv, k + 1)  # [k+1, V]
+            result = self._accept(drafts, draft_probs, logits, gen)
+            pos = len(seq) - 1
+            crop_to(kv, pos + 1 + result.num_accepted)
+            if self.drafter is not None:
+                self.drafter.rollback(len(seq) + min(result.num_accepted, max(k - 1, 0)))
+            seq = seq + result.token_ids
+            spec_fields = {}
+            if self.drafter is not None:
+                spec_fields = dict(num_drafted=k, num_accepted=result.num_accepted,
+                                   draft_ms=(t_verify - t_step) * 1e3, verify_ms=(time.perf_counter() - t_verify) * 1e3)
+            records.append(self._record(prompt_idx, len(records), "decode", pos, len(result.token_ids), t_start,
+                                        t_step, **spec_fields))
+        return Generation(seq[len(prompt_ids):], records)

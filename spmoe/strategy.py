@@ -57,17 +57,18 @@ class StrategySpec:
     name: str
     build: Callable[[MethodContext], Runtime]
     offloads: bool  # False: every expert must fit on the device
+    speculative: bool  # drafts with the run's draft model (same draft and k for every SD method)
     description: str
 
 
 STRATEGIES: dict[str, StrategySpec] = {}
 
 
-def register_strategy(name: str, offloads: bool, description: str):
+def register_strategy(name: str, offloads: bool, description: str, speculative: bool = False):
     def deco(build: Callable[[MethodContext], Runtime]):
         if name in STRATEGIES:
             raise ValueError(f"strategy {name!r} registered twice")
-        STRATEGIES[name] = StrategySpec(name, build, offloads, description)
+        STRATEGIES[name] = StrategySpec(name, build, offloads, speculative, description)
         return build
 
     return deco

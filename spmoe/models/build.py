@@ -51,12 +51,12 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
             raise CheckpointError(f"checkpoint config not found: {config_file} (model.path must be a directory"
                                   " with config.json and *.safetensors)")
         hf_cfg = AutoConfig.from_pretrained(cfg.path, local_files_only=True)
-    elif cfg.weights == "random":
+    elif cfg.weights in ("random", "twin"):
         if cfg.family not in SUPPORTED_FAMILIES:
             raise ValueError(f"unknown model family {cfg.family!r}; valid: {list(SUPPORTED_FAMILIES)}")
         hf_cfg = AutoConfig.for_model(cfg.family, **cfg.hf_config)
     else:
-        raise ValueError(f"unknown model.weights {cfg.weights!r}; valid: random, checkpoint")
+        raise ValueError(f"unknown model.weights {cfg.weights!r}; valid: random, checkpoint, twin")
     if hf_cfg.model_type not in SUPPORTED_FAMILIES:
         raise ValueError(f"model type {hf_cfg.model_type!r} is not supported; valid: {list(SUPPORTED_FAMILIES)}")
     return hf_cfg

@@ -7,6 +7,8 @@ Summary metrics from step records (DESIGN.md section 5).
   reported under `prefill_*`). `h2d_gb_per_s` = decode H2D bytes / time the copy engine spent
   copying them (the achieved bandwidth during loads).
 - Acceptance rate = accepted / drafted; mean acceptance length = 1 + accepted / verify steps.
+- Unique experts per layer-step: distinct experts one decode/verify forward needed at one MoE
+  layer (top_k without SD; up to the union of k+1 tokens' experts with SD).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def summarize(records_by_prompt: list[list[StepRecord]]) -> dict:
     hits = misses = h2d = pre_h2d = pre_misses = 0
     copy_ms = stall_ms = 0.0
     drafted = accepted = verify_steps = 0
+    needed_per_layer: list[int] = []
     for records in records_by_prompt:
         prefill, decode = records[0], records[1:]
         n = sum(r.num_emitted for r in records)
@@ -47,6 +50,7 @@ def summarize(records_by_prompt: list[list[StepRecord]]) -> dict:
             stall_ms += r.stall_ms
             hits += sum(len(ev.hits) for ev in r.layers)
             misses += sum(len(ev.misses) for ev in r.layers)
+            needed_per_layer.extend(len(ev.needed) for ev in r.layers)
             if r.num_drafted is not None:
                 drafted += r.num_drafted
                 accepted += r.num_accepted or 0
@@ -62,6 +66,7 @@ def summarize(records_by_prompt: list[list[StepRecord]]) -> dict:
         "tokens_per_s": decode_tokens / decode_ms * 1e3 if decode_ms > 0 else None,
         "acceptance_rate": accepted / drafted if spec and drafted else None,
         "mean_acceptance_length": 1 + accepted / verify_steps if spec else None,
+        "unique_experts_per_layer_step": statistics.fmean(needed_per_layer) if needed_per_layer else None,
         "expert_hits": hits,
         "expert_misses": misses,
         "expert_hit_rate": hits / (hits + misses) if hits + misses else None,

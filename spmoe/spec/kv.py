@@ -1,0 +1,19 @@
+"""
+KV-cache rollback after verification.
+
+`crop_to(kv, n)` keeps the first n positions of a transformers cache. It passes a negative count
+(tokens to remove), the one form both transformers 5.17 (absolute length, negative = remove)
+and 5.2x (negative only) accept.
+"""
+
+from __future__ import annotations
+
+from transformers import Cache
+
+
+def crop_to(kv: Cache, length: int) -> None:
+    excess = kv.get_seq_length() - length
+    if excess < 0:
+        raise ValueError(f"cannot crop a cache of {kv.get_seq_length()} positions to {length}")
+    if excess > 0:
+        kv.crop(-excess)
