@@ -189,6 +189,19 @@ def test_unknown_hf_config_key(guard, tmp_path):
     fails(cfg, tmp_path, ValueError, "num_experts_per_tokn")
 
 
+@pytest.mark.parametrize("method", ["lru", "gpu_resident_sd"])
+def test_speculative_method_without_draft(guard, tmp_path, method):
+    cfg = tiny_run_config(method=method)  # draft defaults to none
+    assert cfg.draft.name == "none"
+    fails(cfg, tmp_path, ValueError, method, "draft=", "tiny")
+
+
+def test_twin_weights_without_draft(guard, tmp_path):
+    cfg = tiny_run_config()
+    cfg.model.weights = "twin"
+    fails(cfg, tmp_path, ValueError, "model.weights=twin", "draft=", "tiny")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_cuda_device_without_cuda(guard, tmp_path):
     cfg = tiny_run_config()

@@ -1,21 +1,25 @@
-"""The backbone: every registered method produces exactly the gpu_resident tokens (greedy)."""
+"""The backbone: every registered method produces exactly the gpu_resident tokens (greedy),
+with and without speculative decoding, on two model families."""
 
 from __future__ import annotations
 
 import pytest
 
 from conftest import tiny_run_config
+from experiments.presets import load_preset
 from experiments.runner import open_session
-from spmoe.config import MethodConfig
+from spmoe.config import MethodConfig, SpecConfig
 from spmoe.strategy import STRATEGIES, get_strategy
 
 get_strategy("gpu_resident")  # populate the registry
 METHODS = sorted(STRATEGIES)
+DRAFT_OF = {"tiny": "tiny", "tiny_qwen3_moe": "tiny_qwen3"}
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny_qwen3_moe"])
 def session(request):
     cfg = tiny_run_config(request.param, num_prompts=3, max_new_tokens=20)
+    cfg.draft = load_preset("draft", DRAFT_OF[request.param])
     s = open_session(cfg)
     gens, _, _ = s.generate(MethodConfig(name="gpu_resident"), cfg.hardware, cfg.max_new_tokens)
     s.reference = [g.token_ids for g in gens]
@@ -23,24 +27,35 @@ def session(request):
     s.close()
 
 
-def _tokens(session, method: MethodConfig):
-    gens, plan, _ = session.generate(method, session.cfg.hardware, session.cfg.max_new_tokens)
-    return [g.token_ids for g in gens], gens, plan
+def _run(session, method: MethodConfig, k: int = 1):
+    gens, plan, _ = session.generate(method, session.cfg.hardware, session.cfg.max_new_tokens,
+                                     spec_cfg=SpecConfig(num_draft_tokens=k))
+    return [g.token_ids for g in gens], gens
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_method_matches_gpu_resident(session, method):
-    tokens, gens, _ = _tokens(session, MethodConfig(name=method))
+    tokens, gens = _run(session, MethodConfig(name=method))
     assert tokens == session.reference
     assert all(len(t) == session.cfg.max_new_tokens for t in tokens)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("method", [m for m in METHODS if STRATEGIES[m].speculative])
+def test_sd_is_lossless_for_every_k(session, method, k):
+    tokens, gens = _run(session, MethodConfig(name=method, num_slots=session.target.layout.top_k * 2), k)
+    assert tokens == session.reference
+    decode = [r for g in gens for r in g.records if r.phase == "decode"]
+    assert all(r.num_drafted is not None and 0 <= r.num_accepted <= r.num_drafted <= k for r in decode)
+    assert all(r.num_emitted == r.num_accepted + 1 for r in decode)
+    assert sum(r.num_emitted for g in gens for r in g.records) == 3 * session.cfg.max_new_tokens
 
 
 @pytest.mark.parametrize("eviction", ["lru", "lfu"])
 @pytest.mark.parametrize("slots_per_topk", [1, 2])
 def test_small_caches_stay_lossless_and_load(session, eviction, slots_per_topk):
     top_k = session.target.layout.top_k
-    method = MethodConfig(name="lru_nosd", eviction=eviction, num_slots=top_k * slots_per_topk)
-    tokens, gens, _ = _tokens(session, method)
+    tokens, gens = _run(session, MethodConfig(name="lru_nosd", eviction=eviction, num_slots=top_k * slots_per_topk))
     assert tokens == session.reference
     decode = [r for g in gens for r in g.records if r.phase == "decode"]
     misses = sum(len(ev.misses) for r in decode for ev in r.layers)
@@ -50,10 +65,20 @@ def test_small_caches_stay_lossless_and_load(session, eviction, slots_per_topk):
 
 
 def test_events_account_for_every_routed_expert(session):
-    _, gens, _ = _tokens(session, MethodConfig(name="lru_nosd", num_slots=session.target.layout.top_k))
+    _, gens = _run(session, MethodConfig(name="lru_nosd", num_slots=session.target.layout.top_k))
     layout = session.target.layout
     for r in (r for g in gens for r in g.records if r.phase == "decode"):
         assert [ev.layer for ev in r.layers] == list(layout.moe_layers)
         for ev in r.layers:
             assert sorted(ev.hits + ev.misses) == sorted(ev.needed)
             assert len(ev.needed) == layout.top_k  # one token routes to exactly top_k distinct experts
+
+
+def test_sd_verify_needs_the_union_of_experts(session):
+    """k+1 verified tokens need more distinct experts per layer than one token does."""
+    _, gens = _run(session, MethodConfig(name="lru"), k=5)
+    layout = session.target.layout
+    sizes = [len(ev.needed) for g in gens for r in g.records if r.phase == "decode" and r.num_drafted == 5
+             for ev in r.layers]
+    assert sizes and max(sizes) > layout.top_k
+    assert all(layout.top_k <= n <= min(layout.num_experts, 6 * layout.top_k) for n in sizes)

@@ -9,8 +9,8 @@ With `expert_noise = 0` every expert equals the draft FFN and, since the top-k w
 one, the target computes exactly the draft's function (acceptance 1 up to float rounding); the
 noise sets how far target and draft diverge, and how much routing matters.
 
-Requires structural twins: same depth, hidden size, attention shapes and vocabulary, and the
-draft FFN width equal to the expert width.
+Requires structural twins: same depth, hidden size, attention shapes, RoPE, norm epsilon,
+activation and vocabulary, and the draft FFN width equal to the expert width.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from spmoe.config import TwinConfig
 from spmoe.models.experts import ExpertLayout
 from spmoe.offload.store import ExpertStore
 
-_MUST_MATCH = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
+_MUST_MATCH = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+               "rope_parameters", "rms_norm_eps", "hidden_act", "sliding_window")
 
 
 def check_twinnable(target: PreTrainedModel, draft: PreTrainedModel, layout: ExpertLayout) -> None:

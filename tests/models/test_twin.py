@@ -1,0 +1,77 @@
+"""Twinned pairs: a target upcycled from its draft computes the draft's function at zero noise,
+and the noise knob moves acceptance and draft-target agreement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_run_config
+from experiments.presets import load_preset
+from experiments.runner import open_session
+from spmoe.config import MethodConfig, SpecConfig, TwinConfig
+from spmoe.strategy import MethodContext, get_strategy
+
+
+def _twin_session(noise: float, model="tiny", draft="tiny", **kw):
+    cfg = tiny_run_config(model, num_prompts=2, max_new_tokens=24, **kw)
+    cfg.model.weights = "twin"
+    cfg.model.twin = TwinConfig(expert_noise=noise)
+    cfg.draft = load_preset("draft", draft)
+    return open_session(cfg)
+
+
+@torch.inference_mode()
+def test_zero_noise_target_equals_draft():
+    s = _twin_session(0.0)
+    try:
+        ctx = MethodContext(s.cfg, s.target, s.device, s.plan(s.cfg.hardware, "gpu_resident"))
+        runtime = get_strategy("gpu_resident").build(ctx)
+        ids = torch.tensor([s.prompts[0].token_ids])
+        target_logits = runtime.model(input_ids=ids).logits
+        draft_logits = s.draft(input_ids=ids).logits
+        runtime.close()
+        torch.testing.assert_close(target_logits, draft_logits, rtol=1e-4, atol=1e-4)
+    finally:
+        s.close()
+
+
+def _acceptance(noise: float) -> float:
+    s = _twin_session(noise)
+    try:
+        gens, _, _ = s.generate(MethodConfig(name="gpu_resident_sd"), s.cfg.hardware, 24,
+                                spec_cfg=SpecConfig(num_draft_tokens=3))
+        recs = [r for g in gens for r in g.records if r.phase == "decode"]
+        return sum(r.num_accepted for r in recs) / sum(r.num_drafted for r in recs)
+    finally:
+        s.close()
+
+
+def test_noise_lowers_acceptance():
+    exact, noisy = _acceptance(0.0), _acceptance(1.0)
+    assert exact > 0.95
+    assert noisy < exact
+
+
+def test_not_twinnable_names_the_mismatch():
+    with pytest.raises(ValueError, match="hidden_size: target 64 vs draft 48"):
+        _twin_session(0.1, draft="tiny_qwen3")
+
+
+def test_twin_needs_a_draft():
+    cfg = tiny_run_config("tiny")
+    cfg.model.weights = "twin"
+    with pytest.raises(ValueError, match="pass draft=<name>"):
+        open_session(cfg)
+
+
+def test_vocabulary_mismatch_fails_with_both_sizes():
+    cfg = tiny_run_config("tiny", method="lru")
+    cfg.draft = load_preset("draft", "tiny", hf_config={**load_preset("draft", "tiny").hf_config, "vocab_size": 256})
+    with pytest.raises(ValueError, match="vocabulary size 256 but the target has 512"):
+        open_session(cfg)
+
+
+def test_sd_method_without_draft_fails():
+    with pytest.raises(ValueError, match="needs a draft model"):
+        open_session(tiny_run_config("tiny", method="lru"))
