@@ -32,7 +32,9 @@ from spmoe.models.twin import upcycle
 from spmoe.offload.budget import BudgetError, MemoryPlan, activation_bytes, kv_bytes, plan_memory
 from spmoe.offload.store import ExpertStore
 from spmoe.spec.drafter import ModelDrafter
-from spmoe.strategy import MethodContext, get_strategy
+from spmoe.models.checkpoint import Checkpoint
+from spmoe.offload.eviction import make_policy
+from spmoe.strategy import STRATEGIES, MethodContext, get_strategy
 from spmoe.trace.metrics import summarize
 
 log = logging.getLogger(__name__)
@@ -40,11 +42,14 @@ GIB = 2**30
 
 
 def resolve_device(name: str) -> torch.device:
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unsupported hardware.device {name!r}; valid: cpu, cuda[:N]") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"hardware device {name!r} needs CUDA, which is not available here; use hardware=cpu")
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {name!r}; valid: cpu, cuda[:N]")
+        raise ValueError(f"unsupported hardware.device {name!r}; valid: cpu, cuda[:N]")
     return device
 
 
@@ -125,7 +130,8 @@ class Session:
             raise BudgetError(
                 f"method {spec.name} keeps all {plan.num_experts_total} experts on the device"
                 f" ({plan.num_experts_total * plan.expert_bytes / GIB:.2f} GiB) but the budget of"
-                f" {plan.budget_bytes / GIB:.2f} GiB leaves room for {plan.num_slots}; use an offloading method")
+                f" {plan.budget_bytes / GIB:.2f} GiB leaves room for {plan.num_slots}; use an offloading method:"
+                f" {sorted(s.name for s in STRATEGIES.values() if s.offloads)}")
         return plan
 
     def generate(self, method: MethodConfig, hardware: HardwareConfig, max_new_tokens: int,
@@ -142,6 +148,8 @@ class Session:
             torch.cuda.reset_peak_memory_stats(self.device)
             allocated_at_start = torch.cuda.memory_allocated(self.device)
         runtime = spec.build(ctx)
+        if runtime.cache is not None:
+            plan = replace(plan, num_slots=runtime.cache.num_slots)
         try:
             drafter = None
             if spec.speculative:
@@ -175,8 +183,13 @@ def open_session(cfg: RunConfig) -> Session:
     """Validate names, plan memory for cfg's method and hardware (failing before any large
     allocation), then load the draft (if any) and the target."""
     spec = get_strategy(cfg.method.name)
+    cfg.check_lossless = str(cfg.check_lossless).lower()  # Hydra parses `true` as a bool
     if cfg.check_lossless not in ("auto", "true", "false"):
         raise ValueError(f"check_lossless={cfg.check_lossless!r}; valid: auto, true, false")
+    if spec.offloads:
+        make_policy(cfg.method.eviction)
+    if cfg.method.num_slots is not None and cfg.method.num_slots < 1:
+        raise ValueError(f"method.num_slots must be >= 1 (or null for all the budget allows), got {cfg.method.num_slots}")
     if cfg.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
     if cfg.spec.num_draft_tokens < 1 and spec.speculative:
@@ -201,6 +214,8 @@ def open_session(cfg: RunConfig) -> Session:
     log.info("memory plan: %s", session.plan(cfg.hardware, cfg.method.name))
     if draft_cfg is not None:
         session.draft = build_draft(cfg.draft, draft_cfg, device, cfg.seed + 7)
+    if cfg.model.weights == "checkpoint":
+        Checkpoint.open(cfg.model.path).check_experts(list(layout.moe_layers), layout.num_experts)
     materialize(model, cfg.model, device, cfg.seed)
     target.store = ExpertStore(layout, pin=device.type == "cuda")
     try:

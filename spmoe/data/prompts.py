@@ -39,6 +39,8 @@ def load_prompts(cfg: DatasetConfig, tokenizer: Tokenizer, vocab_size: int, num_
     if num_prompts < 1:
         raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
     if cfg.name == "synthetic":
+        if cfg.prompt_len < 1:
+            raise ValueError(f"dataset.prompt_len must be >= 1, got {cfg.prompt_len}")
         gen = torch.Generator().manual_seed(seed)
         ids = torch.randint(3, vocab_size, (num_prompts, cfg.prompt_len), generator=gen)
         return [Prompt(f"synthetic/{i}", row.tolist()) for i, row in enumerate(ids)]

@@ -14,6 +14,7 @@ embeddings, routers, shared experts, dense MLPs of dense layers).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -28,6 +29,9 @@ from spmoe.offload.store import ExpertStore
 
 log = logging.getLogger(__name__)
 
+# keys some configs do not declare but models read with getattr (or that are folded into
+# `rope_parameters` on load); accepted for every family
+_READ_BY_GETATTR = {"head_dim", "rope_theta", "rope_scaling", "partial_rotary_factor"}
 SUPPORTED_FAMILIES = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "phimoe", "deepseek_v2")
 
 
@@ -55,11 +59,27 @@ def hf_config(cfg: ModelConfig) -> PretrainedConfig:
         if cfg.family not in SUPPORTED_FAMILIES:
             raise ValueError(f"unknown model family {cfg.family!r}; valid: {list(SUPPORTED_FAMILIES)}")
         hf_cfg = AutoConfig.for_model(cfg.family, **cfg.hf_config)
+        known = _config_keys(type(hf_cfg))
+        unknown = sorted(k for k in cfg.hf_config if k not in known)
+        if unknown:
+            raise ValueError(f"model.hf_config has keys that {cfg.family} configs do not know: {unknown}"
+                             f" (valid: {sorted(known)})")
     else:
         raise ValueError(f"unknown model.weights {cfg.weights!r}; valid: random, checkpoint, twin")
     if hf_cfg.model_type not in SUPPORTED_FAMILIES:
         raise ValueError(f"model type {hf_cfg.model_type!r} is not supported; valid: {list(SUPPORTED_FAMILIES)}")
     return hf_cfg
+
+
+def _config_keys(cls: type) -> set[str]:
+    """Every key a transformers config class accepts: its fields, init args and attribute aliases."""
+    keys = set(cls().to_dict()) | set(getattr(cls, "attribute_map", {})) | _READ_BY_GETATTR
+    for klass in cls.__mro__:
+        keys |= set(getattr(klass, "__annotations__", {}))
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            keys |= set(inspect.signature(init).parameters) - {"self", "kwargs"}
+    return keys
 
 
 def skeleton(hf_cfg: PretrainedConfig, dtype: torch.dtype) -> tuple[PreTrainedModel, ExpertLayout]:

@@ -147,6 +147,15 @@ class Checkpoint:
             out[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
         return out
 
+    def check_experts(self, layers: list[int], num_experts: int) -> None:
+        """Fail before any expert is read if one of `layers` x `num_experts` has no tensors."""
+        for layer in layers:
+            if (layer, "gate_up") in self._fused and (layer, "down") in self._fused:
+                continue
+            for expert in range(num_experts):
+                if any((layer, expert, r) not in self._per_expert for r in ("gate", "up", "down")):
+                    raise self._missing_expert(layer, expert)
+
     def read_expert(self, layer: int, expert: int, gate_up_out: torch.Tensor, down_out: torch.Tensor) -> None:
         """Copies expert `expert` of layer `layer` into `gate_up_out [2I, H]` and `down_out [H, I]`."""
         gu_key, down_key = self._fused.get((layer, "gate_up")), self._fused.get((layer, "down"))

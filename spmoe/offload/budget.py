@@ -14,6 +14,7 @@ can run with) is rejected before anything is loaded, with the numbers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from transformers import PretrainedConfig
@@ -76,13 +77,19 @@ def plan_memory(
         free = budget_bytes - non_expert_bytes - draft_bytes - kv - activations - reserve_bytes
         num_slots = min(total, max(0, free // layout.expert_bytes))
         if num_slots < layout.top_k:
-            gib = 2**30
             raise BudgetError(
-                f"GPU budget {budget_bytes / gib:.2f} GiB is too small: non-expert weights {non_expert_bytes / gib:.2f} GiB"
-                f" + draft {draft_bytes / gib:.2f} GiB + KV cache {kv / gib:.2f} GiB + activations {activations / gib:.2f} GiB"
-                f" + reserve {reserve_bytes / gib:.2f} GiB leave {max(free, 0) / gib:.2f} GiB, room for {num_slots} experts"
-                f" of {layout.expert_bytes / gib:.3f} GiB; at least top_k={layout.top_k} are needed"
-                f" (needs a budget of at least {(budget_bytes - free + layout.top_k * layout.expert_bytes) / gib:.2f} GiB)"
+                f"GPU budget {_mib(budget_bytes)} is too small: non-expert weights {_mib(non_expert_bytes)}"
+                f" + draft {_mib(draft_bytes)} + KV cache {_mib(kv)} + activations {_mib(activations)}"
+                f" + reserve {_mib(reserve_bytes)} leave {_mib(max(free, 0))}, room for {num_slots} experts"
+                f" of {_mib(layout.expert_bytes)}; at least top_k={layout.top_k} are needed"
+                f" (needs a budget of at least {_mib(budget_bytes - free + layout.top_k * layout.expert_bytes, ceil=True)})"
             )
     return MemoryPlan(budget_bytes, non_expert_bytes, draft_bytes, kv, activations, reserve_bytes,
                       layout.expert_bytes, total, int(num_slots))
+
+
+def _mib(nbytes: int, ceil: bool = False) -> str:
+    mib = nbytes / 2**20
+    if ceil:
+        mib = math.ceil(mib)
+    return f"{mib:.0f} MiB ({mib / 1024:.3f} GiB)" if mib >= 1 else f"{nbytes} bytes"
