@@ -210,7 +210,7 @@ def open_session(cfg: RunConfig) -> Session:
     session = Session(cfg, device, hf_cfg, target, tokenizer, prompts)
     if draft_cfg is not None:
         with torch.device("meta"):
-            session.draft = AutoModelForCausalLM.from_config(draft_cfg)  # sizes only, for the plan
+            session.draft = AutoModelForCausalLM.from_config(draft_cfg, dtype=parse_dtype(cfg.draft.dtype))  # sizes only
     log.info("memory plan: %s", session.plan(cfg.hardware, cfg.method.name))
     if draft_cfg is not None:
         session.draft = build_draft(cfg.draft, draft_cfg, device, cfg.seed + 7)
