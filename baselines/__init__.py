@@ -7,7 +7,8 @@ Registered methods (see `spmoe.strategy`). Importing this package registers them
 | gpu_resident_sd | every expert resident, with SD (same draft, same k) |
 | lru_nosd | on-demand loading into a global LRU (or LFU, `method.eviction=lfu`) expert cache, no SD |
 | lru | the same cache, with SD: verification loads the union of k+1 tokens' experts |
+| spmoe | SD + draft->target-router prefetch + cutoff layer + pipelined batched prefetch (SP-MoE) |
 | accelerate | HF accelerate `device_map` offload under the same budget: the naive floor |
 """
 
-from baselines import accelerate_offload, gpu_resident, lru  # noqa: F401
+from baselines import accelerate_offload, gpu_resident, lru, spmoe  # noqa: F401

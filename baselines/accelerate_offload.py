@@ -63,7 +63,7 @@ class _ModuleTensors:
     def __init__(self, module: nn.Module, events: ExpertEventLog, offloaded: bool):
         self.module, self.events, self.offloaded = module, events, offloaded
 
-    def experts_for(self, layer: int, expert_ids: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
+    def experts_for(self, layer: int, expert_ids: list[int], token_experts=None) -> Iterator[tuple[int, torch.Tensor]]:
         ids = list(expert_ids)
         self.events.record(layer, ids, [] if self.offloaded else ids, ids if self.offloaded else [])
         for e in ids:

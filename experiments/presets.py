@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from spmoe.config import DatasetConfig, DraftConfig, HardwareConfig, LoggerConfig, MethodConfig, ModelConfig, TwinConfig
+from spmoe.config import CutoffConfig, DatasetConfig, DraftConfig, HardwareConfig, LoggerConfig, MethodConfig, ModelConfig, TwinConfig
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 _GROUPS = {"model": ModelConfig, "draft": DraftConfig, "dataset": DatasetConfig, "method": MethodConfig,
@@ -32,4 +32,6 @@ def load_preset(group: str, name: str, **overrides):
     data.update(overrides)
     if group == "model" and isinstance(data.get("twin"), dict):
         data["twin"] = TwinConfig(**data["twin"])
+    if group == "method" and isinstance(data.get("cutoff"), dict):
+        data["cutoff"] = CutoffConfig(**data["cutoff"])
     return _GROUPS[group](**data)

@@ -142,7 +142,7 @@ class Session:
         plan = self.plan(hardware, method.name)
         cfg = replace(self.cfg, method=method, hardware=hardware, max_new_tokens=max_new_tokens,
                       spec=spec_cfg or self.cfg.spec)
-        ctx = MethodContext(cfg, self.target, self.device, plan)
+        ctx = MethodContext(cfg, self.target, self.device, plan, self.draft if spec.speculative else None)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)

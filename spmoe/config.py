@@ -79,12 +79,29 @@ class DatasetConfig:
 
 
 @dataclass
+class CutoffConfig:
+    """Cutoff-layer policy: prefetch layers 0..L* only (see `spmoe.policy.cutoff`)."""
+
+    mode: str = "auto"  # auto (L* from the latency model) | fixed (layer) | all | off (no prefetch)
+    layer: int | None = None  # L* for mode=fixed
+    profile_dir: str = "~/.cache/spmoe/profiles"
+
+
+@dataclass
 class MethodConfig:
-    """An offloading method; `name` selects the registered strategy (see `spmoe.strategy`)."""
+    """An offloading method; `name` selects the registered strategy (see `spmoe.strategy`).
+
+    Prefetch knobs are read only by prefetching methods (spmoe and the baselines with prefetch)."""
 
     name: str = "gpu_resident"
     eviction: str = "lru"  # lru | lfu
     num_slots: int | None = None  # cap on expert slots (default: all the memory plan allows)
+    capture_point: str = "ffn_input"  # draft hidden fed to the target router: attn_out | residual | ffn_input
+    predict_top_k: int | None = None  # experts predicted per draft token and layer (default: the target's top_k)
+    worker_thread: bool = True  # prefetch issued by a background thread (false: inline on the main thread)
+    batched_io: bool = True  # a layer's predicted experts submitted together (false: one synchronous copy each)
+    timeout_s: float = 60.0  # no wait on the prefetch worker is longer than this
+    cutoff: CutoffConfig = field(default_factory=CutoffConfig)
 
 
 @dataclass

@@ -71,10 +71,12 @@ class Engine:
                 t_step: float, **spec_fields) -> StepRecord:
         now = time.perf_counter()
         stats = self.runtime.collect()
+        prefetched, dropped, wasted = self.runtime.prefetch_counts() if self.runtime.prefetch_counts else (0, 0, 0)
         return StepRecord(
             prompt_idx=prompt_idx, step=step, phase=phase, pos=pos, num_emitted=emitted,
             t_ms=(now - t_start) * 1e3, step_ms=(now - t_step) * 1e3,
             h2d_bytes=stats.h2d_bytes, copy_ms=stats.copy_ms, stall_ms=stats.stall_ms,
+            num_prefetched=prefetched, num_dropped=dropped, num_wasted=wasted,
             layers=self.runtime.events.drain(), **spec_fields,
         )
 
@@ -96,9 +98,11 @@ class Engine:
             t_step = time.perf_counter()
             remaining = max_new_tokens - (len(seq) - len(prompt_ids))
             k = min(self.spec.num_draft_tokens, remaining - 1) if self.drafter is not None else 0
+            self.runtime.begin_step(len(records))
             drafts, draft_probs = self.drafter.propose(seq, k, gen) if k > 0 else ([], None)
             t_verify = time.perf_counter()
             logits = self._target([seq[-1]] + drafts, kv, k + 1)  # [k+1, V]
+            self.runtime.end_step()
             result = self._accept(drafts, draft_probs, logits, gen)
             pos = len(seq) - 1
             crop_to(kv, pos + 1 + result.num_accepted)

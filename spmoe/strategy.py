@@ -11,7 +11,7 @@ served, and the components the engine reads stats from. Every method goes throug
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -29,6 +29,14 @@ class MethodContext:
     target: "TargetModel"  # noqa: F821  (spmoe.models.build.TargetModel; avoids an import cycle)
     device: torch.device
     plan: MemoryPlan
+    draft: nn.Module | None = None  # the session's draft model (SD methods)
+
+
+class StepListener(Protocol):
+    """Components that follow the engine's steps (predictors, prefetch providers)."""
+
+    def begin_step(self, step: int) -> None: ...  # before drafting step `step`
+    def end_step(self) -> None: ...  # after its verification and acceptance
 
 
 @dataclass
@@ -39,6 +47,16 @@ class Runtime:
     cache: ExpertCache | None = None
     collect_extra: Callable[[], TransferStats] | None = None  # stats of transfers the engine does not see
     closers: list[Callable[[], None]] = field(default_factory=list)
+    listeners: list[StepListener] = field(default_factory=list)
+    prefetch_counts: Callable[[], tuple[int, int, int]] | None = None  # (prefetched, dropped, wasted) since last call
+
+    def begin_step(self, step: int) -> None:
+        for listener in self.listeners:
+            listener.begin_step(step)
+
+    def end_step(self) -> None:
+        for listener in self.listeners:
+            listener.end_step()
 
     def collect(self) -> TransferStats:
         stats = self.transfer.collect() if self.transfer else TransferStats()

@@ -55,9 +55,11 @@ class ExpertLayout:
 
 
 class ExpertProvider(Protocol):
-    def experts_for(self, layer: int, expert_ids: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
+    def experts_for(self, layer: int, expert_ids: list[int], token_experts: torch.Tensor | None = None,
+                    ) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield (expert, flat weights on the compute device) for each id, in any order.
 
+        `token_experts` [T, A] (host) are the per-token routes, for predictors' accuracy stats.
         The weights are valid until the consumer resumes the iterator."""
         ...
 
@@ -86,7 +88,7 @@ class OffloadedExperts(nn.Module):
         expert_ids = torch.unique(index_cpu).tolist()
         ys = hidden_states.new_zeros(num_tokens, top_k, hidden_states.shape[-1])  # [T, A, H]
         device = hidden_states.device
-        for e, flat in self.provider.experts_for(self.layer_idx, expert_ids):
+        for e, flat in self.provider.experts_for(self.layer_idx, expert_ids, index_cpu):
             gate_up, down = self.layout.split(flat)
             rows, pos = torch.where(index_cpu == e)  # CPU: no sync
             if num_tokens == 1:

@@ -54,6 +54,10 @@ class ExpertCache:
     def slot(self, slot: int) -> torch.Tensor:
         return self.storage[slot]
 
+    def slot_of(self, key: ExpertKey) -> int | None:
+        """The slot holding `key`, without counting an access."""
+        return self._slot_of.get(key)
+
     def lookup(self, key: ExpertKey) -> int | None:
         """The slot holding `key` (a hit, counted) or None (not counted: call `admit`)."""
         slot = self._slot_of.get(key)
@@ -65,8 +69,10 @@ class ExpertCache:
     def can_admit(self) -> bool:
         return bool(self._free) or any(self._pins[s] == 0 for s in self._slot_of.values())
 
-    def admit(self, key: ExpertKey) -> tuple[int, ExpertKey | None]:
-        """Make room for a missing `key`: (its slot, the evicted key or None). Counts a miss."""
+    def admit(self, key: ExpertKey, count_miss: bool = True) -> tuple[int, ExpertKey | None]:
+        """Make room for a missing `key`: (its slot, the evicted key or None).
+
+        Counts a miss unless `count_miss` is False (a prefetch admits before anything is needed)."""
         if key in self._slot_of:
             raise ValueError(f"expert {key} is already resident")
         evicted = None
@@ -82,7 +88,7 @@ class ExpertCache:
             self.evictions += 1
         self._slot_of[key] = slot
         self._key_of[slot] = key
-        self.misses += 1
+        self.misses += int(count_miss)
         self.policy.touch(key)
         return slot, evicted
 
@@ -96,8 +102,7 @@ class ExpertCache:
 
     def preload(self, key: ExpertKey) -> int:
         """Admit without counting (initial residency, e.g. the GPU-resident reference)."""
-        slot, _ = self.admit(key)
-        self.misses -= 1
+        slot, _ = self.admit(key, count_miss=False)
         return slot
 
     def pin(self, slot: int) -> None:

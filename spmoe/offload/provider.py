@@ -31,7 +31,8 @@ class OnDemandProvider:
         self.transfer = transfer
         self.events = events
 
-    def experts_for(self, layer: int, expert_ids: list[int]) -> Iterator[tuple[int, torch.Tensor]]:
+    def experts_for(self, layer: int, expert_ids: list[int], token_experts: torch.Tensor | None = None,
+                    ) -> Iterator[tuple[int, torch.Tensor]]:
         cache, transfer = self.cache, self.transfer
         ready: deque[tuple[int, int]] = deque()  # (expert, slot), in yield order
         pending: deque[int] = deque()

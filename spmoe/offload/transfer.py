@@ -1,7 +1,9 @@
 """
 Transfer engine: host->device expert copies into cache slots, and their ordering.
 
-On CUDA, copies run on a dedicated copy stream. Per slot there are two events:
+On CUDA, copies run on dedicated copy streams: `demand` (on-demand misses, high priority) and
+`prefetch` (speculative loads, issued by the prefetch worker thread). Per slot there are two
+events:
 - `ready[s]`, recorded on the copy stream after the copy into slot s; the compute stream
   waits on it (`wait_ready`) before reading the slot. Never a device-wide synchronize.
 - `free[s]`, recorded on the compute stream after the last kernel that reads slot s
@@ -12,11 +14,13 @@ bandwidth) and *stall* time (the compute stream blocked on an in-flight copy).
 On CPU, copies are synchronous; the whole copy is stall.
 
 Invariant: every `load` is followed by `wait_ready` before the slot is read, and every read
-is followed by `release` before the slot can be reloaded.
+is followed by `release` before the slot can be reloaded. `load` and `collect` may be called
+from two threads (main and prefetch worker); the stats are guarded by a lock.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -42,32 +46,48 @@ class TransferEngine:
         self._pending = TransferStats()
         self._copy_spans: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._stall_spans: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._lock = threading.Lock()
         if self.cuda:
-            self.copy_stream = torch.cuda.Stream(device)
+            self.copy_stream = torch.cuda.Stream(device, priority=-1)  # on-demand: highest priority
+            self.prefetch_stream = torch.cuda.Stream(device)
             self.ready = [torch.cuda.Event() for _ in range(num_slots)]
             self.free = [torch.cuda.Event() for _ in range(num_slots)]
             self._freed = [False] * num_slots
 
-    def load(self, slot: int, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """Copy `src` (host) into slot `slot`'s buffer `dst`, ordered after the slot's last reader."""
+    def load(self, slot: int, dst: torch.Tensor, src: torch.Tensor, prefetch: bool = False) -> None:
+        """Copy `src` (host) into slot `slot`'s buffer `dst`, ordered after the slot's last reader.
+
+        On CPU the copy is synchronous; it counts as stall only when it is not a prefetch."""
         nbytes = src.numel() * src.element_size()
-        self._pending.h2d_bytes += nbytes
         if not self.cuda:
             t0 = time.perf_counter()
             dst.copy_(src)
             ms = (time.perf_counter() - t0) * 1e3
-            self._pending.copy_ms += ms
-            self._pending.stall_ms += ms
+            with self._lock:
+                self._pending.h2d_bytes += nbytes
+                self._pending.copy_ms += ms
+                self._pending.stall_ms += 0.0 if prefetch else ms
             return
-        with torch.cuda.stream(self.copy_stream):
+        stream = self.prefetch_stream if prefetch else self.copy_stream
+        with torch.cuda.stream(stream):
             if self._freed[slot]:
-                self.copy_stream.wait_event(self.free[slot])
+                stream.wait_event(self.free[slot])
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             dst.copy_(src, non_blocking=True)
             end.record()
             self.ready[slot].record()
-        self._copy_spans.append((start, end))
+        with self._lock:
+            self._pending.h2d_bytes += nbytes
+            self._copy_spans.append((start, end))
+
+    def is_ready(self, slot: int) -> bool:
+        return not self.cuda or self.ready[slot].query()
+
+    def sync_prefetch(self) -> None:
+        """Block until every issued prefetch copy has landed (the unbatched-I/O ablation)."""
+        if self.cuda:
+            self.prefetch_stream.synchronize()
 
     def wait_ready(self, slot: int) -> None:
         """Make the current (compute) stream wait until slot `slot`'s copy has landed."""
@@ -78,7 +98,8 @@ class TransferEngine:
         start.record(stream)
         stream.wait_event(self.ready[slot])
         end.record(stream)
-        self._stall_spans.append((start, end))
+        with self._lock:
+            self._stall_spans.append((start, end))
 
     def release(self, slot: int) -> None:
         """The compute stream has enqueued its last read of slot `slot`."""
@@ -88,10 +109,11 @@ class TransferEngine:
 
     def collect(self) -> TransferStats:
         """Stats since the last collect; spans whose events have not completed stay pending."""
-        if self.cuda:
-            self._pending.copy_ms += _harvest(self._copy_spans)
-            self._pending.stall_ms += _harvest(self._stall_spans)
-        out, self._pending = self._pending, TransferStats()
+        with self._lock:
+            if self.cuda:
+                self._pending.copy_ms += _harvest(self._copy_spans)
+                self._pending.stall_ms += _harvest(self._stall_spans)
+            out, self._pending = self._pending, TransferStats()
         return out
 
 

@@ -3,10 +3,14 @@ Summary metrics from step records (DESIGN.md section 5).
 
 - TPOT per prompt = (t of the last token - t of the first token) / (generated tokens - 1):
   prefill excluded (that is TTFT). Reported as the mean over prompts and p50/p90 across prompts.
-- Expert hits / misses, H2D bytes, copy and stall time: decode steps only (prefill traffic is
+- Expert events (hit, prefetch hit, late prefetch, miss; disjoint), H2D bytes, copy and stall
+  time: decode steps only (prefill traffic is
   reported under `prefill_*`). `h2d_gb_per_s` = decode H2D bytes / time the copy engine spent
   copying them (the achieved bandwidth during loads).
 - Acceptance rate = accepted / drafted; mean acceptance length = 1 + accepted / verify steps.
+- Hit rate = (hits + prefetch hits) / needed. Prefetch coverage = (prefetch hits + late) /
+  needed; waste = wasted / issued prefetches; predictor recall = |predicted & needed| / |needed|
+  over predicted layers; top-1 accuracy per verify position the predictor covered.
 - Unique experts per layer-step: distinct experts one decode/verify forward needed at one MoE
   layer (top_k without SD; up to the union of k+1 tokens' experts with SD).
 """
@@ -34,6 +38,10 @@ def summarize(records_by_prompt: list[list[StepRecord]]) -> dict:
     copy_ms = stall_ms = 0.0
     drafted = accepted = verify_steps = 0
     needed_per_layer: list[int] = []
+    pf_hits = late = prefetched = dropped = wasted = 0
+    top1 = {"ok": 0, "n": 0}
+    top1_layer: dict[int, list[int]] = {}
+    recall_hit = recall_n = 0
     for records in records_by_prompt:
         prefill, decode = records[0], records[1:]
         n = sum(r.num_emitted for r in records)
@@ -44,7 +52,22 @@ def summarize(records_by_prompt: list[list[StepRecord]]) -> dict:
             decode_ms += records[-1].t_ms - prefill.t_ms
         pre_h2d += prefill.h2d_bytes
         pre_misses += sum(len(ev.misses) for ev in prefill.layers)
+        wasted += sum(r.num_wasted for r in records)
         for r in decode:
+            prefetched += r.num_prefetched
+            dropped += r.num_dropped
+            for ev in r.layers:
+                pf_hits += len(ev.prefetch_hits)
+                late += len(ev.late)
+                if ev.predicted is not None:
+                    recall_hit += len(set(ev.predicted) & set(ev.needed))
+                    recall_n += len(ev.needed)
+                if ev.top1_total:
+                    top1["ok"] += ev.top1_correct
+                    top1["n"] += ev.top1_total
+                    acc = top1_layer.setdefault(ev.layer, [0, 0])
+                    acc[0] += ev.top1_correct
+                    acc[1] += ev.top1_total
             h2d += r.h2d_bytes
             copy_ms += r.copy_ms
             stall_ms += r.stall_ms
@@ -56,6 +79,18 @@ def summarize(records_by_prompt: list[list[StepRecord]]) -> dict:
                 accepted += r.num_accepted or 0
                 verify_steps += 1
     spec = verify_steps > 0
+    needed = hits + misses + pf_hits + late
+    prefetch = {}
+    if prefetched or recall_n:
+        prefetch = {
+            "predictor_top1_accuracy": top1["ok"] / top1["n"] if top1["n"] else None,
+            "predictor_recall": recall_hit / recall_n if recall_n else None,
+            "predictor_top1_by_layer": {layer: ok / n for layer, (ok, n) in sorted(top1_layer.items())},
+            "prefetch_coverage": (pf_hits + late) / needed if needed else None,
+            "prefetch_waste": wasted / prefetched if prefetched else None,
+            "prefetches_issued": prefetched,
+            "prefetches_dropped": dropped,
+        }
     return {
         "num_prompts": len(records_by_prompt),
         "num_generated_tokens": sum(sum(r.num_emitted for r in rs) for rs in records_by_prompt),
@@ -69,10 +104,10 @@ def summarize(records_by_prompt: list[list[StepRecord]]) -> dict:
         "unique_experts_per_layer_step": statistics.fmean(needed_per_layer) if needed_per_layer else None,
         "expert_hits": hits,
         "expert_misses": misses,
-        "expert_hit_rate": hits / (hits + misses) if hits + misses else None,
-        "prefetch_hits": 0,
-        "late_prefetches": 0,
-        "wasted_prefetches": 0,
+        "expert_hit_rate": (hits + pf_hits) / needed if needed else None,
+        "prefetch_hits": pf_hits,
+        "late_prefetches": late,
+        "wasted_prefetches": wasted,
         "h2d_bytes": h2d,
         "h2d_bytes_per_token": h2d / decode_tokens if decode_tokens else None,
         "h2d_gb_per_s": h2d / copy_ms / 1e6 if copy_ms > 0 else None,
@@ -80,4 +115,5 @@ def summarize(records_by_prompt: list[list[StepRecord]]) -> dict:
         "stall_ms": stall_ms,
         "prefill_h2d_bytes": pre_h2d,
         "prefill_expert_misses": pre_misses,
+        **prefetch,
     }

@@ -17,10 +17,17 @@ from dataclasses import asdict, dataclass, field
 
 @dataclass
 class LayerEvents:
+    """One forward of one MoE layer. `needed` = hits + prefetch_hits + late + misses (disjoint)."""
+
     layer: int
     needed: list[int]
-    hits: list[int]
-    misses: list[int]
+    hits: list[int]  # resident before needed, not brought by this step's prefetch
+    misses: list[int]  # loaded on demand
+    prefetch_hits: list[int] = field(default_factory=list)  # brought by a prefetch, landed in time
+    late: list[int] = field(default_factory=list)  # prefetched, still in flight when needed (waited)
+    predicted: list[int] | None = None  # experts the predictor named for this layer and step
+    top1_correct: int = 0  # verify positions whose top-1 expert the predictor named first
+    top1_total: int = 0
 
 
 @dataclass
@@ -35,6 +42,9 @@ class StepRecord:
     h2d_bytes: int = 0
     copy_ms: float = 0.0
     stall_ms: float = 0.0
+    num_prefetched: int = 0  # prefetch copies issued during the step
+    num_dropped: int = 0  # prefetch requests dropped (too late, or no evictable slot)
+    num_wasted: int = 0  # prefetched experts evicted (or left at the end) without being used
     num_drafted: int | None = None
     num_accepted: int | None = None
     draft_ms: float | None = None
@@ -51,8 +61,8 @@ class ExpertEventLog:
     def __init__(self) -> None:
         self._events: list[LayerEvents] = []
 
-    def record(self, layer: int, needed: list[int], hits: list[int], misses: list[int]) -> None:
-        self._events.append(LayerEvents(layer, needed, hits, misses))
+    def record(self, layer: int, needed: list[int], hits: list[int], misses: list[int], **extra) -> None:
+        self._events.append(LayerEvents(layer, needed, hits, misses, **extra))
 
     def drain(self) -> list[LayerEvents]:
         out, self._events = self._events, []

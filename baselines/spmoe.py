@@ -1,0 +1,120 @@
+"""
+spmoe: SP-MoE (arXiv 2510.10302) = SD + draft->target-router expert prediction + cutoff-layer
+policy + pipelined, batched prefetch.
+
+Assembled from shared components: `PrefetchProvider` (cache + transfer engine + worker thread),
+`DraftRouterPredictor` (hooks on the draft that push per-layer predictions while it drafts) and
+the cutoff policy (`spmoe.policy.cutoff`), whose `auto` mode profiles this model x draft x
+device x budget once (t_d measured on the draft, t_e measured on a copy into a slot, t_v scaled
+from t_d by active parameters per layer) and caches the profile as JSON.
+Ablations are `method.*` switches: cutoff.mode off/fixed/all/auto, worker_thread, batched_io,
+capture_point, predict_top_k.
+Faithful: predictor, cutoff rule (our latency model, written down in cutoff.py), worker thread
+with its own copy stream, per-expert events, batched per-layer submission, protection until the
+verify step passes the layer. Simplified: the prediction of draft token j is used for verify
+position j only (the last verify position is not predicted); twinned pairs only (no learned map
+between hidden sizes yet).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from spmoe.models.experts import install_experts
+from spmoe.offload.cache import ExpertCache
+from spmoe.offload.eviction import make_policy
+from spmoe.offload.prefetch import PrefetchProvider
+from spmoe.offload.transfer import TransferEngine
+from spmoe.policy.cutoff import Profile, choose_cutoff, load_profile, save_profile
+from spmoe.predict.draft_router import DraftRouterPredictor
+from spmoe.strategy import MethodContext, Runtime, register_strategy
+from spmoe.trace.records import ExpertEventLog
+
+log = logging.getLogger(__name__)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def measure_profile(ctx: MethodContext, cache: ExpertCache, transfer: TransferEngine) -> Profile:
+    layout, draft, device = ctx.target.layout, ctx.draft, ctx.device
+    key = layout.keys[0]
+    t0 = time.perf_counter()
+    for _ in range(3):
+        transfer.load(0, cache.slot(0), ctx.target.store.flat(key))
+        _sync(device)
+    expert_ms = (time.perf_counter() - t0) * 1e3 / 3
+    transfer.collect()
+    ids = torch.zeros(1, 16, dtype=torch.long, device=device)
+    kv = DynamicCache(config=draft.config)
+    draft(input_ids=ids, past_key_values=kv, use_cache=True)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        draft(input_ids=ids[:, :1], past_key_values=kv, use_cache=True)
+    _sync(device)
+    draft_layer_ms = (time.perf_counter() - t0) * 1e3 / 5 / len(draft.model.layers)
+    layer = draft.model.layers[0]
+    attn = sum(p.numel() for p in layer.self_attn.parameters())
+    ffn = sum(p.numel() for p in layer.mlp.parameters())
+    active = attn + layout.top_k * layout.expert_numel
+    return Profile(draft_layer_ms, draft_layer_ms * active / (attn + ffn), expert_ms, len(layout.moe_layers),
+                   layout.num_experts, layout.top_k, cache.num_slots)
+
+
+def _profile(ctx: MethodContext, cache: ExpertCache, transfer: TransferEngine) -> Profile:
+    cfg = ctx.cfg
+    budget = cfg.hardware.gpu_budget_gib
+    name = f"{cfg.model.name}__{cfg.draft.name}__{ctx.device.type}__{budget}__{cache.num_slots}.json"
+    path = Path(cfg.method.cutoff.profile_dir).expanduser() / name
+    profile = load_profile(path)
+    if profile is None:
+        profile = measure_profile(ctx, cache, transfer)
+        save_profile(path, profile)
+        log.info("profiled %s: %s", path, profile)
+    return profile
+
+
+@register_strategy("spmoe", offloads=True, speculative=True,
+                   description="SD + draft->target-router prefetch + cutoff layer + pipelined batched prefetch")
+def build(ctx: MethodContext) -> Runtime:
+    mcfg, layout = ctx.cfg.method, ctx.target.layout
+    slots = ctx.plan.num_slots if mcfg.num_slots is None else min(ctx.plan.num_slots, mcfg.num_slots)
+    cache = ExpertCache(slots, layout.expert_numel, layout.dtype, ctx.device, make_policy(mcfg.eviction))
+    transfer = TransferEngine(ctx.device, slots)
+    events = ExpertEventLog()
+    provider = PrefetchProvider(cache, ctx.target.store, transfer, events, mcfg.worker_thread, mcfg.batched_io,
+                                mcfg.timeout_s)
+    model = ctx.target.model
+    install_experts(model, layout, provider)
+    profile = _profile(ctx, cache, transfer) if mcfg.cutoff.mode == "auto" else None
+    last = choose_cutoff(mcfg.cutoff, len(layout.moe_layers), profile, ctx.cfg.spec.num_draft_tokens)
+    layers = list(layout.moe_layers[: last + 1])
+    log.info("spmoe: cutoff mode %s -> prefetching %d of %d MoE layers", mcfg.cutoff.mode, len(layers),
+             len(layout.moe_layers))
+    runtime = Runtime(model=model, events=events, transfer=transfer, cache=cache, listeners=[provider],
+                      prefetch_counts=provider.take_counts)
+    runtime.cutoff_layer = last
+    if layers:
+        predictor = DraftRouterPredictor(ctx.draft, model, provider, layers, mcfg.capture_point,
+                                         mcfg.predict_top_k or layout.top_k)
+        runtime.listeners.append(predictor)
+        runtime.closers.append(predictor.remove)
+
+    def close() -> None:
+        provider.close()
+        cache.storage = None
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize(ctx.device)
+            torch.cuda.empty_cache()
+
+    runtime.closers.append(close)
+    return runtime

@@ -1,0 +1,266 @@
+"""
+PrefetchProvider: an ExpertProvider that also takes speculative prefetch requests.
+
+A *request* (step s, layer l, predicted experts) comes from a predictor while the draft runs.
+A background worker thread (or the main thread inline, `worker_thread=False`) serves requests
+in arrival order, which is layer order within a draft token: it admits each predicted expert
+into the cache (no miss counted), issues its copy on the prefetch copy stream (a layer's experts
+back to back = batched I/O; `batched_io=False` waits for each copy before the next), and
+*protects* it (a pin) until verification of step s has passed layer l. Experts already resident
+are protected without a copy.
+
+Dropped requests (counted): those whose layer verification has already reached, and experts
+for which no unprotected, unpinned slot is left (evicting one would throw away something
+needed sooner).
+
+Verification at layer l classifies each needed expert: *prefetch hit* (brought by a prefetch,
+copy landed), *late prefetch* (brought by a prefetch, copy in flight: the compute stream waits
+on its event, counted as stall), *hit* (resident otherwise), *miss* (loaded on demand on the
+high-priority stream). A *wasted* prefetch is one evicted, or left at the end, never used.
+
+Failure behaviour: an exception in the worker is re-raised on the main thread at its next call;
+every wait on the worker is bounded by `timeout_s` and becomes a TimeoutError.
+Invariants: all cache bookkeeping happens under `self.lock`; protections of a step are all
+released by `end_step`, so no slot stays pinned across steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from spmoe.offload.cache import ExpertCache
+from spmoe.offload.store import ExpertStore
+from spmoe.offload.transfer import TransferEngine
+from spmoe.trace.records import ExpertEventLog
+from spmoe.types import ExpertKey
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PrefetchRequest:
+    step: int
+    layer: int
+    position: int  # verify position this prediction is for (draft token index)
+    expert_ids: torch.Tensor  # [A] host tensor, most probable first; valid once `ready` completed
+    ready: torch.cuda.Event | None = None  # recorded after the device->host copy of the ids
+
+
+class PrefetchProvider:
+    def __init__(self, cache: ExpertCache, store: ExpertStore, transfer: TransferEngine, events: ExpertEventLog,
+                 worker_thread: bool = True, batched_io: bool = True, timeout_s: float = 60.0):
+        self.cache, self.store, self.transfer, self.events = cache, store, transfer, events
+        self.batched_io = batched_io
+        self.timeout_s = timeout_s
+        self.lock = threading.RLock()
+        self.step = -1
+        self.verify_layer = -1  # deepest layer verification of `self.step` has reached
+        self._protected: dict[tuple[int, int], list[int]] = defaultdict(list)  # (step, layer) -> pinned slots
+        self._by_prefetch: dict[ExpertKey, int] = {}  # key -> step whose prefetch brought it (until used/evicted)
+        self._predicted: dict[tuple[int, int], dict[int, list[int]]] = defaultdict(dict)  # (step, layer) -> pos -> ids
+        self.num_prefetched = self.num_dropped = self.num_wasted = 0
+        self._error: BaseException | None = None
+        self._queue: queue.Queue[PrefetchRequest | None] | None = None
+        self._worker: threading.Thread | None = None
+        self._busy = threading.Event()
+        if worker_thread:
+            self._queue = queue.Queue()
+            self._worker = threading.Thread(target=self._run_worker, name="spmoe-prefetch", daemon=True)
+            self._worker.start()
+
+    # -- requests (predictor side) ---------------------------------------------------------------
+
+    def submit(self, request: PrefetchRequest) -> None:
+        self._raise_worker_error()
+        if self._queue is None:
+            self._serve(request)
+        else:
+            self._busy.set()
+            self._queue.put(request)
+
+    def _run_worker(self) -> None:
+        if self.transfer.cuda:
+            torch.cuda.set_device(self.transfer.device)
+        while True:
+            request = self._queue.get()
+            if request is None:
+                return
+            try:
+                if self._error is None:
+                    self._serve(request)
+            except BaseException as exc:  # surfaced on the main thread
+                log.exception("prefetch worker failed")
+                self._error = exc
+            finally:
+                if self._queue.empty():
+                    self._busy.clear()
+
+    def _wait_event(self, event: torch.cuda.Event | None) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while event is not None and not event.query():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"prediction not ready after {self.timeout_s} s (stuck device?)")
+            time.sleep(20e-6)
+
+    def _serve(self, req: PrefetchRequest) -> None:
+        self._wait_event(req.ready)
+        ids = req.expert_ids.tolist()
+        with self.lock:
+            self._predicted[(req.step, req.layer)][req.position] = ids
+            if req.step != self.step or req.layer <= self.verify_layer:
+                self.num_dropped += len(ids)  # verification is past this layer: it can no longer land in time
+                return
+            for e in ids:
+                key = (req.layer, e)
+                slot = self.cache.slot_of(key)
+                if slot is not None:
+                    if key not in self._by_prefetch or self._by_prefetch[key] != req.step:
+                        self.cache.pin(slot)  # resident: protect it from eviction until its layer passes
+                        self._protected[(req.step, req.layer)].append(slot)
+                        self._by_prefetch.setdefault(key, -1)  # -1: protected, not brought by a copy
+                    continue
+                if not self.cache.can_admit():
+                    self.num_dropped += 1
+                    continue
+                slot, evicted = self.cache.admit(key, count_miss=False)
+                self._on_evict(evicted)
+                self.cache.pin(slot)
+                self._protected[(req.step, req.layer)].append(slot)
+                self._by_prefetch[key] = req.step
+                self.transfer.load(slot, self.cache.slot(slot), self.store.flat(key), prefetch=True)
+                self.num_prefetched += 1
+                if not self.batched_io:
+                    self.transfer.sync_prefetch()
+
+    def _on_evict(self, evicted: ExpertKey | None) -> None:
+        if evicted is not None and self._by_prefetch.pop(evicted, -1) >= 0:
+            self.num_wasted += 1
+
+    def _unprotect_deepest(self, layer: int) -> bool:
+        """Give up the protection of one expert prefetched for the deepest later layer of this step."""
+        later = [k for k, slots in self._protected.items() if k[0] == self.step and k[1] > layer and slots]
+        if not later:
+            return False
+        self.cache.unpin(self._protected[max(later)].pop())
+        return True
+
+    def _raise_worker_error(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"prefetch worker failed: {self._error!r}") from self._error
+
+    # -- steps (engine side) ---------------------------------------------------------------------
+
+    def begin_step(self, step: int) -> None:
+        self._raise_worker_error()
+        with self.lock:
+            self.step, self.verify_layer = step, -1
+
+    def wait_idle(self) -> None:
+        """Block (bounded) until the worker has served every submitted request."""
+        deadline = time.monotonic() + self.timeout_s
+        while self._queue is not None and self._busy.is_set():
+            self._raise_worker_error()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"prefetch worker still busy after {self.timeout_s} s")
+            time.sleep(50e-6)
+        self._raise_worker_error()
+
+    def end_step(self) -> None:
+        """Verification is over: release every protection of this step."""
+        self.wait_idle()
+        with self.lock:
+            self.verify_layer = 1 << 30
+            for key in [k for k, (s) in self._protected.items() if k[0] <= self.step]:
+                for slot in self._protected.pop(key):
+                    self.cache.unpin(slot)
+            for key in [k for k in self._predicted if k[0] < self.step]:
+                del self._predicted[key]
+            for key in [k for k, s in self._by_prefetch.items() if s == -1]:
+                del self._by_prefetch[key]
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join(timeout=self.timeout_s)
+        with self.lock:
+            self.num_wasted += sum(1 for s in self._by_prefetch.values() if s >= 0)
+            self._by_prefetch.clear()
+
+    def take_counts(self) -> tuple[int, int, int]:
+        """(prefetched, dropped, wasted) since the last call."""
+        with self.lock:
+            out = (self.num_prefetched, self.num_dropped, self.num_wasted)
+            self.num_prefetched = self.num_dropped = self.num_wasted = 0
+        return out
+
+    # -- verification (the ExpertProvider seam) --------------------------------------------------
+
+    def experts_for(self, layer: int, expert_ids: list[int], token_experts: torch.Tensor | None = None,
+                    ) -> Iterator[tuple[int, torch.Tensor]]:
+        self._raise_worker_error()
+        cache, transfer = self.cache, self.transfer
+        ready: deque[tuple[int, int]] = deque()
+        pending: deque[int] = deque()
+        hits, pf_hits, late, misses = [], [], [], []
+        with self.lock:
+            self.verify_layer = layer
+            predicted = self._predicted.get((self.step, layer), {})
+            for e in expert_ids:
+                key = (layer, e)
+                slot = cache.lookup(key)
+                if slot is None:
+                    pending.append(e)
+                    misses.append(e)
+                    continue
+                cache.pin(slot)
+                ready.append((e, slot))
+                if self._by_prefetch.pop(key, None) == self.step:
+                    (pf_hits if transfer.is_ready(slot) else late).append(e)
+                else:
+                    hits.append(e)
+        top1_correct = top1_total = 0
+        if token_experts is not None and predicted:
+            for pos, ids in predicted.items():
+                if pos < token_experts.shape[0]:
+                    top1_total += 1
+                    top1_correct += int(ids[0] == int(token_experts[pos, 0]))
+        union = sorted({e for ids in predicted.values() for e in ids}) if predicted else None
+        self.events.record(layer, list(expert_ids), hits, misses, prefetch_hits=pf_hits, late=late,
+                           predicted=union, top1_correct=top1_correct, top1_total=top1_total)
+
+        def issue() -> None:
+            with self.lock:
+                while pending:
+                    if not cache.can_admit():
+                        if ready or not self._unprotect_deepest(layer):
+                            break  # a slot frees up when the consumer releases one
+                        continue
+                    e = pending.popleft()
+                    slot, evicted = cache.admit((layer, e))
+                    self._on_evict(evicted)
+                    cache.pin(slot)
+                    transfer.load(slot, cache.slot(slot), self.store.flat((layer, e)))
+                    ready.append((e, slot))
+
+        issue()
+        while ready:
+            e, slot = ready.popleft()
+            transfer.wait_ready(slot)
+            yield e, cache.slot(slot)
+            transfer.release(slot)
+            with self.lock:
+                cache.unpin(slot)
+            issue()
+        if pending:
+            raise RuntimeError(f"layer {layer}: {len(pending)} experts could not get a slot (all pinned)")
+        with self.lock:
+            for slot in self._protected.pop((self.step, layer), []):
+                cache.unpin(slot)
