@@ -11,9 +11,11 @@ Ablations are `method.*` switches: cutoff.mode off/fixed/all/auto, worker_thread
 capture_point, predict_top_k.
 Faithful: predictor, cutoff rule (our latency model, written down in cutoff.py), worker thread
 with its own copy stream, per-expert events, batched per-layer submission, protection until the
-verify step passes the layer. Simplified: the prediction of draft token j is used for verify
-position j only (the last verify position is not predicted); twinned pairs only (no learned map
-between hidden sizes yet).
+verify step passes the layer. Beyond the paper: non-twinned pairs get learned affine
+draft->target hidden maps (`spmoe.predict.hidden_map`), fitted once on seeded synthetic
+calibration sequences (never the evaluation prompts) and cached on disk.
+Simplified: the prediction of draft token j is used for verify position j only (the last verify
+position, the token the draft has not read yet, is not predicted).
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from spmoe.offload.eviction import make_policy
 from spmoe.offload.prefetch import PrefetchProvider
 from spmoe.offload.transfer import TransferEngine
 from spmoe.policy.cutoff import Profile, choose_cutoff, load_profile, save_profile
-from spmoe.predict.draft_router import DraftRouterPredictor
+from spmoe.offload.assemble import on_demand_runtime
+from spmoe.predict.draft_router import DraftRouterPredictor, is_twin
+from spmoe.predict.hidden_map import fit_maps, load_or_fit
 from spmoe.strategy import MethodContext, Runtime, register_strategy
 from spmoe.trace.records import ExpertEventLog
 
@@ -83,6 +87,26 @@ def _profile(ctx: MethodContext, cache: ExpertCache, transfer: TransferEngine) -
     return profile
 
 
+def _hidden_maps(ctx: MethodContext, slots: int) -> dict[int, torch.Tensor]:
+    """Fit (or load) the draft->target maps, serving experts from a temporary on-demand cache."""
+    cfg = ctx.cfg
+    name = f"{cfg.model.name}__{cfg.draft.name}__{cfg.method.capture_point}__{cfg.seed}.safetensors"
+    path = Path(cfg.method.cutoff.profile_dir).expanduser().parent / "maps" / name
+    vocab = ctx.target.model.config.vocab_size
+    gen = torch.Generator().manual_seed(cfg.seed + 12345)  # calibration never reuses the evaluation prompts
+    sequences = torch.randint(3, vocab, (8, 64), generator=gen).tolist()
+
+    def fit() -> dict[int, torch.Tensor]:
+        temp = on_demand_runtime(ctx, slots, "lru")
+        try:
+            return fit_maps(ctx.draft, ctx.target.model, list(ctx.target.layout.moe_layers), sequences,
+                            cfg.method.capture_point, ctx.device)
+        finally:
+            temp.close()
+
+    return load_or_fit(path, fit)
+
+
 @register_strategy("spmoe", offloads=True, speculative=True,
                    description="SD + draft->target-router prefetch + cutoff layer + pipelined batched prefetch")
 def build(ctx: MethodContext) -> Runtime:
@@ -94,6 +118,7 @@ def build(ctx: MethodContext) -> Runtime:
     provider = PrefetchProvider(cache, ctx.target.store, transfer, events, mcfg.worker_thread, mcfg.batched_io,
                                 mcfg.timeout_s)
     model = ctx.target.model
+    maps = None if is_twin(ctx.draft, model) else _hidden_maps(ctx, slots)
     install_experts(model, layout, provider)
     profile = _profile(ctx, cache, transfer) if mcfg.cutoff.mode == "auto" else None
     last = choose_cutoff(mcfg.cutoff, len(layout.moe_layers), profile, ctx.cfg.spec.num_draft_tokens)
@@ -105,7 +130,7 @@ def build(ctx: MethodContext) -> Runtime:
     runtime.cutoff_layer = last
     if layers:
         predictor = DraftRouterPredictor(ctx.draft, model, provider, layers, mcfg.capture_point,
-                                         mcfg.predict_top_k or layout.top_k)
+                                         mcfg.predict_top_k or layout.top_k, maps)
         runtime.listeners.append(predictor)
         runtime.closers.append(predictor.remove)
 

@@ -33,3 +33,9 @@ def gpu():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     return torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """Profiles and hidden maps (under ~/.cache/spmoe) go to a per-session temp home."""
+    monkeypatch.setenv("HOME", str(tmp_path_factory.getbasetemp() / "home"))

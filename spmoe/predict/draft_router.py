@@ -8,7 +8,9 @@ takes the hidden state of the draft's last input position at the capture point (
 `predict_top_k` experts (most probable first) as a `PrefetchRequest` for verify position j.
 The ids reach the host by an asynchronous device->host copy into a pinned buffer followed by
 an event; the draft itself never waits for the prefetch side. Layers past the cutoff L* get no
-hook. Requires a structurally twinned draft (same depth and hidden size as the target).
+hook. A twinned draft (same depth and hidden size) feeds the router directly; other pairs need
+`maps` ({target layer: affine W [H_d + 1, H_t]}, see `spmoe.predict.hidden_map`), which also
+pick the draft layer paired with each target layer.
 """
 
 from __future__ import annotations
@@ -18,17 +20,26 @@ from torch import nn
 
 from spmoe.offload.prefetch import PrefetchProvider, PrefetchRequest
 from spmoe.predict.capture import CAPTURE_POINTS, router_of
+from spmoe.predict.hidden_map import layer_pairs
+
+
+def is_twin(draft: nn.Module, target: nn.Module) -> bool:
+    return (draft.config.hidden_size == target.config.hidden_size
+            and len(draft.model.layers) == len(target.model.layers))
 
 
 class DraftRouterPredictor:
     def __init__(self, draft: nn.Module, target: nn.Module, provider: PrefetchProvider, layers: list[int],
-                 capture_point: str, top_k: int):
+                 capture_point: str, top_k: int, maps: dict[int, torch.Tensor] | None = None):
         if capture_point not in CAPTURE_POINTS:
             raise ValueError(f"unknown capture point {capture_point!r}; valid: {list(CAPTURE_POINTS)}")
-        if draft.config.hidden_size != target.config.hidden_size or len(draft.model.layers) < max(layers, default=0) + 1:
+        if maps is None and not is_twin(draft, target):
             raise ValueError(
-                f"the draft->target-router predictor needs a twinned draft: draft hidden {draft.config.hidden_size}"
-                f" x {len(draft.model.layers)} layers vs target {target.config.hidden_size} x {len(target.model.layers)}")
+                f"the draft->target-router predictor needs a twinned draft or learned maps: draft hidden"
+                f" {draft.config.hidden_size} x {len(draft.model.layers)} layers vs target"
+                f" {target.config.hidden_size} x {len(target.model.layers)}")
+        pairs = layer_pairs(len(draft.model.layers), len(target.model.layers), layers) if maps else {l: l for l in layers}
+        self._maps = {layer: maps[layer].to(router_of(target, layer).weight.device) for layer in layers} if maps else {}
         self.provider = provider
         self.top_k = top_k
         self.active = False
@@ -37,7 +48,7 @@ class DraftRouterPredictor:
         self._weights = {layer: router_of(target, layer).weight for layer in layers}  # [E, H]
         self._handles = [draft.register_forward_hook(self._after_draft_forward)]
         for layer in layers:
-            module = draft.model.layers[layer]
+            module = draft.model.layers[pairs[layer]]
             if capture_point == "attn_out":
                 self._handles.append(module.self_attn.register_forward_hook(
                     lambda m, a, o, layer=layer: self._predict(layer, o[0])))
@@ -52,7 +63,10 @@ class DraftRouterPredictor:
         if not self.active:
             return
         weight = self._weights[layer]
-        h = hidden.reshape(-1, hidden.shape[-1])[-1:]  # [1, H]: the last input position
+        h = hidden.reshape(-1, hidden.shape[-1])[-1:]  # [1, H_d]: the last input position
+        if layer in self._maps:
+            w = self._maps[layer]  # [H_d + 1, H_t]
+            h = h.float() @ w[:-1] + w[-1]  # [1, H_t]
         logits = nn.functional.linear(h.to(weight.dtype), weight)  # [1, E]
         ids = logits.float().topk(self.top_k, dim=-1).indices[0]  # [A], most probable first
         ready = None
