@@ -8,6 +8,9 @@ prefetched). Weights of one expert live in one flat buffer of `ExpertLayout.expe
 elements: `gate_up [2I, H]` (gate rows, then up rows) followed by `down [H, I]`, exactly the
 per-expert slices of transformers' fused `gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`.
 
+A route to an id outside [0, E) (transformers' "no expert" sentinel E, used by adaptive gating)
+contributes nothing and loads nothing.
+
 Invariant: the output does not depend on the order in which the provider yields experts:
 each expert writes its own (token, slot) rows of a [T, A, H] buffer, and the weighted sum over
 A runs in a fixed order afterwards. So methods that load experts in different orders produce
@@ -85,7 +88,8 @@ class OffloadedExperts(nn.Module):
         num_tokens, top_k = top_k_index.shape
         # NOTE: one device->host sync per layer: the copies are issued from the CPU, so it must know the ids.
         index_cpu = top_k_index.cpu()  # [T, A]
-        expert_ids = torch.unique(index_cpu).tolist()
+        # ids outside [0, E) mean "no expert" (transformers' sentinel is E; adaptive gating uses it)
+        expert_ids = [e for e in torch.unique(index_cpu).tolist() if 0 <= e < self.layout.num_experts]
         ys = hidden_states.new_zeros(num_tokens, top_k, hidden_states.shape[-1])  # [T, A, H]
         device = hidden_states.device
         for e, flat in self.provider.experts_for(self.layer_idx, expert_ids, index_cpu):

@@ -6,6 +6,10 @@ access to a resident key; a *miss* admits a key into a free slot or evicts a *vi
 the policy among resident, unpinned keys. A *pinned* slot is in use by the layer being
 computed (or by an in-flight copy) and cannot be evicted.
 
+With `slots_per_layer` the pool is partitioned: layer l owns its own slots (its free list and
+its victims are its own), as in Mixtral-Offloading's per-layer caches and AdapMoE's DP-sized
+per-layer caches; without it all layers share one pool.
+
 Invariants: no allocation after __init__; a key maps to at most one slot; counters count
 accesses made through `lookup`/`admit` only (`preload` does not count). Copy ordering (never
 overwrite a slot a kernel may still read) is the transfer engine's job, not this class's.
@@ -27,15 +31,27 @@ class NoEvictableSlot(RuntimeError):
 
 class ExpertCache:
     def __init__(self, num_slots: int, slot_numel: int, dtype: torch.dtype, device: torch.device | str,
-                 policy: EvictionPolicy):
+                 policy: EvictionPolicy, slots_per_layer: dict[int, int] | None = None):
         if num_slots < 1:
             raise ValueError(f"an expert cache needs at least one slot, got {num_slots}")
+        if slots_per_layer is not None and (sum(slots_per_layer.values()) > num_slots
+                                            or min(slots_per_layer.values()) < 1):
+            raise ValueError(f"slots_per_layer {slots_per_layer} must give every layer >= 1 slot and sum to"
+                             f" <= {num_slots}")
         self.num_slots = num_slots
         self.policy = policy
         self.storage = torch.empty(num_slots, slot_numel, dtype=dtype, device=device)  # [S, N]
         self._slot_of: dict[ExpertKey, int] = {}
         self._key_of: list[ExpertKey | None] = [None] * num_slots
-        self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+        self._partition = slots_per_layer
+        self._free_of: dict[int | None, list[int]] = {}
+        if slots_per_layer is None:
+            self._free_of[None] = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
+        else:
+            start = 0
+            for layer, n in slots_per_layer.items():
+                self._free_of[layer] = list(range(start + n - 1, start - 1, -1))
+                start += n
         self._pins: Counter[int] = Counter()
         self.hits = 0
         self.misses = 0
@@ -66,8 +82,22 @@ class ExpertCache:
             self.policy.touch(key)
         return slot
 
-    def can_admit(self) -> bool:
-        return bool(self._free) or any(self._pins[s] == 0 for s in self._slot_of.values())
+    def _pool(self, key: ExpertKey) -> int | None:
+        if self._partition is None:
+            return None
+        if key[0] not in self._partition:
+            raise ValueError(f"layer {key[0]} has no slots in this partitioned cache")
+        return key[0]
+
+    def _candidates(self, pool: int | None) -> list[ExpertKey]:
+        return [k for k, s in self._slot_of.items() if self._pins[s] == 0 and (pool is None or k[0] == pool)]
+
+    def can_admit(self, key: ExpertKey | None = None) -> bool:
+        """Whether `key` (any key, unpartitioned) could get a slot now (a free one, or an unpinned victim)."""
+        pool = None if key is None else self._pool(key)
+        if self._partition is not None and key is None:
+            return any(self._free_of.values()) or bool(self._candidates(None))
+        return bool(self._free_of[pool]) or bool(self._candidates(pool))
 
     def admit(self, key: ExpertKey, count_miss: bool = True) -> tuple[int, ExpertKey | None]:
         """Make room for a missing `key`: (its slot, the evicted key or None).
@@ -76,10 +106,11 @@ class ExpertCache:
         if key in self._slot_of:
             raise ValueError(f"expert {key} is already resident")
         evicted = None
-        if self._free:
-            slot = self._free.pop()
+        pool = self._pool(key)
+        if self._free_of[pool]:
+            slot = self._free_of[pool].pop()
         else:
-            candidates = [k for k, s in self._slot_of.items() if self._pins[s] == 0]
+            candidates = self._candidates(pool)
             if not candidates:
                 raise NoEvictableSlot(f"all {self.num_slots} slots are pinned; cannot admit {key}")
             evicted = self.policy.victim(candidates)

@@ -49,8 +49,9 @@ log = logging.getLogger(__name__)
 class PrefetchRequest:
     step: int
     layer: int
-    position: int  # verify position this prediction is for (draft token index)
-    expert_ids: torch.Tensor  # [A] host tensor, most probable first; valid once `ready` completed
+    position: int  # verify position of the first row (draft token index; target-side predictors: 0)
+    expert_ids: torch.Tensor  # [P, A] host tensor, one row per verify position, most probable first;
+    #                           valid once `ready` completed
     ready: torch.cuda.Event | None = None  # recorded after the device->host copy of the ids
 
 
@@ -112,9 +113,11 @@ class PrefetchProvider:
 
     def _serve(self, req: PrefetchRequest) -> None:
         self._wait_event(req.ready)
-        ids = req.expert_ids.tolist()
+        rows = req.expert_ids.reshape(-1, req.expert_ids.shape[-1]).tolist()  # [P, A]
+        ids = list(dict.fromkeys(e for rank in zip(*rows) for e in rank))  # union, all top-1s first
         with self.lock:
-            self._predicted[(req.step, req.layer)][req.position] = ids
+            for i, row in enumerate(rows):
+                self._predicted[(req.step, req.layer)][req.position + i] = row
             if req.step != self.step or req.layer <= self.verify_layer:
                 self.num_dropped += len(ids)  # verification is past this layer: it can no longer land in time
                 return
@@ -127,7 +130,7 @@ class PrefetchProvider:
                         self._protected[(req.step, req.layer)].append(slot)
                         self._by_prefetch.setdefault(key, -1)  # -1: protected, not brought by a copy
                     continue
-                if not self.cache.can_admit():
+                if not self.cache.can_admit(key):
                     self.num_dropped += 1
                     continue
                 slot, evicted = self.cache.admit(key, count_miss=False)
@@ -239,7 +242,7 @@ class PrefetchProvider:
         def issue() -> None:
             with self.lock:
                 while pending:
-                    if not cache.can_admit():
+                    if not cache.can_admit((layer, pending[0])):
                         if ready or not self._unprotect_deepest(layer):
                             break  # a slot frees up when the consumer releases one
                         continue

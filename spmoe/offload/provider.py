@@ -49,7 +49,7 @@ class OnDemandProvider:
         self.events.record(layer, list(expert_ids), hits, misses)
 
         def issue() -> None:
-            while pending and cache.can_admit():
+            while pending and cache.can_admit((layer, pending[0])):
                 e = pending.popleft()
                 slot, _ = cache.admit((layer, e))
                 cache.pin(slot)

@@ -68,7 +68,7 @@ class DraftRouterPredictor:
             w = self._maps[layer]  # [H_d + 1, H_t]
             h = h.float() @ w[:-1] + w[-1]  # [1, H_t]
         logits = nn.functional.linear(h.to(weight.dtype), weight)  # [1, E]
-        ids = logits.float().topk(self.top_k, dim=-1).indices[0]  # [A], most probable first
+        ids = logits.float().topk(self.top_k, dim=-1).indices  # [1, A], most probable first
         ready = None
         if ids.is_cuda:
             host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)

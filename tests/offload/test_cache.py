@@ -80,3 +80,18 @@ def test_bad_input():
     cache.access(A)
     with pytest.raises(ValueError, match="already resident"):
         cache.admit(A)
+
+
+def test_per_layer_partition_evicts_within_the_layer():
+    # layer 0 owns 2 slots, layer 1 owns 1 slot
+    cache = ExpertCache(3, 4, torch.float32, "cpu", LruPolicy(), slots_per_layer={0: 2, 1: 1})
+    seq = [(0, 0), (0, 1), (1, 0), (1, 1), (0, 0), (0, 2), (1, 0)]
+    evicted = [cache.access(k)[2] for k in seq]
+    # (1,1) evicts (1,0) although (0,0) is older: partitions do not share slots
+    assert evicted == [None, None, None, (1, 0), None, (0, 1), (1, 1)]
+    assert (cache.hits, cache.misses, cache.evictions) == (1, 6, 3)
+    assert cache.can_admit((0, 5)) and cache.can_admit((1, 5))
+    with pytest.raises(ValueError, match="layer 2 has no slots"):
+        cache.access((2, 0))
+    with pytest.raises(ValueError, match="slots_per_layer"):
+        ExpertCache(2, 4, torch.float32, "cpu", LruPolicy(), slots_per_layer={0: 2, 1: 1})

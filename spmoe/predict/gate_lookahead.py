@@ -1,0 +1,61 @@
+"""
+Gate lookahead (Mixtral-Offloading's speculative expert loading, AdapMoE's adaptive prefetch):
+while the target computes layer l, its hidden state goes through the routers of layers
+l+1 .. l+d, and the top experts they name are prefetched.
+
+A forward hook on the target's layer-l router input (the normalized FFN input, i.e. what the
+router of l sees) applies the weights of the routers of the next `depth(l)` MoE layers to every
+position's hidden state and submits one `PrefetchRequest` [T, A] per predicted layer. It works
+with and without SD (it needs no draft). `depth` is a fixed int or a callable of the layer (for
+adaptive schemes).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from spmoe.offload.prefetch import PrefetchProvider, PrefetchRequest
+from spmoe.predict.capture import router_of
+
+
+class GateLookaheadPredictor:
+    def __init__(self, target: nn.Module, provider: PrefetchProvider, moe_layers: tuple[int, ...],
+                 top_k: int, depth: int | Callable[[int], int] = 1):
+        self.provider = provider
+        self.top_k = top_k
+        self.moe_layers = list(moe_layers)
+        self.depth = depth if callable(depth) else (lambda layer, d=depth: d)
+        self.step = 0
+        self._weights = {layer: router_of(target, layer).weight for layer in self.moe_layers}  # [E, H]
+        self._handles = [router_of(target, layer).register_forward_pre_hook(
+            lambda m, a, layer=layer: self._predict(layer, a[0])) for layer in self.moe_layers]
+
+    def _predict(self, layer: int, hidden: torch.Tensor) -> None:
+        h = hidden.reshape(-1, hidden.shape[-1])  # [T, H]
+        i = self.moe_layers.index(layer)
+        for ahead in self.moe_layers[i + 1: i + 1 + self.depth(layer)]:
+            weight = self._weights[ahead]
+            ids = nn.functional.linear(h.to(weight.dtype), weight).float().topk(self.top_k, dim=-1).indices  # [T, A]
+            ready = None
+            if ids.is_cuda:
+                host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+                host.copy_(ids, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
+            else:
+                host = ids.clone()
+            self.provider.submit(PrefetchRequest(self.step, ahead, 0, host, ready))
+
+    def begin_step(self, step: int) -> None:
+        self.step = step
+
+    def end_step(self) -> None:
+        pass
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
