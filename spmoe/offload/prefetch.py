@@ -6,7 +6,8 @@ A background worker thread (or the main thread inline, `worker_thread=False`) se
 in arrival order, which is layer order within a draft token: it admits each predicted expert
 into the cache (no miss counted), issues its copy on the prefetch copy stream (a layer's experts
 back to back = batched I/O; `batched_io=False` waits for each copy before the next), and
-*protects* it (a pin) until verification of step s has passed layer l. Experts already resident
+*protects* it (a pin) until verification of step s reaches layer l (then the needed experts
+hold their own pin while computed and mispredicted ones become evictable). Experts already resident
 are protected without a copy.
 
 Dropped requests (counted): those whose layer verification has already reached, and experts
@@ -229,6 +230,8 @@ class PrefetchProvider:
                     (pf_hits if transfer.is_ready(slot) else late).append(e)
                 else:
                     hits.append(e)
+            for slot in self._protected.pop((self.step, layer), []):
+                cache.unpin(slot)  # needed experts hold their own pin now; mispredicted ones become evictable
         top1_correct = top1_total = 0
         if token_experts is not None and predicted:
             for pos, ids in predicted.items():
@@ -264,6 +267,3 @@ class PrefetchProvider:
             issue()
         if pending:
             raise RuntimeError(f"layer {layer}: {len(pending)} experts could not get a slot (all pinned)")
-        with self.lock:
-            for slot in self._protected.pop((self.step, layer), []):
-                cache.unpin(slot)

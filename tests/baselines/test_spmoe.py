@@ -1,0 +1,103 @@
+"""SP-MoE: predictor accuracy on tiny twins, losslessness in every mode and ablation, non-twin maps."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import tiny_run_config
+from experiments.presets import load_preset
+from experiments.runner import open_session
+from spmoe.config import CutoffConfig, MethodConfig, SpecConfig, TwinConfig
+from spmoe.trace.metrics import summarize
+
+
+def _session(weights: str, noise: float = 0.05, model: str = "tiny", draft: str = "tiny"):
+    cfg = tiny_run_config(model, num_prompts=2, max_new_tokens=24)
+    cfg.model.weights = weights
+    cfg.model.twin = TwinConfig(expert_noise=noise)
+    cfg.draft = load_preset("draft", draft)
+    s = open_session(cfg)
+    ref, _, _ = s.generate(MethodConfig(name="gpu_resident"), cfg.hardware, 24)
+    s.reference = [g.token_ids for g in ref]
+    return s
+
+
+@pytest.fixture(scope="module")
+def twin():
+    s = _session("twin", 0.05)
+    yield s
+    s.close()
+
+
+def _spmoe(s, k=1, **kw):
+    kw.setdefault("cutoff", CutoffConfig(mode="all"))
+    method = MethodConfig(name="spmoe", num_slots=12, **kw)
+    gens, _, _ = s.generate(method, s.cfg.hardware, 24, spec_cfg=SpecConfig(num_draft_tokens=k))
+    return [g.token_ids for g in gens], summarize([g.records for g in gens])
+
+
+def test_predictor_accurate_on_close_twins_and_near_chance_when_unrelated(twin):
+    _, close = _spmoe(twin)
+    unrelated = _session("random")
+    try:
+        _, far = _spmoe(unrelated)
+    finally:
+        unrelated.close()
+    chance = 1 / twin.target.layout.num_experts
+    assert close["predictor_top1_accuracy"] > 0.8
+    assert far["predictor_top1_accuracy"] < chance + 0.15
+    assert close["predictor_recall"] > far["predictor_recall"] + 0.2
+    assert close["prefetch_waste"] < far["prefetch_waste"]
+
+
+@pytest.mark.parametrize("mode,layer", [("off", None), ("fixed", 1), ("all", None), ("auto", None)])
+@pytest.mark.parametrize("k", [1, 3])
+def test_lossless_in_every_cutoff_mode(twin, mode, layer, k):
+    tokens, summary = _spmoe(twin, k=k, cutoff=CutoffConfig(mode=mode, layer=layer))
+    assert tokens == twin.reference
+    if mode == "off":
+        assert summary["prefetch_hits"] == 0 and "predictor_recall" not in summary
+    if mode == "fixed":  # layers 0 and 1 only: nothing predicted deeper
+        assert summary["predictor_top1_by_layer"].keys() <= {0, 1}
+
+
+@pytest.mark.parametrize("worker,batched", [(True, True), (False, True), (True, False), (False, False)])
+def test_lossless_with_every_runtime_ablation(twin, worker, batched):
+    tokens, summary = _spmoe(twin, k=2, worker_thread=worker, batched_io=batched)
+    assert tokens == twin.reference
+    assert summary["prefetch_hits"] + summary["late_prefetches"] > 0
+
+
+@pytest.mark.parametrize("point", ["attn_out", "residual", "ffn_input"])
+def test_capture_points(twin, point):
+    tokens, summary = _spmoe(twin, capture_point=point)
+    assert tokens == twin.reference
+    assert 0 <= summary["predictor_top1_accuracy"] <= 1
+
+
+def test_non_twin_pair_uses_a_fitted_map():
+    s = _session("random", model="tiny_qwen3_moe", draft="tiny_qwen3")
+    try:
+        tokens, summary = _spmoe(s)
+        assert tokens == s.reference
+        assert summary["predictor_top1_accuracy"] is not None
+    finally:
+        s.close()
+
+
+@pytest.mark.gpu
+def test_spmoe_on_gpu_is_lossless_with_tiny_cache(gpu):
+    cfg = tiny_run_config("tiny", num_prompts=2, max_new_tokens=24)
+    cfg.hardware.device = "cuda"
+    cfg.model.weights = "twin"
+    cfg.draft = load_preset("draft", "tiny")
+    s = open_session(cfg)
+    try:
+        ref, _, _ = s.generate(MethodConfig(name="gpu_resident_sd"), cfg.hardware, 24,
+                               spec_cfg=SpecConfig(num_draft_tokens=2))
+        for slots in (2, 3, 6):
+            gens, _, _ = s.generate(MethodConfig(name="spmoe", num_slots=slots, cutoff=CutoffConfig(mode="all")),
+                                    cfg.hardware, 24, spec_cfg=SpecConfig(num_draft_tokens=2))
+            assert [g.token_ids for g in gens] == [g.token_ids for g in ref]
+    finally:
+        s.close()
