@@ -21,6 +21,7 @@ import transformers
 
 from transformers import AutoModelForCausalLM
 
+from analysis.oracle import access_sequence, belady_misses
 from spmoe.config import HardwareConfig, MethodConfig, RunConfig, SpecConfig, parse_dtype
 from spmoe.data.prompts import load_prompts
 from spmoe.data.tokenizer import load_tokenizer
@@ -240,6 +241,13 @@ def summarize_run(session: Session, method: MethodConfig, hardware: HardwareConf
         agreement = sum(same) / sum(len(r) for r in reference[: len(gens)])
         lossless = all(g.token_ids == r for g, r in zip(gens, reference))
     within_budget = None if plan.budget_bytes is None or peak is None else peak <= plan.budget_bytes
+    metrics = summarize([g.records for g in gens])
+    oracle = {}
+    if spec.offloads:
+        misses = belady_misses(access_sequence(g.records for g in gens), plan.num_slots)
+        oracle_bytes = misses * plan.expert_bytes
+        oracle = {"oracle_h2d_bytes": oracle_bytes,
+                  "policy_efficiency": metrics["h2d_bytes"] / oracle_bytes if oracle_bytes else None}
     return {
         "method": spec.name,
         "model": cfg.model.name,
@@ -255,7 +263,8 @@ def summarize_run(session: Session, method: MethodConfig, hardware: HardwareConf
         "eviction": method.eviction if spec.offloads else None,
         "seed": cfg.seed,
         "max_new_tokens": len(gens[0].token_ids) if gens else cfg.max_new_tokens,
-        **summarize([g.records for g in gens]),
+        **metrics,
+        **oracle,
         "distinct_token_ratio": sum(len(set(g.token_ids)) / len(g.token_ids) for g in gens) / len(gens),
         "num_slots": plan.num_slots if spec.offloads else plan.num_experts_total,
         "num_experts_total": plan.num_experts_total,
