@@ -3,7 +3,9 @@ Entry point: `python run.py model=<m> dataset=<d> method=<x> hardware=<h> [key=v
 
 The only Hydra-aware file besides tests: composes `conf/`, converts it once to the typed
 `RunConfig`, runs `experiments.runner.run_benchmark` into Hydra's run directory and prints the
-summary as one JSON object on the last stdout line.
+summary as one JSON object on the last stdout line. A run directory that already holds a
+summary.json is a finished run: with `resume=true` (default) it is reported, not redone, so an
+interrupted multirun restarted with the same `hydra.sweep.dir` only runs the missing jobs.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -25,6 +28,11 @@ register_configs()
 def main(dcfg: DictConfig) -> None:
     cfg: RunConfig = OmegaConf.to_object(dcfg)
     out_dir = HydraConfig.get().runtime.output_dir
+    done = Path(out_dir) / "summary.json"
+    if cfg.resume and done.is_file():  # an interrupted sweep, rerun: finished jobs are not redone
+        logging.getLogger(__name__).info("%s exists: run already finished, not redone (resume=false to rerun)", done)
+        print(json.dumps(json.loads(done.read_text())))
+        return
     from experiments.runner import run_benchmark
     from experiments.tracker import make_tracker
 

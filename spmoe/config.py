@@ -136,6 +136,7 @@ class RunConfig:
     max_new_tokens: int = 100
     num_prompts: int = 2
     check_lossless: str = "auto"  # auto | true | false: compare tokens with the gpu_resident reference
+    resume: bool = True  # a run dir that already holds summary.json is finished: reuse it, do not rerun
 
 
 def register_configs() -> None:

@@ -113,3 +113,14 @@ def test_multirun_two_methods(tmp_path):
     for p in summaries:
         assert (p.parent / ".hydra" / "config.yaml").is_file()
         assert len(read_jsonl(p.parent / "trace.jsonl")) == 4
+    # an interrupted sweep: one job's outputs lost, the sweep rerun -> only that job runs again
+    gone = [p for p in summaries if json.loads(p.read_text())["method"] == "lru_nosd"][0]
+    kept = [p for p in summaries if p != gone][0]
+    kept_before = kept.read_text()
+    gone.unlink()
+    proc = run_py("-m", "method=gpu_resident,lru_nosd", "num_prompts=1", "max_new_tokens=4",
+                  f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert kept.read_text() == kept_before  # the finished job was not redone
+    assert json.loads(gone.read_text())["method"] == "lru_nosd"  # the missing one was
+    assert "already finished" in proc.stderr + proc.stdout

@@ -1,0 +1,121 @@
+"""
+Adaptive gating (AdapMoE, Zhong et al. 2024, arXiv 2408.10284): a token whose output is
+insensitive to its lower-ranked experts runs with fewer experts, and those experts are never
+loaded.
+
+Mechanism: a forward hook on each MoE layer's router (`mlp.gate`, or `mlp.router` for PhiMoE)
+rewrites its output `(router_logits, top_k_weights [T, A], top_k_index [T, A])`. Per token, the
+routed experts are ranked by weight and normalized (w_i / sum w); the token keeps the shortest
+prefix of that ranking whose normalized weight reaches `threshold` (always at least its top-1
+expert). Dropped slots get index E, the "no expert" sentinel `OffloadedExperts` skips (nothing is
+computed or loaded for it), and weight 0; the kept weights are rescaled so that they sum to the
+token's original routed mass (1 for normalized routers such as Mixtral's: the kept top-1 gets
+weight 1, as in AdapMoE). For top-2 models this is exactly "drop the second expert iff
+w1 / (w1 + w2) >= threshold". A forward in which nothing is dropped is left untouched, so the
+model's output is bit-identical to ungated routing whenever no token qualifies.
+
+Gating applies only while `active`: between `begin_step` and `end_step` of the engine (decode /
+verify forwards), never to the prompt's prefill. AdapMoE's code likewise gates single-token
+decode forwards only; under SD every verified token is gated on its own weights.
+
+Faithful: the decision is per token and per layer from the router's own probabilities, the top-1
+expert is always kept, dropped experts are neither computed nor loaded, kept weights are
+renormalized. Simplified: AdapMoE derives a per-layer threshold on the second expert's normalized
+weight from a Fisher-information (Hessian-trace) estimate of each layer's loss sensitivity,
+calibrated offline on a dataset (their Mixtral thresholds run from 0.01 at layer 0 to 0.49 at the
+last layers, median 0.14). Without gradients or task data here, one `threshold` on the top-1
+normalized weight stands for all layers; the default 0.85 (second expert dropped when its weight
+is <= 0.15) matches the median of their per-layer thresholds. Per-layer thresholds can be passed
+as a dict when available.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from spmoe.predict.capture import router_of
+
+DEFAULT_THRESHOLD = 0.85
+
+
+def gate_routes(weights: torch.Tensor, index: torch.Tensor, threshold: float, num_experts: int,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weights [T, A], index [T, A]) -> (gated weights, gated index, keep mask [T, A]).
+
+    Dropped slots get index `num_experts` and weight 0; kept weights keep the token's routed mass."""
+    w = weights.float()
+    total = w.sum(dim=-1, keepdim=True)  # [T, 1]
+    order = torch.sort(w, dim=-1, descending=True, stable=True).indices  # [T, A], rank -> slot
+    ranked = torch.gather(w, -1, order) / total.clamp_min(torch.finfo(torch.float32).tiny)  # [T, A]
+    before = ranked.cumsum(dim=-1) - ranked  # normalized mass of the higher-ranked experts
+    keep_ranked = before < threshold  # rank r kept iff ranks < r have not reached the threshold yet
+    keep_ranked[:, 0] = True
+    keep = torch.empty_like(keep_ranked).scatter_(-1, order, keep_ranked)  # [T, A] in slot order
+    kept_mass = (w * keep).sum(dim=-1, keepdim=True)
+    scale = total / kept_mass.clamp_min(torch.finfo(torch.float32).tiny)
+    gated_w = torch.where(keep, w * scale, torch.zeros_like(w)).to(weights.dtype)
+    gated_index = index.masked_fill(~keep, num_experts)
+    return gated_w, gated_index, keep
+
+
+class AdaptiveGating:
+    """Router forward hooks that drop insensitive experts; a step listener (gates decode steps only).
+
+    Counters (since construction or `reset`): `num_routed` routed (token, slot) pairs seen while
+    active, `num_dropped` of them dropped, `num_tokens_gated` tokens that lost at least one expert."""
+
+    def __init__(self, target: nn.Module, moe_layers: tuple[int, ...] | list[int], num_experts: int,
+                 threshold: float | Mapping[int, float] = DEFAULT_THRESHOLD, enabled: bool = True):
+        thresholds = threshold if isinstance(threshold, Mapping) else {layer: threshold for layer in moe_layers}
+        bad = {layer: t for layer, t in thresholds.items() if not 0.0 < t <= 1.0}
+        if bad:
+            raise ValueError(f"gating thresholds must be in (0, 1] (1 = only drop experts of zero weight), got {bad}")
+        self.thresholds = dict(thresholds)
+        self.num_experts = num_experts
+        self.enabled = enabled
+        self.active = False
+        self._lock = threading.Lock()
+        self.reset()
+        self._handles = [] if not enabled else [router_of(target, layer).register_forward_hook(
+            lambda m, a, out, layer=layer: self._gate(layer, out)) for layer in moe_layers]
+
+    def reset(self) -> None:
+        self.num_routed = self.num_dropped = self.num_tokens_gated = 0
+
+    def _gate(self, layer: int, out):
+        if not self.active:
+            return None
+        *head, weights, index = out
+        gated_w, gated_index, keep = gate_routes(weights, index, self.thresholds[layer], self.num_experts)
+        dropped = int((~keep).sum())  # NOTE: a device->host sync; the experts module syncs on the index anyway
+        with self._lock:
+            self.num_routed += keep.numel()
+            self.num_dropped += dropped
+            self.num_tokens_gated += int((~keep).any(dim=-1).sum()) if dropped else 0
+        if not dropped:
+            return None  # untouched: bit-identical to ungated routing
+        return (*head, gated_w, gated_index)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"gating_routed": self.num_routed, "gating_dropped": self.num_dropped,
+                    "gating_tokens_gated": self.num_tokens_gated,
+                    "gating_drop_rate": self.num_dropped / self.num_routed if self.num_routed else None}
+
+    # -- step listener ---------------------------------------------------------------------------
+
+    def begin_step(self, step: int) -> None:
+        self.active = self.enabled
+
+    def end_step(self) -> None:
+        self.active = False
+
+    def remove(self) -> None:
+        self.active = False
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
