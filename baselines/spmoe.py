@@ -112,7 +112,7 @@ def _hidden_maps(ctx: MethodContext, slots: int) -> dict[int, torch.Tensor]:
 def build(ctx: MethodContext) -> Runtime:
     mcfg, layout = ctx.cfg.method, ctx.target.layout
     slots = ctx.plan.num_slots if mcfg.num_slots is None else min(ctx.plan.num_slots, mcfg.num_slots)
-    cache = ExpertCache(slots, layout.expert_numel, layout.dtype, ctx.device, make_policy(mcfg.eviction))
+    cache = ExpertCache(slots, layout.expert_numel, layout.dtype, ctx.device, make_policy(mcfg.eviction, layout.moe_layers))
     transfer = TransferEngine(ctx.device, slots)
     events = ExpertEventLog()
     provider = PrefetchProvider(cache, ctx.target.store, transfer, events, mcfg.worker_thread, mcfg.batched_io,

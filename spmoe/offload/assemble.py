@@ -26,7 +26,7 @@ def on_demand_runtime(ctx: MethodContext, num_slots: int, eviction: str, preload
     layout, store = ctx.target.layout, ctx.target.store
     if preload and num_slots < len(layout.keys):
         raise ValueError(f"preloading {len(layout.keys)} experts needs as many slots, got {num_slots}")
-    cache = ExpertCache(num_slots, layout.expert_numel, layout.dtype, ctx.device, make_policy(eviction))
+    cache = ExpertCache(num_slots, layout.expert_numel, layout.dtype, ctx.device, make_policy(eviction, layout.moe_layers))
     transfer = TransferEngine(ctx.device, num_slots)
     events = ExpertEventLog()
     if preload:

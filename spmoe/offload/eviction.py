@@ -7,6 +7,11 @@ serves, and names a victim among the evictable resident keys. Terms:
 - LFU: evict the resident key with the fewest accesses over the whole run (counts survive
   eviction, so a popular expert that was evicted comes back with its history); ties go to
   the least recently used.
+- layer_distance: decoding visits the MoE layers cyclically, so the resident expert needed
+  farthest in the future is the one whose layer comes back last: evict the key with the
+  largest distance (k.layer - current - 1) mod L, where `current` is the layer of the latest
+  access; ties go to LFU then LRU. This is Belady's rule with the layer cycle standing in for
+  perfect foresight (beyond the paper, which uses LRU).
 Invariant: `victim(candidates)` returns one of `candidates` and never mutates state.
 """
 
@@ -58,10 +63,26 @@ class LfuPolicy:
         return min(candidates, key=lambda k: (self._count[k], self._last_use.get(k, 0)))
 
 
-POLICIES = {"lru": LruPolicy, "lfu": LfuPolicy}
+class LayerDistancePolicy(LfuPolicy):
+    def __init__(self, moe_layers: Iterable[int]):
+        super().__init__()
+        self._order = {layer: i for i, layer in enumerate(moe_layers)}
+        self._current = len(self._order) - 1
+
+    def touch(self, key: ExpertKey) -> None:
+        super().touch(key)
+        self._current = self._order.get(key[0], self._current)
+
+    def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
+        n = len(self._order)
+        return max(candidates, key=lambda k: ((self._order[k[0]] - self._current - 1) % n,
+                                              -self._count[k], -self._last_use.get(k, 0)))
 
 
-def make_policy(name: str) -> EvictionPolicy:
+POLICIES = {"lru": LruPolicy, "lfu": LfuPolicy, "layer_distance": LayerDistancePolicy}
+
+
+def make_policy(name: str, moe_layers: Iterable[int] = ()) -> EvictionPolicy:
     if name not in POLICIES:
         raise ValueError(f"unknown eviction policy {name!r}; valid: {sorted(POLICIES)}")
-    return POLICIES[name]()
+    return POLICIES[name](moe_layers) if name == "layer_distance" else POLICIES[name]()

@@ -74,7 +74,7 @@ def test_preload_is_not_counted():
 def test_bad_input():
     with pytest.raises(ValueError, match="at least one slot"):
         ExpertCache(0, 4, torch.float32, "cpu", LruPolicy())
-    with pytest.raises(ValueError, match="valid: \\['lfu', 'lru'\\]"):
+    with pytest.raises(ValueError, match="valid: \\['layer_distance', 'lfu', 'lru'\\]"):
         make_policy("fifo")
     cache = ExpertCache(1, 4, torch.float32, "cpu", LruPolicy())
     cache.access(A)
@@ -95,3 +95,16 @@ def test_per_layer_partition_evicts_within_the_layer():
         cache.access((2, 0))
     with pytest.raises(ValueError, match="slots_per_layer"):
         ExpertCache(2, 4, torch.float32, "cpu", LruPolicy(), slots_per_layer={0: 2, 1: 1})
+
+
+def test_layer_distance_evicts_the_layer_needed_last():
+    from spmoe.offload.eviction import LayerDistancePolicy
+
+    # 3 layers x 2 experts cycled (one token per pass); 4 slots
+    seq = [(0, 0), (1, 0), (2, 0), (0, 0), (1, 0), (2, 0), (0, 0), (1, 0), (2, 0)]
+    lru, _ = run(LruPolicy(), seq, slots=2)
+    ld, evicted = run(LayerDistancePolicy([0, 1, 2]), seq, slots=2)
+    assert (lru.hits, lru.misses) == (0, 9)  # LRU thrashes on a cycle longer than the cache
+    # layer distance keeps (0,0): after layer 2, layer 0 comes next; the just-used layer goes
+    assert evicted[0] == (1, 0)  # (2,0) admitted right after layer 1 was computed -> layer 1 is farthest
+    assert (ld.hits, ld.misses) == (3, 6)
