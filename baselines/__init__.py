@@ -8,7 +8,9 @@ Registered methods (see `spmoe.strategy`). Importing this package registers them
 | lru_nosd | on-demand loading into a global LRU (or LFU, `method.eviction=lfu`) expert cache, no SD |
 | lru | the same cache, with SD: verification loads the union of k+1 tokens' experts |
 | spmoe | SD + draft->target-router prefetch + cutoff layer + pipelined batched prefetch (SP-MoE) |
+| mixtral_offloading_nosd | per-layer LRU expert cache (slots split evenly over MoE layers) + next-layer gate lookahead prefetch, no SD (Eliseev & Mazur 2023) |
+| mixtral_offloading | the same, with SD: the lookahead runs inside the verify forward and prefetches the union over its k+1 positions |
 | accelerate | HF accelerate `device_map` offload under the same budget: the naive floor |
 """
 
-from baselines import accelerate_offload, gpu_resident, lru, spmoe  # noqa: F401
+from baselines import accelerate_offload, gpu_resident, lru, mixtral_offloading, spmoe  # noqa: F401

@@ -89,7 +89,9 @@ class Engine:
         self.runtime.events.drain()
         kv = DynamicCache(config=self.runtime.model.config)
         t_start = time.perf_counter()
+        self.runtime.begin_step(0)
         first = self._accept([], None, self._target(prompt_ids, kv, 1), gen).token_ids
+        self.runtime.end_step()
         if self.drafter is not None:
             self.drafter.begin(prompt_ids)
         seq = prompt_ids + first
