@@ -10,7 +10,9 @@ Registered methods (see `spmoe.strategy`). Importing this package registers them
 | spmoe | SD + draft->target-router prefetch + cutoff layer + pipelined batched prefetch (SP-MoE) |
 | mixtral_offloading_nosd | per-layer LRU expert cache (slots split evenly over MoE layers) + next-layer gate lookahead prefetch, no SD (Eliseev & Mazur 2023) |
 | mixtral_offloading | the same, with SD: the lookahead runs inside the verify forward and prefetches the union over its k+1 positions |
+| moe_infinity_nosd | per-sequence expert activation matrices matched against a collection of past ones, prefetch with decaying layer priority, frequency x layer-proximity eviction (Xue et al.), no SD |
+| moe_infinity | the same, with SD (`method.trace_path` warms the collection from earlier runs' traces) |
 | accelerate | HF accelerate `device_map` offload under the same budget: the naive floor |
 """
 
-from baselines import accelerate_offload, gpu_resident, lru, mixtral_offloading, spmoe  # noqa: F401
+from baselines import accelerate_offload, gpu_resident, lru, mixtral_offloading, moe_infinity, spmoe  # noqa: F401

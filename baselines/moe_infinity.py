@@ -39,8 +39,7 @@ Simplified or changed, and why:
   remaining layers: the shared provider protects prefetched experts until their layer runs, so
   an unbounded list would pin the whole cache.
 - Details of smoothing, matching mask and scoring are in the two modules' docstrings.
-`trace_path` is read from `method.trace_path` when the config has that field (it does not yet:
-see the build function) or from the keyword argument.
+`trace_path` is read from `method.trace_path` (or the build function's keyword argument).
 """
 
 from __future__ import annotations
@@ -85,6 +84,7 @@ def build(ctx: MethodContext, trace_path=None) -> Runtime:
     trace_path = trace_path if trace_path is not None else getattr(mcfg, "trace_path", None)
     slots = ctx.plan.num_slots if mcfg.num_slots is None else min(ctx.plan.num_slots, mcfg.num_slots)
     num_layers, num_experts = len(layout.moe_layers), layout.num_experts
+    warm = warm_eams(trace_path, layout.moe_layers, num_experts)  # bad paths fail before anything is allocated
     policy = PriorityPolicy(layout.moe_layers, num_experts)
     cache = ExpertCache(slots, layout.expert_numel, layout.dtype, ctx.device, policy)
     transfer = TransferEngine(ctx.device, slots)
@@ -94,7 +94,6 @@ def build(ctx: MethodContext, trace_path=None) -> Runtime:
     model = ctx.target.model
     install_experts(model, layout, provider)  # before the hooks: it replaces the experts modules
 
-    warm = warm_eams(trace_path, layout.moe_layers, num_experts)
     collection = EamCollection(num_layers, num_experts, capacity=len(warm) + DEFAULT_CAPACITY)
     for eam in warm:
         collection.add(eam, persistent=True)

@@ -92,6 +92,7 @@ def main() -> None:
         s["case"], s["wall_s"], s["tokens"] = case, time.perf_counter() - t, [g.token_ids for g in gens]
         summaries[case] = s
         log.info("%s: tpot %.1f ms, %.1f s", case, s["tpot_ms"], s["wall_s"])
+        write_json_atomic(out / "partial_runs.json", summaries)  # survives a kill mid-benchmark
 
     try:
         run("gpu_resident", MethodConfig(name="gpu_resident"), full, None)
@@ -134,6 +135,7 @@ def main() -> None:
     write_text_atomic(out / "table.md", "\n".join(f"- {k}: {v}" for k, v in meta.items()) + "\n\n"
                       + df.to_markdown(index=False, floatfmt=".4g") + "\n")
     write_json_atomic(out / "runs.json", summaries)
+    (out / "partial_runs.json").unlink(missing_ok=True)
     print(json.dumps(meta))
     print(df.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
 

@@ -49,6 +49,8 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError(f"unsupported hardware.device {name!r}; valid: cpu, cuda[:N]") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"hardware device {name!r} needs CUDA, which is not available here; use hardware=cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"unsupported hardware.device {name!r}; valid: cpu, cuda[:N]")
     return device

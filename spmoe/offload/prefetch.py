@@ -89,8 +89,12 @@ class PrefetchProvider:
             self._queue.put(request)
 
     def _run_worker(self) -> None:
-        if self.transfer.cuda:
-            torch.cuda.set_device(self.transfer.device)
+        try:
+            if self.transfer.cuda:
+                device = self.transfer.device
+                torch.cuda.set_device(device.index if device.index is not None else torch.cuda.current_device())
+        except BaseException as exc:
+            self._error = exc
         while True:
             request = self._queue.get()
             if request is None:
@@ -98,6 +102,8 @@ class PrefetchProvider:
             try:
                 if self._error is None:
                     self._serve(request)
+                else:
+                    self.num_dropped += 1
             except BaseException as exc:  # surfaced on the main thread
                 log.exception("prefetch worker failed")
                 self._error = exc

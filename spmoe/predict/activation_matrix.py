@@ -19,14 +19,15 @@ Terms (L = number of MoE layers, indexed by position in `moe_layers`, E = expert
   `1 - d / (L + 1)` (d = x - i: MoE-Infinity's `ExpertPredictor` decay). The best `budget`
   candidates over all those layers are prefetched, nearer layers submitted first.
 
-`EamPredictor` is the runtime side: a forward pre-hook on the target model detects a new
-sequence (the target is called with an empty KV cache: the prefill); the finished sequence's
-EAM then joins the collection and a fresh one starts. Forward pre-hooks on every
+`EamPredictor` is the runtime side. A new sequence starts at `begin_step(0)` (the engine's
+prefill step); a forward pre-hook on the target model catches one that no step announced (the
+target called with an empty KV cache). The finished sequence's EAM then joins the collection
+and a fresh one starts. Forward pre-hooks on every
 `model.model.layers[l].mlp.experts` (args `(hidden, top_k_index [T, A], top_k_weights)`) add
 layer l's routed experts to the current EAM, match, and submit `PrefetchRequest`s (one [1, n]
 row per predicted layer, most probable expert first, position 0) for the next layers. At
-`begin_step` (before the draft runs, with SD) the first `depth` MoE layers of the coming
-forward are predicted the same way, from everything routed so far.
+`begin_step` of a decode step (before the draft runs, with SD) the first `depth` MoE layers of
+the coming forward are predicted the same way, from everything routed so far.
 `load_trace_eams` builds one EAM per prompt from a run's `trace.jsonl`, to warm the collection.
 
 Faithful: EAM per sequence, bounded EAMC with persistent warm entries and least-access
@@ -38,10 +39,10 @@ Simplified, and why:
   only the union each layer needed per step, so live and warmed EAMs must count the same way;
   under SD the union is also exactly what a verify forward loads. Batch-1 decoding without SD
   counts the same either way. Rejected draft tokens' routes count (they were loaded).
-- Matching averages over the layers the current sequence has routed instead of masking the
-  stored EAMs' already-executed layers to uniform rows (in the reference code the masked
-  layers add a match-independent constant, so both pick the same trace once the sequence has
-  routed every layer; ours also discriminates during the first forward).
+- Matching averages over every layer the current sequence has routed. The reference instead
+  sets the stored EAMs' already-executed layers to uniform rows, which adds the same constant
+  for every stored EAM, so it effectively matches on the layers after the current one (with
+  the counts earlier tokens left there) and cannot discriminate during the first forward.
 - The reference enqueues every expert with a non-zero predicted count for all remaining layers
   and lets the cache capacity cut the list; here prefetch is bounded (`depth`, `width`,
   `budget`), because the shared provider protects prefetched experts until their layer runs,
@@ -206,7 +207,7 @@ class EamPredictor:
         self.width, self.budget, self.depth = width, budget, depth
         self.on_layer, self.on_new_sequence = on_layer, on_new_sequence
         self.current = torch.zeros(len(self.moe_layers), num_experts)  # [L, E] this sequence's EAM
-        self.matched: list[int] = []  # index of the best match at each prediction (for tests/analysis)
+        self.last_match: int | None = None  # collection index of the latest best match
         self._index = {layer: i for i, layer in enumerate(self.moe_layers)}
         self._handles = [target.register_forward_pre_hook(self._before_forward, with_kwargs=True)]
         self._handles += [target.model.layers[layer].mlp.experts.register_forward_pre_hook(
@@ -216,8 +217,8 @@ class EamPredictor:
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         kv = kwargs.get("cache", kwargs.get("past_key_values"))
-        if kv is None or kv.get_seq_length() == 0:  # the prefill of a new sequence
-            self.finish_sequence()
+        if (kv is None or kv.get_seq_length() == 0) and bool((self.current > 0).any()):
+            self.finish_sequence()  # a new sequence that no begin_step(0) announced
 
     def finish_sequence(self) -> None:
         """Move the current EAM into the collection (if it routed anything) and start a new one."""
@@ -241,13 +242,16 @@ class EamPredictor:
         idx = self.collection.match(self.current)
         if idx is None:
             return
-        self.matched.append(idx)
+        self.last_match = idx
         step = self.provider.step
         for i, experts in plan_prefetch(self.collection.matrices[idx], current, self.depth, self.width, self.budget):
             ids = torch.tensor([experts], dtype=torch.long)  # [1, n] host tensor, most probable first
             self.provider.submit(PrefetchRequest(step, self.moe_layers[i], 0, ids))
 
     def begin_step(self, step: int) -> None:  # after the provider's begin_step (listener order)
+        if step == 0:  # the prefill of a new sequence (step 0 = prefill, as in the trace records)
+            self.finish_sequence()
+            return  # nothing routed yet: nothing to match
         self._prefetch(-1)
 
     def end_step(self) -> None:
