@@ -12,7 +12,9 @@ Registered methods (see `spmoe.strategy`). Importing this package registers them
 | mixtral_offloading | the same, with SD: the lookahead runs inside the verify forward and prefetches the union over its k+1 positions |
 | moe_infinity_nosd | per-sequence expert activation matrices matched against a collection of past ones, prefetch with decaying layer priority, frequency x layer-proximity eviction (Xue et al.), no SD |
 | moe_infinity | the same, with SD (`method.trace_path` warms the collection from earlier runs' traces) |
+| adapmoe_nosd | adaptive gating (drop the 2nd expert of low-sensitivity tokens; `method.adaptive_gating=false` keeps outputs exact) + adaptive multi-layer gate-lookahead prefetch + DP-sized per-layer caches (Zhong et al.), no SD |
+| adapmoe | the same, with SD |
 | accelerate | HF accelerate `device_map` offload under the same budget: the naive floor |
 """
 
-from baselines import accelerate_offload, gpu_resident, lru, mixtral_offloading, moe_infinity, spmoe  # noqa: F401
+from baselines import accelerate_offload, adapmoe, gpu_resident, lru, mixtral_offloading, moe_infinity, spmoe  # noqa: F401

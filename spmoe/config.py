@@ -101,6 +101,8 @@ class MethodConfig:
     worker_thread: bool = True  # prefetch issued by a background thread (false: inline on the main thread)
     batched_io: bool = True  # a layer's predicted experts submitted together (false: one synchronous copy each)
     timeout_s: float = 60.0  # no wait on the prefetch worker is longer than this
+    adaptive_gating: bool = True  # adapmoe: drop low-sensitivity experts (changes outputs: lossless=false)
+    gating_threshold: float = 0.85  # adapmoe: keep experts until the normalized top weights reach this
     trace_path: str | None = None  # moe_infinity: trace.jsonl file(s) / run dirs warming its activation collection
     cutoff: CutoffConfig = field(default_factory=CutoffConfig)
 

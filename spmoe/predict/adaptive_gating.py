@@ -22,11 +22,11 @@ Faithful: the decision is per token and per layer from the router's own probabil
 expert is always kept, dropped experts are neither computed nor loaded, kept weights are
 renormalized. Simplified: AdapMoE derives a per-layer threshold on the second expert's normalized
 weight from a Fisher-information (Hessian-trace) estimate of each layer's loss sensitivity,
-calibrated offline on a dataset (their Mixtral thresholds run from 0.01 at layer 0 to 0.49 at the
-last layers, median 0.14). Without gradients or task data here, one `threshold` on the top-1
-normalized weight stands for all layers; the default 0.85 (second expert dropped when its weight
-is <= 0.15) matches the median of their per-layer thresholds. Per-layer thresholds can be passed
-as a dict when available.
+calibrated offline on a dataset (the repo's Mixtral thresholds, sqrt(0.005 / H_l), run from 0.01
+at layer 0 to 0.49 at the last layers, median 0.14). Without gradients or task data here, one
+`threshold` on the top-1 normalized weight stands for all layers; the default 0.85 (second
+expert dropped when its weight is <= 0.15) is close to the median of their per-layer thresholds.
+Per-layer thresholds can be passed as a dict when available.
 """
 
 from __future__ import annotations
