@@ -195,7 +195,8 @@ def _assemble(ctx: MethodContext, gating: AdaptiveGating, calib: Calibration, sl
     predictor = GateLookaheadPredictor(model, provider, layout.moe_layers, mcfg.predict_top_k or layout.top_k,
                                        depth=lambda layer: depths[layer])
     runtime = Runtime(model=model, events=events, transfer=transfer, cache=cache,
-                      listeners=[provider, predictor, gating], prefetch_counts=provider.take_counts)
+                      listeners=[provider, predictor, gating], prefetch_counts=provider.take_counts,
+                      extra_summary=gating.stats)
     runtime.slots_per_layer = per_layer
     runtime.lookahead_depths = depths
     runtime.lookahead_recall = calib.recall

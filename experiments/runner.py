@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import platform
 import subprocess
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -107,6 +107,7 @@ class Session:
     tokenizer: object
     prompts: list
     draft: object = None  # PreTrainedModel | None
+    last_extra: dict = field(default_factory=dict)  # the last run's method-specific totals (Runtime.extra_summary)
 
     @property
     def draft_weight_bytes(self) -> int:
@@ -160,6 +161,7 @@ class Session:
             engine = Engine(runtime, self.device, drafter, cfg.spec, cfg.seed)
             prompts = self.prompts[:num_prompts]
             gens = [engine.generate(p.token_ids, max_new_tokens, i) for i, p in enumerate(prompts)]
+            self.last_extra = runtime.extra_summary() if runtime.extra_summary else {}
             peak = None
             if self.device.type == "cuda":
                 resident = self.target.non_expert_bytes + (self.draft_weight_bytes if spec.speculative else 0)
@@ -267,6 +269,7 @@ def summarize_run(session: Session, method: MethodConfig, hardware: HardwareConf
         "max_new_tokens": len(gens[0].token_ids) if gens else cfg.max_new_tokens,
         **metrics,
         **oracle,
+        **session.last_extra,
         "distinct_token_ratio": sum(len(set(g.token_ids)) / len(g.token_ids) for g in gens) / len(gens),
         "num_slots": plan.num_slots if spec.offloads else plan.num_experts_total,
         "num_experts_total": plan.num_experts_total,

@@ -49,6 +49,7 @@ class Runtime:
     closers: list[Callable[[], None]] = field(default_factory=list)
     listeners: list[StepListener] = field(default_factory=list)
     prefetch_counts: Callable[[], tuple[int, int, int]] | None = None  # (prefetched, dropped, wasted) since last call
+    extra_summary: Callable[[], dict] | None = None  # method-specific totals merged into summary.json
 
     def begin_step(self, step: int) -> None:
         for listener in self.listeners:

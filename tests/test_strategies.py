@@ -35,7 +35,8 @@ def _run(session, method: MethodConfig, k: int = 1):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_method_matches_gpu_resident(session, method):
-    tokens, gens = _run(session, MethodConfig(name=method))
+    # adaptive gating (adapmoe) changes outputs by design: the equivalence is checked with it off
+    tokens, gens = _run(session, MethodConfig(name=method, adaptive_gating=False))
     assert tokens == session.reference
     assert all(len(t) == session.cfg.max_new_tokens for t in tokens)
 
@@ -43,7 +44,8 @@ def test_method_matches_gpu_resident(session, method):
 @pytest.mark.parametrize("k", [1, 3, 5])
 @pytest.mark.parametrize("method", [m for m in METHODS if STRATEGIES[m].speculative])
 def test_sd_is_lossless_for_every_k(session, method, k):
-    tokens, gens = _run(session, MethodConfig(name=method, num_slots=session.target.layout.top_k * 2), k)
+    slots = max(session.target.layout.top_k * 2, len(session.target.layout.moe_layers))  # per-layer caches need 1/layer
+    tokens, gens = _run(session, MethodConfig(name=method, num_slots=slots, adaptive_gating=False), k)
     assert tokens == session.reference
     decode = [r for g in gens for r in g.records if r.phase == "decode"]
     assert all(r.num_drafted is not None and 0 <= r.num_accepted <= r.num_drafted <= k for r in decode)

@@ -109,7 +109,7 @@ class AdaptiveGating:
     # -- step listener ---------------------------------------------------------------------------
 
     def begin_step(self, step: int) -> None:
-        self.active = self.enabled
+        self.active = self.enabled and step > 0  # step 0 is the prompt's prefill: never gated
 
     def end_step(self) -> None:
         self.active = False
