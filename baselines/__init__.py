@@ -17,4 +17,12 @@ Registered methods (see `spmoe.strategy`). Importing this package registers them
 | accelerate | HF accelerate `device_map` offload under the same budget: the naive floor |
 """
 
-from baselines import accelerate_offload, adapmoe, gpu_resident, lru, mixtral_offloading, moe_infinity, spmoe  # noqa: F401
+from baselines import (  # noqa: F401
+    accelerate_offload,
+    adapmoe,
+    gpu_resident,
+    lru,
+    mixtral_offloading,
+    moe_infinity,
+    spmoe,
+)

@@ -37,7 +37,11 @@ import time
 from typing import Iterator
 
 import torch
-from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
+from accelerate.hooks import (
+    AlignDevicesHook,
+    add_hook_to_module,
+    remove_hook_from_module,
+)
 from torch import nn
 
 from spmoe.models.experts import OffloadedExperts

@@ -57,18 +57,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from spmoe.models.experts import install_experts
-from spmoe.offload.assemble import on_demand_runtime
-from spmoe.offload.cache import ExpertCache
+from spmoe.offload.assemble import on_demand_runtime, prefetch_runtime
 from spmoe.offload.eviction import make_policy
-from spmoe.offload.prefetch import PrefetchProvider
-from spmoe.offload.transfer import TransferEngine
 from spmoe.policy.cache_sizing import choose_sizes, lru_hit_curve, spread_leftover
 from spmoe.predict.adaptive_gating import DEFAULT_THRESHOLD, AdaptiveGating
 from spmoe.predict.capture import capture_routes, router_of
 from spmoe.predict.gate_lookahead import GateLookaheadPredictor
 from spmoe.strategy import MethodContext, Runtime, register_strategy
-from spmoe.trace.records import ExpertEventLog
 
 log = logging.getLogger(__name__)
 
@@ -185,31 +180,16 @@ def _assemble(ctx: MethodContext, gating: AdaptiveGating, calib: Calibration, sl
     log.info("adapmoe: gating %s (threshold %s), slots per layer %s, lookahead depths %s",
              "on" if gating.enabled else "off", getattr(mcfg, "gating_threshold", DEFAULT_THRESHOLD), per_layer,
              depths)
-    cache = ExpertCache(total, layout.expert_numel, layout.dtype, ctx.device,
-                        make_policy(mcfg.eviction, layout.moe_layers), slots_per_layer=per_layer)
-    transfer = TransferEngine(ctx.device, total)
-    events = ExpertEventLog()
-    provider = PrefetchProvider(cache, ctx.target.store, transfer, events, mcfg.worker_thread, mcfg.batched_io,
-                                mcfg.timeout_s)
-    install_experts(model, layout, provider)
+    runtime, provider = prefetch_runtime(ctx, make_policy(mcfg.eviction, layout.moe_layers), total, per_layer)
     predictor = GateLookaheadPredictor(model, provider, layout.moe_layers, mcfg.predict_top_k or layout.top_k,
                                        depth=lambda layer: depths[layer])
-    runtime = Runtime(model=model, events=events, transfer=transfer, cache=cache,
-                      listeners=[provider, predictor, gating], prefetch_counts=provider.take_counts,
-                      extra_summary=gating.stats)
+    runtime.listeners += [predictor, gating]
+    runtime.closers += [gating.remove, predictor.remove]
+    runtime.extra_summary = gating.stats
     runtime.slots_per_layer = per_layer
     runtime.lookahead_depths = depths
     runtime.lookahead_recall = calib.recall
     runtime.gating = gating
-
-    def close() -> None:
-        provider.close()
-        cache.storage = None
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize(ctx.device)
-            torch.cuda.empty_cache()
-
-    runtime.closers += [predictor.remove, gating.remove, close]
     return runtime
 
 

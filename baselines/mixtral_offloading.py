@@ -38,16 +38,10 @@ Simplified or changed, and why:
 
 from __future__ import annotations
 
-import torch
-
-from spmoe.models.experts import install_experts
-from spmoe.offload.cache import ExpertCache
+from spmoe.offload.assemble import prefetch_runtime
 from spmoe.offload.eviction import make_policy
-from spmoe.offload.prefetch import PrefetchProvider
-from spmoe.offload.transfer import TransferEngine
 from spmoe.predict.gate_lookahead import GateLookaheadPredictor
 from spmoe.strategy import MethodContext, Runtime, register_strategy
-from spmoe.trace.records import ExpertEventLog
 
 
 def split_slots(total: int, moe_layers: tuple[int, ...] | list[int], num_experts: int) -> dict[int, int]:
@@ -68,30 +62,12 @@ def _build(ctx: MethodContext) -> Runtime:
     slots = ctx.plan.num_slots if mcfg.num_slots is None else min(ctx.plan.num_slots, mcfg.num_slots)
     per_layer = split_slots(slots, layout.moe_layers, layout.num_experts)
     total = sum(per_layer.values())
-    cache = ExpertCache(total, layout.expert_numel, layout.dtype, ctx.device, make_policy(mcfg.eviction),
-                        slots_per_layer=per_layer)
-    transfer = TransferEngine(ctx.device, total)
-    events = ExpertEventLog()
-    provider = PrefetchProvider(cache, ctx.target.store, transfer, events, mcfg.worker_thread, mcfg.batched_io,
-                                mcfg.timeout_s)
-    model = ctx.target.model
-    install_experts(model, layout, provider)
-    runtime = Runtime(model=model, events=events, transfer=transfer, cache=cache, listeners=[provider],
-                      prefetch_counts=provider.take_counts)
+    runtime, provider = prefetch_runtime(ctx, make_policy(mcfg.eviction, layout.moe_layers), total, per_layer)
     runtime.slots_per_layer = per_layer
-    predictor = GateLookaheadPredictor(model, provider, layout.moe_layers, mcfg.predict_top_k or layout.top_k,
+    predictor = GateLookaheadPredictor(runtime.model, provider, layout.moe_layers, mcfg.predict_top_k or layout.top_k,
                                        depth=1)
     runtime.listeners.append(predictor)
     runtime.closers.append(predictor.remove)
-
-    def close() -> None:
-        provider.close()
-        cache.storage = None
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize(ctx.device)
-            torch.cuda.empty_cache()
-
-    runtime.closers.append(close)
     return runtime
 
 

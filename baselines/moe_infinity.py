@@ -49,15 +49,16 @@ from pathlib import Path
 
 import torch
 
-from spmoe.models.experts import install_experts
-from spmoe.offload.cache import ExpertCache
+from spmoe.offload.assemble import prefetch_runtime
 from spmoe.offload.eviction_priority import PriorityPolicy
-from spmoe.offload.prefetch import PrefetchProvider
-from spmoe.offload.transfer import TransferEngine
-from spmoe.predict.activation_matrix import (DEFAULT_CAPACITY, DEFAULT_DEPTH, EamCollection, EamPredictor,
-                                             load_trace_eams)
+from spmoe.predict.activation_matrix import (
+    DEFAULT_CAPACITY,
+    DEFAULT_DEPTH,
+    EamCollection,
+    EamPredictor,
+    load_trace_eams,
+)
 from spmoe.strategy import MethodContext, Runtime, register_strategy
-from spmoe.trace.records import ExpertEventLog
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +87,8 @@ def build(ctx: MethodContext, trace_path=None) -> Runtime:
     num_layers, num_experts = len(layout.moe_layers), layout.num_experts
     warm = warm_eams(trace_path, layout.moe_layers, num_experts)  # bad paths fail before anything is allocated
     policy = PriorityPolicy(layout.moe_layers, num_experts)
-    cache = ExpertCache(slots, layout.expert_numel, layout.dtype, ctx.device, policy)
-    transfer = TransferEngine(ctx.device, slots)
-    events = ExpertEventLog()
-    provider = PrefetchProvider(cache, ctx.target.store, transfer, events, mcfg.worker_thread, mcfg.batched_io,
-                                mcfg.timeout_s)
-    model = ctx.target.model
-    install_experts(model, layout, provider)  # before the hooks: it replaces the experts modules
+    runtime, provider = prefetch_runtime(ctx, policy, slots)  # installs the experts before the hooks below
+    model = runtime.model
 
     collection = EamCollection(num_layers, num_experts, capacity=len(warm) + DEFAULT_CAPACITY)
     for eam in warm:
@@ -108,19 +104,9 @@ def build(ctx: MethodContext, trace_path=None) -> Runtime:
 
     predictor = EamPredictor(model, provider, layout.moe_layers, num_experts, collection, width, budget,
                              DEFAULT_DEPTH, on_layer=on_layer, on_new_sequence=policy.new_sequence)
-    runtime = Runtime(model=model, events=events, transfer=transfer, cache=cache, listeners=[provider, predictor],
-                      prefetch_counts=provider.take_counts)
+    runtime.listeners.append(predictor)
+    runtime.closers.append(predictor.remove)
     runtime.predictor = predictor  # for tests and analysis: the collection and match history
-
-    def close() -> None:
-        predictor.remove()
-        provider.close()
-        cache.storage = None
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize(ctx.device)
-            torch.cuda.empty_cache()
-
-    runtime.closers.append(close)
     return runtime
 
 

@@ -27,17 +27,14 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from spmoe.models.experts import install_experts
+from spmoe.offload.assemble import on_demand_runtime, prefetch_runtime
 from spmoe.offload.cache import ExpertCache
 from spmoe.offload.eviction import make_policy
-from spmoe.offload.prefetch import PrefetchProvider
 from spmoe.offload.transfer import TransferEngine
 from spmoe.policy.cutoff import Profile, choose_cutoff, load_profile, save_profile
-from spmoe.offload.assemble import on_demand_runtime
 from spmoe.predict.draft_router import DraftRouterPredictor, is_twin
 from spmoe.predict.hidden_map import fit_maps, load_or_fit
 from spmoe.strategy import MethodContext, Runtime, register_strategy
-from spmoe.trace.records import ExpertEventLog
 
 log = logging.getLogger(__name__)
 
@@ -112,34 +109,18 @@ def _hidden_maps(ctx: MethodContext, slots: int) -> dict[int, torch.Tensor]:
 def build(ctx: MethodContext) -> Runtime:
     mcfg, layout = ctx.cfg.method, ctx.target.layout
     slots = ctx.plan.num_slots if mcfg.num_slots is None else min(ctx.plan.num_slots, mcfg.num_slots)
-    cache = ExpertCache(slots, layout.expert_numel, layout.dtype, ctx.device, make_policy(mcfg.eviction, layout.moe_layers))
-    transfer = TransferEngine(ctx.device, slots)
-    events = ExpertEventLog()
-    provider = PrefetchProvider(cache, ctx.target.store, transfer, events, mcfg.worker_thread, mcfg.batched_io,
-                                mcfg.timeout_s)
-    model = ctx.target.model
-    maps = None if is_twin(ctx.draft, model) else _hidden_maps(ctx, slots)
-    install_experts(model, layout, provider)
+    maps = None if is_twin(ctx.draft, ctx.target.model) else _hidden_maps(ctx, slots)
+    runtime, provider = prefetch_runtime(ctx, make_policy(mcfg.eviction, layout.moe_layers), slots)
+    model, cache, transfer = runtime.model, runtime.cache, runtime.transfer
     profile = _profile(ctx, cache, transfer) if mcfg.cutoff.mode == "auto" else None
     last = choose_cutoff(mcfg.cutoff, len(layout.moe_layers), profile, ctx.cfg.spec.num_draft_tokens)
     layers = list(layout.moe_layers[: last + 1])
     log.info("spmoe: cutoff mode %s -> prefetching %d of %d MoE layers", mcfg.cutoff.mode, len(layers),
              len(layout.moe_layers))
-    runtime = Runtime(model=model, events=events, transfer=transfer, cache=cache, listeners=[provider],
-                      prefetch_counts=provider.take_counts)
     runtime.cutoff_layer = last
     if layers:
         predictor = DraftRouterPredictor(ctx.draft, model, provider, layers, mcfg.capture_point,
                                          mcfg.predict_top_k or layout.top_k, maps)
         runtime.listeners.append(predictor)
         runtime.closers.append(predictor.remove)
-
-    def close() -> None:
-        provider.close()
-        cache.storage = None
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize(ctx.device)
-            torch.cuda.empty_cache()
-
-    runtime.closers.append(close)
     return runtime

@@ -32,7 +32,13 @@ from experiments.runner import open_session, summarize_run
 from spmoe.config import MethodConfig, RunConfig, SpecConfig, TwinConfig
 from spmoe.io import write_json_atomic, write_text_atomic
 from spmoe.models.twin import upcycle
-from spmoe.predict.capture import CAPTURE_POINTS, agreement, capture_hidden, capture_routes, predict_routes
+from spmoe.predict.capture import (
+    CAPTURE_POINTS,
+    agreement,
+    capture_hidden,
+    capture_routes,
+    predict_routes,
+)
 from spmoe.strategy import MethodContext, get_strategy
 
 log = logging.getLogger("bench_spec")

@@ -12,9 +12,9 @@ lru_nosd with every slot (loads on demand, no eviction) and with few slots (heav
 from __future__ import annotations
 
 import argparse
-import os
 import json
 import logging
+import os
 
 import torch
 from transformers import DynamicCache

@@ -11,7 +11,16 @@ from pathlib import Path
 
 import yaml
 
-from spmoe.config import CutoffConfig, DatasetConfig, DraftConfig, HardwareConfig, LoggerConfig, MethodConfig, ModelConfig, TwinConfig
+from spmoe.config import (
+    CutoffConfig,
+    DatasetConfig,
+    DraftConfig,
+    HardwareConfig,
+    LoggerConfig,
+    MethodConfig,
+    ModelConfig,
+    TwinConfig,
+)
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 _GROUPS = {"model": ModelConfig, "draft": DraftConfig, "dataset": DatasetConfig, "method": MethodConfig,

@@ -18,23 +18,41 @@ from pathlib import Path
 
 import torch
 import transformers
-
 from transformers import AutoModelForCausalLM
 
 from analysis.oracle import access_sequence, belady_misses
-from spmoe.config import HardwareConfig, MethodConfig, RunConfig, SpecConfig, parse_dtype
+from spmoe.config import (
+    HardwareConfig,
+    MethodConfig,
+    RunConfig,
+    SpecConfig,
+    parse_dtype,
+)
 from spmoe.data.prompts import load_prompts
 from spmoe.data.tokenizer import load_tokenizer
 from spmoe.engine import Engine, Generation
 from spmoe.io import write_json_atomic, write_jsonl_atomic
-from spmoe.models.build import TargetModel, fill_store, hf_config, materialize, param_bytes, skeleton
+from spmoe.models.build import (
+    TargetModel,
+    fill_store,
+    hf_config,
+    materialize,
+    param_bytes,
+    skeleton,
+)
+from spmoe.models.checkpoint import Checkpoint
 from spmoe.models.draft import build_draft, check_vocab, draft_hf_config
 from spmoe.models.twin import upcycle
-from spmoe.offload.budget import BudgetError, MemoryPlan, activation_bytes, kv_bytes, plan_memory
+from spmoe.offload.budget import (
+    BudgetError,
+    MemoryPlan,
+    activation_bytes,
+    kv_bytes,
+    plan_memory,
+)
+from spmoe.offload.eviction import make_policy
 from spmoe.offload.store import ExpertStore
 from spmoe.spec.drafter import ModelDrafter
-from spmoe.models.checkpoint import Checkpoint
-from spmoe.offload.eviction import make_policy
 from spmoe.strategy import STRATEGIES, MethodContext, get_strategy
 from spmoe.trace.metrics import summarize
 

@@ -28,7 +28,12 @@ from transformers import DynamicCache
 from spmoe.config import SpecConfig
 from spmoe.spec.drafter import ModelDrafter
 from spmoe.spec.kv import crop_to
-from spmoe.spec.verify import AcceptResult, probs_from_logits, rejection_sample, verify_greedy
+from spmoe.spec.verify import (
+    AcceptResult,
+    probs_from_logits,
+    rejection_sample,
+    verify_greedy,
+)
 from spmoe.strategy import Runtime
 from spmoe.trace.records import StepRecord
 

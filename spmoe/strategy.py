@@ -66,7 +66,8 @@ class Runtime:
         return stats
 
     def close(self) -> None:
-        for fn in self.closers:
+        """Run the closers last-added first (predictors come off before their provider stops)."""
+        for fn in reversed(self.closers):
             fn()
         self.closers.clear()
 

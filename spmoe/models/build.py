@@ -21,7 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from spmoe.config import ModelConfig, parse_dtype
 from spmoe.models.experts import ExpertLayout, OffloadedExperts, find_experts, layout_of

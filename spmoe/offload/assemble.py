@@ -1,8 +1,9 @@
 """
 Assembling the shared offload components (cache, transfer engine, provider) into a Runtime.
 
-Baselines call `on_demand_runtime` with their own slot count and eviction policy instead of
-wiring the components by hand, so every method's copies, events and counters are the same code.
+Baselines call `on_demand_runtime` / `prefetch_runtime` with their own slot count, eviction
+policy and partition instead of wiring the components by hand, so every method's copies, events
+and counters are the same code.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import torch
 
 from spmoe.models.experts import install_experts
 from spmoe.offload.cache import ExpertCache
-from spmoe.offload.eviction import make_policy
+from spmoe.offload.eviction import EvictionPolicy, make_policy
+from spmoe.offload.prefetch import PrefetchProvider
 from spmoe.offload.provider import OnDemandProvider
 from spmoe.offload.transfer import TransferEngine
 from spmoe.strategy import MethodContext, Runtime
@@ -37,11 +39,30 @@ def on_demand_runtime(ctx: MethodContext, num_slots: int, eviction: str, preload
             torch.cuda.synchronize(ctx.device)
         transfer.collect()
     install_experts(ctx.target.model, layout, OnDemandProvider(cache, store, transfer, events))
+    return Runtime(model=ctx.target.model, events=events, transfer=transfer, cache=cache,
+                   closers=[lambda: _free(cache, ctx.device)])
 
-    def close() -> None:
-        cache.storage = None
-        if ctx.device.type == "cuda":
-            torch.cuda.synchronize(ctx.device)
-            torch.cuda.empty_cache()
 
-    return Runtime(model=ctx.target.model, events=events, transfer=transfer, cache=cache, closers=[close])
+def prefetch_runtime(ctx: MethodContext, policy: EvictionPolicy, num_slots: int,
+                     slots_per_layer: dict[int, int] | None = None) -> tuple[Runtime, PrefetchProvider]:
+    """Experts served by a `PrefetchProvider` (cache + transfer engine + worker thread, configured by
+    `method.worker_thread / batched_io / timeout_s`); the caller adds its predictor as a listener
+    and closer. Listener order: the provider first, so a step is open before predictions arrive."""
+    layout, mcfg = ctx.target.layout, ctx.cfg.method
+    cache = ExpertCache(num_slots, layout.expert_numel, layout.dtype, ctx.device, policy, slots_per_layer)
+    transfer = TransferEngine(ctx.device, num_slots)
+    events = ExpertEventLog()
+    provider = PrefetchProvider(cache, ctx.target.store, transfer, events, mcfg.worker_thread, mcfg.batched_io,
+                                mcfg.timeout_s)
+    install_experts(ctx.target.model, layout, provider)
+    runtime = Runtime(model=ctx.target.model, events=events, transfer=transfer, cache=cache, listeners=[provider],
+                      prefetch_counts=provider.take_counts)
+    runtime.closers += [lambda: _free(cache, ctx.device), provider.close]  # closers run last-added first
+    return runtime, provider
+
+
+def _free(cache: ExpertCache, device: torch.device) -> None:
+    cache.storage = None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()

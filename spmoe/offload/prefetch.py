@@ -55,6 +55,18 @@ class PrefetchRequest:
     #                           valid once `ready` completed
     ready: torch.cuda.Event | None = None  # recorded after the device->host copy of the ids
 
+    @classmethod
+    def from_ids(cls, step: int, layer: int, position: int, ids: torch.Tensor) -> PrefetchRequest:
+        """A request for predicted ids [P, A] still on the device: an asynchronous copy into pinned
+        host memory plus an event, so the predicting stream never waits for the prefetch side."""
+        if not ids.is_cuda:
+            return cls(step, layer, position, ids.clone())
+        host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+        host.copy_(ids, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(step, layer, position, host, ready)
+
 
 class PrefetchProvider:
     def __init__(self, cache: ExpertCache, store: ExpertStore, transfer: TransferEngine, events: ExpertEventLog,

@@ -69,15 +69,7 @@ class DraftRouterPredictor:
             h = h.float() @ w[:-1] + w[-1]  # [1, H_t]
         logits = nn.functional.linear(h.to(weight.dtype), weight)  # [1, E]
         ids = logits.float().topk(self.top_k, dim=-1).indices  # [1, A], most probable first
-        ready = None
-        if ids.is_cuda:
-            host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
-            host.copy_(ids, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
-        else:
-            host = ids.clone()
-        self.provider.submit(PrefetchRequest(self.step, layer, self.position, host, ready))
+        self.provider.submit(PrefetchRequest.from_ids(self.step, layer, self.position, ids))
 
     def _after_draft_forward(self, module, args, output) -> None:
         if self.active:

@@ -39,15 +39,7 @@ class GateLookaheadPredictor:
         for ahead in self.moe_layers[i + 1: i + 1 + self.depth(layer)]:
             weight = self._weights[ahead]
             ids = nn.functional.linear(h.to(weight.dtype), weight).float().topk(self.top_k, dim=-1).indices  # [T, A]
-            ready = None
-            if ids.is_cuda:
-                host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
-                host.copy_(ids, non_blocking=True)
-                ready = torch.cuda.Event()
-                ready.record()
-            else:
-                host = ids.clone()
-            self.provider.submit(PrefetchRequest(self.step, ahead, 0, host, ready))
+            self.provider.submit(PrefetchRequest.from_ids(self.step, ahead, 0, ids))
 
     def begin_step(self, step: int) -> None:
         self.step = step
