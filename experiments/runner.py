@@ -177,8 +177,13 @@ class Session:
             if spec.speculative:
                 drafter = ModelDrafter(self.draft, self.device, cfg.spec.temperature, cfg.spec.top_p)
             engine = Engine(runtime, self.device, drafter, cfg.spec, cfg.seed)
-            prompts = self.prompts[:num_prompts]
-            gens = [engine.generate(p.token_ids, max_new_tokens, i) for i, p in enumerate(prompts)]
+            gens = []
+            for i, p in enumerate(self.prompts[:num_prompts]):
+                try:
+                    gens.append(engine.generate(p.token_ids, max_new_tokens, i))
+                except BaseException as exc:
+                    exc.finished_generations = gens  # the prompts done before the failure are kept
+                    raise
             self.last_extra = runtime.extra_summary() if runtime.extra_summary else {}
             peak = None
             if self.device.type == "cuda":
@@ -318,6 +323,18 @@ def write_run(out_dir: str | Path, session: Session, gens: list[Generation], sum
     write_json_atomic(out_dir / "summary.json", summary)
 
 
+def write_partial(out_dir: Path, session: Session, gens: list[Generation], exc: BaseException) -> None:
+    """A failed run keeps its finished prompts under `partial/` (never a summary.json)."""
+    if not gens:
+        return
+    partial = Path(out_dir) / "partial"
+    write_jsonl_atomic(partial / "trace.jsonl", (r.to_dict() for g in gens for r in g.records))
+    write_jsonl_atomic(partial / "generations.jsonl", (
+        {"prompt_idx": i, "prompt_id": p.prompt_id, "token_ids": g.token_ids} for i, (p, g) in
+        enumerate(zip(session.prompts, gens))))
+    write_json_atomic(partial / "error.json", {"error": repr(exc), "finished_prompts": len(gens)})
+
+
 def run_benchmark(cfg: RunConfig, out_dir: str | Path) -> dict:
     session = open_session(cfg)
     try:
@@ -327,7 +344,11 @@ def run_benchmark(cfg: RunConfig, out_dir: str | Path) -> dict:
             ref_hw = replace(cfg.hardware, gpu_budget_gib=None)
             gens, _, _ = session.generate(MethodConfig(name="gpu_resident"), ref_hw, cfg.max_new_tokens)
             reference = [g.token_ids for g in gens]
-        gens, plan, peak = session.generate(cfg.method, cfg.hardware, cfg.max_new_tokens)
+        try:
+            gens, plan, peak = session.generate(cfg.method, cfg.hardware, cfg.max_new_tokens)
+        except BaseException as exc:
+            write_partial(out_dir, session, getattr(exc, "finished_generations", []), exc)
+            raise
         if cfg.method.name == "gpu_resident" and want_ref:
             reference = [g.token_ids for g in gens]
     finally:

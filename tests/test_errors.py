@@ -410,7 +410,7 @@ def test_failed_first_write_leaves_nothing(monkeypatch, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_engine_failure_mid_run_writes_nothing(monkeypatch, tmp_path):
+def test_engine_failure_mid_run_keeps_finished_prompts_only(monkeypatch, tmp_path):
     real_generate = Engine.generate
     calls = []
 
@@ -425,7 +425,11 @@ def test_engine_failure_mid_run_writes_nothing(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         run_benchmark(tiny_run_config(method="gpu_resident", max_new_tokens=3, num_prompts=2), out)
     assert len(calls) == 2
-    assert not out.exists() or os.listdir(out) == []
+    assert not (out / "summary.json").exists()  # never a summary for a failed run
+    partial = out / "partial"  # but the finished prompt is kept, with the error
+    assert len((partial / "generations.jsonl").read_text().splitlines()) == 1
+    assert "boom in the engine" in (partial / "error.json").read_text()
+    assert not list(out.rglob("*.tmp"))
 
 
 def test_atomic_writes_follow_the_umask(tmp_path):

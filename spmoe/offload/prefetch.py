@@ -3,7 +3,8 @@ PrefetchProvider: an ExpertProvider that also takes speculative prefetch request
 
 A *request* (step s, layer l, predicted experts) comes from a predictor while the draft runs.
 A background worker thread (or the main thread inline, `worker_thread=False`) serves requests
-in arrival order, which is layer order within a draft token: it admits each predicted expert
+in priority order, earlier steps and earlier layers first (arrival order among equals; inline
+serving is in arrival order): it admits each predicted expert
 into the cache (no miss counted), issues its copy on the prefetch copy stream (a layer's experts
 back to back = batched I/O; `batched_io=False` waits for each copy before the next), and
 *protects* it (a pin) until verification of step s reaches layer l (then the needed experts
@@ -28,6 +29,7 @@ released by `end_step`, so no slot stays pinned across steps.
 from __future__ import annotations
 
 import logging
+import itertools
 import queue
 import threading
 import time
@@ -82,11 +84,12 @@ class PrefetchProvider:
         self._predicted: dict[tuple[int, int], dict[int, list[int]]] = defaultdict(dict)  # (step, layer) -> pos -> ids
         self.num_prefetched = self.num_dropped = self.num_wasted = 0
         self._error: BaseException | None = None
-        self._queue: queue.Queue[PrefetchRequest | None] | None = None
+        self._queue: queue.PriorityQueue | None = None  # (step, layer, seq, request); request None = stop
+        self._seq = itertools.count()
         self._worker: threading.Thread | None = None
         self._busy = threading.Event()
         if worker_thread:
-            self._queue = queue.Queue()
+            self._queue = queue.PriorityQueue()
             self._worker = threading.Thread(target=self._run_worker, name="spmoe-prefetch", daemon=True)
             self._worker.start()
 
@@ -98,7 +101,7 @@ class PrefetchProvider:
             self._serve(request)
         else:
             self._busy.set()
-            self._queue.put(request)
+            self._queue.put((request.step, request.layer, next(self._seq), request))
 
     def _run_worker(self) -> None:
         try:
@@ -108,7 +111,7 @@ class PrefetchProvider:
         except BaseException as exc:
             self._error = exc
         while True:
-            request = self._queue.get()
+            request = self._queue.get()[-1]
             if request is None:
                 return
             try:
@@ -210,7 +213,7 @@ class PrefetchProvider:
 
     def close(self) -> None:
         if self._worker is not None:
-            self._queue.put(None)
+            self._queue.put((1 << 62, 0, next(self._seq), None))  # after everything still queued
             self._worker.join(timeout=self.timeout_s)
         with self.lock:
             self.num_wasted += sum(1 for s in self._by_prefetch.values() if s >= 0)

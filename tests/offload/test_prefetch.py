@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -124,3 +126,17 @@ def test_a_stuck_prediction_times_out():
     provider.begin_step(1)
     with pytest.raises(TimeoutError, match="not ready"):
         provider.submit(PrefetchRequest(1, 0, 0, torch.tensor([[1]]), NeverReady()))
+
+
+def test_worker_serves_earlier_layers_first():
+    provider, cache, loads = make(slots=6, worker=True)
+    provider.begin_step(1)
+    with provider.lock:  # hold the worker while the queue fills in reverse layer order
+        for layer in (2, 1, 0):
+            provider.submit(req(1, layer, [layer]))
+        time.sleep(0.05)
+    provider.wait_idle()
+    served = [l for l, _ in loads]
+    # the first request may have been taken before the others arrived; the rest come layer-ordered
+    assert served[-2:] == sorted(served[-2:]) and set(served) == {key_id(0, 0), key_id(1, 1), key_id(2, 2)}
+    provider.close()
