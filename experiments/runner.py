@@ -42,6 +42,7 @@ from spmoe.models.build import (
 )
 from spmoe.models.checkpoint import Checkpoint
 from spmoe.models.draft import build_draft, check_vocab, draft_hf_config
+from spmoe.models.quantized_draft import build_quantized_copy, quantized_copy_bytes
 from spmoe.models.twin import upcycle
 from spmoe.offload.budget import (
     BudgetError,
@@ -128,20 +129,27 @@ class Session:
     last_extra: dict = field(default_factory=dict)  # the last run's method-specific totals (Runtime.extra_summary)
 
     @property
+    def has_draft(self) -> bool:
+        return self.draft is not None or self.cfg.draft.copy_of_target
+
+    @property
     def draft_weight_bytes(self) -> int:
-        return param_bytes(self.draft) if self.draft is not None else 0
+        if self.draft is None:  # a quantized copy of the target is built after the target: estimate it
+            return quantized_copy_bytes(self.target) if self.cfg.draft.copy_of_target else 0
+        return param_bytes(self.draft)
 
     def draft_bytes(self) -> int:
         """Draft weights + its KV cache at the run's longest sequence."""
-        if self.draft is None:
+        if not self.has_draft:
             return 0
-        dtype_bytes = next(self.draft.parameters()).element_size()
+        config = self.draft.config if self.draft is not None else self.hf_cfg
+        dtype_bytes = torch.finfo(parse_dtype(self.cfg.draft.dtype)).bits // 8
         max_prompt = max(len(p.token_ids) for p in self.prompts)
-        return self.draft_weight_bytes + kv_bytes(self.draft.config, _max_seq(self.cfg, max_prompt), dtype_bytes)
+        return self.draft_weight_bytes + kv_bytes(config, _max_seq(self.cfg, max_prompt), dtype_bytes)
 
     def plan(self, hardware: HardwareConfig, method: str) -> MemoryPlan:
         spec = get_strategy(method)
-        if spec.speculative and self.draft is None:
+        if spec.speculative and not self.has_draft:
             raise ValueError(f"method {method!r} uses speculative decoding and needs a draft model: pass"
                              f" draft=<name> (valid: {_draft_names()})")
         cfg = replace(self.cfg, hardware=hardware)
@@ -229,9 +237,11 @@ def open_session(cfg: RunConfig) -> Session:
     hf_cfg = hf_config(cfg.model)
     model, layout = skeleton(hf_cfg, parse_dtype(cfg.model.dtype))
     draft_cfg = None
-    if cfg.draft.name != "none":
+    if cfg.draft.name != "none" and not cfg.draft.copy_of_target:
         draft_cfg = draft_hf_config(cfg.draft)
         check_vocab(hf_cfg, draft_cfg, cfg.draft.name)
+    if cfg.draft.copy_of_target and cfg.model.weights == "twin":
+        raise ValueError("a twin target is built from its draft; a draft copied from the target cannot be its source")
     tokenizer = load_tokenizer(cfg.model.path if cfg.model.weights == "checkpoint" else None, hf_cfg.vocab_size)
     prompts = load_prompts(cfg.dataset, tokenizer, hf_cfg.vocab_size, cfg.num_prompts, cfg.seed)
     target = TargetModel(model, layout, None, param_bytes(model), cfg.model.weights)
@@ -251,6 +261,8 @@ def open_session(cfg: RunConfig) -> Session:
             upcycle(model, layout, target.store, session.draft, cfg.model.twin, cfg.seed)
         else:
             fill_store(target.store, cfg.model, device, cfg.seed, std=getattr(hf_cfg, "initializer_range", 0.02))
+        if cfg.draft.copy_of_target:
+            session.draft = build_quantized_copy(target, device)
     except BaseException:
         target.store.close()
         raise

@@ -60,6 +60,7 @@ class DraftConfig:
     path: str | None = None
     dtype: str = "float32"
     hf_config: dict[str, Any] = field(default_factory=dict)
+    copy_of_target: bool = False  # the draft is an int8 weight-only copy of the target (family/hf_config unused)
 
 
 @dataclass

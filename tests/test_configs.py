@@ -27,7 +27,7 @@ def test_default_is_the_cpu_tiny_run():
     assert (cfg.model.name, cfg.hardware.device, cfg.max_new_tokens) == ("tiny", "cpu", 100)
 
 
-@pytest.mark.parametrize("group", ["model", "dataset", "method", "hardware", "logger"])
+@pytest.mark.parametrize("group", ["model", "draft", "dataset", "method", "hardware", "logger"])
 def test_every_preset_composes(group):
     names = preset_names(group)
     assert names
@@ -71,7 +71,7 @@ def test_presets_are_real_transformers_shapes():
     from spmoe.models.build import hf_config, skeleton
     from spmoe.config import parse_dtype
 
-    expected_experts = {"mixtral": 32 * 8, "phimoe": 32 * 16, "deepseek_v2_lite": 26 * 64,
+    expected_experts = {"mixtral": 32 * 8, "phimoe": 32 * 16, "deepseek_v2_lite": 26 * 64, "tiny_deepseek_v2": 2 * 8,
                         "qwen3_moe": 48 * 128, "olmoe": 16 * 64}
     for name, total in expected_experts.items():
         mcfg = load_preset("model", name)
