@@ -43,10 +43,7 @@ Simplified, and why:
 - Calibration uses random token sequences (as spmoe's hidden-map fit): routing on text differs.
 Beyond the paper: SD (`adapmoe`), where every verified token is gated and predicted on its own.
 
-Config: `MethodConfig` has no gating fields yet; they are read with defaults,
-`getattr(cfg.method, "adaptive_gating", True)` and `getattr(cfg.method, "gating_threshold",
-0.85)`, so both presets run with gating on and scripts/tests can set the attributes on a
-MethodConfig instance.
+Config: `method.adaptive_gating` (default true) and `method.gating_threshold` (default 0.85).
 """
 
 from __future__ import annotations
@@ -60,7 +57,7 @@ from torch import nn
 from spmoe.offload.assemble import on_demand_runtime, prefetch_runtime
 from spmoe.offload.eviction import make_policy
 from spmoe.policy.cache_sizing import choose_sizes, lru_hit_curve, spread_leftover
-from spmoe.predict.adaptive_gating import DEFAULT_THRESHOLD, AdaptiveGating
+from spmoe.predict.adaptive_gating import AdaptiveGating
 from spmoe.predict.capture import capture_routes, router_of
 from spmoe.predict.gate_lookahead import GateLookaheadPredictor
 from spmoe.strategy import MethodContext, Runtime, register_strategy
@@ -158,8 +155,8 @@ def _build(ctx: MethodContext, speculative: bool) -> Runtime:
     slots = ctx.plan.num_slots if mcfg.num_slots is None else min(ctx.plan.num_slots, mcfg.num_slots)
     model = ctx.target.model
     gating = AdaptiveGating(model, layers, layout.num_experts,
-                            getattr(mcfg, "gating_threshold", DEFAULT_THRESHOLD),
-                            enabled=bool(getattr(mcfg, "adaptive_gating", True)))
+                            mcfg.gating_threshold,
+                            enabled=mcfg.adaptive_gating)
     try:
         calib = calibrate(ctx, slots, gating, ctx.cfg.spec.num_draft_tokens + 1 if speculative else 1)
         return _assemble(ctx, gating, calib, slots)
@@ -178,7 +175,7 @@ def _assemble(ctx: MethodContext, gating: AdaptiveGating, calib: Calibration, sl
                     len(layers))
     total = slots if per_layer is None else sum(per_layer.values())
     log.info("adapmoe: gating %s (threshold %s), slots per layer %s, lookahead depths %s",
-             "on" if gating.enabled else "off", getattr(mcfg, "gating_threshold", DEFAULT_THRESHOLD), per_layer,
+             "on" if gating.enabled else "off", mcfg.gating_threshold, per_layer,
              depths)
     runtime, provider = prefetch_runtime(ctx, make_policy(mcfg.eviction, layout.moe_layers), total, per_layer)
     predictor = GateLookaheadPredictor(model, provider, layout.moe_layers, mcfg.predict_top_k or layout.top_k,

@@ -82,7 +82,7 @@ def warm_eams(trace_path, moe_layers: tuple[int, ...], num_experts: int) -> list
 
 def build(ctx: MethodContext, trace_path=None) -> Runtime:
     mcfg, layout = ctx.cfg.method, ctx.target.layout
-    trace_path = trace_path if trace_path is not None else getattr(mcfg, "trace_path", None)
+    trace_path = trace_path if trace_path is not None else mcfg.trace_path
     slots = ctx.plan.num_slots if mcfg.num_slots is None else min(ctx.plan.num_slots, mcfg.num_slots)
     num_layers, num_experts = len(layout.moe_layers), layout.num_experts
     warm = warm_eams(trace_path, layout.moe_layers, num_experts)  # bad paths fail before anything is allocated
