@@ -117,7 +117,7 @@ class Engine:
                 self.drafter.rollback(len(seq) + min(result.num_accepted, max(k - 1, 0)))
             seq = seq + result.token_ids
             spec_fields = {}
-            if self.drafter is not None:
+            if k > 0:  # a last step with room for one token drafts nothing: no acceptance statistics
                 spec_fields = dict(num_drafted=k, num_accepted=result.num_accepted,
                                    draft_ms=(t_verify - t_step) * 1e3, verify_ms=(time.perf_counter() - t_verify) * 1e3)
             records.append(self._record(prompt_idx, len(records), "decode", pos, len(result.token_ids), t_start,

@@ -61,7 +61,7 @@ def test_lossless_on_small_per_layer_caches(session, name, k, slots_per_layer, w
     predicted = [ev for r in decode for ev in r.layers if ev.predicted is not None]
     assert {ev.layer for ev in predicted} <= set(layout.moe_layers[1:])  # the first MoE layer is never predicted
     if STRATEGIES[name].speculative:
-        assert all(r.num_drafted is not None for r in decode)
+        assert sum(r.num_drafted is None for r in decode) <= len(gens)  # only a last step with room for 1 token
         if k > 1:  # the verify forward's k+1 positions: the union of their predictions is prefetched
             assert max(len(ev.predicted) for ev in predicted) > layout.top_k
     else:

@@ -65,7 +65,9 @@ def test_greedy_tokens_match_gpu_resident(session, method, slots_per_topk):
         for ev in r.layers:
             assert sorted(ev.hits + ev.prefetch_hits + ev.late + ev.misses) == sorted(ev.needed)
     if method == "moe_infinity":
-        assert all(r.num_drafted is not None and r.num_emitted == r.num_accepted + 1 for r in decode)
+        drafted = [r for r in decode if r.num_drafted is not None]  # a last step with room for 1 token drafts nothing
+        assert len(decode) - len(drafted) <= len(gens)
+        assert all(r.num_emitted == r.num_accepted + 1 for r in drafted)
 
 
 # -- (b) repeated prompt: the second run matches the first run's EAM ----------------------------------

@@ -41,7 +41,7 @@ def _acceptance(noise: float) -> float:
     try:
         gens, _, _ = s.generate(MethodConfig(name="gpu_resident_sd"), s.cfg.hardware, 24,
                                 spec_cfg=SpecConfig(num_draft_tokens=3))
-        recs = [r for g in gens for r in g.records if r.phase == "decode"]
+        recs = [r for g in gens for r in g.records if r.num_drafted]
         return sum(r.num_accepted for r in recs) / sum(r.num_drafted for r in recs)
     finally:
         s.close()
