@@ -11,6 +11,7 @@ atomically; summary.json last, so its presence marks a finished run).
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import subprocess
 from dataclasses import dataclass, field, replace
@@ -233,7 +234,12 @@ def open_session(cfg: RunConfig) -> Session:
     if cfg.model.weights == "twin" and cfg.draft.name == "none":
         raise ValueError("model.weights=twin upcycles the target from its draft: pass draft=<name>"
                          f" (valid: {_draft_names()})")
+    for group in (cfg.model, cfg.draft):  # presets may point into ~/.cache
+        if group.path:
+            group.path = os.path.expanduser(group.path)
     device = resolve_device(cfg.hardware.device)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # subnormal activations slow CPU matmuls several-fold
     hf_cfg = hf_config(cfg.model)
     model, layout = skeleton(hf_cfg, parse_dtype(cfg.model.dtype))
     draft_cfg = None

@@ -80,7 +80,7 @@ class Checkpoint:
 
     @classmethod
     def open(cls, path: str | Path) -> Checkpoint:
-        path = Path(path)
+        path = Path(path).expanduser()
         if not path.is_dir():
             raise CheckpointError(f"checkpoint directory {path} does not exist or is not a directory; "
                                   "expected a local directory of *.safetensors files")
