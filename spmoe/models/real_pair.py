@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = PairConfig(num_experts=a.num_experts, top_k=a.top_k, expert_noise=a.expert_noise, calib_texts=a.calib_texts,
                      calib_tokens=a.calib_tokens, max_layers=a.max_layers, seed=a.seed)
     facts = build_pair(Path(os.path.expanduser(a.out)), cfg, compare=not a.no_compare, force=a.force)
-    print(json.dumps(facts, indent=2))
+    log.info("%s", json.dumps(facts, indent=2))
 
 
 if __name__ == "__main__":
