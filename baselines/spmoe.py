@@ -34,6 +34,7 @@ from spmoe.offload.transfer import TransferEngine
 from spmoe.policy.cutoff import Profile, choose_cutoff, load_profile, save_profile
 from spmoe.predict.draft_router import DraftRouterPredictor, is_twin
 from spmoe.predict.hidden_map import fit_maps, load_or_fit
+from spmoe.spec.kv import cache_kwarg
 from spmoe.strategy import MethodContext, Runtime, register_strategy
 
 log = logging.getLogger(__name__)
@@ -56,11 +57,12 @@ def measure_profile(ctx: MethodContext, cache: ExpertCache, transfer: TransferEn
     transfer.collect()
     ids = torch.zeros(1, 16, dtype=torch.long, device=device)
     kv = DynamicCache(config=draft.config)
-    draft(input_ids=ids, past_key_values=kv, use_cache=True)
+    kw = {cache_kwarg(draft): kv}
+    draft(input_ids=ids, use_cache=True, **kw)
     _sync(device)
     t0 = time.perf_counter()
     for _ in range(5):
-        draft(input_ids=ids[:, :1], past_key_values=kv, use_cache=True)
+        draft(input_ids=ids[:, :1], use_cache=True, **kw)
     _sync(device)
     draft_layer_ms = (time.perf_counter() - t0) * 1e3 / 5 / len(draft.model.layers)
     layer = draft.model.layers[0]

@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--out", default="results/real_pair")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    rows, per_layer, samples = [], [], []
+    rows, samples = [], []
     for dataset in args.datasets.split(","):
         cfg = RunConfig(model=load_preset("model", "smollm2_moe"), draft=load_preset("draft", "smollm2"),
                         dataset=load_preset("dataset", dataset, max_prompt_tokens=256),

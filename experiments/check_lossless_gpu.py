@@ -22,6 +22,7 @@ from transformers import DynamicCache
 from experiments.presets import load_preset
 from experiments.runner import open_session
 from spmoe.config import MethodConfig, RunConfig
+from spmoe.spec.kv import cache_kwarg
 from spmoe.strategy import MethodContext, get_strategy
 
 
@@ -41,7 +42,7 @@ def forced_logits(session, method: MethodConfig, hw, prompt: list[int], tokens: 
     try:
         model = runtime.model
         kv = DynamicCache(config=model.config)
-        kw = "cache" if "cache" in __import__("inspect").signature(model.forward).parameters else "past_key_values"
+        kw = cache_kwarg(model)
         out = []
         ids = prompt
         for t in [None] + tokens[:-1]:

@@ -18,7 +18,6 @@ for all, which is what makes comparisons fair.
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass
 
@@ -27,7 +26,7 @@ from transformers import DynamicCache
 
 from spmoe.config import SpecConfig
 from spmoe.spec.drafter import ModelDrafter
-from spmoe.spec.kv import crop_to
+from spmoe.spec.kv import cache_kwarg, crop_to
 from spmoe.spec.verify import (
     AcceptResult,
     probs_from_logits,
@@ -54,9 +53,7 @@ class Engine:
         self.seed = seed
         if drafter is not None and self.spec.num_draft_tokens < 1:
             raise ValueError(f"spec.num_draft_tokens must be >= 1 with a draft model, got {self.spec.num_draft_tokens}")
-        # transformers >= 5.2x renamed `past_key_values` to `cache`; the GPU image has 5.17
-        params = inspect.signature(runtime.model.forward).parameters
-        self._kv_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._kv_kwarg = cache_kwarg(runtime.model)
 
     def _target(self, ids: list[int], kv: DynamicCache, num_logits: int) -> torch.Tensor:
         input_ids = torch.tensor([ids], device=self.device)  # [1, T]

@@ -28,8 +28,8 @@ released by `end_step`, so no slot stays pinned across steps.
 
 from __future__ import annotations
 
-import logging
 import itertools
+import logging
 import queue
 import threading
 import time

@@ -13,12 +13,10 @@ host with the engine's generator so runs are seeded-deterministic.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from spmoe.spec.kv import crop_to
+from spmoe.spec.kv import cache_kwarg, crop_to
 from spmoe.spec.verify import probs_from_logits, sample
 
 
@@ -28,8 +26,7 @@ class ModelDrafter:
         self.device = device
         self.temperature = temperature
         self.top_p = top_p
-        params = inspect.signature(model.forward).parameters
-        self._kv_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._kv_kwarg = cache_kwarg(model)
         self.kv: DynamicCache | None = None
         self.num_cached = 0
 

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
+from conftest import tiny_run_config
 from transformers import DynamicCache
 
-from conftest import tiny_run_config
 from experiments.presets import load_preset
 from experiments.runner import open_session
 from spmoe.config import MethodConfig
 from spmoe.spec.drafter import ModelDrafter
-from spmoe.spec.kv import crop_to
+from spmoe.spec.kv import cache_kwarg, crop_to
 from spmoe.strategy import MethodContext, get_strategy
 
 
@@ -27,7 +25,7 @@ def session():
 
 
 def _forward(model, ids, kv, num_logits=1):
-    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    kw = cache_kwarg(model)
     return model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=num_logits, **{kw: kv}).logits[0]
 
 

@@ -3,7 +3,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spmoe.spec.verify import AcceptResult, probs_from_logits, rejection_sample, sample, verify_greedy
+from spmoe.spec.verify import (
+    AcceptResult,
+    probs_from_logits,
+    rejection_sample,
+    sample,
+    verify_greedy,
+)
 
 V = 8
 
