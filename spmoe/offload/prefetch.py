@@ -40,6 +40,7 @@ from typing import Iterator
 import torch
 
 from spmoe.offload.cache import ExpertCache
+from spmoe.offload.provider import serve_in_order
 from spmoe.offload.store import ExpertStore
 from spmoe.offload.transfer import TransferEngine
 from spmoe.trace.records import ExpertEventLog
@@ -169,6 +170,10 @@ class PrefetchProvider:
         if evicted is not None and self._by_prefetch.pop(evicted, -1) >= 0:
             self.num_wasted += 1
 
+    def _unpin(self, slot: int) -> None:
+        with self.lock:
+            self.cache.unpin(slot)
+
     def _unprotect_deepest(self, layer: int) -> bool:
         """Give up the protection of one expert prefetched for the deepest later layer of this step."""
         later = [k for k, slots in self._protected.items() if k[0] == self.step and k[1] > layer and slots]
@@ -277,14 +282,6 @@ class PrefetchProvider:
                     transfer.load(slot, cache.slot(slot), self.store.flat((layer, e)))
                     ready.append((e, slot))
 
-        issue()
-        while ready:
-            e, slot = ready.popleft()
-            transfer.wait_ready(slot)
-            yield e, cache.slot(slot)
-            transfer.release(slot)
-            with self.lock:
-                cache.unpin(slot)
-            issue()
+        yield from serve_in_order(ready, issue, cache, transfer, self._unpin)
         if pending:
             raise RuntimeError(f"layer {layer}: {len(pending)} experts could not get a slot (all pinned)")

@@ -14,7 +14,7 @@ Every layer's needed/hit/miss lists go to the `ExpertEventLog`.
 from __future__ import annotations
 
 from collections import deque
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -56,11 +56,18 @@ class OnDemandProvider:
                 transfer.load(slot, cache.slot(slot), self.store.flat((layer, e)))
                 ready.append((e, slot))
 
+        yield from serve_in_order(ready, issue, cache, transfer, cache.unpin)
+
+
+def serve_in_order(ready: deque[tuple[int, int]], issue: Callable[[], None], cache: ExpertCache,
+                   transfer: TransferEngine, unpin: Callable[[int], None]) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield (expert, slot weights) from `ready` in order; when the consumer resumes, release the
+    slot (free event) and unpin it, then let `issue` start loads that now have a free slot."""
+    issue()
+    while ready:
+        e, slot = ready.popleft()
+        transfer.wait_ready(slot)
+        yield e, cache.slot(slot)
+        transfer.release(slot)
+        unpin(slot)
         issue()
-        while ready:
-            e, slot = ready.popleft()
-            transfer.wait_ready(slot)
-            yield e, cache.slot(slot)
-            transfer.release(slot)
-            cache.unpin(slot)
-            issue()
