@@ -1,16 +1,26 @@
 """
 Offloading methods side by side (SP-MoE vs the baselines), each with and without SD, on one
-loaded twinned pair under an emulated GPU budget.
+loaded pair under one or more emulated GPU budgets.
 
     python -m experiments.bench_offload --model mixtral --draft mistral_7b --out results/offload      # GPU
+    python -m experiments.bench_offload --routing replay --trace results/real_pair/traces/humaneval_k1.npz \
+        --budgets rtx4090,a100_40g --out results/offload_replay                                        # GPU
     python -m experiments.bench_offload --model tiny --draft tiny --device cpu --num-slots 12 --out /tmp/o
+
+Routing: `model` runs a twinned pair (the target's experts = the draft's FFN + noise, so the
+draft's hidden states predict the target's routes); `replay` runs random weights whose routes,
+acceptance outcomes and predictions are replayed from a recorded trace (`spmoe.trace.replay`).
+Cases: method names, plus SP-MoE variants `spmoe_L<n>` (fixed cutoff at MoE layer n), `spmoe_all`,
+`spmoe_off`, `spmoe_lru` (LRU eviction), `spmoe_noworker`, `spmoe_nobatch`, `spmoe_attn_out`,
+`spmoe_residual` (capture points; meaningless under replay, whose predictions are recorded).
+`--cases` run at every budget, `--first-budget-cases` (cutoff sweep, ablations) at the first only.
 
 For every method: TPOT, acceptance, hit rate, prefetch coverage / waste, predictor accuracy,
 H2D bytes per token, and the two distance-to-the-limit ratios of DESIGN.md section 5:
 runtime efficiency = TPOT / (H2D bytes per token / pinned bandwidth + compute), where compute is
 the GPU-resident TPOT of the same decoding mode (SD or not) measured in the same process, and
 policy efficiency = H2D bytes / Belady-oracle bytes for the run's own access sequence.
-Writes `<out>/main.csv`, `<out>/table.md`, `<out>/runs.json`; prints the table last.
+Writes `<out>/<budget>/{main.csv,table.md,runs.json,meta.json}`; prints the tables last.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ from analysis.oracle import runtime_efficiency
 from experiments.bench_foundation import pinned_bandwidth_gb_per_s
 from experiments.presets import load_preset
 from experiments.runner import open_session, summarize_run
-from spmoe.config import CutoffConfig, MethodConfig, RunConfig, SpecConfig, TwinConfig
+from spmoe.config import CutoffConfig, MethodConfig, RoutingConfig, RunConfig, SpecConfig, TwinConfig
 from spmoe.io import write_json_atomic, write_text_atomic
 from spmoe.strategy import get_strategy
 
@@ -38,10 +48,20 @@ DEFAULT_CASES = ("lru_nosd,lru,spmoe,spmoe_lru,spmoe_all,spmoe_off,mixtral_offlo
                  "moe_infinity,moe_infinity_nosd,adapmoe,adapmoe_nosd")
 
 
+ABLATIONS = {
+    "spmoe_lru": {"eviction": "lru"},  # the paper's LRU cache instead of layer-distance eviction
+    "spmoe_noworker": {"worker_thread": False},
+    "spmoe_nobatch": {"batched_io": False},
+    "spmoe_attn_out": {"capture_point": "attn_out"},
+    "spmoe_residual": {"capture_point": "residual"},
+}
+
+
 def method_for(case: str, num_slots: int | None) -> MethodConfig:
     """Case name -> method config (`spmoe_all` / `spmoe_off` / `spmoe_L<n>` are cutoff ablations)."""
-    if case == "spmoe_lru":  # the paper's LRU cache instead of layer-distance eviction
-        return MethodConfig(name="spmoe", num_slots=num_slots, eviction="lru", cutoff=CutoffConfig(mode="auto"))
+    if case in ABLATIONS:
+        return MethodConfig(**{"name": "spmoe", "num_slots": num_slots, "eviction": "layer_distance",
+                               **ABLATIONS[case]})
     if case.startswith("spmoe_"):
         mode = case.split("_", 1)[1]
         cutoff = CutoffConfig(mode="fixed", layer=int(mode[1:])) if mode.startswith("L") else CutoffConfig(mode=mode)
@@ -51,7 +71,7 @@ def method_for(case: str, num_slots: int | None) -> MethodConfig:
     return MethodConfig(name=case, num_slots=num_slots)
 
 
-def main() -> None:
+def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="mixtral")
     ap.add_argument("--draft", default="mistral_7b")
@@ -60,28 +80,42 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=100)
     ap.add_argument("--k", type=int, default=1)
-    ap.add_argument("--expert-noise", type=float, default=0.02)
-    ap.add_argument("--budget-hardware", default="rtx4090")
+    ap.add_argument("--routing", choices=("model", "replay"), default="model")
+    ap.add_argument("--trace", default="results/real_pair/traces/humaneval_k1.npz", help="routing=replay: the trace")
+    ap.add_argument("--expert-noise", type=float, default=0.02, help="routing=model: the twin's expert noise")
+    ap.add_argument("--budgets", "--budget-hardware", default="rtx4090", help="hardware presets, comma-separated")
     ap.add_argument("--num-slots", type=int, default=None, help="cap the cache (CPU runs)")
     ap.add_argument("--cases", default=DEFAULT_CASES)
+    ap.add_argument("--first-budget-cases", default="", help="cases run at the first budget only")
     ap.add_argument("--warmup-tokens", type=int, default=8, help="untimed GPU-resident warm-up (with and without SD)")
     ap.add_argument("--out", default="results/offload")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = _args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out = Path(args.out)
     full = load_preset("hardware", "h200" if args.device == "cuda" else "cpu", device=args.device)
-    budget_hw = load_preset("hardware", args.budget_hardware, device=args.device)
-    model = load_preset("model", args.model, weights="twin", twin=TwinConfig(expert_noise=args.expert_noise))
+    budgets = [load_preset("hardware", b, device=args.device) for b in args.budgets.split(",") if b]
+    if args.routing == "replay":  # routes come from the trace: random weights cost the same compute
+        model = load_preset("model", args.model, weights="random")
+        routing = RoutingConfig(name="replay", trace_path=args.trace)
+    else:  # a draft copied from the target (int8_self) predicts a random target as well as a twin
+        draft = load_preset("draft", args.draft)
+        weights = "random" if draft.copy_of_target else "twin"
+        model = load_preset("model", args.model, weights=weights, twin=TwinConfig(expert_noise=args.expert_noise))
+        routing = RoutingConfig()
     cfg = RunConfig(model=model, draft=load_preset("draft", args.draft), dataset=load_preset("dataset", args.dataset),
                     method=MethodConfig(name="gpu_resident_sd"), hardware=full, spec=SpecConfig(num_draft_tokens=args.k),
-                    max_new_tokens=args.max_new_tokens, num_prompts=args.num_prompts)
+                    max_new_tokens=args.max_new_tokens, num_prompts=args.num_prompts, routing=routing)
     bw = pinned_bandwidth_gb_per_s(torch.device(args.device)) if args.device == "cuda" else float("nan")
     t0 = time.perf_counter()
     session = open_session(cfg)
     build_s = time.perf_counter() - t0
-    summaries: dict[str, dict] = {}
+    base: dict[str, dict] = {}
 
-    def run(case: str, method: MethodConfig, hw, reference) -> None:
+    def run(case: str, method: MethodConfig, hw, reference, summaries: dict, out_dir: Path) -> None:
         t = time.perf_counter()
         try:
             gens, plan, peak = session.generate(method, hw, args.max_new_tokens)
@@ -92,20 +126,39 @@ def main() -> None:
         s = summarize_run(session, method, hw, gens, plan, peak, reference)
         s["case"], s["wall_s"], s["tokens"] = case, time.perf_counter() - t, [g.token_ids for g in gens]
         summaries[case] = s
-        log.info("%s: tpot %.1f ms, %.1f s", case, s["tpot_ms"], s["wall_s"])
-        write_json_atomic(out / "partial_runs.json", summaries)  # survives a kill mid-benchmark
+        log.info("%s %s: tpot %.1f ms, %.1f s", hw.name, case, s["tpot_ms"], s["wall_s"])
+        write_json_atomic(out_dir / "partial_runs.json", summaries)  # survives a kill mid-benchmark
 
+    tables = []
     try:
         for warm in ("gpu_resident", "gpu_resident_sd"):  # CUDA/cuBLAS init and first-use costs stay out of the table
             session.generate(MethodConfig(name=warm), full, args.warmup_tokens, 1)
-        run("gpu_resident", MethodConfig(name="gpu_resident"), full, None)
-        reference = summaries["gpu_resident"]["tokens"]
-        run("gpu_resident_sd", MethodConfig(name="gpu_resident_sd"), full, reference)
-        for case in [c for c in args.cases.split(",") if c]:
-            run(case, method_for(case, args.num_slots), budget_hw, reference)
+        run("gpu_resident", MethodConfig(name="gpu_resident"), full, None, base, out)
+        reference = base["gpu_resident"]["tokens"]
+        run("gpu_resident_sd", MethodConfig(name="gpu_resident_sd"), full, reference, base, out)
+        (out / "partial_runs.json").unlink(missing_ok=True)
+        for i, hw in enumerate(budgets):
+            summaries = dict(base)
+            cases = args.cases.split(",") + (args.first_budget_cases.split(",") if i == 0 else [])
+            for case in [c for c in cases if c]:
+                run(case, method_for(case, args.num_slots), hw, reference, summaries, out / hw.name)
+            meta = {"model": args.model, "draft": args.draft, "weights": model.weights, "routing": args.routing,
+                    "trace": args.trace if args.routing == "replay" else None,
+                    "expert_noise": args.expert_noise if model.weights == "twin" else None, "k": args.k,
+                    "dataset": session.cfg.dataset.name if args.routing == "model" else "replay", "prompts": args.num_prompts,
+                    "max_new_tokens": args.max_new_tokens, "num_moe_layers": len(session.target.layout.moe_layers),
+                    "pinned_gb_per_s": bw, "build_s": build_s, "budget": hw.name, "budget_gib": hw.gpu_budget_gib,
+                    "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                    "note": f"{hw.name} budget ({hw.gpu_budget_gib} GiB) emulated on a larger GPU (memory only, PCIe not paced)"}
+            tables.append(write_tables(out / hw.name, summaries, meta, bw))
     finally:
         session.close()
+    for meta, df in tables:
+        print(json.dumps(meta))
+        print(df.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
 
+
+def write_tables(out: Path, summaries: dict[str, dict], meta: dict, bw: float) -> tuple[dict, pd.DataFrame]:
     compute = {False: summaries["gpu_resident"]["tpot_ms"], True: summaries["gpu_resident_sd"]["tpot_ms"]}
     sd_reference = summaries["gpu_resident_sd"]["tokens"]
     rows = []
@@ -127,20 +180,15 @@ def main() -> None:
             "within_budget": s["within_budget"], "agree_ref": s["token_agreement"],
             "agree_sd_ref": sum(same) / len(same) if sd else None,
         })
-        s.pop("tokens")
     df = pd.DataFrame(rows)
-    meta = {"model": args.model, "draft": args.draft, "weights": "twin", "expert_noise": args.expert_noise,
-            "k": args.k, "dataset": args.dataset, "prompts": args.num_prompts, "max_new_tokens": args.max_new_tokens,
-            "pinned_gb_per_s": bw, "build_s": build_s, "budget": args.budget_hardware,
-            "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-            "note": f"{args.budget_hardware} budget emulated on a larger GPU (memory only, PCIe not paced)"}
+    runs = {case: {k: v for k, v in s.items() if k != "tokens"} for case, s in summaries.items()}
     write_text_atomic(out / "main.csv", df.to_csv(index=False, float_format="%.4g"))
     write_text_atomic(out / "table.md", "\n".join(f"- {k}: {v}" for k, v in meta.items()) + "\n\n"
                       + df.to_markdown(index=False, floatfmt=".4g") + "\n")
-    write_json_atomic(out / "runs.json", summaries)
+    write_json_atomic(out / "runs.json", runs)
+    write_json_atomic(out / "meta.json", meta)
     (out / "partial_runs.json").unlink(missing_ok=True)
-    print(json.dumps(meta))
-    print(df.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
+    return meta, df
 
 
 if __name__ == "__main__":

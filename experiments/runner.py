@@ -56,7 +56,10 @@ from spmoe.offload.eviction import make_policy
 from spmoe.offload.store import ExpertStore
 from spmoe.spec.drafter import ModelDrafter
 from spmoe.strategy import STRATEGIES, MethodContext, get_strategy
+from spmoe.trace.attach import attach_recorder, attach_replay
 from spmoe.trace.metrics import summarize
+from spmoe.trace.replay import RouteReplay
+from spmoe.trace.routing import RoutingTrace, load_trace
 
 log = logging.getLogger(__name__)
 GIB = 2**30
@@ -128,6 +131,8 @@ class Session:
     prompts: list
     draft: object = None  # PreTrainedModel | None
     last_extra: dict = field(default_factory=dict)  # the last run's method-specific totals (Runtime.extra_summary)
+    routing_trace: RoutingTrace | None = None  # routing=replay: the trace every method replays
+    last_routing: RoutingTrace | None = None  # trace.routing=true: the last run's recorded routing
 
     @property
     def has_draft(self) -> bool:
@@ -182,6 +187,12 @@ class Session:
         if runtime.cache is not None:
             plan = replace(plan, num_slots=runtime.cache.num_slots)
         try:
+            replay = recorder = None
+            if self.routing_trace is not None:
+                replay = attach_replay(runtime, self.routing_trace, self.target.layout, spec.speculative,
+                                       cfg.spec.num_draft_tokens)
+            if cfg.trace.routing:
+                recorder = attach_recorder(runtime, self.target.layout, cfg.trace.lookahead_depth)
             drafter = None
             if spec.speculative:
                 drafter = ModelDrafter(self.draft, self.device, cfg.spec.temperature, cfg.spec.top_p)
@@ -194,6 +205,9 @@ class Session:
                     exc.finished_generations = gens  # the prompts done before the failure are kept
                     raise
             self.last_extra = runtime.extra_summary() if runtime.extra_summary else {}
+            self.last_extra.update(replay.summary() if replay else {"routing": "model"})
+            self.last_routing = None if recorder is None else recorder.to_trace(
+                [p.token_ids for p in self.prompts], gens, self._trace_meta(cfg, spec.speculative))
             peak = None
             if self.device.type == "cuda":
                 resident = self.target.non_expert_bytes + (self.draft_weight_bytes if spec.speculative else 0)
@@ -201,6 +215,13 @@ class Session:
         finally:
             runtime.close()
         return gens, plan, peak
+
+    def _trace_meta(self, cfg: RunConfig, speculative: bool) -> dict:
+        return {"model": cfg.model.name, "weights": cfg.model.weights, "draft": cfg.draft.name if speculative else None,
+                "method": cfg.method.name, "dataset": cfg.dataset.name, "seed": cfg.seed,
+                "spec_k": cfg.spec.num_draft_tokens if speculative else 0, "temperature": cfg.spec.temperature,
+                "capture_point": cfg.method.capture_point, "max_new_tokens": cfg.max_new_tokens,
+                "routing": "replay" if self.routing_trace is not None else "model", "git_sha": _git_sha()}
 
     def reference_fits(self) -> bool:
         plan = self.plan(replace(self.cfg.hardware, gpu_budget_gib=None), "gpu_resident")
@@ -249,9 +270,20 @@ def open_session(cfg: RunConfig) -> Session:
     if cfg.draft.copy_of_target and cfg.model.weights == "twin":
         raise ValueError("a twin target is built from its draft; a draft copied from the target cannot be its source")
     tokenizer = load_tokenizer(cfg.model.path if cfg.model.weights == "checkpoint" else None, hf_cfg.vocab_size)
-    prompts = load_prompts(cfg.dataset, tokenizer, hf_cfg.vocab_size, cfg.num_prompts, cfg.seed)
+    routing_trace = None
+    if cfg.routing.name == "replay":
+        if not cfg.routing.trace_path:
+            raise ValueError("routing=replay needs routing.trace_path (a routing_trace.npz or a run directory)")
+        routing_trace = load_trace(cfg.routing.trace_path)
+        RouteReplay(routing_trace, layout, spec.speculative, cfg.spec.num_draft_tokens)  # mismatches fail here
+        prompts = RouteReplay(routing_trace, layout, False, 0).prompts(hf_cfg.vocab_size, cfg.num_prompts,
+                                                                         cfg.max_new_tokens)
+    elif cfg.routing.name == "model":
+        prompts = load_prompts(cfg.dataset, tokenizer, hf_cfg.vocab_size, cfg.num_prompts, cfg.seed)
+    else:
+        raise ValueError(f"unknown routing {cfg.routing.name!r}; valid: model, replay")
     target = TargetModel(model, layout, None, param_bytes(model), cfg.model.weights)
-    session = Session(cfg, device, hf_cfg, target, tokenizer, prompts)
+    session = Session(cfg, device, hf_cfg, target, tokenizer, prompts, routing_trace=routing_trace)
     if draft_cfg is not None:
         with torch.device("meta"):
             session.draft = AutoModelForCausalLM.from_config(draft_cfg, dtype=parse_dtype(cfg.draft.dtype))  # sizes only
@@ -332,8 +364,11 @@ def summarize_run(session: Session, method: MethodConfig, hardware: HardwareConf
 
 
 def write_run(out_dir: str | Path, session: Session, gens: list[Generation], summary: dict) -> None:
-    """trace.jsonl and generations.jsonl, then summary.json: each atomic, the summary last."""
+    """routing_trace.npz (when recorded), trace.jsonl and generations.jsonl, then summary.json: each
+    atomic, the summary last."""
     out_dir = Path(out_dir)
+    if session.last_routing is not None:
+        session.last_routing.save(out_dir / "routing_trace.npz")
     write_jsonl_atomic(out_dir / "trace.jsonl", (r.to_dict() for g in gens for r in g.records))
     write_jsonl_atomic(out_dir / "generations.jsonl", (
         {"prompt_idx": i, "prompt_id": p.prompt_id, "token_ids": g.token_ids, "text": session.tokenizer.decode(g.token_ids)}

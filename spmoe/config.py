@@ -128,6 +128,21 @@ class LoggerConfig:
 
 
 @dataclass
+class RoutingConfig:
+    """Where the target's routing comes from: `model` (its routers) or `replay` (a recorded trace,
+    see `spmoe.trace.replay`; prompts, routes, acceptance and predictions come from the trace)."""
+
+    name: str = "model"  # model | replay
+    trace_path: str | None = None  # replay: a routing_trace.npz file or a run directory holding one
+
+
+@dataclass
+class TraceConfig:
+    routing: bool = False  # record routing_trace.npz (routes, predictions, acceptance; spmoe.trace.routing)
+    lookahead_depth: int = 3  # gate-lookahead distances recorded per layer
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     draft: DraftConfig = field(default_factory=DraftConfig)
@@ -136,6 +151,8 @@ class RunConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    trace: TraceConfig = field(default_factory=TraceConfig)
     seed: int = 0
     max_new_tokens: int = 100
     num_prompts: int = 2
@@ -156,5 +173,6 @@ def register_configs() -> None:
         ("method", MethodConfig),
         ("hardware", HardwareConfig),
         ("logger", LoggerConfig),
+        ("routing", RoutingConfig),
     ]:
         cs.store(group=group, name=f"{group}_schema", node=node)

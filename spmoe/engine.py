@@ -13,7 +13,8 @@ the output distribution is the target's.
 Each step ends with its tokens on the host; then the step's transfer totals and per-layer
 expert events are collected into a `StepRecord`. Methods differ only in the `Runtime` they plug
 in (how experts are served) and whether they draft; the loop, timers and records are the same
-for all, which is what makes comparisons fair.
+for all, which is what makes comparisons fair. Under routing replay the runtime's
+`accept_override` supplies each step's recorded number of accepted drafts.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class Engine:
         return out.logits[0].float().cpu()  # [num_logits, V]; the host copy syncs the step
 
     def _accept(self, drafts: list[int], draft_probs, logits: torch.Tensor, gen: torch.Generator) -> AcceptResult:
+        if self.runtime.accept_override is not None:  # routing replay: the trace's verification outcome
+            return self.runtime.accept_override(drafts, logits)
         draft_ids = torch.tensor(drafts, dtype=torch.long)
         if self.spec.temperature == 0:
             return verify_greedy(draft_ids, logits)

@@ -50,6 +50,7 @@ class Runtime:
     listeners: list[StepListener] = field(default_factory=list)
     prefetch_counts: Callable[[], tuple[int, int, int]] | None = None  # (prefetched, dropped, wasted) since last call
     extra_summary: Callable[[], dict] | None = None  # method-specific totals merged into summary.json
+    accept_override: Callable | None = None  # (drafts, logits [k+1, V]) -> AcceptResult: replayed acceptance
 
     def begin_step(self, step: int) -> None:
         for listener in self.listeners:

@@ -8,7 +8,8 @@ takes the hidden state of the draft's last input position at the capture point (
 `predict_top_k` experts (most probable first) as a `PrefetchRequest` for verify position j.
 The ids reach the host by an asynchronous device->host copy into a pinned buffer followed by
 an event; the draft itself never waits for the prefetch side. Layers past the cutoff L* get no
-hook. A twinned draft (same depth and hidden size) feeds the router directly; other pairs need
+hook. Under `routing=replay` the ids come from the trace (`self.replay`), the hooks and their
+timing stay. A twinned draft (same depth and hidden size) feeds the router directly; other pairs need
 `maps` ({target layer: affine W [H_d + 1, H_t]}, see `spmoe.predict.hidden_map`), which also
 pick the draft layer paired with each target layer.
 """
@@ -43,6 +44,8 @@ class DraftRouterPredictor:
         self.provider = provider
         self.top_k = top_k
         self.active = False
+        self.replay = None  # a RouteReplay: predictions come from its trace instead of the router
+        self.observers: list = []  # called with every PrefetchRequest submitted (routing recorder)
         self.step = 0
         self.position = 0
         self._weights = {layer: router_of(target, layer).weight for layer in layers}  # [E, H]
@@ -62,6 +65,11 @@ class DraftRouterPredictor:
     def _predict(self, layer: int, hidden: torch.Tensor) -> None:
         if not self.active:
             return
+        if self.replay is not None:
+            ids = self.replay.predicted(layer, self.position)
+            if ids is not None:
+                self._submit(PrefetchRequest.from_ids(self.step, layer, self.position, ids))
+            return
         weight = self._weights[layer]
         h = hidden.reshape(-1, hidden.shape[-1])[-1:]  # [1, H_d]: the last input position
         if layer in self._maps:
@@ -69,7 +77,12 @@ class DraftRouterPredictor:
             h = h.float() @ w[:-1] + w[-1]  # [1, H_t]
         logits = nn.functional.linear(h.to(weight.dtype), weight)  # [1, E]
         ids = logits.float().topk(self.top_k, dim=-1).indices  # [1, A], most probable first
-        self.provider.submit(PrefetchRequest.from_ids(self.step, layer, self.position, ids))
+        self._submit(PrefetchRequest.from_ids(self.step, layer, self.position, ids))
+
+    def _submit(self, request: PrefetchRequest) -> None:
+        for observe in self.observers:
+            observe(request)
+        self.provider.submit(request)
 
     def _after_draft_forward(self, module, args, output) -> None:
         if self.active:

@@ -7,7 +7,7 @@ A forward hook on the target's layer-l router input (the normalized FFN input, i
 router of l sees) applies the weights of the routers of the next `depth(l)` MoE layers to every
 position's hidden state and submits one `PrefetchRequest` [T, A] per predicted layer. It works
 with and without SD (it needs no draft). `depth` is a fixed int or a callable of the layer (for
-adaptive schemes).
+adaptive schemes). Under `routing=replay` the guesses come from the trace (`self.replay`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class GateLookaheadPredictor:
         self.moe_layers = list(moe_layers)
         self.depth = depth if callable(depth) else (lambda layer, d=depth: d)
         self.step = 0
+        self.replay = None  # a RouteReplay: guesses come from its trace instead of the routers
         self._weights = {layer: router_of(target, layer).weight for layer in self.moe_layers}  # [E, H]
         self._handles = [router_of(target, layer).register_forward_pre_hook(
             lambda m, a, layer=layer: self._predict(layer, a[0])) for layer in self.moe_layers]
@@ -37,8 +38,13 @@ class GateLookaheadPredictor:
         h = hidden.reshape(-1, hidden.shape[-1])  # [T, H]
         i = self.moe_layers.index(layer)
         for ahead in self.moe_layers[i + 1: i + 1 + self.depth(layer)]:
-            weight = self._weights[ahead]
-            ids = nn.functional.linear(h.to(weight.dtype), weight).float().topk(self.top_k, dim=-1).indices  # [T, A]
+            if self.replay is not None:
+                ids = self.replay.lookahead(layer, ahead)  # [T, A] or None
+                if ids is None:
+                    continue
+            else:
+                weight = self._weights[ahead]
+                ids = nn.functional.linear(h.to(weight.dtype), weight).float().topk(self.top_k, dim=-1).indices  # [T, A]
             self.provider.submit(PrefetchRequest.from_ids(self.step, ahead, 0, ids))
 
     def begin_step(self, step: int) -> None:

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The GPU measurements of SP-MoE, the baselines and routing replay: one stage per device call
+# (each under 10 minutes on one H200; budgets are emulated as memory caps, PCIe is not paced).
+#
+#   bash experiments/gpu_grid.sh <stage> [out_root]        stages: replay_main replay_cutoff
+#                                                                    replay_baselines twin_main deepseek
+# Replay stages run a Mixtral-8x7B-shape model with random weights whose routing, acceptance and
+# predictions come from the real SmolLM2 pair's HumanEval trace (30 layers mapped onto 32).
+# Afterwards: python -m experiments.report_offload <out_root>/replay_main/* ... --out <out_root>/report
+set -euo pipefail
+stage=${1:?stage}
+out=${2:-results/offload_grid}
+trace=results/real_pair/traces/humaneval_k1.npz
+bench="python -m experiments.bench_offload --num-prompts 1 --k 1"
+sweep=spmoe_L0,spmoe_L8,spmoe_L16,spmoe_L24,spmoe_all,spmoe_off
+case $stage in
+  replay_main)  # #4 and #6: spmoe vs lru (SD) vs lru_nosd at 24 and 40 GiB, 100 tokens
+    $bench --routing replay --trace $trace --budgets rtx4090,a100_40g --cases lru_nosd,lru,spmoe \
+      --max-new-tokens 100 --out "$out/replay_main" ;;
+  replay_cutoff)  # #4: the cutoff curve and the ablation switches, 48 tokens
+    $bench --routing replay --trace $trace --budgets rtx4090 --cases lru,spmoe \
+      --first-budget-cases $sweep,spmoe_noworker,spmoe_nobatch,spmoe_lru --max-new-tokens 48 --out "$out/replay_cutoff" ;;
+  replay_baselines)  # #5: every baseline with and without SD on the same replayed routing, 100 tokens
+    $bench --routing replay --trace $trace --budgets rtx4090 --cases lru_nosd,lru,spmoe,mixtral_offloading,\
+mixtral_offloading_nosd,moe_infinity,moe_infinity_nosd,adapmoe,adapmoe_nosd --max-new-tokens 100 \
+      --out "$out/replay_baselines" ;;
+  twin_main)  # #4/#6: the same comparison on a twinned pair (the draft's hidden states drive the routers)
+    $bench --routing model --expert-noise 0.02 --budgets rtx4090 --cases lru_nosd,lru,spmoe,spmoe_attn_out,spmoe_residual \
+      --max-new-tokens 100 --out "$out/twin_main" ;;
+  deepseek)  # #4: DeepSeek-V2-Lite shape, int8 self-draft (15.9 GB: 16 GiB cannot hold it and the target), 24 GiB
+    $bench --model deepseek_v2_lite --draft int8_self --routing model --budgets rtx4090 \
+      --cases lru_nosd,lru,spmoe,spmoe_noworker,spmoe_nobatch,spmoe_all --max-new-tokens 100 --out "$out/deepseek" ;;
+  *) echo "unknown stage $stage; valid: replay_main replay_cutoff replay_baselines twin_main deepseek" >&2; exit 2 ;;
+esac

@@ -1,0 +1,153 @@
+"""
+Routing traces: what a run's target routed, what its predictors guessed and what verification
+accepted, per step, in one compact versioned file (`routing_trace.npz`, numpy's compressed
+archive, loadable without pickle).
+
+Terms. A *row* is one target forward: the prefill of a prompt (T = prompt length) or one
+decode/verify step (T = k + 1 positions: the last emitted token and k drafts). Layers are
+*MoE-layer ordinals* 0..L-1 (the i-th layer with routed experts), so a trace does not depend on
+where a family puts its dense layers; `meta["moe_layers"]` keeps the decoder-layer indices.
+
+Arrays (S rows, N prompts, R = sum of T over rows, K = sum of drafted tokens over rows):
+- `prompt_offsets [N+1]`, `prompt_tokens [.]`: each prompt's token ids (int32);
+- `gen_offsets [N+1]`, `gen_tokens [.]`: each prompt's emitted token ids;
+- `row_prompt, row_step, row_positions, row_drafted, row_accepted [S]`: the row's prompt,
+  engine step (0 = prefill), T, drafted k (0 for prefill and plain decoding) and accepted drafts
+  (-1 for prefill);
+- `routes [R, L, A]` int16: the experts each position routed (top-1 first; a sentinel >= E
+  means "no expert", as adaptive gating writes);
+- `predicted [K, L, P]` int16: the draft-side predictor's experts for draft token j of a row,
+  most probable first (-1: no prediction, e.g. past the cutoff layer);
+- `lookahead [R, L, D, A]` int16: the target router of layer l+d applied to the router input of
+  layer l (gate lookahead, d = 1..D), -1 where l+d is past the last layer.
+Invariants (checked by `validate`): rows of a prompt are consecutive with steps 0, 1, ...;
+R = sum(row_positions); K = sum(row_drafted); every row with k > 0 has T = k + 1.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+_ARRAYS = ("prompt_offsets", "prompt_tokens", "gen_offsets", "gen_tokens", "row_prompt", "row_step",
+           "row_positions", "row_drafted", "row_accepted", "routes", "predicted", "lookahead")
+
+
+class TraceError(ValueError):
+    pass
+
+
+@dataclass
+class RoutingTrace:
+    meta: dict  # format_version, model, draft, method, dataset, moe_layers, num_experts, top_k, spec_k, ...
+    prompt_offsets: np.ndarray
+    prompt_tokens: np.ndarray
+    gen_offsets: np.ndarray
+    gen_tokens: np.ndarray
+    row_prompt: np.ndarray
+    row_step: np.ndarray
+    row_positions: np.ndarray
+    row_drafted: np.ndarray
+    row_accepted: np.ndarray
+    routes: np.ndarray  # [R, L, A]
+    predicted: np.ndarray  # [K, L, P]
+    lookahead: np.ndarray  # [R, L, D, A]
+
+    @property
+    def num_layers(self) -> int:
+        return self.routes.shape[1]
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.meta["num_experts"])
+
+    @property
+    def top_k(self) -> int:
+        return self.routes.shape[2]
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.prompt_offsets) - 1
+
+    def prompt(self, i: int) -> list[int]:
+        return self.prompt_tokens[self.prompt_offsets[i]: self.prompt_offsets[i + 1]].tolist()
+
+    def generation(self, i: int) -> list[int]:
+        return self.gen_tokens[self.gen_offsets[i]: self.gen_offsets[i + 1]].tolist()
+
+    def rows_of(self, prompt: int) -> np.ndarray:
+        return np.flatnonzero(self.row_prompt == prompt)
+
+    def row_starts(self) -> tuple[np.ndarray, np.ndarray]:
+        """(first position in `routes`, first draft token in `predicted`) of every row."""
+        pos = np.concatenate([[0], np.cumsum(self.row_positions)[:-1]]).astype(np.int64)
+        drafts = np.concatenate([[0], np.cumsum(self.row_drafted)[:-1]]).astype(np.int64)
+        return pos, drafts
+
+    def validate(self) -> None:
+        version = self.meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise TraceError(f"routing trace format_version {version}; this code reads {FORMAT_VERSION}")
+        s = len(self.row_prompt)
+        if not all(len(a) == s for a in (self.row_step, self.row_positions, self.row_drafted, self.row_accepted)):
+            raise TraceError("routing trace: per-row arrays differ in length")
+        if self.routes.ndim != 3 or self.routes.shape[0] != int(self.row_positions.sum()):
+            raise TraceError(f"routing trace: routes {self.routes.shape} do not cover sum(row_positions)"
+                             f" = {int(self.row_positions.sum())} positions")
+        if self.predicted.shape[0] != int(self.row_drafted.sum()):
+            raise TraceError(f"routing trace: predicted {self.predicted.shape} != sum(row_drafted)")
+        if self.lookahead.shape[:2] != self.routes.shape[:2]:
+            raise TraceError(f"routing trace: lookahead {self.lookahead.shape} vs routes {self.routes.shape}")
+        spec_rows = self.row_drafted > 0
+        if np.any(self.row_positions[spec_rows] != self.row_drafted[spec_rows] + 1):
+            raise TraceError("routing trace: a verify row's positions != drafted + 1")
+        for p in range(self.num_prompts):
+            steps = self.row_step[self.rows_of(p)]
+            if not np.array_equal(steps, np.arange(len(steps))):
+                raise TraceError(f"routing trace: prompt {p}'s rows are not steps 0..{len(steps) - 1} in order")
+
+    def save(self, path: str | Path) -> None:
+        """Atomically write the compressed archive."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        np.savez_compressed(buf, meta=np.array(json.dumps(self.meta)), **{k: getattr(self, k) for k in _ARRAYS})
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(buf.getvalue())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def load_trace(path: str | Path) -> RoutingTrace:
+    """Load and validate; a run directory is accepted for its `routing_trace.npz`."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / "routing_trace.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"routing trace {path} does not exist (record one with trace.routing=true)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in ("meta", *_ARRAYS) if k not in z.files]
+            if missing:
+                raise TraceError(f"routing trace {path} lacks arrays {missing}")
+            trace = RoutingTrace(meta=json.loads(str(z["meta"])), **{k: z[k] for k in _ARRAYS})
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        if isinstance(exc, TraceError):
+            raise
+        raise TraceError(f"routing trace {path} is not a readable .npz archive ({exc})") from None
+    trace.validate()
+    return trace

@@ -1,0 +1,169 @@
+"""Routing traces: recording, the file format, and replay (identity, depth mapping, plain-decoding
+replay of an SD trace, replayed predictions, clear errors)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from conftest import tiny_run_config
+from experiments.presets import load_preset
+from experiments.runner import open_session
+from spmoe.config import CutoffConfig, MethodConfig, RoutingConfig, SpecConfig, TraceConfig
+from spmoe.trace.replay import map_layer
+from spmoe.trace.routing import TraceError, load_trace
+
+K, NEW = 2, 12
+SPMOE = MethodConfig(name="spmoe", num_slots=8, worker_thread=False, cutoff=CutoffConfig(mode="all"))
+
+
+def _cfg(depth: int = 4, replay: str | None = None, k: int = K, **kw):
+    cfg = tiny_run_config("tiny", **{"num_prompts": 2, "max_new_tokens": NEW, **kw})
+    cfg.model.hf_config = {**cfg.model.hf_config, "num_hidden_layers": depth}
+    cfg.draft = load_preset("draft", "tiny")
+    cfg.draft.hf_config = {**cfg.draft.hf_config, "num_hidden_layers": depth}
+    cfg.spec = SpecConfig(num_draft_tokens=k)
+    cfg.trace = TraceConfig(routing=True)
+    if replay:
+        cfg.routing = RoutingConfig(name="replay", trace_path=replay)
+    return cfg
+
+
+def _events(gens):
+    return [[(e.layer, e.needed, e.hits, e.misses, e.prefetch_hits, e.late, e.predicted) for e in r.layers]
+            for g in gens for r in g.records]
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """An spmoe run (k=2, prefetch at every layer, inline worker) with its routing recorded."""
+    path = tmp_path_factory.mktemp("trace") / "routing_trace.npz"
+    s = open_session(_cfg())
+    try:
+        gens, _, _ = s.generate(SPMOE, s.cfg.hardware, NEW)
+        mixtral, _, _ = s.generate(MethodConfig(name="mixtral_offloading", num_slots=8, worker_thread=False), s.cfg.hardware, NEW)
+        s.generate(SPMOE, s.cfg.hardware, NEW)  # the spmoe recording is the last one
+        s.last_routing.save(path)
+    finally:
+        s.close()
+    return path, gens, mixtral
+
+
+def test_trace_file_round_trip(recorded):
+    path, gens, _ = recorded
+    t = load_trace(path)
+    assert t.meta["format_version"] == 1 and t.meta["spec_k"] == K and t.meta["method"] == "spmoe"
+    records = [r for g in gens for r in g.records]
+    assert len(t.row_step) == len(records)
+    assert t.routes.shape == (int(t.row_positions.sum()), 4, 2)
+    assert t.predicted.shape == (sum(r.num_drafted or 0 for r in records), 4, 2)
+    assert (t.predicted >= 0).all()  # cutoff=all: every layer predicted for every draft token
+    assert [t.generation(i) for i in range(2)] == [g.token_ids for g in gens]
+    assert list(t.row_accepted) == [-1 if r.phase == "prefill" else r.num_accepted or 0 for r in records]
+    # the last layer has no lookahead; the others do
+    assert (t.lookahead[:, -1] == -1).all() and (t.lookahead[:, 0, 0] >= 0).all()
+
+
+def test_replay_on_the_same_model_is_identical(recorded):
+    path, gens, mixtral = recorded
+    s = open_session(_cfg(replay=str(path)))
+    try:
+        again, _, _ = s.generate(SPMOE, s.cfg.hardware, NEW)
+        assert [g.token_ids for g in again] == [g.token_ids for g in gens]
+        assert _events(again) == _events(gens)
+        assert s.last_extra["routing"] == "replay"
+        t = load_trace(path)
+        assert np.array_equal(s.last_routing.routes, t.routes)
+        assert np.array_equal(s.last_routing.predicted, t.predicted)
+        # gate-lookahead guesses are replayed too
+        mo, _, _ = s.generate(MethodConfig(name="mixtral_offloading", num_slots=8, worker_thread=False), s.cfg.hardware, NEW)
+        assert _events(mo) == _events(mixtral)
+    finally:
+        s.close()
+
+
+def test_replay_onto_a_deeper_model_follows_the_layer_map(recorded):
+    path, _, _ = recorded
+    t = load_trace(path)
+    s = open_session(_cfg(depth=6, replay=str(path)))
+    try:
+        s.generate(MethodConfig(name="lru", num_slots=8), s.cfg.hardware, NEW)
+        r = s.last_routing
+        assert r.routes.shape == (t.routes.shape[0], 6, 2)
+        for layer in range(6):
+            assert np.array_equal(r.routes[:, layer], t.routes[:, map_layer(layer, 6, 4)])
+        assert list(r.row_accepted) == list(t.row_accepted)  # the acceptance outcomes are the trace's
+    finally:
+        s.close()
+
+
+def test_layer_map():
+    assert [map_layer(i, 6, 4) for i in range(6)] == [0, 0, 1, 2, 2, 3]
+    assert [map_layer(i, 4, 4) for i in range(4)] == [0, 1, 2, 3]
+    real = [map_layer(i, 32, 30) for i in range(32)]  # the real pair's 30 layers onto Mixtral's 32
+    assert real[0] == 0 and real[-1] == 29 and sorted(set(real)) == list(range(30))
+    assert all(b - a in (0, 1) for a, b in zip(real, real[1:]))
+
+
+def test_plain_decoding_replays_the_committed_positions(recorded):
+    path, _, _ = recorded
+    t = load_trace(path)
+    s = open_session(_cfg(replay=str(path)))
+    try:
+        s.generate(MethodConfig(name="lru_nosd", num_slots=8), s.cfg.hardware, NEW)
+        r = s.last_routing
+        pos0, _ = t.row_starts()
+        committed = np.concatenate([
+            np.arange(pos0[i], pos0[i] + (t.row_positions[i] if t.row_accepted[i] < 0 else t.row_accepted[i] + 1))
+            for i in range(len(t.row_step))])
+        assert np.array_equal(r.routes, t.routes[committed])
+        assert (r.row_positions[r.row_step > 0] == 1).all()
+    finally:
+        s.close()
+
+
+def test_replay_errors(recorded, tmp_path):
+    path, _, _ = recorded
+    with pytest.raises(TraceError, match="expert count and top-k"):
+        cfg = _cfg(replay=str(path))
+        cfg.model.hf_config = {**cfg.model.hf_config, "num_local_experts": 4}
+        open_session(cfg)
+    with pytest.raises(TraceError, match="num_draft_tokens=2"):
+        open_session(_cfg(replay=str(path), k=3, method="lru"))
+    with pytest.raises(TraceError, match="num_prompts=5"):
+        open_session(_cfg(replay=str(path), num_prompts=5))
+    with pytest.raises(TraceError, match="max_new_tokens=50"):
+        open_session(_cfg(replay=str(path), max_new_tokens=50))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        open_session(_cfg(replay=str(tmp_path / "nope.npz")))
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(TraceError, match="not a readable"):
+        load_trace(bad)
+    with pytest.raises(ValueError, match="valid: model, replay"):
+        cfg = _cfg()
+        cfg.routing = RoutingConfig(name="oracle")
+        open_session(cfg)
+
+
+def test_sd_cannot_replay_a_plain_decoding_trace(tmp_path):
+    s = open_session(_cfg())
+    try:
+        s.generate(MethodConfig(name="lru_nosd", num_slots=8), s.cfg.hardware, NEW)
+        s.last_routing.save(tmp_path / "nosd.npz")
+    finally:
+        s.close()
+    with pytest.raises(TraceError, match="without SD"):
+        open_session(_cfg(replay=str(tmp_path / "nosd.npz"), method="lru"))
+
+
+def test_validate_rejects_inconsistent_traces(recorded, tmp_path):
+    t = load_trace(recorded[0])
+    with pytest.raises(TraceError, match="do not cover"):
+        dataclasses.replace(t, routes=t.routes[:-1]).validate()
+    with pytest.raises(TraceError, match="format_version"):
+        dataclasses.replace(t, meta={**t.meta, "format_version": 99}).validate()
+    with pytest.raises(TraceError, match="not steps"):
+        dataclasses.replace(t, row_step=t.row_step[::-1].copy()).validate()
