@@ -1,14 +1,25 @@
-"""SP-MoE: predictor accuracy on tiny twins, losslessness in every mode and ablation, non-twin maps."""
+"""SP-MoE: predictor accuracy on tiny twins, losslessness in every mode and ablation, non-twin maps,
+profiled per-layer recall (calibration and routing-trace replay)."""
 
 from __future__ import annotations
 
 import pytest
-
 from conftest import tiny_run_config
+
 from experiments.presets import load_preset
 from experiments.runner import open_session
-from spmoe.config import CutoffConfig, MethodConfig, SpecConfig, TwinConfig
+from spmoe.config import (
+    CutoffConfig,
+    MethodConfig,
+    RoutingConfig,
+    SpecConfig,
+    TraceConfig,
+    TwinConfig,
+)
+from spmoe.policy.cutoff import load_profile
+from spmoe.trace.accuracy import trace_layer_recall
 from spmoe.trace.metrics import summarize
+from spmoe.trace.routing import load_trace
 
 
 def _session(weights: str, noise: float = 0.05, model: str = "tiny", draft: str = "tiny"):
@@ -59,6 +70,39 @@ def test_lossless_in_every_cutoff_mode(twin, mode, layer, k):
         assert summary["prefetch_hits"] == 0 and "predictor_recall" not in summary
     if mode == "fixed":  # layers 0 and 1 only: nothing predicted deeper
         assert summary["predictor_top1_by_layer"].keys() <= {0, 1}
+
+
+def test_auto_profile_measures_recall_per_layer(twin, tmp_path):
+    tokens, _ = _spmoe(twin, cutoff=CutoffConfig(mode="auto", profile_dir=str(tmp_path)))
+    assert tokens == twin.reference
+    [path] = tmp_path.glob("v2__*__model.json")
+    recall = load_profile(path).layer_recall
+    assert len(recall) == len(twin.target.layout.moe_layers)
+    assert min(recall) > 0.6  # close twins: the draft's hidden states route almost like the target's
+
+
+def test_replayed_run_takes_recall_from_the_trace(tmp_path):
+    cfg = tiny_run_config("tiny", num_prompts=2, max_new_tokens=12)
+    cfg.draft = load_preset("draft", "tiny")
+    cfg.spec = SpecConfig(num_draft_tokens=2)
+    cfg.trace = TraceConfig(routing=True)
+    method = MethodConfig(name="spmoe", num_slots=8, worker_thread=False, cutoff=CutoffConfig(mode="all"))
+    s = open_session(cfg)
+    try:
+        s.generate(method, cfg.hardware, 12)
+        s.last_routing.save(tmp_path / "routing_trace.npz")
+    finally:
+        s.close()
+    cfg.routing = RoutingConfig(name="replay", trace_path=str(tmp_path))
+    s = open_session(cfg)
+    try:
+        method.cutoff = CutoffConfig(mode="auto", profile_dir=str(tmp_path / "profiles"))
+        s.generate(method, cfg.hardware, 12)
+        [path] = (tmp_path / "profiles").glob("v2__*__replay-*.json")
+        expected = trace_layer_recall(load_trace(tmp_path), len(s.target.layout.moe_layers))
+        assert load_profile(path).layer_recall == expected
+    finally:
+        s.close()
 
 
 @pytest.mark.parametrize("worker,batched", [(True, True), (False, True), (True, False), (False, False)])
