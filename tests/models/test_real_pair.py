@@ -1,4 +1,4 @@
-"""The real SmolLM2 draft / upcycled-Mixtral target pair (spmoe/models/real_pair.py).
+"""The real SmolLM2 draft / upcycled-Mixtral target pair (spmoe/models/real_pair*.py).
 
 Needs the converted draft (`<pair>/smollm2`, built by `python -m spmoe.models.real_pair`); the
 GGUF conversion alone takes ~35-40 s on the CPU plus calibration, so a missing pair is skipped
@@ -17,7 +17,11 @@ import pytest
 import torch
 
 from experiments.presets import load_preset
-from spmoe.models import real_pair as rp
+from spmoe.models.real_pair import PairConfig
+from spmoe.models.real_pair_calibration import calibration_ids, capture_ffn_inputs
+from spmoe.models.real_pair_draft import load_draft
+from spmoe.models.real_pair_routers import fit_routers, routers_hash, routing_stats
+from spmoe.models.real_pair_target import build_target
 
 PAIR = Path(os.environ.get("SPMOE_REAL_PAIR") or Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache/spmoe/real_pair")
 BUILD_HINT = ("real pair not built: run `python -m spmoe.models.real_pair --out ~/.cache/spmoe/real_pair` "
@@ -30,13 +34,13 @@ def draft():
     if not (PAIR / "smollm2" / "model.safetensors").is_file():
         pytest.skip(BUILD_HINT)
     torch.set_flush_denormal(True)  # subnormal activations slow this model's CPU forward ~4x
-    return rp.load_draft(PAIR / "smollm2")
+    return load_draft(PAIR / "smollm2")
 
 
 def _small_routers(model, tok, seed: int):
-    cfg = rp.PairConfig(seed=seed, **SMALL)
-    feats = rp.capture_ffn_inputs(model, rp.calibration_ids(tok, cfg), [0, 1], cfg.calib_tokens, cfg.seed)
-    return feats, rp.fit_routers(feats, cfg)
+    cfg = PairConfig(seed=seed, **SMALL)
+    feats = capture_ffn_inputs(model, calibration_ids(tok, cfg), [0, 1], cfg.calib_tokens, cfg.seed)
+    return feats, fit_routers(feats, cfg)
 
 
 def test_routers_are_deterministic(draft):
@@ -44,9 +48,9 @@ def test_routers_are_deterministic(draft):
     feats_a, a = _small_routers(model, tok, seed=0)
     feats_b, b = _small_routers(model, tok, seed=0)
     assert all(torch.equal(feats_a[l], feats_b[l]) for l in feats_a)
-    assert rp.routers_hash(a) == rp.routers_hash(b)
+    assert routers_hash(a) == routers_hash(b)
     _, c = _small_routers(model, tok, seed=1)
-    assert rp.routers_hash(c) != rp.routers_hash(a)
+    assert routers_hash(c) != routers_hash(a)
 
 
 def test_routers_are_data_dependent(draft):
@@ -54,8 +58,8 @@ def test_routers_are_data_dependent(draft):
     feats, routers = _small_routers(model, tok, seed=0)
     gen = torch.Generator().manual_seed(5)
     for layer, x in feats.items():
-        fitted = rp.routing_stats(x, routers[layer], top_k=2)
-        random = rp.routing_stats(x, torch.randn(routers[layer].shape, generator=gen), top_k=2)
+        fitted = routing_stats(x, routers[layer], top_k=2)
+        random = routing_stats(x, torch.randn(routers[layer].shape, generator=gen), top_k=2)
         # tokens sit close to their expert's centroid, unlike under a random router
         assert fitted["mean_top1_cosine"] > random["mean_top1_cosine"] + 0.3, (fitted, random)
         assert fitted["usage_entropy_bits"] != pytest.approx(random["usage_entropy_bits"], abs=1e-3)
@@ -66,7 +70,7 @@ def test_routers_are_data_dependent(draft):
 def test_noiseless_moe_layer_equals_dense_ffn(draft):
     model, tok = draft
     feats, routers = _small_routers(model, tok, seed=0)
-    target = rp.build_target(model, routers, rp.PairConfig(expert_noise=0.0, **SMALL))
+    target = build_target(model, routers, PairConfig(expert_noise=0.0, **SMALL))
     assert target.config.num_hidden_layers == 2 and target.config.model_type == "mixtral"
     for layer, x in feats.items():
         dense = model.model.layers[layer].mlp(x[None])
