@@ -164,6 +164,8 @@ def build(ctx: MethodContext) -> Runtime:
     log.info("spmoe: cutoff mode %s -> prefetching %d of %d MoE layers", mcfg.cutoff.mode, len(layers),
              len(layout.moe_layers))
     runtime.cutoff_layer = last
+    runtime.extra_summary = lambda: {"cutoff_mode": mcfg.cutoff.mode, "cutoff_layer": last,
+                                     "profile_layer_recall": profile.layer_recall if profile else None}
     if layers:
         predictor = DraftRouterPredictor(ctx.draft, model, provider, layers, mcfg.capture_point,
                                          mcfg.predict_top_k or layout.top_k, maps)

@@ -17,8 +17,9 @@ case $stage in
   replay_main)  # #4 and #6: spmoe vs lru (SD) vs lru_nosd at 24 and 40 GiB, 100 tokens
     $bench --routing replay --trace $trace --budgets rtx4090,a100_40g --cases lru_nosd,lru,spmoe \
       --max-new-tokens 100 --out "$out/replay_main" ;;
-  replay_cutoff)  # #4: the cutoff curve and the ablation switches, 48 tokens
-    $bench --routing replay --trace $trace --budgets rtx4090 --cases lru,spmoe \
+  replay_cutoff)  # #4: the cutoff curve and the ablation switches at 24 GiB, 48 tokens; mixtral_offloading
+    #               with SD needs >= 1 slot per layer, which only the 40 GiB budget leaves beside the draft
+    $bench --routing replay --trace $trace --budgets rtx4090,a100_40g --cases lru,spmoe,mixtral_offloading \
       --first-budget-cases $sweep,spmoe_noworker,spmoe_nobatch,spmoe_lru --max-new-tokens 48 --out "$out/replay_cutoff" ;;
   replay_baselines)  # #5: every baseline with and without SD on the same replayed routing, 100 tokens
     $bench --routing replay --trace $trace --budgets rtx4090 --cases lru_nosd,lru,spmoe,mixtral_offloading,\

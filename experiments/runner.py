@@ -43,7 +43,7 @@ from spmoe.models.build import (
 )
 from spmoe.models.checkpoint import Checkpoint
 from spmoe.models.draft import build_draft, check_vocab, draft_hf_config
-from spmoe.models.quantized_draft import build_quantized_copy, quantized_copy_bytes
+from spmoe.models.quantized_draft import build_quantized_copy, dequant_workspace_bytes, quantized_copy_bytes
 from spmoe.models.twin import upcycle
 from spmoe.offload.budget import (
     BudgetError,
@@ -145,13 +145,14 @@ class Session:
         return param_bytes(self.draft)
 
     def draft_bytes(self) -> int:
-        """Draft weights + its KV cache at the run's longest sequence."""
+        """Draft weights + its KV cache at the run's longest sequence (+ an int8 copy's dequant workspace)."""
         if not self.has_draft:
             return 0
         config = self.draft.config if self.draft is not None else self.hf_cfg
         dtype_bytes = torch.finfo(parse_dtype(self.cfg.draft.dtype)).bits // 8
         max_prompt = max(len(p.token_ids) for p in self.prompts)
-        return self.draft_weight_bytes + kv_bytes(config, _max_seq(self.cfg, max_prompt), dtype_bytes)
+        workspace = dequant_workspace_bytes(self.target) if self.cfg.draft.copy_of_target else 0
+        return self.draft_weight_bytes + workspace + kv_bytes(config, _max_seq(self.cfg, max_prompt), dtype_bytes)
 
     def plan(self, hardware: HardwareConfig, method: str) -> MemoryPlan:
         spec = get_strategy(method)

@@ -42,7 +42,7 @@ class Int8Linear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight_int8.to(x.dtype) * self.scale.to(x.dtype)[:, None]  # [O, I], transient
+        w = self.weight_int8.to(x.dtype).mul_(self.scale.to(x.dtype)[:, None])  # [O, I], one transient
         return nn.functional.linear(x, w, self.bias)
 
 
@@ -113,3 +113,12 @@ def quantized_copy_bytes(target: TargetModel) -> int:
     total += sum(t.numel() * t.element_size() for t in other.values())
     rows = 2 * layout.intermediate_size + layout.hidden_size
     return total + len(layout.keys) * (layout.expert_numel + rows * dsize)
+
+
+def dequant_workspace_bytes(target: TargetModel) -> int:
+    """The largest transient of an int8 forward: one dequantized [O, I] weight in the compute dtype
+    (the LM head, for DeepSeek-V2-Lite 0.42 GB), planned on top of the int8 bytes."""
+    layout = target.layout
+    dsize = layout.expert_bytes // layout.expert_numel
+    linear = max((m.weight.numel() for m in target.model.modules() if isinstance(m, nn.Linear)), default=0)
+    return max(linear, layout.expert_numel) * dsize

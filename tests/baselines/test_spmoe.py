@@ -70,6 +70,10 @@ def test_lossless_in_every_cutoff_mode(twin, mode, layer, k):
         assert summary["prefetch_hits"] == 0 and "predictor_recall" not in summary
     if mode == "fixed":  # layers 0 and 1 only: nothing predicted deeper
         assert summary["predictor_top1_by_layer"].keys() <= {0, 1}
+    expected = {"off": -1, "fixed": 1, "all": len(twin.target.layout.moe_layers) - 1}
+    assert twin.last_extra["cutoff_mode"] == mode
+    if mode in expected:
+        assert twin.last_extra["cutoff_layer"] == expected[mode]
 
 
 def test_auto_profile_measures_recall_per_layer(twin, tmp_path):

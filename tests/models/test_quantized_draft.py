@@ -10,7 +10,7 @@ from experiments.presets import load_preset
 from experiments.runner import open_session
 from spmoe.config import MethodConfig, SpecConfig
 from spmoe.models.build import param_bytes
-from spmoe.models.quantized_draft import quantize_rows, quantized_copy_bytes
+from spmoe.models.quantized_draft import dequant_workspace_bytes, quantize_rows, quantized_copy_bytes
 
 
 def test_quantize_rows_error_is_half_a_step():
@@ -31,6 +31,10 @@ def test_self_draft_is_small_accepted_and_lossless(model):
         actual = param_bytes(s.draft)
         assert actual < 0.6 * target_bytes  # int8 weights of a float32 target (embeddings/norms stay float32)
         assert abs(quantized_copy_bytes(s.target) - actual) < 0.02 * actual  # the plan's estimate
+        # the planned dequant workspace: the largest linear weight (the LM head here) in the compute dtype
+        head = s.target.model.lm_head.weight
+        assert dequant_workspace_bytes(s.target) == head.numel() * head.element_size()
+        assert s.draft_bytes() >= actual + dequant_workspace_bytes(s.target)
         ref, _, _ = s.generate(MethodConfig(name="gpu_resident"), cfg.hardware, 24)
         gens, _, _ = s.generate(MethodConfig(name="lru", num_slots=s.target.layout.top_k * 2), cfg.hardware, 24,
                                 spec_cfg=SpecConfig(num_draft_tokens=3))
