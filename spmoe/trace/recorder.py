@@ -3,8 +3,8 @@ Recording a run's routing (`trace.routing=true`) into a `RoutingTrace` (see
 `spmoe.trace.routing` for the format).
 
 Hooks, installed after the method's runtime is built and removed by its closer:
-- a forward pre-hook on every MoE layer's experts module keeps the `top_k_index [T, A]` the
-  experts are called with (after adaptive gating and after a replay, so a recording of a replay
+- a forward pre-hook on every MoE layer's experts module keeps the `top_k_index [T, A]` and
+  weights the experts are called with (after adaptive gating and after a replay, so a recording of a replay
   records what was replayed);
 - a forward pre-hook on every router applies the routers of the next `lookahead_depth` MoE layers
   to its input (gate lookahead, method-independent);
@@ -38,7 +38,7 @@ class RoutingRecorder:
         self._handles = []
         for layer in layers:
             self._handles.append(model.model.layers[layer].mlp.experts.register_forward_pre_hook(
-                lambda m, a, layer=layer: self._route(layer, a[1])))
+                lambda m, a, layer=layer: self._route(layer, a[1], a[2])))
             self._handles.append(router_of(model, layer).register_forward_pre_hook(
                 lambda m, a, layer=layer: self._lookahead(layer, a[0])))
 
@@ -47,8 +47,10 @@ class RoutingRecorder:
             raise TraceError("routing recorder: a target forward outside an engine step")
         return self.rows[-1]
 
-    def _route(self, layer: int, index: torch.Tensor) -> None:
-        self._row()["routes"][self._ordinal[layer]] = index.detach().to("cpu", torch.int16)
+    def _route(self, layer: int, index: torch.Tensor, weights: torch.Tensor) -> None:
+        row, i = self._row(), self._ordinal[layer]
+        row["routes"][i] = index.detach().to("cpu", torch.int16)
+        row["weights"][i] = weights.detach().to("cpu", torch.float32)
 
     @torch.no_grad()
     def _lookahead(self, layer: int, hidden: torch.Tensor) -> None:
@@ -65,7 +67,7 @@ class RoutingRecorder:
         self._row()["predicted"].append(request)
 
     def begin_step(self, step: int) -> None:
-        self.rows.append({"routes": {}, "lookahead": {}, "predicted": []})
+        self.rows.append({"routes": {}, "weights": {}, "lookahead": {}, "predicted": []})
 
     def end_step(self) -> None:
         row = self.rows[-1]
@@ -90,12 +92,13 @@ class RoutingRecorder:
             raise TraceError(f"routing recorder saw {len(self.rows)} target forwards for {len(records)} step records")
         num_layers, top_k = len(self.layout.moe_layers), self.layout.top_k
         p = self.predict_top_k or top_k
-        routes, look, predicted = [], [], []
+        routes, weights, look, predicted = [], [], [], []
         for rec, row in zip(records, self.rows):
             if len(row["routes"]) != num_layers:
                 raise TraceError(f"step {rec.step} of prompt {rec.prompt_idx}: routes of {len(row['routes'])}"
                                  f" of {num_layers} MoE layers recorded")
             routes.append(torch.stack([row["routes"][i] for i in range(num_layers)], dim=1))  # [T, L, A]
+            weights.append(torch.stack([row["weights"][i] for i in range(num_layers)], dim=1))  # [T, L, A]
             t = routes[-1].shape[0]
             empty = torch.full((t, self.depth, top_k), -1, dtype=torch.int16)
             look.append(torch.stack([row["lookahead"].get(i, empty) for i in range(num_layers)], dim=1))  # [T, L, D, A]
@@ -124,6 +127,7 @@ class RoutingRecorder:
             routes=torch.cat(routes).numpy(),
             predicted=torch.cat(predicted).numpy() if predicted else np.zeros((0, num_layers, p), np.int16),
             lookahead=torch.cat(look).numpy(),
+            route_weights=torch.cat(weights).numpy(),
         )
         trace.validate()
         return trace

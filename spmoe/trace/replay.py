@@ -18,8 +18,11 @@ step may draft fewer when max_new_tokens is smaller) and accepts the recorded co
 non-speculative method decodes one token per step through the *committed* positions of each
 verify row (positions 0..accepted, the tokens that entered the sequence). A trace recorded
 without SD cannot drive an SD method.
-Routing weights are the replay router's own outputs for its own choices (only the expert ids
-are replaced), so outputs are not meaningful text; summaries say `routing: replay`.
+Mechanism: a forward hook on each router, run before any other, replaces the router's
+`(..., top_k_weights [T, A], top_k_index [T, A])` output with the trace's ids and, for format-2
+traces, its weights (format 1: the replay router's own weights). Hooks registered on the router
+output earlier (adaptive gating) run after it and so act on the replayed routing, with the
+trained model's weights. Outputs are not meaningful text; summaries say `routing: replay`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch import nn
 
 from spmoe.data.prompts import Prompt
 from spmoe.models.experts import ExpertLayout
+from spmoe.predict.capture import router_of
 from spmoe.spec.verify import AcceptResult
 from spmoe.trace.routing import RoutingTrace, TraceError
 
@@ -85,20 +89,21 @@ class RouteReplay:
         return out
 
     def install(self, model: nn.Module) -> None:
-        """Pre-hooks (run before any other) that replace each MoE layer's routed expert ids."""
+        """Router forward hooks (run before any other) that replace each MoE layer's routing."""
         for layer in self.layout.moe_layers:
-            experts = model.model.layers[layer].mlp.experts
-            self._handles.append(experts.register_forward_pre_hook(
-                lambda m, a, layer=layer: self._replace(layer, a), prepend=True))
+            self._handles.append(router_of(model, layer).register_forward_hook(
+                lambda m, a, out, layer=layer: self._replace(layer, out), prepend=True))
 
-    def _replace(self, layer: int, args: tuple) -> tuple:
-        hidden, index, weights = args[:3]
-        routes = self.routes(layer)  # [T, A]
-        if routes.shape[0] < index.shape[0]:
-            raise TraceError(f"routing replay out of step: layer {layer} forwards {index.shape[0]} positions,"
+    def _replace(self, layer: int, out: tuple) -> tuple:
+        *head, weights, index = out
+        routes, replayed_weights = self.routes(layer), self.weights(layer)  # [T, A] each (weights or None)
+        t = index.shape[0]
+        if routes.shape[0] < t:
+            raise TraceError(f"routing replay out of step: layer {layer} forwards {t} positions,"
                              f" the trace row holds {routes.shape[0]}")
-        routes = routes[: index.shape[0]]  # a last step that drafts fewer than the trace's k
-        return (hidden, routes.to(index.device, index.dtype), weights, *args[3:])
+        if replayed_weights is not None:  # [:t]: a last step may draft fewer than the trace's k
+            weights = replayed_weights[:t].to(weights.device, weights.dtype)
+        return (*head, weights, routes[:t].to(index.device, index.dtype))
 
     def _current(self) -> dict:
         if self._row is None:
@@ -109,6 +114,12 @@ class RouteReplay:
         row = self._current()
         m = self._map[self._ordinal[layer]]
         return torch.from_numpy(self.trace.routes[row["positions"], m].astype(np.int64))  # [T, A]
+
+    def weights(self, layer: int) -> torch.Tensor | None:
+        if self.trace.route_weights is None:
+            return None
+        m = self._map[self._ordinal[layer]]
+        return torch.from_numpy(self.trace.route_weights[self._current()["positions"], m].astype(np.float32))  # [T, A]
 
     def predicted(self, layer: int, position: int) -> torch.Tensor | None:
         """The trace's draft-side prediction [1, P] for draft token `position` at `layer`, or None."""

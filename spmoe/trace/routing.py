@@ -16,6 +16,7 @@ Arrays (S rows, N prompts, R = sum of T over rows, K = sum of drafted tokens ove
   (-1 for prefill);
 - `routes [R, L, A]` int16: the experts each position routed (top-1 first; a sentinel >= E
   means "no expert", as adaptive gating writes);
+- `route_weights [R, L, A]` float32 (format 2; absent in format 1): their routing weights;
 - `predicted [K, L, P]` int16: the draft-side predictor's experts for draft token j of a row,
   most probable first (-1: no prediction, e.g. past the cutoff layer);
 - `lookahead [R, L, D, A]` int16: the target router of layer l+d applied to the router input of
@@ -36,9 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added route_weights; format 1 files still load (route_weights None)
+READABLE_VERSIONS = (1, 2)
 _ARRAYS = ("prompt_offsets", "prompt_tokens", "gen_offsets", "gen_tokens", "row_prompt", "row_step",
            "row_positions", "row_drafted", "row_accepted", "routes", "predicted", "lookahead")
+_OPTIONAL = ("route_weights",)
 
 
 class TraceError(ValueError):
@@ -60,6 +63,7 @@ class RoutingTrace:
     routes: np.ndarray  # [R, L, A]
     predicted: np.ndarray  # [K, L, P]
     lookahead: np.ndarray  # [R, L, D, A]
+    route_weights: np.ndarray | None = None  # [R, L, A]
 
     @property
     def num_layers(self) -> int:
@@ -94,8 +98,8 @@ class RoutingTrace:
 
     def validate(self) -> None:
         version = self.meta.get("format_version")
-        if version != FORMAT_VERSION:
-            raise TraceError(f"routing trace format_version {version}; this code reads {FORMAT_VERSION}")
+        if version not in READABLE_VERSIONS:
+            raise TraceError(f"routing trace format_version {version}; this code reads {list(READABLE_VERSIONS)}")
         s = len(self.row_prompt)
         if not all(len(a) == s for a in (self.row_step, self.row_positions, self.row_drafted, self.row_accepted)):
             raise TraceError("routing trace: per-row arrays differ in length")
@@ -104,6 +108,8 @@ class RoutingTrace:
                              f" = {int(self.row_positions.sum())} positions")
         if self.predicted.shape[0] != int(self.row_drafted.sum()):
             raise TraceError(f"routing trace: predicted {self.predicted.shape} != sum(row_drafted)")
+        if self.route_weights is not None and self.route_weights.shape != self.routes.shape:
+            raise TraceError(f"routing trace: route_weights {self.route_weights.shape} vs routes {self.routes.shape}")
         if self.lookahead.shape[:2] != self.routes.shape[:2]:
             raise TraceError(f"routing trace: lookahead {self.lookahead.shape} vs routes {self.routes.shape}")
         spec_rows = self.row_drafted > 0
@@ -119,7 +125,8 @@ class RoutingTrace:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
-        np.savez_compressed(buf, meta=np.array(json.dumps(self.meta)), **{k: getattr(self, k) for k in _ARRAYS})
+        arrays = {k: getattr(self, k) for k in _ARRAYS + _OPTIONAL if getattr(self, k) is not None}
+        np.savez_compressed(buf, meta=np.array(json.dumps(self.meta)), **arrays)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -144,7 +151,8 @@ def load_trace(path: str | Path) -> RoutingTrace:
             missing = [k for k in ("meta", *_ARRAYS) if k not in z.files]
             if missing:
                 raise TraceError(f"routing trace {path} lacks arrays {missing}")
-            trace = RoutingTrace(meta=json.loads(str(z["meta"])), **{k: z[k] for k in _ARRAYS})
+            trace = RoutingTrace(meta=json.loads(str(z["meta"])), **{k: z[k] for k in _ARRAYS},
+                                 **{k: z[k] for k in _OPTIONAL if k in z.files})
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         if isinstance(exc, TraceError):
             raise

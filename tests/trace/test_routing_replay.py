@@ -54,7 +54,7 @@ def recorded(tmp_path_factory):
 def test_trace_file_round_trip(recorded):
     path, gens, _ = recorded
     t = load_trace(path)
-    assert t.meta["format_version"] == 1 and t.meta["spec_k"] == K and t.meta["method"] == "spmoe"
+    assert t.meta["format_version"] == 2 and t.route_weights.shape == t.routes.shape and t.meta["spec_k"] == K and t.meta["method"] == "spmoe"
     records = [r for g in gens for r in g.records]
     assert len(t.row_step) == len(records)
     assert t.routes.shape == (int(t.row_positions.sum()), 4, 2)
@@ -167,3 +167,39 @@ def test_validate_rejects_inconsistent_traces(recorded, tmp_path):
         dataclasses.replace(t, meta={**t.meta, "format_version": 99}).validate()
     with pytest.raises(TraceError, match="not steps"):
         dataclasses.replace(t, row_step=t.row_step[::-1].copy()).validate()
+
+
+@pytest.mark.parametrize("top1_weight,drops", [(0.9, True), (0.6, False)])
+def test_adaptive_gating_acts_on_the_replayed_weights(recorded, tmp_path, top1_weight, drops):
+    t = load_trace(recorded[0])
+    weights = np.empty_like(t.route_weights)
+    weights[..., 0], weights[..., 1] = top1_weight, 1 - top1_weight
+    path = tmp_path / "weights.npz"
+    dataclasses.replace(t, route_weights=weights).save(path)
+    s = open_session(_cfg(replay=str(path)))
+    try:
+        gens, _, _ = s.generate(MethodConfig(name="adapmoe", num_slots=8, worker_thread=False), s.cfg.hardware, NEW)
+        decode = [e for g in gens for r in g.records if r.phase == "decode" for e in r.layers]
+        if drops:  # 0.9 >= the 0.85 threshold: every decode token keeps only its replayed top-1 expert
+            assert s.last_extra["gating_drop_rate"] == 0.5
+            pos0, _ = t.row_starts()
+            first = t.row_step > 0
+            top1 = {int(e) for i in np.flatnonzero(first) for e in t.routes[pos0[i]: pos0[i] + t.row_positions[i], 0, 0]}
+            assert {e for ev in decode if ev.layer == 0 for e in ev.needed} <= top1
+        else:
+            assert s.last_extra["gating_dropped"] == 0
+    finally:
+        s.close()
+
+
+def test_format_1_traces_replay_with_the_models_own_weights(recorded, tmp_path):
+    t = load_trace(recorded[0])
+    old = dataclasses.replace(t, meta={**t.meta, "format_version": 1}, route_weights=None)
+    old.save(tmp_path / "v1.npz")
+    assert load_trace(tmp_path / "v1.npz").route_weights is None
+    s = open_session(_cfg(replay=str(tmp_path / "v1.npz")))
+    try:
+        s.generate(MethodConfig(name="lru", num_slots=8), s.cfg.hardware, NEW)
+        assert np.array_equal(s.last_routing.routes, t.routes)
+    finally:
+        s.close()
