@@ -141,17 +141,21 @@ class Session:
     @property
     def draft_weight_bytes(self) -> int:
         if self.draft is None:  # a quantized copy of the target is built after the target: estimate it
-            return quantized_copy_bytes(self.target) if self.cfg.draft.copy_of_target else 0
+            return quantized_copy_bytes(self.target, *self._quant) if self.cfg.draft.copy_of_target else 0
         return param_bytes(self.draft)
 
+    @property
+    def _quant(self) -> tuple[int, int]:
+        return self.cfg.draft.quant_bits, self.cfg.draft.quant_group_size
+
     def draft_bytes(self) -> int:
-        """Draft weights + its KV cache at the run's longest sequence (+ an int8 copy's dequant workspace)."""
+        """Draft weights + its KV cache at the run's longest sequence (+ a quantized copy's dequant workspace)."""
         if not self.has_draft:
             return 0
         config = self.draft.config if self.draft is not None else self.hf_cfg
         dtype_bytes = torch.finfo(parse_dtype(self.cfg.draft.dtype)).bits // 8
         max_prompt = max(len(p.token_ids) for p in self.prompts)
-        workspace = dequant_workspace_bytes(self.target) if self.cfg.draft.copy_of_target else 0
+        workspace = dequant_workspace_bytes(self.target, *self._quant) if self.cfg.draft.copy_of_target else 0
         return self.draft_weight_bytes + workspace + kv_bytes(config, _max_seq(self.cfg, max_prompt), dtype_bytes)
 
     def plan(self, hardware: HardwareConfig, method: str) -> MemoryPlan:
@@ -301,7 +305,7 @@ def open_session(cfg: RunConfig) -> Session:
         else:
             fill_store(target.store, cfg.model, device, cfg.seed, std=getattr(hf_cfg, "initializer_range", 0.02))
         if cfg.draft.copy_of_target:
-            session.draft = build_quantized_copy(target, device)
+            session.draft = build_quantized_copy(target, device, *session._quant)
     except BaseException:
         target.store.close()
         raise

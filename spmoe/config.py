@@ -52,7 +52,9 @@ class ModelConfig:
 class DraftConfig:
     """Dense (or small MoE) draft model for speculative decoding, fully on the device.
 
-    `name: none` means no draft; SD methods then fail at start."""
+    `name: none` means no draft; SD methods then fail at start. With `copy_of_target`, the draft is a
+    weight-only quantized copy of the target (`spmoe.models.quantized_draft`): `quant_bits` 8 (int8
+    per output row) or 4 (int4 per group of `quant_group_size` input columns, two per byte)."""
 
     name: str = "none"
     family: str = "llama"
@@ -60,7 +62,15 @@ class DraftConfig:
     path: str | None = None
     dtype: str = "float32"
     hf_config: dict[str, Any] = field(default_factory=dict)
-    copy_of_target: bool = False  # the draft is an int8 weight-only copy of the target (family/hf_config unused)
+    copy_of_target: bool = False  # the draft is a quantized weight-only copy of the target (family/hf_config unused)
+    quant_bits: int = 8  # copy_of_target: 8 | 4
+    quant_group_size: int = 128  # copy_of_target with quant_bits=4: input columns per scale (even)
+
+    def __post_init__(self) -> None:
+        if self.quant_bits not in (8, 4):
+            raise ValueError(f"draft.quant_bits={self.quant_bits!r}; valid: 8, 4")
+        if self.quant_bits == 4 and (self.quant_group_size < 2 or self.quant_group_size % 2):
+            raise ValueError(f"draft.quant_group_size={self.quant_group_size!r}; must be even and >= 2 (e.g. 128)")
 
 
 @dataclass

@@ -1,16 +1,19 @@
 """
 A quantized copy of the target as its own draft (`draft.copy_of_target=true`, DeepSeek-V2-Lite's
-self-draft in SP-MoE, there an AWQ copy).
+self-draft in SP-MoE, there an AWQ 4-bit copy).
 
-Quantization: int8 weight-only, symmetric, one scale per output row (round(w / s), s = max|w| / 127)
-for every linear layer of the target (attention, dense and shared MLPs, LM head) and for every
-routed expert; embeddings, norms and routers stay in the target dtype. Weights are stored in int8
-on the device (so the budget sees int8 bytes) and dequantized per use into a temporary in the
-compute dtype. The whole draft is resident: its experts are served from device int8 buffers by
-`Int8ResidentExperts` through the same `OffloadedExperts` module as the target's, so the draft
-computes the target's function up to quantization error (the knob that sets acceptance).
-Not AWQ: no activation-aware scaling and no int4 packing (int8 halves the target's bytes; an 8 GB
-DeepSeek-V2-Lite draft would need int4).
+Quantization (`draft.quant_bits`), weight-only, for every linear layer of the target (attention,
+dense and shared MLPs, LM head) and for every routed expert; embeddings, norms and routers stay in
+the target dtype:
+  8: int8, symmetric, one scale per output row (round(w / s), s = max|w| / 127), ~1 byte/param;
+  4: int4, asymmetric, one scale and offset per group of `draft.quant_group_size` input columns,
+     two values per byte (layout in `spmoe.models.int4`), ~0.53 byte/param at groups of 128.
+Weights are stored quantized on the device (so the budget sees their bytes) and dequantized per
+use into one temporary in the compute dtype. The whole draft is resident: its experts are served
+from device buffers by `Int8ResidentExperts` / `Int4ResidentExperts` through the same
+`OffloadedExperts` module as the target's, so the draft computes the target's function up to
+quantization error (the knob that sets acceptance).
+Not AWQ: plain round-to-nearest, no activation-aware scaling.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from spmoe.models import int4
 from spmoe.models.build import TargetModel
 from spmoe.models.experts import OffloadedExperts, find_experts
 
@@ -71,17 +75,75 @@ class Int8ResidentExperts(nn.Module):
             yield e, torch.cat([gu.flatten(), dn.flatten()])
 
 
-def _replace_linears(module: nn.Module) -> None:
+class Int4Linear(nn.Module):
+    def __init__(self, linear: nn.Linear, group_size: int):
+        super().__init__()
+        packed, scale, offset = int4.quantize(linear.weight.data, group_size)
+        self.in_features = linear.in_features
+        self.register_buffer("weight_int4", packed)  # [O, I_pad / 2] uint8
+        self.register_buffer("scale", scale)  # [O, G]
+        self.register_buffer("offset", offset)  # [O, G]
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = int4.dequantize(self.weight_int4, self.scale, self.offset, self.in_features, x.dtype)  # [O, I], one transient
+        return nn.functional.linear(x, w, self.bias)
+
+
+class Int4ResidentExperts(nn.Module):
+    """Every routed expert of the target in packed int4 on the device; an ExpertProvider for the draft.
+
+    Stacked over experts (K = number of expert keys): `{gate_up,down}_{q,s,o}` = packed nibbles,
+    scales and offsets of each expert's gate_up [2I, H] and down [H, I] (see `spmoe.models.int4`)."""
+
+    def __init__(self, target: TargetModel, device: torch.device, group_size: int):
+        super().__init__()
+        layout = self.layout = target.layout
+        self._index = {key: i for i, key in enumerate(layout.keys)}
+        for name, (rows, cols) in self._mats().items():
+            num_groups, g = int4.group_shape(cols, group_size)
+            self.register_buffer(f"{name}_q", torch.empty(len(self._index), rows, num_groups * g // 2,
+                                                          dtype=torch.uint8, device=device))  # [K, O, I_pad / 2]
+            for part in ("s", "o"):
+                self.register_buffer(f"{name}_{part}", torch.empty(len(self._index), rows, num_groups,
+                                                                   dtype=layout.dtype, device=device))  # [K, O, G]
+        for key, i in self._index.items():
+            for name, w in zip(self._mats(), layout.split(target.store.flat(key))):
+                for part, t in zip("qso", int4.quantize(w.to(device), group_size)):
+                    getattr(self, f"{name}_{part}")[i] = t
+
+    def _mats(self) -> dict[str, tuple[int, int]]:
+        h, inter = self.layout.hidden_size, self.layout.intermediate_size
+        return {"gate_up": (2 * inter, h), "down": (h, inter)}
+
+    def experts_for(self, layer: int, expert_ids: list[int], token_experts=None) -> Iterator[tuple[int, torch.Tensor]]:
+        for e in expert_ids:
+            i = self._index[(layer, e)]
+            flat = torch.empty(self.layout.expert_numel, dtype=self.layout.dtype, device=self.gate_up_q.device)
+            for (name, (_, cols)), out in zip(self._mats().items(), self.layout.split(flat)):
+                int4.dequantize(getattr(self, f"{name}_q")[i], getattr(self, f"{name}_s")[i],
+                                getattr(self, f"{name}_o")[i], cols, self.layout.dtype, out=out)
+            yield e, flat  # [N], the one transient
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in (8, 4):
+        raise ValueError(f"draft.quant_bits={bits!r}; valid: 8, 4")
+
+
+def _replace_linears(module: nn.Module, make) -> None:
     for name, child in module.named_children():
         if isinstance(child, nn.Linear):
-            setattr(module, name, Int8Linear(child))
+            setattr(module, name, make(child))
         elif not isinstance(child, OffloadedExperts):
-            _replace_linears(child)
+            _replace_linears(child, make)
 
 
 @torch.no_grad()
-def build_quantized_copy(target: TargetModel, device: torch.device) -> PreTrainedModel:
+def build_quantized_copy(target: TargetModel, device: torch.device, bits: int = 8,
+                         group_size: int = 128) -> PreTrainedModel:
     """The target's non-expert weights copied and quantized, its experts quantized from the store."""
+    _check_bits(bits)
     hf_cfg = copy.deepcopy(target.model.config)
     with torch.device("meta"):
         draft = AutoModelForCausalLM.from_config(hf_cfg, dtype=target.layout.dtype, attn_implementation="sdpa")
@@ -93,32 +155,59 @@ def build_quantized_copy(target: TargetModel, device: torch.device) -> PreTraine
     draft.init_weights()  # non-persistent buffers (rotary); every weight is overwritten below
     draft.load_state_dict(target.model.state_dict(), strict=False)
     draft.tie_weights()
-    _replace_linears(draft)
-    experts = Int8ResidentExperts(target, device)
+    if bits == 8:
+        _replace_linears(draft, Int8Linear)
+        experts = Int8ResidentExperts(target, device)
+    else:
+        _replace_linears(draft, lambda linear: Int4Linear(linear, group_size))
+        experts = Int4ResidentExperts(target, device, group_size)
     for module in slots.values():
         object.__setattr__(module, "provider", experts)  # a plain reference, not one submodule per layer
-    draft.quantized_experts = experts  # registered once: its int8 bytes count as the draft's
+    draft.quantized_experts = experts  # registered once: its quantized bytes count as the draft's
     return draft.eval()
 
 
-def quantized_copy_bytes(target: TargetModel) -> int:
-    """Bytes of the int8 copy, for planning before it is built: int8 linear weights + one scale per
-    row, other non-expert tensors (embeddings, norms, routers) at the target dtype, int8 experts."""
+def _matrix_bytes(out_features: int, in_features: int, dsize: int, bits: int, group_size: int) -> int:
+    if bits == 8:
+        return out_features * in_features + out_features * dsize  # int8 + one scale per row
+    return int4.int4_bytes(out_features, in_features, group_size, dsize)
+
+
+def quantized_copy_bytes(target: TargetModel, bits: int = 8, group_size: int = 128) -> int:
+    """Bytes of the quantized copy, for planning before it is built: quantized linear weights with
+    their scales, other non-expert tensors (embeddings, norms, routers) at the target dtype,
+    quantized experts. Needs only shapes (works on a `meta` skeleton)."""
+    _check_bits(bits)
     layout = target.layout
     dsize = layout.expert_bytes // layout.expert_numel
     linear = [m for m in target.model.modules() if isinstance(m, nn.Linear)]
     linear_ids = {id(m.weight) for m in linear}
     other = {id(t): t for t in list(target.model.parameters()) + list(target.model.buffers()) if id(t) not in linear_ids}
-    total = sum(m.weight.numel() + m.out_features * dsize for m in linear)
+    total = sum(_matrix_bytes(m.out_features, m.in_features, dsize, bits, group_size) for m in linear)
     total += sum(t.numel() * t.element_size() for t in other.values())
-    rows = 2 * layout.intermediate_size + layout.hidden_size
-    return total + len(layout.keys) * (layout.expert_numel + rows * dsize)
+    h, inter = layout.hidden_size, layout.intermediate_size
+    expert = _matrix_bytes(2 * inter, h, dsize, bits, group_size) + _matrix_bytes(h, inter, dsize, bits, group_size)
+    return total + len(layout.keys) * expert
 
 
-def dequant_workspace_bytes(target: TargetModel) -> int:
-    """The largest transient of an int8 forward: one dequantized [O, I] weight in the compute dtype
-    (the LM head, for DeepSeek-V2-Lite 0.42 GB), planned on top of the int8 bytes."""
+def dequant_workspace_bytes(target: TargetModel, bits: int = 8, group_size: int = 128) -> int:
+    """The largest transient of a quantized forward, planned on top of the quantized bytes: one
+    dequantized [O, I] weight in the compute dtype (the LM head, for DeepSeek-V2-Lite 0.42 GB);
+    int4 adds one nibble plane (uint8, half the padded weight) live while unpacking, and a padded
+    expert matrix dequantizes into its own temporary before the copy into the expert's buffer."""
+    _check_bits(bits)
     layout = target.layout
     dsize = layout.expert_bytes // layout.expert_numel
-    linear = max((m.weight.numel() for m in target.model.modules() if isinstance(m, nn.Linear)), default=0)
-    return max(linear, layout.expert_numel) * dsize
+    shapes = [(m.out_features, m.in_features) for m in target.model.modules() if isinstance(m, nn.Linear)]
+    if bits == 8:
+        return max(max((o * i for o, i in shapes), default=0), layout.expert_numel) * dsize
+
+    def padded(o: int, i: int) -> int:
+        num_groups, g = int4.group_shape(i, group_size)
+        return o * num_groups * g
+
+    linear = max((padded(o, i) * dsize + padded(o, i) // 2 for o, i in shapes), default=0)
+    h, inter = layout.hidden_size, layout.intermediate_size
+    expert = layout.expert_numel * dsize + max(
+        padded(o, i) // 2 + (padded(o, i) * dsize if padded(o, i) != o * i else 0) for o, i in [(2 * inter, h), (h, inter)])
+    return max(linear, expert)
