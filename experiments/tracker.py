@@ -2,11 +2,22 @@
 Experiment trackers: `none` (does nothing, same methods) and `wandb` (offline by default).
 
 W&B is optional: `logger=wandb` imports it lazily and fails with an install hint if missing.
+Summary values are logged as summary.json stores them: nested dict keys become strings (wandb's
+summary encoder rejects non-str keys, e.g. `predictor_top1_by_layer` = {layer: accuracy}).
 """
 
 from __future__ import annotations
 
 from spmoe.config import LoggerConfig
+
+
+def _str_keys(value):
+    """`value` with every nested dict key turned into a string, as json.dumps writes it."""
+    if isinstance(value, dict):
+        return {str(k): _str_keys(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_str_keys(v) for v in value]
+    return value
 
 
 class NullTracker:
@@ -28,7 +39,7 @@ class WandbTracker:
                               job_type=config.get("method", {}).get("name"))
 
     def log_summary(self, summary: dict) -> None:
-        self.run.summary.update({k: v for k, v in summary.items() if v is not None})
+        self.run.summary.update({str(k): _str_keys(v) for k, v in summary.items() if v is not None})
 
     def finish(self) -> None:
         self.run.finish()

@@ -1,0 +1,182 @@
+"""experiments/tracker.py: `logger=wandb` end to end through run.py, offline and never online; the install
+hint without wandb; config errors listing the valid values.
+
+wandb is the optional `spmoe[wandb]` extra: the tests that need it skip when it is not installed. Every
+wandb test runs with WANDB_MODE=offline, no API key and WANDB_BASE_URL pointing at a closed local port, so
+a stray attempt to go online fails fast instead of reaching W&B. One run.py subprocess (~15 s on a
+2-core CPU box); the rest is in-process and takes a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments.tracker import NullTracker, make_tracker
+from spmoe.config import LoggerConfig
+from test_run import REQUIRED_KEYS, run_py
+
+NO_SERVER_URL = "http://127.0.0.1:9"  # the discard port: nothing listens, so going online fails at once
+
+
+@pytest.fixture
+def wandb_offline(monkeypatch, tmp_path):
+    """wandb, offline and silent, with nothing to log in with; torn down after the test."""
+    wandb = pytest.importorskip("wandb")
+    for key in ("WANDB_API_KEY", "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_RUN_ID", "WANDB_RESUME"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    monkeypatch.setenv("WANDB_BASE_URL", NO_SERVER_URL)
+    yield wandb
+    wandb.teardown()  # stop this process's wandb-core service, forget its settings
+
+
+@pytest.fixture
+def no_remote_connections(monkeypatch):
+    """Records (and refuses) every socket connection this process makes to a non-loopback address."""
+    attempts = []
+    connect = socket.socket.connect
+
+    def guarded(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in ("127.0.0.1", "::1", "localhost"):
+            attempts.append(address)
+            raise OSError(f"test_tracker: no network ({address})")
+        return connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+    return attempts
+
+
+def wandb_records(run_file: Path) -> list:
+    """The protobuf records of an offline run's `run-<id>.wandb` file.
+
+    The file is W&B's LevelDB-style log: a 7-byte header (b":W&B", magic, version), then 32 KiB blocks of
+    chunks, each [crc32: 4][length: 2, little endian][type: 1][data]; type 1 = a whole record,
+    2/3/4 = its first/middle/last part; a block tail shorter than a chunk header is padding.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    block, pos, buf, out = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0:  # zero padding
+            continue
+        buf = chunk if kind in (1, 2) else buf + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(buf)
+            out.append(record)
+    return out
+
+
+def offline_run(wandb_dir: Path) -> tuple[Path, dict, dict, list]:
+    """(the offline run dir, its summary, its config, its run records), from the .wandb file."""
+    runs = sorted(wandb_dir.glob("offline-run-*"))
+    assert len(runs) == 1, sorted(p.name for p in wandb_dir.iterdir())
+    records = wandb_records(next(runs[0].glob("run-*.wandb")))
+    summary, config = {}, {}  # top-level items; wandb's own (`_wandb`, `_runtime`) left out
+    for r in records:
+        updates = {"summary": r.summary.update, "config": r.config.update, "run": r.run.config.update}
+        kind = r.WhichOneof("record_type")
+        items = {item.key: json.loads(item.value_json) for item in updates.get(kind, [])
+                 if item.key and not item.key.startswith("_")}
+        (summary if kind == "summary" else config).update(items)
+    return runs[0], summary, config, [r.run for r in records if r.HasField("run")]
+
+
+# ------------------------------------------------------------------------------------------------
+# with wandb
+
+def test_run_py_logs_an_offline_wandb_run(wandb_offline, tmp_path):
+    run_dir = tmp_path / "out"
+    proc = run_py("logger=wandb", "num_prompts=1", "max_new_tokens=4", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    stdout_summary = json.loads(proc.stdout.strip().splitlines()[-1])  # wandb leaves the last line JSON
+    assert stdout_summary == json.loads((run_dir / "summary.json").read_text())
+
+    wandb_dir = run_dir / "wandb"  # wandb.init(dir=<Hydra run dir>), not WANDB_DIR or the cwd
+    offline_dir, summary, config, runs = offline_run(wandb_dir)
+    assert not list(wandb_dir.glob("run-*")), "an online run dir was created"
+    # every non-null summary value was logged, unchanged
+    assert summary == {k: v for k, v in stdout_summary.items() if v is not None}
+    assert summary["method"] == "lru_nosd" and summary["tpot_ms"] > 0
+    assert set(REQUIRED_KEYS) - set(summary) == {k for k in REQUIRED_KEYS if stdout_summary[k] is None}
+    # the resolved run config, once
+    assert config["method"]["name"] == "lru_nosd" and config["model"]["name"] == "tiny"
+    assert config["logger"] == {"name": "wandb", "project": "spmoe", "mode": "offline"}
+    assert config["max_new_tokens"] == 4
+    assert [(r.project, r.job_type) for r in runs] == [("spmoe", "lru_nosd")]
+    # nothing went online or logged in
+    logs = "".join(p.read_text(errors="replace") for p in wandb_dir.rglob("*.log"))
+    assert not re.search(r"127\.0\.0\.1:9\b", logs), "something tried WANDB_BASE_URL"
+    assert not (Path.home() / ".netrc").exists()
+    assert (offline_dir / "files").is_dir()
+
+
+def test_tracker_logs_nested_int_keys_as_summary_json_does(wandb_offline, no_remote_connections, tmp_path):
+    """Prefetching methods report `predictor_top1_by_layer` = {layer: accuracy}: wandb's summary encoder
+    rejects int keys (TypeError), which crashed `logger=wandb method=spmoe` after summary.json was written."""
+    logger = LoggerConfig(name="wandb")
+    tracker = make_tracker(logger, {"method": {"name": "spmoe"}, "logger": vars(logger)}, str(tmp_path))
+    try:
+        tracker.log_summary({"method": "spmoe", "tpot_ms": 12.5, "acceptance_rate": None,
+                             "predictor_top1_by_layer": {0: 0.5, 3: 0.25}, "per_pos": [1, 2]})
+    finally:
+        tracker.finish()
+    wandb_offline.teardown()  # finish() only asks wandb-core to close the run file; teardown waits for it
+    _, summary, config, runs = offline_run(tmp_path / "wandb")
+    expected = {"method": "spmoe", "tpot_ms": 12.5, "predictor_top1_by_layer": {"0": 0.5, "3": 0.25}, "per_pos": [1, 2]}
+    assert summary == expected
+    assert config["method"] == {"name": "spmoe"}
+    assert [r.job_type for r in runs] == ["spmoe"]
+    assert no_remote_connections == []
+
+
+def test_disabled_mode_writes_nothing(wandb_offline, no_remote_connections, tmp_path):
+    tracker = make_tracker(LoggerConfig(name="wandb", mode="disabled"), {}, str(tmp_path))
+    tracker.log_summary({"tpot_ms": 1.0, "predictor_top1_by_layer": {0: 1.0}})
+    tracker.finish()
+    assert not (tmp_path / "wandb").exists()
+    assert no_remote_connections == []
+
+
+# ------------------------------------------------------------------------------------------------
+# without wandb, and config errors
+
+def test_missing_wandb_names_the_install_command(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'spmoe\[wandb\]'.*logger=none"):
+        make_tracker(LoggerConfig(name="wandb"), {}, str(tmp_path))
+
+
+def test_none_logger_is_a_null_tracker(tmp_path):
+    tracker = make_tracker(LoggerConfig(name="none"), {}, str(tmp_path))
+    assert isinstance(tracker, NullTracker)
+    tracker.log_summary({"tpot_ms": 1.0})
+    tracker.finish()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_mode_lists_the_valid_modes(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # rejected before wandb is imported
+    with pytest.raises(ValueError, match=r"logger.mode='onlin'; valid: offline, online, disabled"):
+        make_tracker(LoggerConfig(name="wandb", mode="onlin"), {}, str(tmp_path))
+
+
+def test_unknown_logger_lists_the_valid_names(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown logger 'tensorboard'; valid: none, wandb"):
+        make_tracker(LoggerConfig(name="tensorboard"), {}, str(tmp_path))
