@@ -10,7 +10,8 @@ draft->target-router top-1 accuracy and set recall per capture point; and, from 
 non-SD decode steps (one token each): expert load balance (usage entropy / log2 E, mean over
 layers), temporal locality (probability that a token shares an expert with the previous token,
 against the chance value for random top-k sets), and unique experts per layer per verify step.
-A few generated samples go to `samples.md`. Timings are CPU and not reported.
+Per-layer accuracy per capture point goes to `by_layer.csv` / `by_layer.md`, a few generated
+samples to `samples.md`. Timings are CPU and not reported.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def main() -> None:
     ap.add_argument("--out", default="results/real_pair")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    rows, samples = [], []
+    rows, samples, layer_rows = [], [], []
     for dataset in args.datasets.split(","):
         cfg = RunConfig(model=load_preset("model", "smollm2_moe"), draft=load_preset("draft", "smollm2"),
                         dataset=load_preset("dataset", dataset, max_prompt_tokens=256),
@@ -101,8 +102,12 @@ def main() -> None:
                     len(r.layers) for r in steps)
                 row[f"lossless_k{k}"] = [g.token_ids for g in gens] == [g.token_ids for g in ref]
             seqs = [p.token_ids + g.token_ids for p, g in zip(session.prompts, ref)]
-            for point, (top1, recall) in router_agreement(session, seqs).items():
+            by_layer: dict = {}
+            for point, (top1, recall) in router_agreement(session, seqs, by_layer).items():
                 row[f"top1_{point}"], row[f"recall_{point}"] = top1, recall
+            layer_rows += [{"dataset": dataset, "capture_point": point, "layer": layer,
+                            "top1": sum(v[0] for v in vals) / len(vals), "recall": sum(v[1] for v in vals) / len(vals)}
+                           for (point, layer), vals in by_layer.items()]
             rows.append(row)
             for p, g in zip(session.prompts[:1], ref[:1]):
                 samples.append(f"### {dataset} / {p.prompt_id}\n\nprompt (tail):\n```\n{p.text[-300:]}\n```\n"
@@ -117,6 +122,13 @@ def main() -> None:
                       f" {args.num_prompts} prompts x {args.max_new_tokens} tokens per dataset.\n\n"
                       + df.T.to_markdown(floatfmt=".3g") + "\n")
     write_text_atomic(out / "samples.md", "\n".join(samples))
+    layers = pd.DataFrame(layer_rows)
+    write_text_atomic(out / "by_layer.csv", layers.to_csv(index=False, float_format="%.4g"))
+    wide = layers.groupby(["capture_point", "layer"])[["top1", "recall"]].mean().unstack("capture_point")
+    wide.columns = [f"{metric}_{point}" for metric, point in wide.columns]
+    write_text_atomic(out / "by_layer.md", "Predictor accuracy per MoE layer and capture point (the draft's hidden"
+                      " state through the target's router of the same layer), mean over datasets and prompts.\n\n"
+                      + wide.to_markdown(floatfmt=".3f") + "\n")
     print(df.T.to_string())
 
 

@@ -46,8 +46,10 @@ GIB = 2**30
 
 
 @torch.inference_mode()
-def router_agreement(session, sequences: list[list[int]]) -> dict[str, tuple[float, float]]:
-    """capture point -> (top-1 accuracy, set recall), mean over MoE layers and sequences."""
+def router_agreement(session, sequences: list[list[int]], by_layer: dict | None = None,
+                     ) -> dict[str, tuple[float, float]]:
+    """capture point -> (top-1 accuracy, set recall), mean over MoE layers and sequences; `by_layer`,
+    when given, is filled with (capture point, layer) -> [(top-1, recall) per sequence]."""
     layout = session.target.layout
     ctx = MethodContext(session.cfg, session.target, session.device, session.plan(
         load_preset("hardware", "h200", device=session.device.type), "gpu_resident"))
@@ -64,6 +66,8 @@ def router_agreement(session, sequences: list[list[int]]) -> dict[str, tuple[flo
                 for layer in layout.moe_layers:
                     pred = predict_routes(runtime.model, layer, hidden[layer])
                     scores[point].append(agreement(pred, routes[layer]))
+                    if by_layer is not None:
+                        by_layer.setdefault((point, layer), []).append(scores[point][-1])
     finally:
         runtime.close()
     return {p: (sum(s[0] for s in v) / len(v), sum(s[1] for s in v) / len(v)) for p, v in scores.items()}
