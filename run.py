@@ -40,8 +40,10 @@ def main(dcfg: DictConfig) -> None:
     try:
         summary = run_benchmark(cfg, out_dir)
         tracker.log_summary(summary)
-    finally:
-        tracker.finish()
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
+    tracker.finish()
     print(json.dumps(summary))
 
 

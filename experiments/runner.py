@@ -348,7 +348,7 @@ def summarize_run(session: Session, method: MethodConfig, hardware: HardwareConf
         **metrics,
         **oracle,
         **session.last_extra,
-        "distinct_token_ratio": sum(len(set(g.token_ids)) / len(g.token_ids) for g in gens) / len(gens),
+        "distinct_token_ratio": _distinct_token_ratio(session, gens),
         "num_slots": plan.num_slots if spec.offloads else plan.num_experts_total,
         "num_experts_total": plan.num_experts_total,
         "expert_bytes": plan.expert_bytes,
@@ -366,6 +366,15 @@ def summarize_run(session: Session, method: MethodConfig, hardware: HardwareConf
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
     }
+
+
+def _distinct_token_ratio(session: Session, gens: list[Generation]) -> float:
+    """Distinct / emitted tokens, mean over prompts; under replay, of the traced model's own text
+    (the replaying model's tokens are arbitrary)."""
+    trace = session.routing_trace
+    texts = [trace.generation(i)[: len(g.token_ids)] for i, g in enumerate(gens)] if trace else [
+        g.token_ids for g in gens]
+    return sum(len(set(t)) / len(t) for t in texts) / len(texts)
 
 
 def write_run(out_dir: str | Path, session: Session, gens: list[Generation], summary: dict) -> None:

@@ -24,7 +24,7 @@ class NullTracker:
     def log_summary(self, summary: dict) -> None:
         pass
 
-    def finish(self) -> None:
+    def finish(self, exit_code: int = 0) -> None:
         pass
 
 
@@ -41,8 +41,8 @@ class WandbTracker:
     def log_summary(self, summary: dict) -> None:
         self.run.summary.update({str(k): _str_keys(v) for k, v in summary.items() if v is not None})
 
-    def finish(self) -> None:
-        self.run.finish()
+    def finish(self, exit_code: int = 0) -> None:
+        self.run.finish(exit_code=exit_code)  # a failed benchmark shows as failed in W&B
 
 
 def make_tracker(cfg: LoggerConfig, config: dict, out_dir: str):

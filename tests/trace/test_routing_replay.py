@@ -10,7 +10,7 @@ import pytest
 
 from conftest import tiny_run_config
 from experiments.presets import load_preset
-from experiments.runner import open_session
+from experiments.runner import _distinct_token_ratio, open_session
 from spmoe.config import CutoffConfig, MethodConfig, RoutingConfig, SpecConfig, TraceConfig
 from spmoe.trace.replay import map_layer
 from spmoe.trace.routing import TraceError, load_trace
@@ -95,6 +95,10 @@ def test_replay_onto_a_deeper_model_follows_the_layer_map(recorded):
         for layer in range(6):
             assert np.array_equal(r.routes[:, layer], t.routes[:, map_layer(layer, 6, 4)])
         assert list(r.row_accepted) == list(t.row_accepted)  # the acceptance outcomes are the trace's
+        gens, _, _ = s.generate(MethodConfig(name="lru", num_slots=8), s.cfg.hardware, NEW)
+        traced = [t.generation(i) for i in range(2)]
+        assert [g.token_ids for g in gens] != traced  # another model's tokens...
+        assert _distinct_token_ratio(s, gens) == sum(len(set(x)) / len(x) for x in traced) / 2  # ...the trace's text
     finally:
         s.close()
 
