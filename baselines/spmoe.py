@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import statistics
 import time
 from pathlib import Path
 
@@ -58,27 +59,37 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _median_ms(fn, device: torch.device, warmup: int = 3, reps: int = 9) -> float:
+    """Median wall time of `fn(i)` (each call synchronized) after `warmup` untimed calls: first-use
+    costs and one-off stalls must not set the latency model's constants."""
+    for i in range(warmup):
+        fn(i)
+    _sync(device)
+    times = []
+    for i in range(warmup, warmup + reps):
+        t0 = time.perf_counter()
+        fn(i)
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 @torch.inference_mode()
 def measure_profile(ctx: MethodContext, cache: ExpertCache, transfer: TransferEngine,
                     layer_recall: list[float] | None = None) -> Profile:
     layout, draft, device = ctx.target.layout, ctx.draft, ctx.device
-    key = layout.keys[0]
-    t0 = time.perf_counter()
-    for _ in range(3):
-        transfer.load(0, cache.slot(0), ctx.target.store.flat(key))
-        _sync(device)
-    expert_ms = (time.perf_counter() - t0) * 1e3 / 3
+
+    def load(i: int) -> None:
+        transfer.load(0, cache.slot(0), ctx.target.store.flat(layout.keys[i % len(layout.keys)]))
+
+    expert_ms = _median_ms(load, device)
     transfer.collect()
     ids = torch.zeros(1, 16, dtype=torch.long, device=device)
     kv = DynamicCache(config=draft.config)
     kw = {cache_kwarg(draft): kv}
     draft(input_ids=ids, use_cache=True, **kw)
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(5):
-        draft(input_ids=ids[:, :1], use_cache=True, **kw)
-    _sync(device)
-    draft_layer_ms = (time.perf_counter() - t0) * 1e3 / 5 / len(draft.model.layers)
+    draft_layer_ms = _median_ms(lambda i: draft(input_ids=ids[:, :1], use_cache=True, **kw), device,
+                                ) / len(draft.model.layers)
     layer = draft.model.layers[0]
     attn = sum(p.numel() for p in layer.self_attn.parameters())
     ffn = sum(p.numel() for p in layer.mlp.parameters())

@@ -47,7 +47,7 @@ from spmoe.config import CutoffConfig
 from spmoe.io import write_json_atomic
 
 MODES = ("auto", "fixed", "all", "off")
-PROFILE_VERSION = 2  # 2: + layer_recall
+PROFILE_VERSION = 3  # 2: + layer_recall; 3: timings are medians after warm-up
 
 
 @dataclass

@@ -16,7 +16,7 @@ from spmoe.config import (
     TraceConfig,
     TwinConfig,
 )
-from spmoe.policy.cutoff import load_profile
+from spmoe.policy.cutoff import PROFILE_VERSION, load_profile
 from spmoe.trace.accuracy import trace_layer_recall
 from spmoe.trace.metrics import summarize
 from spmoe.trace.routing import load_trace
@@ -79,7 +79,7 @@ def test_lossless_in_every_cutoff_mode(twin, mode, layer, k):
 def test_auto_profile_measures_recall_per_layer(twin, tmp_path):
     tokens, _ = _spmoe(twin, cutoff=CutoffConfig(mode="auto", profile_dir=str(tmp_path)))
     assert tokens == twin.reference
-    [path] = tmp_path.glob("v2__*__model.json")
+    [path] = tmp_path.glob(f"v{PROFILE_VERSION}__*__model.json")
     recall = load_profile(path).layer_recall
     assert len(recall) == len(twin.target.layout.moe_layers)
     assert min(recall) > 0.6  # close twins: the draft's hidden states route almost like the target's
@@ -102,7 +102,7 @@ def test_replayed_run_takes_recall_from_the_trace(tmp_path):
     try:
         method.cutoff = CutoffConfig(mode="auto", profile_dir=str(tmp_path / "profiles"))
         s.generate(method, cfg.hardware, 12)
-        [path] = (tmp_path / "profiles").glob("v2__*__replay-*.json")
+        [path] = (tmp_path / "profiles").glob(f"v{PROFILE_VERSION}__*__replay-*.json")
         expected = trace_layer_recall(load_trace(tmp_path), len(s.target.layout.moe_layers))
         assert load_profile(path).layer_recall == expected
     finally:
