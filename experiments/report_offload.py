@@ -11,7 +11,7 @@ in runs.json get their main.csv columns from the summary) and writes into `--out
   auto / best (target <= AUTO_TARGET);
 - `ablations.csv`, `ablations.md`: each `spmoe_*` variant that is not a cutoff case, with its
   TPOT ratio and delta (ms) against `spmoe`;
-- `methods.csv`, `methods.md`: one row per method and decoding mode (SD or not), with its TPOT
+- `methods.csv`, `methods.md`, `methods.png`: one row per method and decoding mode (SD or not), with its TPOT
   ratio to `lru` (SD rows) or `lru_nosd` (non-SD rows).
 
 Terms: L* is the last prefetched MoE layer, as in `spmoe.policy.cutoff.choose_cutoff`:
@@ -32,9 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
+from experiments.report_plots import plot_cutoff, plot_methods
 from spmoe.io import write_text_atomic
 
 AUTO_TARGET = 1.05  # auto's TPOT may be at most 5% above the best fixed cutoff
@@ -255,47 +253,6 @@ def methods_table(dirs: list[ResultDir]) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- outputs
 
-def plot_cutoff(cutoff: pd.DataFrame, labels: list[str], path: Path) -> None:
-    """TPOT vs L*, one colour per budget: the fixed curve, auto (dashed, star at its L*), lru (dotted)."""
-    fig = Figure(figsize=(7, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    for i, label in enumerate(labels):
-        color = f"C{i}"
-        sub = cutoff[cutoff["budget"] == label]
-        curve = sub[sub["kind"].isin(["off", "fixed", "all"])].dropna(subset=["cutoff_layer", "tpot_ms"])
-        if len(curve):
-            curve = curve.sort_values("cutoff_layer")
-            ax.plot(curve["cutoff_layer"], curve["tpot_ms"], "o-", color=color, label=f"{label}: fixed L*")
-        auto = sub[(sub["kind"] == "auto") & sub["tpot_ms"].notna()]
-        if len(auto):
-            tpot, layer = float(auto["tpot_ms"].iloc[0]), number(auto["cutoff_layer"].iloc[0])
-            known = not math.isnan(layer)
-            ax.axhline(tpot, color=color, linestyle="--", linewidth=1,
-                       label=f"{label}: auto" + (f" (L*={int(layer)})" if known else ""))
-            if known:
-                ax.plot([layer], [tpot], "*", color=color, markersize=12)
-        lru = sub[(sub["kind"] == "lru") & sub["tpot_ms"].notna()]
-        if len(lru):
-            ax.axhline(float(lru["tpot_ms"].iloc[0]), color=color, linestyle=":", linewidth=1, label=f"{label}: lru")
-    if not len(cutoff):
-        ax.text(0.5, 0.5, "no cutoff cases", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("cutoff L* (last prefetched MoE layer; -1 = no prefetch)")
-    ax.set_ylabel("TPOT (ms)")
-    ax.set_title("SP-MoE: TPOT vs prefetch cutoff")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")  # written whole, then renamed, like spmoe.io's text writers
-    try:
-        fig.savefig(tmp, dpi=120)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def markdown(df: pd.DataFrame) -> str:
     """Markdown table; long error strings are cut (the CSV keeps them whole)."""
     if "error" in df.columns:
@@ -317,6 +274,7 @@ def write_report(dirs: list[ResultDir], out: Path) -> dict[str, pd.DataFrame]:
     sources = ", ".join(f"{d.label} = `{d.path}`" for d in dirs)
     write_text_atomic(out / "cutoff.csv", cutoff.to_csv(index=False, float_format="%.6g"))
     plot_cutoff(cutoff, labels, out / "cutoff.png")
+    plot_methods(tables["methods"], out / "methods.png")
     write_text_atomic(out / "cutoff.md", f"# Cutoff sweep\n\nSources: {sources}. L* = last prefetched MoE layer "
                       f"(-1 = `spmoe_off`, depth - 1 = `spmoe_all`). Target: auto / best <= {AUTO_TARGET}.\n\n"
                       + markdown(summary) + "\n![TPOT vs cutoff](cutoff.png)\n\n" + markdown(cutoff))
@@ -324,7 +282,7 @@ def write_report(dirs: list[ResultDir], out: Path) -> dict[str, pd.DataFrame]:
     write_table(out, "ablations", tables["ablations"], f"# Ablations against `spmoe`\n\nSources: {sources}."
                 + (f" Not run: {', '.join(missing)}." if missing else ""))
     write_table(out, "methods", tables["methods"], f"# Methods\n\nSources: {sources}. `ratio_to_lru`: TPOT over "
-                "`lru` (SD rows) or `lru_nosd` (non-SD rows) of the same budget.")
+                "`lru` (SD rows) or `lru_nosd` (non-SD rows) of the same budget.\n\n![TPOT per method](methods.png)")
     return tables
 
 

@@ -62,7 +62,7 @@ def test_cutoff_best_fixed_and_auto_ratio(report):
     curve = tables["cutoff"].set_index(["budget", "case"])["cutoff_layer"]
     assert curve[("rtx4090", "spmoe_off")] == -1 and curve[("rtx4090", "spmoe_all")] == 7  # depth 8 -> L* = 7
     assert curve[("a100_40g", "spmoe_all")] == 7
-    assert (out / "cutoff.png").stat().st_size > 1000
+    assert (out / "cutoff.png").stat().st_size > 1000 and (out / "methods.png").stat().st_size > 1000
     assert pd.read_csv(out / "cutoff.csv").shape[0] == len(tables["cutoff"]) == 11
     assert "spmoe_L3" in (out / "cutoff.md").read_text()
 
