@@ -85,6 +85,7 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--expert-noise", type=float, default=0.02, help="routing=model: the twin's expert noise")
     ap.add_argument("--budgets", "--budget-hardware", default="rtx4090", help="hardware presets, comma-separated")
     ap.add_argument("--num-slots", type=int, default=None, help="cap the cache (CPU runs)")
+    ap.add_argument("--pace-pcie", action="store_true", help="pace copies to each budget's pcie_gb_per_s")
     ap.add_argument("--cases", default=DEFAULT_CASES)
     ap.add_argument("--first-budget-cases", default="", help="cases run at the first budget only")
     ap.add_argument("--warmup-tokens", type=int, default=8, help="untimed GPU-resident warm-up (with and without SD)")
@@ -97,7 +98,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out = Path(args.out)
     full = load_preset("hardware", "h200" if args.device == "cuda" else "cpu", device=args.device)
-    budgets = [load_preset("hardware", b, device=args.device) for b in args.budgets.split(",") if b]
+    budgets = [load_preset("hardware", b, device=args.device, pace_pcie=args.pace_pcie)
+               for b in args.budgets.split(",") if b]
     if args.routing == "replay":  # routes come from the trace: random weights cost the same compute
         model = load_preset("model", args.model, weights="random")
         routing = RoutingConfig(name="replay", trace_path=args.trace)
@@ -149,7 +151,9 @@ def main() -> None:
                     "max_new_tokens": args.max_new_tokens, "num_moe_layers": len(session.target.layout.moe_layers),
                     "pinned_gb_per_s": bw, "build_s": build_s, "budget": hw.name, "budget_gib": hw.gpu_budget_gib,
                     "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                    "note": f"{hw.name} budget ({hw.gpu_budget_gib} GiB) emulated on a larger GPU (memory only, PCIe not paced)"}
+                    "pcie_paced_gb_per_s": hw.pcie_gb_per_s if hw.pace_pcie else None,
+                    "note": f"{hw.name} budget ({hw.gpu_budget_gib} GiB) emulated on a larger GPU" + (
+                        f" (PCIe paced to {hw.pcie_gb_per_s} GB/s)" if hw.pace_pcie else " (memory only, PCIe not paced)")}
             tables.append(write_tables(out / hw.name, summaries, meta, bw))
     finally:
         session.close()

@@ -339,6 +339,7 @@ def summarize_run(session: Session, method: MethodConfig, hardware: HardwareConf
         "dataset": cfg.dataset.name,
         "hardware": hardware.name,
         "hardware_emulated": hardware.emulated,
+        "pcie_paced_gb_per_s": hardware.pcie_gb_per_s if hardware.pace_pcie and spec.offloads else None,
         "weights": cfg.model.weights,
         "twin_expert_noise": cfg.model.twin.expert_noise if cfg.model.weights == "twin" else None,
         "dtype": cfg.model.dtype,

@@ -125,7 +125,8 @@ class HardwareConfig:
     name: str = "cpu"
     device: str = "cpu"
     gpu_budget_gib: float | None = None  # None: no budget (the whole device)
-    pcie_gb_per_s: float | None = None  # the emulated card's PCIe bandwidth (recorded; pacing comes later)
+    pcie_gb_per_s: float | None = None  # the emulated card's PCIe bandwidth
+    pace_pcie: bool = False  # stretch every expert copy to pcie_gb_per_s (spmoe.offload.pacing)
     reserve_mib: float = 512.0  # CUDA workspaces, allocator fragmentation and temporaries
     emulated: bool = False
 

@@ -29,7 +29,7 @@ def on_demand_runtime(ctx: MethodContext, num_slots: int, eviction: str, preload
     if preload and num_slots < len(layout.keys):
         raise ValueError(f"preloading {len(layout.keys)} experts needs as many slots, got {num_slots}")
     cache = ExpertCache(num_slots, layout.expert_numel, layout.dtype, ctx.device, make_policy(eviction, layout.moe_layers))
-    transfer = TransferEngine(ctx.device, num_slots)
+    transfer = TransferEngine(ctx.device, num_slots, pace_gb_per_s(ctx))
     events = ExpertEventLog()
     if preload:
         for key in layout.keys:
@@ -50,7 +50,7 @@ def prefetch_runtime(ctx: MethodContext, policy: EvictionPolicy, num_slots: int,
     and closer. Listener order: the provider first, so a step is open before predictions arrive."""
     layout, mcfg = ctx.target.layout, ctx.cfg.method
     cache = ExpertCache(num_slots, layout.expert_numel, layout.dtype, ctx.device, policy, slots_per_layer)
-    transfer = TransferEngine(ctx.device, num_slots)
+    transfer = TransferEngine(ctx.device, num_slots, pace_gb_per_s(ctx))
     events = ExpertEventLog()
     provider = PrefetchProvider(cache, ctx.target.store, transfer, events, mcfg.worker_thread, mcfg.batched_io,
                                 mcfg.timeout_s)
@@ -59,6 +59,16 @@ def prefetch_runtime(ctx: MethodContext, policy: EvictionPolicy, num_slots: int,
                       prefetch_counts=provider.take_counts)
     runtime.closers += [lambda: _free(cache, ctx.device), provider.close]  # closers run last-added first
     return runtime, provider
+
+
+def pace_gb_per_s(ctx: MethodContext) -> float | None:
+    """The emulated PCIe bandwidth when `hardware.pace_pcie` is on (else None: the real link)."""
+    hw = ctx.cfg.hardware
+    if not hw.pace_pcie:
+        return None
+    if not hw.pcie_gb_per_s:
+        raise ValueError(f"hardware.pace_pcie=true needs hardware.pcie_gb_per_s (hardware {hw.name!r} has none)")
+    return hw.pcie_gb_per_s
 
 
 def _free(cache: ExpertCache, device: torch.device) -> None:

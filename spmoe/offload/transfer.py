@@ -12,6 +12,8 @@ events:
 Timing uses extra events, harvested only once they have completed: copy time (for achieved
 bandwidth) and *stall* time (the compute stream blocked on an in-flight copy).
 On CPU, copies are synchronous; the whole copy is stall.
+With `pace_gb_per_s`, every copy is stretched to bytes / that bandwidth and all copies share one
+emulated link (`spmoe.offload.pacing`); copy and stall times then include the padding.
 
 Invariant: every `load` is followed by `wait_ready` before the slot is read, and every read
 is followed by `release` before the slot can be reloaded. `load` and `collect` may be called
@@ -22,9 +24,12 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+
+from spmoe.offload.pacing import Pacer
 
 
 @dataclass
@@ -40,8 +45,9 @@ class TransferStats:
 
 
 class TransferEngine:
-    def __init__(self, device: torch.device, num_slots: int):
+    def __init__(self, device: torch.device, num_slots: int, pace_gb_per_s: float | None = None):
         self.device = device
+        self.pacer = Pacer(device, pace_gb_per_s) if pace_gb_per_s else None
         self.cuda = device.type == "cuda"
         self._pending = TransferStats()
         self._copy_spans: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
@@ -62,6 +68,8 @@ class TransferEngine:
         if not self.cuda:
             t0 = time.perf_counter()
             dst.copy_(src)
+            if self.pacer:
+                self.pacer.pad_host(nbytes, (time.perf_counter() - t0) * 1e3)
             ms = (time.perf_counter() - t0) * 1e3
             with self._lock:
                 self._pending.h2d_bytes += nbytes
@@ -69,14 +77,20 @@ class TransferEngine:
                 self._pending.stall_ms += 0.0 if prefetch else ms
             return
         stream = self.prefetch_stream if prefetch else self.copy_stream
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), self.pacer.lock if self.pacer else nullcontext():
             if self._freed[slot]:
                 stream.wait_event(self.free[slot])
+            if self.pacer:
+                self.pacer.wait(stream)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             dst.copy_(src, non_blocking=True)
+            if self.pacer:
+                self.pacer.pad(nbytes)  # the slot is "ready" when the emulated link would deliver it
             end.record()
             self.ready[slot].record()
+            if self.pacer:
+                self.pacer.mark(end)
         with self._lock:
             self._pending.h2d_bytes += nbytes
             self._copy_spans.append((start, end))
