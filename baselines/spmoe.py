@@ -49,7 +49,6 @@ from spmoe.predict.recall import predictor_recall
 from spmoe.spec.kv import cache_kwarg
 from spmoe.strategy import MethodContext, Runtime, register_strategy
 from spmoe.trace.accuracy import trace_layer_recall
-from spmoe.trace.routing import load_trace
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +101,8 @@ def measure_profile(ctx: MethodContext, cache: ExpertCache, transfer: TransferEn
 def measure_recall(ctx: MethodContext, maps: dict[int, torch.Tensor] | None) -> list[float] | None:
     """r_l per MoE layer: from the routing trace under `routing=replay`, else on calibration sequences."""
     cfg, layout = ctx.cfg, ctx.target.layout
-    if cfg.routing.name == "replay":
-        return trace_layer_recall(load_trace(cfg.routing.trace_path), len(layout.moe_layers))
+    if ctx.routing_trace is not None:
+        return trace_layer_recall(ctx.routing_trace, len(layout.moe_layers))
     vocab = ctx.target.model.config.vocab_size
     gen = torch.Generator().manual_seed(cfg.seed + 23456)  # never the evaluation prompts, nor the maps' sequences
     sequences = torch.randint(3, vocab, (4, 64), generator=gen).tolist()

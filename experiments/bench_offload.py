@@ -100,15 +100,15 @@ def main() -> None:
     full = load_preset("hardware", "h200" if args.device == "cuda" else "cpu", device=args.device)
     budgets = [load_preset("hardware", b, device=args.device, pace_pcie=args.pace_pcie)
                for b in args.budgets.split(",") if b]
+    draft = load_preset("draft", args.draft)
     if args.routing == "replay":  # routes come from the trace: random weights cost the same compute
         model = load_preset("model", args.model, weights="random")
         routing = RoutingConfig(name="replay", trace_path=args.trace)
     else:  # a draft copied from the target (int8_self) predicts a random target as well as a twin
-        draft = load_preset("draft", args.draft)
         weights = "random" if draft.copy_of_target else "twin"
         model = load_preset("model", args.model, weights=weights, twin=TwinConfig(expert_noise=args.expert_noise))
         routing = RoutingConfig()
-    cfg = RunConfig(model=model, draft=load_preset("draft", args.draft), dataset=load_preset("dataset", args.dataset),
+    cfg = RunConfig(model=model, draft=draft, dataset=load_preset("dataset", args.dataset),
                     method=MethodConfig(name="gpu_resident_sd"), hardware=full, spec=SpecConfig(num_draft_tokens=args.k),
                     max_new_tokens=args.max_new_tokens, num_prompts=args.num_prompts, routing=routing)
     bw = pinned_bandwidth_gb_per_s(torch.device(args.device)) if args.device == "cuda" else float("nan")

@@ -183,7 +183,8 @@ class Session:
         plan = self.plan(hardware, method.name)
         cfg = replace(self.cfg, method=method, hardware=hardware, max_new_tokens=max_new_tokens,
                       spec=spec_cfg or self.cfg.spec)
-        ctx = MethodContext(cfg, self.target, self.device, plan, self.draft if spec.speculative else None)
+        ctx = MethodContext(cfg, self.target, self.device, plan, self.draft if spec.speculative else None,
+                            self.routing_trace)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -280,9 +281,8 @@ def open_session(cfg: RunConfig) -> Session:
         if not cfg.routing.trace_path:
             raise ValueError("routing=replay needs routing.trace_path (a routing_trace.npz or a run directory)")
         routing_trace = load_trace(cfg.routing.trace_path)
-        RouteReplay(routing_trace, layout, spec.speculative, cfg.spec.num_draft_tokens)  # mismatches fail here
-        prompts = RouteReplay(routing_trace, layout, False, 0).prompts(hf_cfg.vocab_size, cfg.num_prompts,
-                                                                         cfg.max_new_tokens)
+        replay = RouteReplay(routing_trace, layout, spec.speculative, cfg.spec.num_draft_tokens)  # mismatches fail here
+        prompts = replay.prompts(hf_cfg.vocab_size, cfg.num_prompts, cfg.max_new_tokens)
     elif cfg.routing.name == "model":
         prompts = load_prompts(cfg.dataset, tokenizer, hf_cfg.vocab_size, cfg.num_prompts, cfg.seed)
     else:

@@ -30,6 +30,7 @@ class MethodContext:
     device: torch.device
     plan: MemoryPlan
     draft: nn.Module | None = None  # the session's draft model (SD methods)
+    routing_trace: object = None  # routing=replay: the loaded RoutingTrace (spmoe.trace.routing)
 
 
 class StepListener(Protocol):

@@ -48,6 +48,7 @@ class TransferEngine:
     def __init__(self, device: torch.device, num_slots: int, pace_gb_per_s: float | None = None):
         self.device = device
         self.pacer = Pacer(device, pace_gb_per_s) if pace_gb_per_s else None
+        self._issue_lock = self.pacer.lock if self.pacer else nullcontext()  # pacing: one FIFO link
         self.cuda = device.type == "cuda"
         self._pending = TransferStats()
         self._copy_spans: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
@@ -77,7 +78,7 @@ class TransferEngine:
                 self._pending.stall_ms += 0.0 if prefetch else ms
             return
         stream = self.prefetch_stream if prefetch else self.copy_stream
-        with torch.cuda.stream(stream), self.pacer.lock if self.pacer else nullcontext():
+        with torch.cuda.stream(stream), self._issue_lock:
             if self._freed[slot]:
                 stream.wait_event(self.free[slot])
             if self.pacer:

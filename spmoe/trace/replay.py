@@ -60,6 +60,8 @@ class RouteReplay:
         self._map = [map_layer(i, num_layers, trace.num_layers) for i in range(num_layers)]
         self._plans = [self._plan(p) for p in range(trace.num_prompts)]
         self._prompt, self._row = -1, None
+        self._step: tuple[torch.Tensor, torch.Tensor | None] | None = None  # the row's routes, weights [T, L, A]
+        self._device_step: tuple | None = None  # the same on the model's device
         self._handles: list = []
 
     def _plan(self, prompt: int) -> list[dict]:
@@ -96,30 +98,22 @@ class RouteReplay:
 
     def _replace(self, layer: int, out: tuple) -> tuple:
         *head, weights, index = out
-        routes, replayed_weights = self.routes(layer), self.weights(layer)  # [T, A] each (weights or None)
-        t = index.shape[0]
+        self._current()
+        if self._device_step is None or self._device_step[0].device != index.device:  # once per step
+            self._device_step = tuple(None if x is None else x.to(index.device) for x in self._step)
+        routes, step_weights = self._device_step
+        t, i = index.shape[0], self._ordinal[layer]
         if routes.shape[0] < t:
             raise TraceError(f"routing replay out of step: layer {layer} forwards {t} positions,"
                              f" the trace row holds {routes.shape[0]}")
-        if replayed_weights is not None:  # [:t]: a last step may draft fewer than the trace's k
-            weights = replayed_weights[:t].to(weights.device, weights.dtype)
-        return (*head, weights, routes[:t].to(index.device, index.dtype))
+        if step_weights is not None:  # [:t]: a last step may draft fewer than the trace's k
+            weights = step_weights[:t, i].to(weights.dtype)
+        return (*head, weights, routes[:t, i].to(index.dtype))
 
     def _current(self) -> dict:
         if self._row is None:
             raise TraceError("routing replay: a target forward outside an engine step")
         return self._row
-
-    def routes(self, layer: int) -> torch.Tensor:
-        row = self._current()
-        m = self._map[self._ordinal[layer]]
-        return torch.from_numpy(self.trace.routes[row["positions"], m].astype(np.int64))  # [T, A]
-
-    def weights(self, layer: int) -> torch.Tensor | None:
-        if self.trace.route_weights is None:
-            return None
-        m = self._map[self._ordinal[layer]]
-        return torch.from_numpy(self.trace.route_weights[self._current()["positions"], m].astype(np.float32))  # [T, A]
 
     def predicted(self, layer: int, position: int) -> torch.Tensor | None:
         """The trace's draft-side prediction [1, P] for draft token `position` at `layer`, or None."""
@@ -153,6 +147,11 @@ class RouteReplay:
         if step >= len(plan):
             raise TraceError(f"routing replay: prompt {self._prompt} needs step {step}; the trace has {len(plan)}")
         self._row = plan[step]
+        rows = self._row["positions"]
+        routes = torch.from_numpy(self.trace.routes[rows][:, self._map].astype(np.int64))  # [T, L, A]
+        weights = None if self.trace.route_weights is None else torch.from_numpy(
+            self.trace.route_weights[rows][:, self._map].astype(np.float32))  # [T, L, A]
+        self._step, self._device_step = (routes, weights), None  # gathered once per step, not per layer
 
     def end_step(self) -> None:
         pass
