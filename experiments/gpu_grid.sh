@@ -31,7 +31,8 @@ mixtral_offloading_nosd,moe_infinity,moe_infinity_nosd,adapmoe,adapmoe_nosd --ma
       --max-new-tokens 100 --out "$out/twin_main" ;;
   deepseek)  # #4: DeepSeek-V2-Lite shape, int8 self-draft (15.9 GB: 16 GiB cannot hold it and the target), 24 GiB
     $bench --model deepseek_v2_lite --draft int8_self --routing model --budgets rtx4090 \
-      --cases lru_nosd,lru,spmoe,spmoe_noworker,spmoe_nobatch,spmoe_all --max-new-tokens 100 --out "$out/deepseek" ;;
+      --cases lru_nosd,lru,spmoe,spmoe_noworker,spmoe_nobatch,spmoe_all --max-new-tokens 100 --repeat-reference \
+      --out "$out/deepseek" ;;
   followup_replay)  # #4/#5 re-measurements: AdapMoE with gating on the replayed weights (format-2 trace),
     #                  spmoe's auto cutoff with the version-3 profiler at 24 and 40 GiB
     $bench --routing replay --trace $trace --budgets rtx4090,a100_40g --cases lru,spmoe,adapmoe,adapmoe_nosd \
@@ -41,7 +42,7 @@ mixtral_offloading_nosd,moe_infinity,moe_infinity_nosd,adapmoe,adapmoe_nosd --ma
       --max-new-tokens 100 --out "$out/paced_replay" ;;
   deepseek16)  # #4: DeepSeek-V2-Lite shape at 16 GiB with the int4 self-draft (8.7 GiB with its workspace)
     $bench --model deepseek_v2_lite --draft int4_self --routing model --budgets rtx4080 \
-      --cases lru_nosd,lru,spmoe,spmoe_noworker --max-new-tokens 100 --out "$out/deepseek16" ;;
+      --cases lru_nosd,lru,spmoe,spmoe_noworker,spmoe_all --max-new-tokens 100 --out "$out/deepseek16" ;;
   *) echo "unknown stage $stage; valid: replay_main replay_cutoff replay_baselines twin_main deepseek deepseek16 followup_replay paced_replay" >&2
      exit 2 ;;
 esac

@@ -45,14 +45,17 @@ class ExpertCache:
         self._key_of: list[ExpertKey | None] = [None] * num_slots
         self._partition = slots_per_layer
         self._free_of: dict[int | None, list[int]] = {}
+        self._pool_of_slot: list[int | None] = [None] * num_slots
         if slots_per_layer is None:
             self._free_of[None] = list(range(num_slots - 1, -1, -1))  # pop() hands out slot 0 first
         else:
             start = 0
             for layer, n in slots_per_layer.items():
                 self._free_of[layer] = list(range(start + n - 1, start - 1, -1))
+                self._pool_of_slot[start:start + n] = [layer] * n
                 start += n
         self._pins: Counter[int] = Counter()
+        self._evictable_in: Counter[int | None] = Counter()  # pool -> resident, unpinned slots (O(1) can_admit)
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -96,8 +99,8 @@ class ExpertCache:
         """Whether `key` (any key, unpartitioned) could get a slot now (a free one, or an unpinned victim)."""
         pool = None if key is None else self._pool(key)
         if self._partition is not None and key is None:
-            return any(self._free_of.values()) or bool(self._candidates(None))
-        return bool(self._free_of[pool]) or bool(self._candidates(pool))
+            return any(self._free_of.values()) or any(self._evictable_in.values())
+        return bool(self._free_of[pool]) or self._evictable_in[pool] > 0
 
     def admit(self, key: ExpertKey, count_miss: bool = True) -> tuple[int, ExpertKey | None]:
         """Make room for a missing `key`: (its slot, the evicted key or None).
@@ -117,6 +120,8 @@ class ExpertCache:
             slot = self._slot_of.pop(evicted)
             self.policy.on_evict(evicted)
             self.evictions += 1
+            self._evictable_in[pool] -= 1
+        self._evictable_in[pool] += self._pins[slot] == 0
         self._slot_of[key] = slot
         self._key_of[slot] = key
         self.misses += int(count_miss)
@@ -137,9 +142,13 @@ class ExpertCache:
         return slot
 
     def pin(self, slot: int) -> None:
+        if self._pins[slot] == 0 and self._key_of[slot] is not None:
+            self._evictable_in[self._pool_of_slot[slot]] -= 1
         self._pins[slot] += 1
 
     def unpin(self, slot: int) -> None:
         if self._pins[slot] <= 0:
             raise ValueError(f"slot {slot} is not pinned")
         self._pins[slot] -= 1
+        if self._pins[slot] == 0 and self._key_of[slot] is not None:
+            self._evictable_in[self._pool_of_slot[slot]] += 1

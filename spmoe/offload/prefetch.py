@@ -21,7 +21,9 @@ on its event, counted as stall), *hit* (resident otherwise), *miss* (loaded on d
 high-priority stream). A *wasted* prefetch is one evicted, or left at the end, never used.
 
 Failure behaviour: an exception in the worker is re-raised on the main thread at its next call;
-every wait on the worker is bounded by `timeout_s` and becomes a TimeoutError.
+every wait of the main thread (on the worker, or inline on a prediction) is bounded by `timeout_s`
+and becomes a TimeoutError; the worker itself blocks GIL-free on predictions, and a worker stuck
+on a dead device surfaces as that timeout.
 Invariants: all cache bookkeeping happens under `self.lock`; protections of a step are all
 released by `end_step`, so no slot stays pinned across steps.
 """
@@ -128,6 +130,13 @@ class PrefetchProvider:
                     self._busy.clear()
 
     def _wait_event(self, event: torch.cuda.Event | None) -> None:
+        """Wait for a prediction's device->host copy. The worker blocks in `synchronize`, which
+        releases the GIL: a polling loop would wake every few microseconds and take the GIL from
+        the decode thread at each of its torch calls (a convoy that cost DeepSeek-V2-Lite 40% of
+        its TPOT). Its bound is the main thread's: `wait_idle` times out on a stuck worker."""
+        if event is not None and threading.current_thread() is self._worker:
+            event.synchronize()
+            return
         deadline = time.monotonic() + self.timeout_s
         while event is not None and not event.query():
             if time.monotonic() > deadline:

@@ -108,3 +108,31 @@ def test_layer_distance_evicts_the_layer_needed_last():
     # layer distance keeps (0,0): after layer 2, layer 0 comes next; the just-used layer goes
     assert evicted[0] == (1, 0)  # (2,0) admitted right after layer 1 was computed -> layer 1 is farthest
     assert (ld.hits, ld.misses) == (3, 6)
+
+
+@pytest.mark.parametrize("partition", [None, {0: 2, 1: 3}])
+def test_can_admit_matches_a_scan_of_the_slots(partition):
+    """`can_admit` keeps O(1) counts of evictable slots; they agree with scanning every slot
+    through random admits, pins and unpins."""
+    import random
+    rng = random.Random(0)
+    cache = ExpertCache(6, 4, torch.float32, "cpu", LruPolicy(), slots_per_layer=partition)
+    pinned: list[int] = []
+    for _ in range(400):
+        key = (rng.randrange(2), rng.randrange(6))
+        op = rng.random()
+        if op < 0.5 and key not in cache and cache.can_admit(key):
+            slot, _ = cache.admit(key)
+            if rng.random() < 0.5:
+                cache.pin(slot)
+                pinned.append(slot)
+        elif op < 0.7 and key in cache:
+            cache.pin(cache.slot_of(key))
+            pinned.append(cache.slot_of(key))
+        elif pinned:
+            cache.unpin(pinned.pop(rng.randrange(len(pinned))))
+        for layer in (0, 1):
+            pool = layer if partition else None
+            scan = bool(cache._free_of[pool]) or any(
+                cache._pins[s] == 0 and (pool is None or k[0] == pool) for k, s in cache._slot_of.items())
+            assert cache.can_admit((layer, 0)) == scan

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -126,6 +127,24 @@ def test_a_stuck_prediction_times_out():
     provider.begin_step(1)
     with pytest.raises(TimeoutError, match="not ready"):
         provider.submit(PrefetchRequest(1, 0, 0, torch.tensor([[1]]), NeverReady()))
+
+
+def test_a_stuck_prediction_in_the_worker_times_out_on_the_main_thread():
+    release = threading.Event()
+
+    class Stuck:
+        def query(self):
+            return False
+
+        def synchronize(self):  # the worker blocks here without the GIL, as on a dead device
+            release.wait(10)
+
+    provider, cache, loads = make(slots=4, worker=True, timeout_s=0.05)
+    provider.begin_step(1)
+    provider.submit(PrefetchRequest(1, 0, 0, torch.tensor([[1]]), Stuck()))
+    with pytest.raises(TimeoutError, match="still busy"):
+        provider.end_step()
+    release.set()
 
 
 def test_worker_serves_earlier_layers_first():
