@@ -33,12 +33,12 @@ mixtral_offloading_nosd,moe_infinity,moe_infinity_nosd,adapmoe,adapmoe_nosd --ma
     $bench --model deepseek_v2_lite --draft int8_self --routing model --budgets rtx4090 \
       --cases lru_nosd,lru,spmoe,spmoe_noworker,spmoe_nobatch,spmoe_all --max-new-tokens 100 --repeat-reference \
       --out "$out/deepseek" ;;
-  followup_replay)  # #4/#5 re-measurements: AdapMoE with gating on the replayed weights (format-2 trace),
-    #                  spmoe's auto cutoff with the version-3 profiler at 24 and 40 GiB
-    $bench --routing replay --trace $trace --budgets rtx4090,a100_40g --cases lru,spmoe,adapmoe,adapmoe_nosd \
-      --max-new-tokens 100 --out "$out/followup_replay" ;;
+  followup_replay)  # #4/#5 re-measurements: AdapMoE with gating on the replayed weights (format-2 trace)
+    #                  at 24 GiB; spmoe's auto cutoff with the version-3 profiler at 24 and 40 GiB
+    $bench --routing replay --trace $trace --budgets rtx4090,a100_40g --cases lru,spmoe \
+      --first-budget-cases adapmoe,adapmoe_nosd --max-new-tokens 100 --out "$out/followup_replay" ;;
   paced_replay)  # the replay_main comparison with the emulated cards' PCIe Gen4 link (25 GB/s) paced
-    $bench --routing replay --trace $trace --budgets rtx4090,a100_40g --cases lru_nosd,lru,spmoe --pace-pcie \
+    $bench --routing replay --trace $trace --budgets rtx4090 --cases lru_nosd,lru,spmoe --pace-pcie \
       --max-new-tokens 100 --out "$out/paced_replay" ;;
   deepseek16)  # #4: DeepSeek-V2-Lite shape at 16 GiB with the int4 self-draft (8.7 GiB with its workspace)
     $bench --model deepseek_v2_lite --draft int4_self --routing model --budgets rtx4080 \
