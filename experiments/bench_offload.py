@@ -17,7 +17,8 @@ Cases: method names, plus SP-MoE variants `spmoe_L<n>` (fixed cutoff at MoE laye
 
 For every method: TPOT, acceptance, hit rate, prefetch coverage / waste, predictor accuracy,
 H2D bytes per token, and the two distance-to-the-limit ratios of DESIGN.md section 5:
-runtime efficiency = TPOT / (H2D bytes per token / pinned bandwidth + compute), where compute is
+runtime efficiency = TPOT / (H2D bytes per token / link bandwidth + compute), where the link is the
+measured pinned bandwidth (or, with `--pace-pcie`, the paced one) and compute is
 the GPU-resident TPOT of the same decoding mode (SD or not) measured in the same process, and
 policy efficiency = H2D bytes / Belady-oracle bytes for the run's own access sequence.
 Writes `<out>/<budget>/{main.csv,table.md,runs.json,meta.json}`; prints the tables last.
@@ -71,8 +72,23 @@ def method_for(case: str, num_slots: int | None) -> MethodConfig:
     return MethodConfig(name=case, num_slots=num_slots)
 
 
-def _args() -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def session_config(args: argparse.Namespace, full) -> RunConfig:
+    """The run config every case of a benchmark shares (model, draft, routing, prompts)."""
+    draft = load_preset("draft", args.draft)
+    if args.routing == "replay":  # routes come from the trace: random weights cost the same compute
+        model = load_preset("model", args.model, weights="random")
+        routing = RoutingConfig(name="replay", trace_path=args.trace)
+    else:  # a draft copied from the target (int8_self) predicts a random target as well as a twin
+        weights = "random" if draft.copy_of_target else "twin"
+        model = load_preset("model", args.model, weights=weights, twin=TwinConfig(expert_noise=args.expert_noise))
+        routing = RoutingConfig()
+    return RunConfig(model=model, draft=draft, dataset=load_preset("dataset", args.dataset),
+                     method=MethodConfig(name="gpu_resident_sd"), hardware=full,
+                     spec=SpecConfig(num_draft_tokens=args.k), max_new_tokens=args.max_new_tokens,
+                     num_prompts=args.num_prompts, routing=routing)
+
+
+def add_session_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default="mixtral")
     ap.add_argument("--draft", default="mistral_7b")
     ap.add_argument("--dataset", default="humaneval")
@@ -83,6 +99,11 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--routing", choices=("model", "replay"), default="model")
     ap.add_argument("--trace", default="results/real_pair/traces/humaneval_k1.npz", help="routing=replay: the trace")
     ap.add_argument("--expert-noise", type=float, default=0.02, help="routing=model: the twin's expert noise")
+
+
+def _args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_session_args(ap)
     ap.add_argument("--budgets", "--budget-hardware", default="rtx4090", help="hardware presets, comma-separated")
     ap.add_argument("--num-slots", type=int, default=None, help="cap the cache (CPU runs)")
     ap.add_argument("--pace-pcie", action="store_true", help="pace copies to each budget's pcie_gb_per_s")
@@ -101,17 +122,8 @@ def main() -> None:
     full = load_preset("hardware", "h200" if args.device == "cuda" else "cpu", device=args.device)
     budgets = [load_preset("hardware", b, device=args.device, pace_pcie=args.pace_pcie)
                for b in args.budgets.split(",") if b]
-    draft = load_preset("draft", args.draft)
-    if args.routing == "replay":  # routes come from the trace: random weights cost the same compute
-        model = load_preset("model", args.model, weights="random")
-        routing = RoutingConfig(name="replay", trace_path=args.trace)
-    else:  # a draft copied from the target (int8_self) predicts a random target as well as a twin
-        weights = "random" if draft.copy_of_target else "twin"
-        model = load_preset("model", args.model, weights=weights, twin=TwinConfig(expert_noise=args.expert_noise))
-        routing = RoutingConfig()
-    cfg = RunConfig(model=model, draft=draft, dataset=load_preset("dataset", args.dataset),
-                    method=MethodConfig(name="gpu_resident_sd"), hardware=full, spec=SpecConfig(num_draft_tokens=args.k),
-                    max_new_tokens=args.max_new_tokens, num_prompts=args.num_prompts, routing=routing)
+    cfg = session_config(args, full)
+    model = cfg.model
     bw = pinned_bandwidth_gb_per_s(torch.device(args.device)) if args.device == "cuda" else float("nan")
     t0 = time.perf_counter()
     session = open_session(cfg)
@@ -155,7 +167,8 @@ def main() -> None:
                     "pcie_paced_gb_per_s": hw.pcie_gb_per_s if hw.pace_pcie else None,
                     "note": f"{hw.name} budget ({hw.gpu_budget_gib} GiB) emulated on a larger GPU" + (
                         f" (PCIe paced to {hw.pcie_gb_per_s} GB/s)" if hw.pace_pcie else " (memory only, PCIe not paced)")}
-            tables.append(write_tables(out / hw.name, summaries, meta, bw))
+            link_gb_per_s = hw.pcie_gb_per_s if hw.pace_pcie else bw  # the floor is the link the copies ran on
+            tables.append(write_tables(out / hw.name, summaries, meta, link_gb_per_s))
         if args.repeat_reference:  # the references again, last: is their TPOT a first-run artefact?
             again: dict[str, dict] = {}
             for name in ("gpu_resident", "gpu_resident_sd"):
