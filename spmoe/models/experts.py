@@ -84,21 +84,26 @@ class OffloadedExperts(nn.Module):
         self.provider = provider
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        # T = tokens, A = experts per token, H = hidden
+        # T = tokens, A = experts per token, H = hidden, R = T * A routes
         num_tokens, top_k = top_k_index.shape
         # NOTE: one device->host sync per layer: the copies are issued from the CPU, so it must know the ids.
         index_cpu = top_k_index.cpu()  # [T, A]
+        sorted_ids, order = torch.sort(index_cpu.flatten(), stable=True)  # [R]: routes grouped by expert, row-major within
+        ids, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+        ends = counts.cumsum(0).tolist()
         # ids outside [0, E) mean "no expert" (transformers' sentinel is E; adaptive gating uses it)
-        expert_ids = [e for e in torch.unique(index_cpu).tolist() if 0 <= e < self.layout.num_experts]
+        span = {e: (end - n, end) for e, n, end in zip(ids.tolist(), counts.tolist(), ends) if 0 <= e < self.layout.num_experts}
         ys = hidden_states.new_zeros(num_tokens, top_k, hidden_states.shape[-1])  # [T, A, H]
-        device = hidden_states.device
-        for e, flat in self.provider.experts_for(self.layer_idx, expert_ids, index_cpu):
+        if num_tokens > 1:
+            order_d = order.to(hidden_states.device)  # one host->device copy per layer, sliced per expert
+            rows_all, pos_all = order_d // top_k, order_d % top_k  # [R] each
+        for e, flat in self.provider.experts_for(self.layer_idx, list(span), index_cpu):
             gate_up, down = self.layout.split(flat)
-            rows, pos = torch.where(index_cpu == e)  # CPU: no sync
+            start, end = span[e]
             if num_tokens == 1:
-                ys[0, pos.item()] = expert_mlp(hidden_states, gate_up, down, self.act_fn)[0]
+                ys[0, int(order[start])] = expert_mlp(hidden_states, gate_up, down, self.act_fn)[0]
             else:
-                rows_d, pos_d = rows.to(device), pos.to(device)
+                rows_d, pos_d = rows_all[start:end], pos_all[start:end]
                 ys[rows_d, pos_d] = expert_mlp(hidden_states[rows_d], gate_up, down, self.act_fn)
         out = (ys.float() * top_k_weights.float()[..., None]).sum(dim=1)  # [T, H], fixed summation order
         return out.to(hidden_states.dtype)

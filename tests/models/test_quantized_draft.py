@@ -113,5 +113,7 @@ def test_deepseek_v2_lite_16gib_fits_int4_self_not_int8_self():
     assert 0 < plan.num_slots < plan.num_experts_total
     used = plan.non_expert_bytes + plan.draft_bytes + plan.kv_bytes + plan.activation_bytes + plan.reserve_bytes
     assert used + plan.num_slots * plan.expert_bytes <= plan.budget_bytes
+    with pytest.raises(BudgetError, match="too small"):  # the paper's 8 GB setting: not even the int4 draft fits
+        int4.plan(replace(int4.cfg.hardware, gpu_budget_gib=8), "spmoe")
     # and at 24 GiB the int8 copy fits again (rtx4090), as the existing DeepSeek runs do
     assert int8.plan(replace(int8.cfg.hardware, gpu_budget_gib=24), "spmoe").num_slots > 0
