@@ -11,7 +11,7 @@ Routing: `model` runs a twinned pair (the target's experts = the draft's FFN + n
 draft's hidden states predict the target's routes); `replay` runs random weights whose routes,
 acceptance outcomes and predictions are replayed from a recorded trace (`spmoe.trace.replay`).
 Cases: method names, plus SP-MoE variants `spmoe_L<n>` (fixed cutoff at MoE layer n), `spmoe_all`,
-`spmoe_off`, `spmoe_lru` (LRU eviction), `spmoe_noworker`, `spmoe_nobatch`, `spmoe_attn_out`,
+`spmoe_off`, `spmoe_lru` (LRU eviction), `spmoe_er` (expected_reuse eviction), `spmoe_noworker`, `spmoe_nobatch`, `spmoe_attn_out`,
 `spmoe_residual` (capture points; meaningless under replay, whose predictions are recorded).
 `--cases` run at every budget, `--first-budget-cases` (cutoff sweep, ablations) at the first only.
 
@@ -51,6 +51,7 @@ DEFAULT_CASES = ("lru_nosd,lru,spmoe,spmoe_lru,spmoe_all,spmoe_off,mixtral_offlo
 
 ABLATIONS = {
     "spmoe_lru": {"eviction": "lru"},  # the paper's LRU cache instead of layer-distance eviction
+    "spmoe_er": {"eviction": "expected_reuse"},  # estimated-next-use eviction (experiments.eviction_sim)
     "spmoe_noworker": {"worker_thread": False},
     "spmoe_nobatch": {"batched_io": False},
     "spmoe_attn_out": {"capture_point": "attn_out"},

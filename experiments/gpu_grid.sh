@@ -4,7 +4,7 @@
 #
 #   bash experiments/gpu_grid.sh <stage> [out_root]        stages: replay_main replay_cutoff
 #                                                                    replay_baselines twin_main deepseek deepseek16
-#                                                                    followup_replay paced_replay
+#                                                                    followup_replay paced_replay eviction_replay
 # Replay stages run a Mixtral-8x7B-shape model with random weights whose routing, acceptance and
 # predictions come from the real SmolLM2 pair's HumanEval trace (30 layers mapped onto 32).
 # Afterwards: python -m experiments.report_offload <out_root>/replay_main/* ... --out <out_root>/report
@@ -40,9 +40,12 @@ mixtral_offloading_nosd,moe_infinity,moe_infinity_nosd,adapmoe,adapmoe_nosd --ma
   paced_replay)  # the replay_main comparison with the emulated cards' PCIe Gen4 link (25 GB/s) paced
     $bench --routing replay --trace $trace --budgets rtx4090 --cases lru_nosd,lru,spmoe --pace-pcie \
       --max-new-tokens 100 --out "$out/paced_replay" ;;
+  eviction_replay)  # expected_reuse eviction (best in experiments.eviction_sim) against layer_distance, 24 and 40 GiB
+    $bench --routing replay --trace $trace --budgets rtx4090,a100_40g --cases lru,spmoe,spmoe_er \
+      --max-new-tokens 100 --out "$out/eviction_replay" ;;
   deepseek16)  # #4: DeepSeek-V2-Lite shape at 16 GiB with the int4 self-draft (8.7 GiB with its workspace)
     $bench --model deepseek_v2_lite --draft int4_self --routing model --budgets rtx4080 \
       --cases lru_nosd,lru,spmoe,spmoe_noworker,spmoe_all --max-new-tokens 100 --out "$out/deepseek16" ;;
-  *) echo "unknown stage $stage; valid: replay_main replay_cutoff replay_baselines twin_main deepseek deepseek16 followup_replay paced_replay" >&2
+  *) echo "unknown stage $stage; valid: replay_main replay_cutoff replay_baselines twin_main deepseek deepseek16 followup_replay paced_replay eviction_replay" >&2
      exit 2 ;;
 esac

@@ -44,7 +44,8 @@ SUMMARY_KEYS = {"tpot_ms": "tpot_ms", "acceptance": "acceptance_rate", "tau": "m
                 "top1": "predictor_top1_accuracy", "recall": "predictor_recall", "h2d_gb_per_s": "h2d_gb_per_s",
                 "num_slots": "num_slots", "policy_eff": "policy_efficiency", "within_budget": "within_budget",
                 "agree_ref": "token_agreement", "error": "error"}
-ABLATIONS = {"spmoe_lru": "LRU eviction instead of layer_distance", "spmoe_noworker": "worker thread off",
+ABLATIONS = {"spmoe_lru": "LRU eviction instead of layer_distance",
+             "spmoe_er": "expected_reuse eviction instead of layer_distance", "spmoe_noworker": "worker thread off",
              "spmoe_nobatch": "batched I/O off", "spmoe_attn_out": "draft hidden captured at attn_out",
              "spmoe_residual": "draft hidden captured at residual"}
 METHOD_ORDER = ("gpu_resident", "lru", "spmoe", "mixtral_offloading", "moe_infinity", "adapmoe")

@@ -105,7 +105,7 @@ class MethodConfig:
     Prefetch knobs are read only by prefetching methods (spmoe and the baselines with prefetch)."""
 
     name: str = "gpu_resident"
-    eviction: str = "lru"  # lru | lfu
+    eviction: str = "lru"  # lru | lfu | layer_distance | expected_reuse (spmoe.offload.eviction)
     num_slots: int | None = None  # cap on expert slots (default: all the memory plan allows)
     capture_point: str = "ffn_input"  # draft hidden fed to the target router: attn_out | residual | ffn_input
     predict_top_k: int | None = None  # experts predicted per draft token and layer (default: the target's top_k)

@@ -53,17 +53,19 @@ def test_sd_is_lossless_for_every_k(session, method, k):
     assert sum(r.num_emitted for g in gens for r in g.records) == 3 * session.cfg.max_new_tokens
 
 
-@pytest.mark.parametrize("eviction", ["lru", "lfu"])
+@pytest.mark.parametrize("method", ["lru_nosd", "spmoe"])
+@pytest.mark.parametrize("eviction", ["lru", "lfu", "layer_distance", "expected_reuse"])
 @pytest.mark.parametrize("slots_per_topk", [1, 2])
-def test_small_caches_stay_lossless_and_load(session, eviction, slots_per_topk):
+def test_small_caches_stay_lossless_and_load(session, method, eviction, slots_per_topk):
     top_k = session.target.layout.top_k
-    tokens, gens = _run(session, MethodConfig(name="lru_nosd", eviction=eviction, num_slots=top_k * slots_per_topk))
+    tokens, gens = _run(session, MethodConfig(name=method, eviction=eviction, num_slots=top_k * slots_per_topk))
     assert tokens == session.reference
     decode = [r for g in gens for r in g.records if r.phase == "decode"]
     misses = sum(len(ev.misses) for r in decode for ev in r.layers)
+    prefetched = sum(r.num_prefetched for r in decode)  # spmoe's speculative copies (0 for lru_nosd)
     bytes_moved = sum(r.h2d_bytes for r in decode)
     assert misses > 0
-    assert bytes_moved == misses * session.target.layout.expert_bytes
+    assert bytes_moved == (misses + prefetched) * session.target.layout.expert_bytes
 
 
 def test_events_account_for_every_routed_expert(session):

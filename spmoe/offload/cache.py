@@ -125,7 +125,7 @@ class ExpertCache:
         self._slot_of[key] = slot
         self._key_of[slot] = key
         self.misses += int(count_miss)
-        self.policy.touch(key)
+        self.policy.touch(key, demand=count_miss)
         return slot, evicted
 
     def access(self, key: ExpertKey) -> tuple[int, bool, ExpertKey | None]:

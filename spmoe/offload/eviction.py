@@ -12,6 +12,15 @@ serves, and names a victim among the evictable resident keys. Terms:
   largest distance (k.layer - current - 1) mod L, where `current` is the layer of the latest
   access; ties go to LFU then LRU. This is Belady's rule with the layer cycle standing in for
   perfect foresight (beyond the paper, which uses LRU).
+- expected_reuse: Belady's rule with the next use *estimated*. Let n = number of MoE layers, a
+  *visit* of layer l = one forward's accesses to it, V_l = visits so far, u_k = visits that used
+  key k, q_k = (u_k + 1) / (V_l + 2) its (smoothed) chance of being used at a visit, and
+  d_k = (k.layer - current - 1) mod n the layers until its layer's next visit. With visits
+  independent, the next use of k is E[next use] = d_k + n (1 / q_k - 1) layer visits away; evict
+  the largest. It weighs layer distance against frequency instead of ordering them (beyond the
+  paper; `experiments.eviction_sim` measures it against Belady on recorded routing).
+`touch(key, demand)`: `demand=False` marks a prefetch or preload admission, which is not a use;
+only expected_reuse distinguishes it (the other policies keep their measured behaviour).
 Invariant: `victim(candidates)` returns one of `candidates` and never mutates state.
 """
 
@@ -24,7 +33,7 @@ from spmoe.types import ExpertKey
 
 
 class EvictionPolicy(Protocol):
-    def touch(self, key: ExpertKey) -> None: ...
+    def touch(self, key: ExpertKey, demand: bool = True) -> None: ...
     def on_evict(self, key: ExpertKey) -> None: ...
     def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey: ...
 
@@ -34,7 +43,7 @@ class LruPolicy:
         self._clock = 0
         self._last_use: dict[ExpertKey, int] = {}
 
-    def touch(self, key: ExpertKey) -> None:
+    def touch(self, key: ExpertKey, demand: bool = True) -> None:
         self._clock += 1
         self._last_use[key] = self._clock
 
@@ -51,7 +60,7 @@ class LfuPolicy:
         self._last_use: dict[ExpertKey, int] = {}
         self._count: Counter[ExpertKey] = Counter()
 
-    def touch(self, key: ExpertKey) -> None:
+    def touch(self, key: ExpertKey, demand: bool = True) -> None:
         self._clock += 1
         self._last_use[key] = self._clock
         self._count[key] += 1
@@ -69,7 +78,7 @@ class LayerDistancePolicy(LfuPolicy):
         self._order = {layer: i for i, layer in enumerate(moe_layers)}
         self._current = len(self._order) - 1
 
-    def touch(self, key: ExpertKey) -> None:
+    def touch(self, key: ExpertKey, demand: bool = True) -> None:
         super().touch(key)
         self._current = self._order.get(key[0], self._current)
 
@@ -79,10 +88,44 @@ class LayerDistancePolicy(LfuPolicy):
                                               -self._count[k], -self._last_use.get(k, 0)))
 
 
-POLICIES = {"lru": LruPolicy, "lfu": LfuPolicy, "layer_distance": LayerDistancePolicy}
+class ExpectedReusePolicy:
+    def __init__(self, moe_layers: Iterable[int]):
+        self._order = {layer: i for i, layer in enumerate(moe_layers)}
+        self._current = len(self._order) - 1
+        self._visits = [0] * len(self._order)  # V_l
+        self._uses: Counter[ExpertKey] = Counter()  # u_k
+        self._last_visit: dict[ExpertKey, int] = {}
+
+    def touch(self, key: ExpertKey, demand: bool = True) -> None:
+        i = self._order.get(key[0])
+        if not demand or i is None:
+            return
+        if i != self._current:
+            self._current = i
+            self._visits[i] += 1
+        if self._last_visit.get(key) != self._visits[i]:
+            self._uses[key] += 1
+            self._last_visit[key] = self._visits[i]
+
+    def on_evict(self, key: ExpertKey) -> None:
+        pass  # use counts are kept: they estimate the expert's routing frequency, not its residency
+
+    def next_use(self, key: ExpertKey) -> float:
+        """Estimated layer visits until `key` is used again (the docstring's d_k + n (1/q_k - 1))."""
+        n, i = len(self._order), self._order[key[0]]
+        q = (self._uses[key] + 1) / (self._visits[i] + 2)
+        return (i - self._current - 1) % n + n * (1 / q - 1)
+
+    def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
+        return max(candidates, key=lambda k: (self.next_use(k), -self._last_visit.get(k, 0)))
+
+
+POLICIES = {"lru": LruPolicy, "lfu": LfuPolicy, "layer_distance": LayerDistancePolicy,
+            "expected_reuse": ExpectedReusePolicy}
+LAYER_AWARE = ("layer_distance", "expected_reuse")  # built from the model's MoE layer order
 
 
 def make_policy(name: str, moe_layers: Iterable[int] = ()) -> EvictionPolicy:
     if name not in POLICIES:
         raise ValueError(f"unknown eviction policy {name!r}; valid: {sorted(POLICIES)}")
-    return POLICIES[name](moe_layers) if name == "layer_distance" else POLICIES[name]()
+    return POLICIES[name](moe_layers) if name in LAYER_AWARE else POLICIES[name]()

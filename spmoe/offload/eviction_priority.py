@@ -77,7 +77,7 @@ class PriorityPolicy:
 
     # -- the EvictionPolicy protocol -------------------------------------------------------------
 
-    def touch(self, key: ExpertKey) -> None:
+    def touch(self, key: ExpertKey, demand: bool = True) -> None:
         with self._lock:
             self._clock += 1
             self._last_use[key] = self._clock

@@ -74,7 +74,7 @@ def test_preload_is_not_counted():
 def test_bad_input():
     with pytest.raises(ValueError, match="at least one slot"):
         ExpertCache(0, 4, torch.float32, "cpu", LruPolicy())
-    with pytest.raises(ValueError, match="valid: \\['layer_distance', 'lfu', 'lru'\\]"):
+    with pytest.raises(ValueError, match="valid: \\['expected_reuse', 'layer_distance', 'lfu', 'lru'\\]"):
         make_policy("fifo")
     cache = ExpertCache(1, 4, torch.float32, "cpu", LruPolicy())
     cache.access(A)
@@ -136,3 +136,33 @@ def test_can_admit_matches_a_scan_of_the_slots(partition):
             scan = bool(cache._free_of[pool]) or any(
                 cache._pins[s] == 0 and (pool is None or k[0] == pool) for k, s in cache._slot_of.items())
             assert cache.can_admit((layer, 0)) == scan
+
+
+def test_expected_reuse_weighs_frequency_against_layer_distance():
+    from spmoe.offload.eviction import ExpectedReusePolicy, LayerDistancePolicy
+
+    # three visits of layers 0, 1, 2; (0,1) was used at 1 of layer 0's 3 visits, (2,0) at all 3 of layer 2's
+    seq = [(0, 0), (0, 1), (1, 0), (2, 0), (0, 0), (1, 0), (2, 0), (0, 0), (1, 0), (2, 0)]
+    er, ld = ExpectedReusePolicy([0, 1, 2]), LayerDistancePolicy([0, 1, 2])
+    for key in seq:
+        er.touch(key)
+        ld.touch(key)
+    # next use = d + n (1/q - 1): (0,1): d=0, q=2/5 -> 4.5; (2,0): d=2, q=4/5 -> 2.75
+    assert er.next_use((0, 1)) == pytest.approx(4.5) and er.next_use((2, 0)) == pytest.approx(2.75)
+    assert er.victim([(0, 1), (2, 0)]) == (0, 1)  # rarely used, though its layer comes next
+    assert ld.victim([(0, 1), (2, 0)]) == (2, 0)  # layer distance only sees that layer 2 comes last
+    er.touch((1, 3), demand=False)  # a prefetch admission is not a use and not a visit
+    assert er.next_use((0, 1)) == pytest.approx(4.5) and er.next_use((1, 3)) == pytest.approx(1 + 3 * (5 - 1))
+
+
+def test_expected_reuse_counts_on_a_cache():
+    # 2 layers x (one hot expert + a new cold one every visit), 3 slots: the hot pair stays resident
+    seq = [key for v in range(6) for key in ((0, 0), (0, 1 + v), (1, 0), (1, 1 + v))]
+    er, _ = run(make_policy("expected_reuse", [0, 1]), seq, slots=3)
+    ld, _ = run(make_policy("layer_distance", [0, 1]), seq, slots=3)
+    lru, _ = run(LruPolicy(), seq, slots=3)
+    # by hand: ER keeps both hot experts from the third visit on (2 hits, 2 misses per visit);
+    # layer distance evicts the hot (0,0) whenever layer 0 is the farthest layer with a victim
+    assert (er.hits, er.misses) == (9, 15)
+    assert (ld.hits, ld.misses) == (7, 17)
+    assert (lru.hits, lru.misses) == (0, 24)
