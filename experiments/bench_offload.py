@@ -89,6 +89,11 @@ def session_config(args: argparse.Namespace, full) -> RunConfig:
                      num_prompts=args.num_prompts, routing=routing)
 
 
+def reference_hardware(device: str):
+    """The whole device, no budget: where the GPU-resident references run."""
+    return load_preset("hardware", "h200" if device == "cuda" else "cpu", device=device)
+
+
 def add_session_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default="mixtral")
     ap.add_argument("--draft", default="mistral_7b")
@@ -120,7 +125,7 @@ def main() -> None:
     args = _args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out = Path(args.out)
-    full = load_preset("hardware", "h200" if args.device == "cuda" else "cpu", device=args.device)
+    full = reference_hardware(args.device)
     budgets = [load_preset("hardware", b, device=args.device, pace_pcie=args.pace_pcie)
                for b in args.budgets.split(",") if b]
     cfg = session_config(args, full)

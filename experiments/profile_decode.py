@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.bench_offload import add_session_args, method_for, session_config
+from experiments.bench_offload import add_session_args, method_for, reference_hardware, session_config
 from experiments.presets import load_preset
 from experiments.runner import open_session, summarize_run
 from spmoe.config import MethodConfig
@@ -45,9 +45,8 @@ def _args() -> argparse.Namespace:
 def main() -> None:
     args = _args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    full, budget = reference_hardware(args.device), load_preset("hardware", args.budget, device=args.device)
     out = Path(args.out)
-    full = load_preset("hardware", "h200" if args.device == "cuda" else "cpu", device=args.device)
-    budget = load_preset("hardware", args.budget, device=args.device)
     session = open_session(session_config(args, full))
     cases = [c for c in args.cases.split(",") if c]
     hw_of = {c: full if c.startswith("gpu_resident") else budget for c in cases}
