@@ -3,11 +3,11 @@ Eviction policies against Belady on recorded routing, without a GPU: the policy-
 DESIGN.md section 5 (bytes moved / oracle bytes) for every policy at several cache sizes.
 
     python -m experiments.eviction_sim --trace results/real_pair/traces/humaneval_k1.npz \
-        --layers 32 --slots 21,69,111 --out results/eviction_sim
+        --layers 32 --slots 21,69 --nosd-slots 62,111 --out results/eviction_sim
 
-The access sequence is what a demand-only SD run would ask of the cache: per trace row (a prefill
-or a verify step of k+1 positions) and per MoE layer of the target, the union of the routed
-experts (layer l of an `--layers`-layer target reads trace layer m(l) = floor(l L_t / L_r), as
+The access sequence is what a demand-only run would ask of the cache: per forward (with SD a trace
+row: a prefill or a verify step of k+1 positions; without SD each committed token) and per MoE
+layer of the target, the union of the routed experts (layer l of an `--layers`-layer target reads trace layer m(l) = floor(l L_t / L_r), as
 replay does). Prompts run back to back through one cache, as in a run; prefill accesses warm the
 cache and are not counted, as in the oracle. Each policy runs in the engine's `ExpertCache`, so
 the numbers are the bytes an `lru` / `spmoe` run would move without prefetch (prefetch hits and
@@ -32,17 +32,25 @@ from spmoe.trace.routing import RoutingTrace, load_trace
 from spmoe.types import ExpertKey
 
 
-def demand_accesses(trace: RoutingTrace, num_layers: int) -> list[tuple[ExpertKey, bool]]:
-    """(key, counted) in run order: per row, per target layer, the sorted union of routed experts."""
+def demand_accesses(trace: RoutingTrace, num_layers: int, speculative: bool = True) -> list[tuple[ExpertKey, bool]]:
+    """(key, counted) in run order: per forward, per target layer, the sorted union of routed experts.
+    A forward is a trace row (SD), or without SD each committed position of a verify row (the last
+    emitted token and the accepted drafts), one at a time, as the non-SD replay walks them."""
     pos, _ = trace.row_starts()
     layer_of = [map_layer(l, num_layers, trace.num_layers) for l in range(num_layers)]
     out = []
     for row in range(len(trace.row_step)):
-        routes = trace.routes[pos[row]: pos[row] + trace.row_positions[row]]  # [T, L_r, A]
+        start, accepted = int(pos[row]), int(trace.row_accepted[row])
+        if speculative or accepted < 0:
+            forwards = [(start, start + int(trace.row_positions[row]))]
+        else:
+            forwards = [(start + j, start + j + 1) for j in range(accepted + 1)]
         counted = bool(trace.row_step[row] > 0)
-        for l, src in enumerate(layer_of):
-            ids = sorted({int(e) for e in routes[:, src].flatten() if 0 <= e < trace.num_experts})
-            out.extend(((l, e), counted) for e in ids)
+        for lo, hi in forwards:
+            routes = trace.routes[lo:hi]  # [T, L_r, A]
+            for l, src in enumerate(layer_of):
+                ids = sorted({int(e) for e in routes[:, src].flatten() if 0 <= e < trace.num_experts})
+                out.extend(((l, e), counted) for e in ids)
     return out
 
 
@@ -60,29 +68,34 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trace", default="results/real_pair/traces/humaneval_k1.npz")
     ap.add_argument("--layers", type=int, default=32, help="MoE layers of the target the trace is mapped onto")
-    ap.add_argument("--slots", default="21,69,111")
+    ap.add_argument("--slots", default="21,69", help="slot counts of SD runs (24 / 40 GiB beside the draft)")
+    ap.add_argument("--nosd-slots", default="62,111", help="slot counts of non-SD runs (24 / 40 GiB)")
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--out", default="results/eviction_sim")
     args = ap.parse_args()
     trace = load_trace(args.trace)
-    accesses = demand_accesses(trace, args.layers)
-    counted = sum(c for _, c in accesses)
+    policies = args.policies.split(",")
     rows = []
-    for slots in [int(s) for s in args.slots.split(",")]:
-        oracle = belady_misses(accesses, slots)
-        rows.append({"slots": slots, "policy": "belady", "misses": oracle, "miss_rate": oracle / counted,
-                     "policy_eff": 1.0})
-        for policy in args.policies.split(","):
-            misses = policy_misses(accesses, slots, policy, args.layers)
-            rows.append({"slots": slots, "policy": policy, "misses": misses, "miss_rate": misses / counted,
-                         "policy_eff": misses / oracle})
+    for mode, slot_list in (("SD", args.slots), ("no-SD", args.nosd_slots)):
+        accesses = demand_accesses(trace, args.layers, speculative=mode == "SD")
+        counted = sum(c for _, c in accesses)
+        for slots in [int(s) for s in slot_list.split(",") if s]:
+            oracle = belady_misses(accesses, slots)
+            for policy in ["belady", *policies]:
+                misses = oracle if policy == "belady" else policy_misses(accesses, slots, policy, args.layers)
+                rows.append({"mode": mode, "slots": slots, "column": f"{mode} {slots}", "policy": policy,
+                             "accesses": counted, "misses": misses, "miss_rate": misses / counted,
+                             "policy_eff": misses / oracle})
     df = pd.DataFrame(rows)
     out = Path(args.out)
     write_text_atomic(out / "eviction.csv", df.to_csv(index=False, float_format="%.4g"))
-    wide = df.pivot(index="policy", columns="slots", values="policy_eff").reindex(["belady", *args.policies.split(",")])
+    wide = df.pivot(index="policy", columns="column", values="policy_eff")
+    wide = wide.reindex(index=["belady", *policies], columns=list(dict.fromkeys(df["column"])))
     head = (f"- trace: {args.trace} ({trace.meta.get('model')}, k={trace.meta.get('spec_k')}, "
             f"{trace.num_prompts} prompts), mapped onto {args.layers} MoE layers\n"
-            f"- counted accesses (verify steps): {counted}; cells: policy efficiency = misses / Belady misses\n\n")
+            f"- counted accesses (decode forwards): SD {int(df[df['mode'] == 'SD']['accesses'].max())}, "
+            f"no-SD {int(df[df['mode'] == 'no-SD']['accesses'].max())}\n"
+            f"- cells: policy efficiency = misses / Belady misses for the same accesses and slots\n\n")
     write_text_atomic(out / "eviction.md", head + wide.to_markdown(floatfmt=".3f") + "\n")
     print(wide.to_string(float_format=lambda x: f"{x:.3f}"))
 

@@ -30,3 +30,11 @@ def test_policy_misses():
     for policy in POLICIES:  # everything fits: only the 4 experts first seen after prefill miss
         assert policy_misses(acc, 8, policy, 2) == 4
     assert policy_misses(acc, 3, "lru", 2) == 14  # 3 slots against unions of 4 and 3: LRU misses every access
+
+
+def test_demand_accesses_without_sd_walk_the_committed_tokens():
+    # row 1 accepted 1 draft: positions 2 and 3 one at a time; row 2 accepted 0: position 5 only
+    assert demand_accesses(_trace(), 2, speculative=False) == EXPECTED[:4] + [
+        ((0, 0), T), ((0, 2), T), ((1, 1), T),
+        ((0, 2), T), ((0, 3), T), ((1, 2), T), ((1, 3), T),
+        ((0, 1), T), ((0, 3), T), ((1, 0), T), ((1, 3), T)]
