@@ -102,6 +102,16 @@ class ExpertCache:
             return any(self._free_of.values()) or any(self._evictable_in.values())
         return bool(self._free_of[pool]) or self._evictable_in[pool] > 0
 
+    def would_evict_sooner_needed(self, key: ExpertKey) -> bool:
+        """Whether admitting `key` now (for use at its layer's next visit) would evict a key the
+        policy expects to be needed before it. Only policies with `needed_before` can tell; with
+        the others, and with a free slot, False."""
+        needed_before = getattr(self.policy, "needed_before", None)
+        pool = self._pool(key)
+        if needed_before is None or self._free_of[pool] or not self._evictable_in[pool]:
+            return False
+        return needed_before(self.policy.victim(self._candidates(pool)), key)
+
     def admit(self, key: ExpertKey, count_miss: bool = True) -> tuple[int, ExpertKey | None]:
         """Make room for a missing `key`: (its slot, the evicted key or None).
 

@@ -20,7 +20,9 @@ serves, and names a victim among the evictable resident keys. Terms:
   the largest. It weighs layer distance against frequency instead of ordering them (beyond the
   paper; `experiments.eviction_sim` measures it against Belady on recorded routing).
 `touch(key, demand)`: `demand=False` marks a prefetch or preload admission, which is not a use;
-only expected_reuse distinguishes it (the other policies keep their measured behaviour).
+only expected_reuse distinguishes it (the other policies keep their measured behaviour). Only
+expected_reuse has `needed_before(resident, incoming)`, with which a prefetch that would evict a
+key needed sooner is dropped (`ExpertCache.would_evict_sooner_needed`).
 Invariant: `victim(candidates)` returns one of `candidates` and never mutates state.
 """
 
@@ -118,6 +120,12 @@ class ExpectedReusePolicy:
 
     def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
         return max(candidates, key=lambda k: (self.next_use(k), -self._last_visit.get(k, 0)))
+
+    def needed_before(self, resident: ExpertKey, incoming: ExpertKey) -> bool:
+        """Whether `resident` is expected to be used before `incoming`, a prefetch predicted for its
+        layer's next visit (next use d_incoming, q = 1)."""
+        n = len(self._order)
+        return self.next_use(resident) < (self._order[incoming[0]] - self._current - 1) % n
 
 
 POLICIES = {"lru": LruPolicy, "lfu": LfuPolicy, "layer_distance": LayerDistancePolicy,

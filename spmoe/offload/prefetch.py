@@ -11,9 +11,10 @@ back to back = batched I/O; `batched_io=False` waits for each copy before the ne
 hold their own pin while computed and mispredicted ones become evictable). Experts already resident
 are protected without a copy.
 
-Dropped requests (counted): those whose layer verification has already reached, and experts
-for which no unprotected, unpinned slot is left (evicting one would throw away something
-needed sooner).
+Dropped requests (counted): those whose layer verification has already reached, experts for
+which no unprotected, unpinned slot is left, and, with a policy that estimates next uses
+(`expected_reuse`), experts whose victim is expected to be needed before them
+(`ExpertCache.would_evict_sooner_needed`).
 
 Verification at layer l classifies each needed expert: *prefetch hit* (brought by a prefetch,
 copy landed), *late prefetch* (brought by a prefetch, copy in flight: the compute stream waits
@@ -163,7 +164,7 @@ class PrefetchProvider:
                         self._protected[(req.step, req.layer)].append(slot)
                         self._by_prefetch.setdefault(key, -1)  # -1: protected, not brought by a copy
                     continue
-                if not self.cache.can_admit(key):
+                if not self.cache.can_admit(key) or self.cache.would_evict_sooner_needed(key):
                     self.num_dropped += 1
                     continue
                 slot, evicted = self.cache.admit(key, count_miss=False)

@@ -10,7 +10,7 @@ import torch
 
 from spmoe.models.experts import ExpertLayout
 from spmoe.offload.cache import ExpertCache
-from spmoe.offload.eviction import LruPolicy
+from spmoe.offload.eviction import ExpectedReusePolicy, LruPolicy
 from spmoe.offload.prefetch import PrefetchProvider, PrefetchRequest
 from spmoe.offload.store import ExpertStore
 from spmoe.offload.transfer import TransferEngine
@@ -20,11 +20,11 @@ LAYOUT = ExpertLayout(moe_layers=(0, 1, 2), num_experts=4, top_k=2, hidden_size=
                       dtype=torch.float32)
 
 
-def make(slots: int, worker: bool = False, timeout_s: float = 5.0):
+def make(slots: int, worker: bool = False, timeout_s: float = 5.0, policy=None):
     store = ExpertStore(LAYOUT, pin=False)
     for i, key in enumerate(LAYOUT.keys):
         store.flat(key).fill_(float(i))
-    cache = ExpertCache(slots, LAYOUT.expert_numel, torch.float32, "cpu", LruPolicy())
+    cache = ExpertCache(slots, LAYOUT.expert_numel, torch.float32, "cpu", policy or LruPolicy())
     transfer = TransferEngine(torch.device("cpu"), slots)
     loads: list = []
     original = transfer.load
@@ -159,3 +159,21 @@ def test_worker_serves_earlier_layers_first():
     # the first request may have been taken before the others arrived; the rest come layer-ordered
     assert served[-2:] == sorted(served[-2:]) and set(served) == {key_id(0, 0), key_id(1, 1), key_id(2, 2)}
     provider.close()
+
+
+def test_a_prefetch_that_would_evict_a_key_needed_sooner_is_dropped():
+    provider, cache, loads = make(slots=3, policy=ExpectedReusePolicy(LAYOUT.moe_layers))
+    for _ in range(2):  # two steps used expert 0 of every layer: verification ended at layer 2
+        for layer in (0, 1, 2):
+            consume(provider, layer, [0])
+    provider.begin_step(1)
+    cache.pin(cache.slot_of((1, 0)))  # say protected: only (0,0) and (2,0) can be evicted
+    cache.pin(cache.slot_of((2, 0)))
+    # next uses (n = 3, q = 3/4): (0,0) 0 + 3 (4/3 - 1) = 1, sooner than a layer-2 prefetch (2 away)
+    provider.submit(req(1, 2, [3]))
+    assert loads[-1] != (key_id(2, 3), True) and (2, 3) not in cache
+    assert provider.take_counts() == (0, 1, 0)
+    # a layer-0 prefetch (0 away) is needed before (0,0)'s expected next use: admitted, evicting it
+    provider.submit(req(1, 0, [3]))
+    assert loads[-1] == (key_id(0, 3), True) and (0, 3) in cache and (0, 0) not in cache
+    assert provider.take_counts() == (1, 0, 0)
