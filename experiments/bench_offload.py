@@ -11,8 +11,9 @@ Routing: `model` runs a twinned pair (the target's experts = the draft's FFN + n
 draft's hidden states predict the target's routes); `replay` runs random weights whose routes,
 acceptance outcomes and predictions are replayed from a recorded trace (`spmoe.trace.replay`).
 Cases: method names, plus SP-MoE variants `spmoe_L<n>` (fixed cutoff at MoE layer n), `spmoe_all`,
-`spmoe_off`, `spmoe_lru` (LRU eviction), `spmoe_er` (expected_reuse eviction), `spmoe_noworker`, `spmoe_nobatch`, `spmoe_attn_out`,
-`spmoe_residual` (capture points; meaningless under replay, whose predictions are recorded).
+`spmoe_off`, `spmoe_lru` (LRU eviction), `spmoe_er` (expected_reuse eviction), `spmoe_noworker`,
+`spmoe_nobatch`, `spmoe_attn_out`, `spmoe_residual` (capture points; meaningless under replay,
+whose predictions are recorded).
 `--cases` run at every budget, `--first-budget-cases` (cutoff sweep, ablations) at the first only.
 
 For every method: TPOT, acceptance, hit rate, prefetch coverage / waste, predictor accuracy,
@@ -39,7 +40,8 @@ from analysis.oracle import runtime_efficiency
 from experiments.bench_foundation import pinned_bandwidth_gb_per_s
 from experiments.presets import load_preset
 from experiments.runner import open_session, summarize_run
-from spmoe.config import CutoffConfig, MethodConfig, RoutingConfig, RunConfig, SpecConfig, TwinConfig
+from spmoe.config import (CutoffConfig, HardwareConfig, MethodConfig, RoutingConfig, RunConfig, SpecConfig,
+                          TwinConfig)
 from spmoe.io import write_json_atomic, write_text_atomic
 from spmoe.strategy import get_strategy
 
@@ -73,7 +75,7 @@ def method_for(case: str, num_slots: int | None) -> MethodConfig:
     return MethodConfig(name=case, num_slots=num_slots)
 
 
-def session_config(args: argparse.Namespace, full) -> RunConfig:
+def session_config(args: argparse.Namespace, full: HardwareConfig) -> RunConfig:
     """The run config every case of a benchmark shares (model, draft, routing, prompts)."""
     draft = load_preset("draft", args.draft)
     if args.routing == "replay":  # routes come from the trace: random weights cost the same compute
@@ -89,7 +91,7 @@ def session_config(args: argparse.Namespace, full) -> RunConfig:
                      num_prompts=args.num_prompts, routing=routing)
 
 
-def reference_hardware(device: str):
+def reference_hardware(device: str) -> HardwareConfig:
     """The whole device, no budget: where the GPU-resident references run."""
     return load_preset("hardware", "h200" if device == "cuda" else "cpu", device=device)
 
