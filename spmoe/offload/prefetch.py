@@ -134,8 +134,8 @@ class PrefetchProvider:
         """Wait for a prediction's device->host copy. The worker blocks in `synchronize`, which
         releases the GIL: a polling loop would wake every few microseconds and take the GIL from
         the decode thread at each of its torch calls (on DeepSeek-V2-Lite the worker cost 40% of
-        TPOT while it polled, 0-29% since). Its bound is the main thread's: `wait_idle` times out
-        on a stuck worker."""
+        TPOT while it polled, -3% to +29% since). Its bound is the main thread's: `wait_idle`
+        times out on a stuck worker."""
         if event is not None and threading.current_thread() is self._worker:
             event.synchronize()
             return
