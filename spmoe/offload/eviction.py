@@ -18,7 +18,8 @@ serves, and names a victim among the evictable resident keys. Terms:
   d_k = (k.layer - current - 1) mod n the layers until its layer's next visit. With visits
   independent, the next use of k is E[next use] = d_k + n (1 / q_k - 1) layer visits away; evict
   the largest. It weighs layer distance against frequency instead of ordering them (beyond the
-  paper; `experiments.eviction_sim` measures it against Belady on recorded routing).
+  paper). On recorded routing it moves fewer bytes than layer_distance for on-demand access, but
+  not under spmoe's prefetch (`experiments.eviction_sim`, `results/real_pair/eviction`).
 `touch(key, demand)`: `demand=False` marks a prefetch or preload admission, which is not a use;
 only expected_reuse distinguishes it (the other policies keep their measured behaviour). Only
 expected_reuse has `needed_before(resident, incoming)`, with which a prefetch that would evict a
