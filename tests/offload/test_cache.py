@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -114,7 +116,6 @@ def test_layer_distance_evicts_the_layer_needed_last():
 def test_can_admit_matches_a_scan_of_the_slots(partition):
     """`can_admit` keeps O(1) counts of evictable slots; they agree with scanning every slot
     through random admits, pins and unpins."""
-    import random
     rng = random.Random(0)
     cache = ExpertCache(6, 4, torch.float32, "cpu", LruPolicy(), slots_per_layer=partition)
     pinned: list[int] = []
