@@ -63,6 +63,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from spmoe.hooks import HookOwner
 from spmoe.offload.prefetch import PrefetchProvider, PrefetchRequest
 
 DEFAULT_CAPACITY = 64
@@ -187,7 +188,7 @@ def load_trace_eams(path: str | Path, moe_layers: Iterable[int], num_experts: in
     return list(eams.values())
 
 
-class EamPredictor:
+class EamPredictor(HookOwner):
     """Step listener + hooks: trace the current sequence's EAM, match it, prefetch (module doc).
 
     `on_layer(layer, experts)` and `on_new_sequence()` callbacks (e.g. the priority cache
@@ -257,7 +258,3 @@ class EamPredictor:
     def end_step(self) -> None:
         pass
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()

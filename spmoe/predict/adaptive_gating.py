@@ -37,6 +37,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from spmoe.hooks import HookOwner
 from spmoe.predict.capture import router_of
 
 DEFAULT_THRESHOLD = 0.85
@@ -62,7 +63,7 @@ def gate_routes(weights: torch.Tensor, index: torch.Tensor, threshold: float, nu
     return gated_w, gated_index, keep
 
 
-class AdaptiveGating:
+class AdaptiveGating(HookOwner):
     """Router forward hooks that drop insensitive experts; a step listener (gates decode steps only).
 
     Counters (since construction or `reset`): `num_routed` routed (token, slot) pairs seen while
@@ -116,6 +117,4 @@ class AdaptiveGating:
 
     def remove(self) -> None:
         self.active = False
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        super().remove()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from spmoe.hooks import HookOwner
 from spmoe.offload.prefetch import PrefetchProvider, PrefetchRequest
 from spmoe.predict.capture import CAPTURE_POINTS, router_of
 from spmoe.predict.hidden_map import layer_pairs
@@ -29,7 +30,7 @@ def is_twin(draft: nn.Module, target: nn.Module) -> bool:
             and len(draft.model.layers) == len(target.model.layers))
 
 
-class DraftRouterPredictor:
+class DraftRouterPredictor(HookOwner):
     def __init__(self, draft: nn.Module, target: nn.Module, provider: PrefetchProvider, layers: list[int],
                  capture_point: str, top_k: int, maps: dict[int, torch.Tensor] | None = None):
         if capture_point not in CAPTURE_POINTS:
@@ -94,7 +95,3 @@ class DraftRouterPredictor:
     def end_step(self) -> None:
         self.active = False
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()

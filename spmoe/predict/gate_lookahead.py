@@ -17,11 +17,12 @@ from typing import Callable
 import torch
 from torch import nn
 
+from spmoe.hooks import HookOwner
 from spmoe.offload.prefetch import PrefetchProvider, PrefetchRequest
 from spmoe.predict.capture import router_of
 
 
-class GateLookaheadPredictor:
+class GateLookaheadPredictor(HookOwner):
     def __init__(self, target: nn.Module, provider: PrefetchProvider, moe_layers: tuple[int, ...],
                  top_k: int, depth: int | Callable[[int], int] = 1):
         self.provider = provider
@@ -53,7 +54,3 @@ class GateLookaheadPredictor:
     def end_step(self) -> None:
         pass
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()

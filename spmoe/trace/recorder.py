@@ -20,13 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from spmoe.hooks import HookOwner
 from spmoe.models.experts import ExpertLayout
 from spmoe.offload.prefetch import PrefetchRequest
 from spmoe.predict.capture import router_of
 from spmoe.trace.routing import FORMAT_VERSION, RoutingTrace, TraceError
 
 
-class RoutingRecorder:
+class RoutingRecorder(HookOwner):
     def __init__(self, model: nn.Module, layout: ExpertLayout, lookahead_depth: int = 3):
         self.layout = layout
         self.depth = lookahead_depth
@@ -80,10 +81,6 @@ class RoutingRecorder:
             preds[(self._ordinal[req.layer], req.position)] = ids.to(torch.int16)
         row["predicted"] = preds
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
     def to_trace(self, prompts: list[list[int]], gens: list, meta: dict) -> RoutingTrace:
         """Pair the recorded rows with the generations' step records (same order) into a trace."""

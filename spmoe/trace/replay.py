@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from spmoe.data.prompts import Prompt
+from spmoe.hooks import HookOwner
 from spmoe.models.experts import ExpertLayout
 from spmoe.predict.capture import router_of
 from spmoe.spec.verify import AcceptResult
@@ -42,7 +43,7 @@ def map_layer(ordinal: int, replay_layers: int, trace_layers: int) -> int:
     return ordinal * trace_layers // replay_layers
 
 
-class RouteReplay:
+class RouteReplay(HookOwner):
     def __init__(self, trace: RoutingTrace, layout: ExpertLayout, speculative: bool, num_draft_tokens: int):
         if trace.num_experts != layout.num_experts or trace.top_k != layout.top_k:
             raise TraceError(f"routing replay needs the trace's expert count and top-k: trace {trace.num_experts}"
@@ -156,10 +157,6 @@ class RouteReplay:
     def end_step(self) -> None:
         pass
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
     def summary(self) -> dict:
         meta = self.trace.meta
