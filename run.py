@@ -2,7 +2,7 @@
 Entry point: `python run.py model=<m> dataset=<d> method=<x> hardware=<h> [key=value ...]`.
 
 The only Hydra-aware file besides tests: composes `conf/`, converts it once to the typed
-`RunConfig`, runs `experiments.runner.run_benchmark` into Hydra's run directory and prints the
+`RunConfig`, runs `spmoe.session.run_benchmark` into Hydra's run directory and prints the
 summary as one JSON object on the last stdout line. A run directory that already holds a
 summary.json is a finished run: with `resume=true` (default) it is reported, not redone, so an
 interrupted multirun restarted with the same `hydra.sweep.dir` only runs the missing jobs.
@@ -33,7 +33,7 @@ def main(dcfg: DictConfig) -> None:
         logging.getLogger(__name__).info("%s exists: run already finished, not redone (resume=false to rerun)", done)
         print(json.dumps(json.loads(done.read_text())))
         return
-    from experiments.runner import run_benchmark
+    from spmoe.session import run_benchmark
     from experiments.tracker import make_tracker
 
     tracker = make_tracker(cfg.logger, OmegaConf.to_container(dcfg, resolve=True), out_dir)

@@ -1,5 +1,6 @@
 """
-Registered methods (see `spmoe.strategy`). Importing this package registers them all.
+Re-implemented baselines (see `spmoe.strategy`); `spmoe.methods` imports them all and adds the
+project's own (`spmoe`, `spmoe_plus`).
 
 | name | what it is |
 |---|---|
@@ -7,7 +8,6 @@ Registered methods (see `spmoe.strategy`). Importing this package registers them
 | gpu_resident_sd | every expert resident, with SD (same draft, same k) |
 | lru_nosd | on-demand loading into a global LRU (or LFU, `method.eviction=lfu`) expert cache, no SD |
 | lru | the same cache, with SD: verification loads the union of k+1 tokens' experts |
-| spmoe | SD + draft->target-router prefetch + cutoff layer + pipelined batched prefetch (SP-MoE) |
 | mixtral_offloading_nosd | per-layer LRU expert cache (slots split evenly over MoE layers) + next-layer gate lookahead prefetch, no SD (Eliseev & Mazur 2023) |
 | mixtral_offloading | the same, with SD: the lookahead runs inside the verify forward and prefetches the union over its k+1 positions |
 | moe_infinity_nosd | per-sequence expert activation matrices matched against a collection of past ones, prefetch with decaying layer priority, frequency x layer-proximity eviction (Xue et al.), no SD |
@@ -24,5 +24,4 @@ from baselines import (  # noqa: F401
     lru,
     mixtral_offloading,
     moe_infinity,
-    spmoe,
 )

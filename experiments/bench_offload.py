@@ -36,14 +36,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from analysis.oracle import runtime_efficiency
+from spmoe.trace.oracle import runtime_efficiency
 from experiments.bench_foundation import pinned_bandwidth_gb_per_s
 from experiments.presets import load_preset
-from experiments.runner import open_session, summarize_run
+from spmoe.session import open_session, summarize_run
 from spmoe.config import (CutoffConfig, HardwareConfig, MethodConfig, RoutingConfig, RunConfig, SpecConfig,
                           TwinConfig)
 from spmoe.io import write_json_atomic, write_text_atomic
-from spmoe.strategy import get_strategy
+from spmoe.methods import get_strategy
 
 log = logging.getLogger("bench_offload")
 GIB = 2**30

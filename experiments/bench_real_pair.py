@@ -27,7 +27,7 @@ import torch
 
 from experiments.bench_spec import router_agreement
 from experiments.presets import load_preset
-from experiments.runner import open_session
+from spmoe.session import open_session
 from spmoe.config import MethodConfig, RunConfig, SpecConfig
 from spmoe.io import write_text_atomic
 

@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from experiments.presets import load_preset
-from experiments.runner import open_session, summarize_run
+from spmoe.session import open_session, summarize_run
 from spmoe.config import MethodConfig, RunConfig, SpecConfig, TwinConfig
 from spmoe.io import write_json_atomic, write_text_atomic
 from spmoe.models.twin import upcycle
@@ -39,7 +39,8 @@ from spmoe.predict.capture import (
     capture_routes,
     predict_routes,
 )
-from spmoe.strategy import MethodContext, get_strategy
+from spmoe.methods import get_strategy
+from spmoe.strategy import MethodContext
 
 log = logging.getLogger("bench_spec")
 GIB = 2**30

@@ -20,10 +20,11 @@ import torch
 from transformers import DynamicCache
 
 from experiments.presets import load_preset
-from experiments.runner import open_session
+from spmoe.session import open_session
 from spmoe.config import MethodConfig, RunConfig
 from spmoe.spec.kv import cache_kwarg
-from spmoe.strategy import MethodContext, get_strategy
+from spmoe.methods import get_strategy
+from spmoe.strategy import MethodContext
 
 
 @torch.inference_mode()

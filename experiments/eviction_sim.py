@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from analysis.oracle import belady_misses
+from spmoe.trace.oracle import belady_misses
 from spmoe.io import write_text_atomic
 from spmoe.offload.cache import ExpertCache
 from spmoe.offload.eviction import POLICIES, make_policy

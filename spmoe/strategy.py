@@ -4,8 +4,10 @@ Methods as registered strategies.
 A method is a build function that, given the shared `MethodContext` (target model skeleton with
 its store, device, memory plan, config), returns a `Runtime`: the model to run with its experts
 served, and the components the engine reads stats from. Every method goes through the same
-`Engine`; none forks the loop, the timers or the trace. Baselines register themselves in
-`baselines/` with `@register_strategy(name, offloads=..., description=...)`.
+`Engine`; none forks the loop, the timers or the trace. Methods register themselves with
+`@register_strategy(name, offloads=..., description=...)`: the project's own in `spmoe/methods/`,
+the re-implemented baselines in `baselines/`; importing `spmoe.methods` registers both.
+This module imports no method (no import cycle).
 """
 
 from __future__ import annotations
@@ -97,8 +99,7 @@ def register_strategy(name: str, offloads: bool, description: str, speculative: 
 
 
 def get_strategy(name: str) -> StrategySpec:
-    import baselines  # noqa: F401  (registers the built-in methods)
-
+    """The registered method `name`; `spmoe.methods` must be imported first (it registers them all)."""
     if name not in STRATEGIES:
         raise ValueError(f"unknown method {name!r}; valid: {sorted(STRATEGIES)}")
     return STRATEGIES[name]

@@ -11,7 +11,8 @@ from spmoe.engine import Engine
 from spmoe.models.build import TargetModel, fill_store, hf_config, materialize, param_bytes, skeleton
 from spmoe.offload.budget import MemoryPlan
 from spmoe.offload.store import ExpertStore
-from spmoe.strategy import MethodContext, get_strategy
+from spmoe.methods import get_strategy
+from spmoe.strategy import MethodContext
 
 E, LAYERS, TOKENS = 8, 3, 12
 CPU = torch.device("cpu")

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from experiments.presets import CONF_DIR, load_preset, preset_names
 from spmoe.config import HardwareConfig, ModelConfig, RunConfig, register_configs
-from spmoe.strategy import STRATEGIES, get_strategy
+from spmoe.methods import STRATEGIES, get_strategy
 
 register_configs()
 

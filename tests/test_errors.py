@@ -21,18 +21,19 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import experiments.runner as runner
+import spmoe.session as runner
 import spmoe.io
 from conftest import tiny_run_config
 from experiments.presets import CONF_DIR
-from experiments.runner import make_plan, open_session, run_benchmark
+from spmoe.session import make_plan, open_session, run_benchmark
 from spmoe.config import DatasetConfig, parse_dtype
 from spmoe.engine import Engine
 from spmoe.io import write_json_atomic
 from spmoe.models.build import hf_config, param_bytes, skeleton
 from spmoe.models.checkpoint import CheckpointError
 from spmoe.offload.budget import BudgetError
-from spmoe.strategy import MethodContext, get_strategy
+from spmoe.methods import get_strategy
+from spmoe.strategy import MethodContext
 
 GIB = 2**30
 PROMPT_LEN = 12  # tiny_run_config's synthetic prompt length

@@ -7,9 +7,9 @@ import pytest
 
 from conftest import tiny_run_config
 from experiments.presets import load_preset
-from experiments.runner import open_session
+from spmoe.session import open_session
 from spmoe.config import MethodConfig, SpecConfig
-from spmoe.strategy import STRATEGIES, get_strategy
+from spmoe.methods import STRATEGIES, get_strategy
 
 get_strategy("gpu_resident")  # populate the registry
 METHODS = sorted(STRATEGIES)

@@ -8,7 +8,7 @@ import sys
 import pandas as pd
 import pytest
 
-from analysis.oracle import runtime_efficiency
+from spmoe.trace.oracle import runtime_efficiency
 from experiments import bench_offload, profile_decode
 
 TINY = ["--model", "tiny", "--draft", "tiny", "--device", "cpu", "--max-new-tokens", "6"]

@@ -15,12 +15,13 @@ import baselines.adapmoe  # noqa: F401  (registers the two strategies)
 from baselines.adapmoe import lookahead_depths
 from conftest import tiny_run_config
 from experiments.presets import load_preset
-from experiments.runner import open_session, summarize_run
+from spmoe.session import open_session, summarize_run
 from spmoe.config import MethodConfig, SpecConfig
 from spmoe.policy.cache_sizing import choose_sizes, lru_hit_curve, spread_leftover, total_value
 from spmoe.predict.adaptive_gating import DEFAULT_THRESHOLD, AdaptiveGating, gate_routes
 from spmoe.predict.capture import router_of
-from spmoe.strategy import STRATEGIES, MethodContext
+from spmoe.methods import STRATEGIES
+from spmoe.strategy import MethodContext
 
 TOKENS = 12
 K = 3  # draft tokens per verify step for the SD variant

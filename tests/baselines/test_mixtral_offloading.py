@@ -13,10 +13,11 @@ import baselines.mixtral_offloading  # noqa: F401  (registers the two strategies
 from baselines.mixtral_offloading import split_slots
 from conftest import tiny_run_config
 from experiments.presets import load_preset
-from experiments.runner import open_session
+from spmoe.session import open_session
 from spmoe.config import MethodConfig, SpecConfig
 from spmoe.predict.capture import router_of
-from spmoe.strategy import STRATEGIES, MethodContext
+from spmoe.methods import STRATEGIES
+from spmoe.strategy import MethodContext
 from spmoe.trace.metrics import summarize
 
 DRAFT_OF = {"tiny": "tiny", "tiny_qwen3_moe": "tiny_qwen3"}

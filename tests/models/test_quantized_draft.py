@@ -10,7 +10,7 @@ import torch
 
 from conftest import tiny_run_config
 from experiments.presets import load_preset
-from experiments.runner import Session, open_session
+from spmoe.session import Session, open_session
 from spmoe.config import MethodConfig, SpecConfig, parse_dtype
 from spmoe.data.prompts import Prompt
 from spmoe.models.build import TargetModel, hf_config, param_bytes, skeleton

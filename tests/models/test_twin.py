@@ -8,9 +8,10 @@ import torch
 
 from conftest import tiny_run_config
 from experiments.presets import load_preset
-from experiments.runner import open_session
+from spmoe.session import open_session
 from spmoe.config import MethodConfig, SpecConfig, TwinConfig
-from spmoe.strategy import MethodContext, get_strategy
+from spmoe.methods import get_strategy
+from spmoe.strategy import MethodContext
 
 
 def _twin_session(noise: float, model="tiny", draft="tiny", **kw):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_run_config
-from experiments.runner import open_session
+from spmoe.session import open_session
 from spmoe.config import MethodConfig
 from spmoe.offload.pacing import pad_ms
 from spmoe.offload.transfer import TransferEngine

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import tiny_run_config
-from experiments.runner import open_session
+from spmoe.session import open_session
 from spmoe.config import MethodConfig
 
 

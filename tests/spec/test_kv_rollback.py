@@ -8,11 +8,12 @@ from conftest import tiny_run_config
 from transformers import DynamicCache
 
 from experiments.presets import load_preset
-from experiments.runner import open_session
+from spmoe.session import open_session
 from spmoe.config import MethodConfig
 from spmoe.spec.drafter import ModelDrafter
 from spmoe.spec.kv import cache_kwarg, crop_to
-from spmoe.strategy import MethodContext, get_strategy
+from spmoe.methods import get_strategy
+from spmoe.strategy import MethodContext
 
 
 @pytest.fixture(scope="module")

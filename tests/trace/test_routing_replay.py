@@ -10,7 +10,7 @@ import pytest
 
 from conftest import tiny_run_config
 from experiments.presets import load_preset
-from experiments.runner import _distinct_token_ratio, open_session
+from spmoe.session import _distinct_token_ratio, open_session
 from spmoe.config import CutoffConfig, MethodConfig, RoutingConfig, SpecConfig, TraceConfig
 from spmoe.trace.replay import map_layer
 from spmoe.trace.routing import TraceError, load_trace

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from analysis.oracle import belady_misses, runtime_efficiency
+from spmoe.trace.oracle import belady_misses, runtime_efficiency
 from spmoe.offload.cache import ExpertCache
 from spmoe.offload.eviction import LruPolicy
 

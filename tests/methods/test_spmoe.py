@@ -7,7 +7,7 @@ import pytest
 from conftest import tiny_run_config
 
 from experiments.presets import load_preset
-from experiments.runner import open_session
+from spmoe.session import open_session
 from spmoe.config import (
     CutoffConfig,
     MethodConfig,

@@ -1,5 +1,5 @@
 """
-One benchmark run, without Hydra: RunConfig in, run directory + summary dict out.
+A run session, without Hydra: RunConfig in, run directory + summary dict out.
 
 Order (bad input fails before anything large is allocated): method and dataset names ->
 device -> model skeleton on `meta` -> prompts -> memory plan against the budget -> non-expert
@@ -21,7 +21,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
-from analysis.oracle import access_sequence, belady_misses
+from spmoe.trace.oracle import access_sequence, belady_misses
 from spmoe.config import (
     HardwareConfig,
     MethodConfig,
@@ -55,7 +55,8 @@ from spmoe.offload.budget import (
 from spmoe.offload.eviction import make_policy
 from spmoe.offload.store import ExpertStore
 from spmoe.spec.drafter import ModelDrafter
-from spmoe.strategy import STRATEGIES, MethodContext, get_strategy
+from spmoe.methods import STRATEGIES, get_strategy
+from spmoe.strategy import MethodContext
 from spmoe.trace.attach import attach_recorder, attach_replay
 from spmoe.trace.metrics import summarize
 from spmoe.trace.replay import RouteReplay
