@@ -29,7 +29,8 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from experiments.presets import load_preset
-from spmoe.session import open_session, summarize_run, write_run
+from spmoe.session import open_session
+from spmoe.summary import summarize_run, write_run
 from spmoe.config import MethodConfig, RunConfig
 from spmoe.io import write_json_atomic, write_text_atomic
 from spmoe.models.experts import find_experts

@@ -39,7 +39,8 @@ import torch
 from spmoe.trace.oracle import runtime_efficiency
 from experiments.bench_foundation import pinned_bandwidth_gb_per_s
 from experiments.presets import load_preset
-from spmoe.session import open_session, summarize_run
+from spmoe.session import open_session
+from spmoe.summary import summarize_run
 from spmoe.config import (CutoffConfig, HardwareConfig, MethodConfig, RoutingConfig, RunConfig, SpecConfig,
                           TwinConfig)
 from spmoe.io import write_json_atomic, write_text_atomic

@@ -28,7 +28,8 @@ import pandas as pd
 import torch
 
 from experiments.presets import load_preset
-from spmoe.session import open_session, summarize_run
+from spmoe.session import open_session
+from spmoe.summary import summarize_run
 from spmoe.config import MethodConfig, RunConfig, SpecConfig, TwinConfig
 from spmoe.io import write_json_atomic, write_text_atomic
 from spmoe.models.twin import upcycle

@@ -24,7 +24,8 @@ import pandas as pd
 
 from experiments.bench_offload import add_session_args, method_for, reference_hardware, session_config
 from experiments.presets import load_preset
-from spmoe.session import open_session, summarize_run
+from spmoe.session import open_session
+from spmoe.summary import summarize_run
 from spmoe.config import MethodConfig
 from spmoe.io import write_text_atomic
 

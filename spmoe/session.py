@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
-import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-import transformers
 from transformers import AutoModelForCausalLM
 
-from spmoe.trace.oracle import access_sequence, belady_misses
 from spmoe.config import (
     HardwareConfig,
     MethodConfig,
@@ -32,7 +28,6 @@ from spmoe.config import (
 from spmoe.data.prompts import load_prompts
 from spmoe.data.tokenizer import load_tokenizer
 from spmoe.engine import Engine, Generation
-from spmoe.io import write_json_atomic, write_jsonl_atomic
 from spmoe.models.build import (
     TargetModel,
     fill_store,
@@ -58,7 +53,7 @@ from spmoe.spec.drafter import ModelDrafter
 from spmoe.methods import STRATEGIES, get_strategy
 from spmoe.strategy import MethodContext
 from spmoe.trace.attach import attach_recorder, attach_replay
-from spmoe.trace.metrics import summarize
+from spmoe.summary import git_sha, summarize_run, write_partial, write_run
 from spmoe.trace.replay import RouteReplay
 from spmoe.trace.routing import RoutingTrace, load_trace
 
@@ -78,18 +73,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"unsupported hardware.device {name!r}; valid: cpu, cuda[:N]")
     return device
-
-
-def _git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
-    except OSError:
-        return None
-
-
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
 
 
 def make_plan(cfg: RunConfig, hf_cfg, layout, non_expert_bytes: int, max_prompt_len: int,
@@ -228,7 +211,7 @@ class Session:
                 "method": cfg.method.name, "dataset": cfg.dataset.name, "seed": cfg.seed,
                 "spec_k": cfg.spec.num_draft_tokens if speculative else 0, "temperature": cfg.spec.temperature,
                 "capture_point": cfg.method.capture_point, "max_new_tokens": cfg.max_new_tokens,
-                "routing": "replay" if self.routing_trace is not None else "model", "git_sha": _git_sha()}
+                "routing": "replay" if self.routing_trace is not None else "model", "git_sha": git_sha()}
 
     def reference_fits(self) -> bool:
         plan = self.plan(replace(self.cfg.hardware, gpu_budget_gib=None), "gpu_resident")
@@ -311,97 +294,6 @@ def open_session(cfg: RunConfig) -> Session:
         target.store.close()
         raise
     return session
-
-
-def summarize_run(session: Session, method: MethodConfig, hardware: HardwareConfig, gens: list[Generation],
-                  plan: MemoryPlan, peak: int | None, reference: list[list[int]] | None,
-                  spec_cfg: SpecConfig | None = None) -> dict:
-    cfg, spec = session.cfg, get_strategy(method.name)
-    spec_cfg = spec_cfg or cfg.spec
-    lossless, agreement = None, None
-    if reference is not None:
-        same = [sum(a == b for a, b in zip(g.token_ids, r)) for g, r in zip(gens, reference)]
-        agreement = sum(same) / sum(len(r) for r in reference[: len(gens)])
-        lossless = all(g.token_ids == r for g, r in zip(gens, reference))
-    within_budget = None if plan.budget_bytes is None or peak is None else peak <= plan.budget_bytes
-    metrics = summarize([g.records for g in gens])
-    oracle = {}
-    if spec.offloads:
-        misses = belady_misses(access_sequence(g.records for g in gens), plan.num_slots)
-        oracle_bytes = misses * plan.expert_bytes
-        oracle = {"oracle_h2d_bytes": oracle_bytes,
-                  "policy_efficiency": metrics["h2d_bytes"] / oracle_bytes if oracle_bytes else None}
-    return {
-        "method": spec.name,
-        "model": cfg.model.name,
-        "draft": cfg.draft.name if spec.speculative else None,
-        "num_draft_tokens": spec_cfg.num_draft_tokens if spec.speculative else None,
-        "temperature": spec_cfg.temperature,
-        "dataset": cfg.dataset.name,
-        "hardware": hardware.name,
-        "hardware_emulated": hardware.emulated,
-        "pcie_paced_gb_per_s": hardware.pcie_gb_per_s if hardware.pace_pcie and spec.offloads else None,
-        "weights": cfg.model.weights,
-        "twin_expert_noise": cfg.model.twin.expert_noise if cfg.model.weights == "twin" else None,
-        "dtype": cfg.model.dtype,
-        "eviction": method.eviction if spec.offloads else None,
-        "seed": cfg.seed,
-        "max_new_tokens": len(gens[0].token_ids) if gens else cfg.max_new_tokens,
-        **metrics,
-        **oracle,
-        **session.last_extra,
-        "distinct_token_ratio": _distinct_token_ratio(session, gens),
-        "num_slots": plan.num_slots if spec.offloads else plan.num_experts_total,
-        "num_experts_total": plan.num_experts_total,
-        "expert_bytes": plan.expert_bytes,
-        "non_expert_bytes": plan.non_expert_bytes,
-        "draft_bytes_planned": plan.draft_bytes,
-        "kv_bytes_planned": plan.kv_bytes,
-        "activation_bytes_planned": plan.activation_bytes,
-        "peak_gpu_bytes": peak,
-        "gpu_budget_bytes": plan.budget_bytes,
-        "within_budget": within_budget,
-        "lossless": lossless,
-        "token_agreement": agreement,
-        "device": _device_name(session.device),
-        "git_sha": _git_sha(),
-        "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
-    }
-
-
-def _distinct_token_ratio(session: Session, gens: list[Generation]) -> float:
-    """Distinct / emitted tokens, mean over prompts; under replay, of the traced model's own text
-    (the replaying model's tokens are arbitrary)."""
-    trace = session.routing_trace
-    texts = [trace.generation(i)[: len(g.token_ids)] for i, g in enumerate(gens)] if trace else [
-        g.token_ids for g in gens]
-    return sum(len(set(t)) / len(t) for t in texts) / len(texts)
-
-
-def write_run(out_dir: str | Path, session: Session, gens: list[Generation], summary: dict) -> None:
-    """routing_trace.npz (when recorded), trace.jsonl and generations.jsonl, then summary.json: each
-    atomic, the summary last."""
-    out_dir = Path(out_dir)
-    if session.last_routing is not None:
-        session.last_routing.save(out_dir / "routing_trace.npz")
-    write_jsonl_atomic(out_dir / "trace.jsonl", (r.to_dict() for g in gens for r in g.records))
-    write_jsonl_atomic(out_dir / "generations.jsonl", (
-        {"prompt_idx": i, "prompt_id": p.prompt_id, "token_ids": g.token_ids, "text": session.tokenizer.decode(g.token_ids)}
-        for i, (p, g) in enumerate(zip(session.prompts, gens))))
-    write_json_atomic(out_dir / "summary.json", summary)
-
-
-def write_partial(out_dir: Path, session: Session, gens: list[Generation], exc: BaseException) -> None:
-    """A failed run keeps its finished prompts under `partial/` (never a summary.json)."""
-    if not gens:
-        return
-    partial = Path(out_dir) / "partial"
-    write_jsonl_atomic(partial / "trace.jsonl", (r.to_dict() for g in gens for r in g.records))
-    write_jsonl_atomic(partial / "generations.jsonl", (
-        {"prompt_idx": i, "prompt_id": p.prompt_id, "token_ids": g.token_ids} for i, (p, g) in
-        enumerate(zip(session.prompts, gens))))
-    write_json_atomic(partial / "error.json", {"error": repr(exc), "finished_prompts": len(gens)})
 
 
 def run_benchmark(cfg: RunConfig, out_dir: str | Path) -> dict:

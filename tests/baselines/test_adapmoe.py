@@ -15,7 +15,8 @@ import baselines.adapmoe  # noqa: F401  (registers the two strategies)
 from baselines.adapmoe import lookahead_depths
 from conftest import tiny_run_config
 from experiments.presets import load_preset
-from spmoe.session import open_session, summarize_run
+from spmoe.session import open_session
+from spmoe.summary import summarize_run
 from spmoe.config import MethodConfig, SpecConfig
 from spmoe.policy.cache_sizing import choose_sizes, lru_hit_curve, spread_leftover, total_value
 from spmoe.predict.adaptive_gating import DEFAULT_THRESHOLD, AdaptiveGating, gate_routes

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import tiny_run_config
 from experiments.presets import load_preset
-from spmoe.session import _distinct_token_ratio, open_session
+from spmoe.session import open_session
+from spmoe.summary import distinct_token_ratio
 from spmoe.config import CutoffConfig, MethodConfig, RoutingConfig, SpecConfig, TraceConfig
 from spmoe.trace.replay import map_layer
 from spmoe.trace.routing import TraceError, load_trace
@@ -98,7 +99,7 @@ def test_replay_onto_a_deeper_model_follows_the_layer_map(recorded):
         gens, _, _ = s.generate(MethodConfig(name="lru", num_slots=8), s.cfg.hardware, NEW)
         traced = [t.generation(i) for i in range(2)]
         assert [g.token_ids for g in gens] != traced  # another model's tokens...
-        assert _distinct_token_ratio(s, gens) == sum(len(set(x)) / len(x) for x in traced) / 2  # ...the trace's text
+        assert distinct_token_ratio(s, gens) == sum(len(set(x)) / len(x) for x in traced) / 2  # ...the trace's text
     finally:
         s.close()
 

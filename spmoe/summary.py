@@ -1,0 +1,126 @@
+"""
+A run's summary and output files: `summary.json` (the contract of DESIGN.md section 9),
+`trace.jsonl`, `generations.jsonl`, and `partial/` for a failed run's finished prompts.
+
+Invariants: every file is written atomically (temp file + rename); `summary.json` is written
+last, so its presence marks a finished run. Times in ms, sizes in bytes unless a key says so.
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+import transformers
+
+from spmoe.config import HardwareConfig, MethodConfig, SpecConfig
+from spmoe.engine import Generation
+from spmoe.io import write_json_atomic, write_jsonl_atomic
+from spmoe.methods import get_strategy
+from spmoe.offload.budget import MemoryPlan
+from spmoe.trace.metrics import summarize
+from spmoe.trace.oracle import access_sequence, belady_misses
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except OSError:
+        return None
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
+
+
+def summarize_run(session, method: MethodConfig, hardware: HardwareConfig, gens: list[Generation],
+                  plan: MemoryPlan, peak: int | None, reference: list[list[int]] | None,
+                  spec_cfg: SpecConfig | None = None) -> dict:
+    cfg, spec = session.cfg, get_strategy(method.name)
+    spec_cfg = spec_cfg or cfg.spec
+    lossless, agreement = None, None
+    if reference is not None:
+        same = [sum(a == b for a, b in zip(g.token_ids, r)) for g, r in zip(gens, reference)]
+        agreement = sum(same) / sum(len(r) for r in reference[: len(gens)])
+        lossless = all(g.token_ids == r for g, r in zip(gens, reference))
+    within_budget = None if plan.budget_bytes is None or peak is None else peak <= plan.budget_bytes
+    metrics = summarize([g.records for g in gens])
+    oracle = {}
+    if spec.offloads:
+        misses = belady_misses(access_sequence(g.records for g in gens), plan.num_slots)
+        oracle_bytes = misses * plan.expert_bytes
+        oracle = {"oracle_h2d_bytes": oracle_bytes,
+                  "policy_efficiency": metrics["h2d_bytes"] / oracle_bytes if oracle_bytes else None}
+    return {
+        "method": spec.name,
+        "model": cfg.model.name,
+        "draft": cfg.draft.name if spec.speculative else None,
+        "num_draft_tokens": spec_cfg.num_draft_tokens if spec.speculative else None,
+        "temperature": spec_cfg.temperature,
+        "dataset": cfg.dataset.name,
+        "hardware": hardware.name,
+        "hardware_emulated": hardware.emulated,
+        "pcie_paced_gb_per_s": hardware.pcie_gb_per_s if hardware.pace_pcie and spec.offloads else None,
+        "weights": cfg.model.weights,
+        "twin_expert_noise": cfg.model.twin.expert_noise if cfg.model.weights == "twin" else None,
+        "dtype": cfg.model.dtype,
+        "eviction": method.eviction if spec.offloads else None,
+        "seed": cfg.seed,
+        "max_new_tokens": len(gens[0].token_ids) if gens else cfg.max_new_tokens,
+        **metrics,
+        **oracle,
+        **session.last_extra,
+        "distinct_token_ratio": distinct_token_ratio(session, gens),
+        "num_slots": plan.num_slots if spec.offloads else plan.num_experts_total,
+        "num_experts_total": plan.num_experts_total,
+        "expert_bytes": plan.expert_bytes,
+        "non_expert_bytes": plan.non_expert_bytes,
+        "draft_bytes_planned": plan.draft_bytes,
+        "kv_bytes_planned": plan.kv_bytes,
+        "activation_bytes_planned": plan.activation_bytes,
+        "peak_gpu_bytes": peak,
+        "gpu_budget_bytes": plan.budget_bytes,
+        "within_budget": within_budget,
+        "lossless": lossless,
+        "token_agreement": agreement,
+        "device": _device_name(session.device),
+        "git_sha": git_sha(),
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+    }
+
+
+def distinct_token_ratio(session, gens: list[Generation]) -> float:
+    """Distinct / emitted tokens, mean over prompts; under replay, of the traced model's own text
+    (the replaying model's tokens are arbitrary)."""
+    trace = session.routing_trace
+    texts = [trace.generation(i)[: len(g.token_ids)] for i, g in enumerate(gens)] if trace else [
+        g.token_ids for g in gens]
+    return sum(len(set(t)) / len(t) for t in texts) / len(texts)
+
+
+def write_run(out_dir: str | Path, session, gens: list[Generation], summary: dict) -> None:
+    """routing_trace.npz (when recorded), trace.jsonl and generations.jsonl, then summary.json: each
+    atomic, the summary last."""
+    out_dir = Path(out_dir)
+    if session.last_routing is not None:
+        session.last_routing.save(out_dir / "routing_trace.npz")
+    write_jsonl_atomic(out_dir / "trace.jsonl", (r.to_dict() for g in gens for r in g.records))
+    write_jsonl_atomic(out_dir / "generations.jsonl", (
+        {"prompt_idx": i, "prompt_id": p.prompt_id, "token_ids": g.token_ids, "text": session.tokenizer.decode(g.token_ids)}
+        for i, (p, g) in enumerate(zip(session.prompts, gens))))
+    write_json_atomic(out_dir / "summary.json", summary)
+
+
+def write_partial(out_dir: Path, session, gens: list[Generation], exc: BaseException) -> None:
+    """A failed run keeps its finished prompts under `partial/` (never a summary.json)."""
+    if not gens:
+        return
+    partial = Path(out_dir) / "partial"
+    write_jsonl_atomic(partial / "trace.jsonl", (r.to_dict() for g in gens for r in g.records))
+    write_jsonl_atomic(partial / "generations.jsonl", (
+        {"prompt_idx": i, "prompt_id": p.prompt_id, "token_ids": g.token_ids} for i, (p, g) in
+        enumerate(zip(session.prompts, gens))))
+    write_json_atomic(partial / "error.json", {"error": repr(exc), "finished_prompts": len(gens)})
