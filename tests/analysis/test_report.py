@@ -1,0 +1,102 @@
+"""analysis.runs and analysis.report on hand-made run dirs: the tidy table and exact speedups."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from analysis import report
+from analysis.runs import describe_source, find_runs, run_table, varying_config
+from hand_made import write_run
+
+PAPER = {"spmoe": 780.0, "mixtral_offloading": 1425.0, "adapmoe": 914.0, "moe_infinity": 1113.0, "lru": 1950.0}
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    root = tmp_path / "sweep"
+    for i, (method, tpot) in enumerate(PAPER.items()):
+        write_run(root, f"{i}_{method}", method=method, tpot_ms=tpot)
+    a100 = dict(hardware="a100_40g", hardware_emulated=False)
+    write_run(root, "a100/spmoe_s0", method="spmoe", tpot_ms=400.0, seed=0, **a100)
+    write_run(root, "a100/spmoe_s1", method="spmoe", tpot_ms=600.0, seed=1, **a100)
+    write_run(root, "a100/lru", method="lru", tpot_ms=1000.0, **a100)
+    (root / "unfinished").mkdir()  # no summary.json: skipped
+    write_run(root / "a100/lru", "partial", method="lru", tpot_ms=1.0)  # a failed run's partial/: skipped
+    return root
+
+
+def test_run_table_one_row_per_finished_run_with_card_and_variant(sweep):
+    df = run_table([sweep])
+    assert len(df) == 8 and len(find_runs([sweep, sweep / "a100"])) == 8
+    assert set(df["card"]) == {"rtx4090 (emulated)", "a100_40g"}
+    assert list(df.columns[:3]) == ["variant", "method", "model"]
+    row = df[df["method"] == "adapmoe"].iloc[0]
+    assert row["tpot_ms_median"] == 914.0 and row["rounds"] == 1 and row["tpot_spread"] == 0.0
+    assert describe_source(df) == "routing: model; card: a100_40g, rtx4090 (emulated); weights: random"
+
+
+def test_rounds_spread_and_config_columns(tmp_path):
+    cfg = {"method": {"name": "spmoe", "cutoff": {"mode": "fixed", "layer": 3}}, "seed": 0}
+    write_run(tmp_path, "a", method="spmoe", case="spmoe_L3", tpot_ms=11.5, tpot_ms_rounds=[10.0, 12.0, 11.0],
+              tpot_ms_median=11.0, rounds=3, config=cfg)
+    cfg2 = {"method": {"name": "spmoe", "cutoff": {"mode": "fixed", "layer": 5}}, "seed": 1}
+    write_run(tmp_path, "b", method="spmoe", case="spmoe_L5", tpot_ms=9.0, tpot_ms_rounds=[9.0, 9.0],
+              tpot_ms_median=9.0, rounds=2, tpot_spread=0.25, config=cfg2)
+    df = run_table([tmp_path]).set_index("variant")
+    assert df.loc["spmoe_L3", "tpot_ms_median"] == 11.0
+    assert df.loc["spmoe_L3", "tpot_spread"] == pytest.approx(2.0 / 11.0)
+    assert df.loc["spmoe_L5", "tpot_spread"] == 0.25  # the summary's own value wins
+    assert df.loc["spmoe_L3", "config.method.cutoff.layer"] == 3
+    assert "tpot_ms_rounds" not in df  # lists are left out of the tidy table
+    assert varying_config(df.reset_index()) == ["config.method.cutoff.layer"]  # seed excluded
+
+
+def test_speedup_over_baseline_per_group_with_median_of_repeats(sweep):
+    table = report.speedup_table(run_table([sweep]), "lru")
+    rtx = table[table["card"] == "rtx4090 (emulated)"].set_index("variant")
+    assert rtx["speedup_vs_lru"].to_dict() == pytest.approx({m: 1950.0 / t for m, t in PAPER.items()})
+    assert list(rtx.index) == ["spmoe", "adapmoe", "moe_infinity", "mixtral_offloading", "lru"]  # fastest first
+    a100 = table[table["card"] == "a100_40g"].set_index("variant")
+    assert a100.loc["spmoe", "tpot_ms"] == 500.0 and a100.loc["spmoe", "num_runs"] == 2  # median of 400, 600
+    assert a100.loc["spmoe", "speedup_vs_lru"] == 2.0
+
+
+def test_paper_view_spmoe_over_each_baseline(sweep):
+    view = report.paper_view(run_table([sweep]), "spmoe").set_index("card")
+    rtx = view.loc["rtx4090 (emulated)"]
+    assert rtx["spmoe_tpot_ms"] == 780.0
+    assert rtx["vs mixtral_offloading"] == pytest.approx(1425 / 780)
+    assert rtx["vs adapmoe"] == pytest.approx(914 / 780)
+    assert rtx["vs moe_infinity"] == pytest.approx(1113 / 780)
+    a100 = view.loc["a100_40g"]
+    assert a100["vs lru"] == 2.0 and pd.isna(a100["vs adapmoe"])
+
+
+def test_groups_never_mix_routing_sources(tmp_path):
+    write_run(tmp_path, "m", method="spmoe", tpot_ms=10.0)
+    write_run(tmp_path, "r", method="lru", tpot_ms=30.0, routing="replay")
+    assert report.speedup_table(run_table([tmp_path]), "lru")["variant"].tolist() == ["lru"]
+    assert report.paper_view(run_table([tmp_path]), "spmoe").empty
+
+
+def test_cli_writes_markdown_csv_latex(sweep, tmp_path, capsys):
+    out = tmp_path / "report"
+    report.main([str(sweep), "--baseline", "mixtral_offloading", "--out", str(out)])
+    names = {p.name for p in out.iterdir()}
+    assert {"runs.csv", "runs.md", "speedup.csv", "speedup.md", "speedup.tex", "paper.csv", "paper.md",
+            "paper.tex"} <= names
+    speedup = pd.read_csv(out / "speedup.csv")
+    spmoe = speedup[(speedup["variant"] == "spmoe") & (speedup["card"] == "rtx4090 (emulated)")]
+    assert spmoe["speedup_vs_mixtral_offloading"].item() == pytest.approx(1425 / 780)
+    tex = (out / "paper.tex").read_text()
+    assert r"\toprule" in tex and "vs mixtral\\_offloading" in tex and "1.83" in tex
+    assert "| rtx4090 (emulated)" in (out / "paper.md").read_text()
+    assert "8 runs" in capsys.readouterr().out
+
+
+def test_no_runs_is_an_error(tmp_path):
+    with pytest.raises(SystemExit, match="no finished runs"):
+        report.main([str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="no such run"):
+        run_table([tmp_path / "missing"])
