@@ -20,6 +20,7 @@ from spmoe.engine import Generation
 from spmoe.io import write_json_atomic, write_jsonl_atomic
 from spmoe.methods import get_strategy
 from spmoe.offload.budget import MemoryPlan
+from spmoe.trace.lossless import summary_block
 from spmoe.trace.metrics import summarize
 from spmoe.trace.oracle import access_sequence, belady_misses
 
@@ -36,15 +37,10 @@ def _device_name(device: torch.device) -> str:
 
 
 def summarize_run(session, method: MethodConfig, hardware: HardwareConfig, gens: list[Generation],
-                  plan: MemoryPlan, peak: int | None, reference: list[list[int]] | None,
-                  spec_cfg: SpecConfig | None = None) -> dict:
+                  plan: MemoryPlan, peak: int | None, reference, spec_cfg: SpecConfig | None = None) -> dict:
+    """`reference`: a `spmoe.trace.lossless.LosslessCheck`, reference token lists (exact comparison), or None."""
     cfg, spec = session.cfg, get_strategy(method.name)
     spec_cfg = spec_cfg or cfg.spec
-    lossless, agreement = None, None
-    if reference is not None:
-        same = [sum(a == b for a, b in zip(g.token_ids, r)) for g, r in zip(gens, reference)]
-        agreement = sum(same) / sum(len(r) for r in reference[: len(gens)])
-        lossless = all(g.token_ids == r for g, r in zip(gens, reference))
     within_budget = None if plan.budget_bytes is None or peak is None else peak <= plan.budget_bytes
     metrics = summarize([g.records for g in gens])
     oracle = {}
@@ -83,8 +79,7 @@ def summarize_run(session, method: MethodConfig, hardware: HardwareConfig, gens:
         "peak_gpu_bytes": peak,
         "gpu_budget_bytes": plan.budget_bytes,
         "within_budget": within_budget,
-        "lossless": lossless,
-        "token_agreement": agreement,
+        **summary_block(reference, gens, spec_cfg.temperature),
         "device": _device_name(session.device),
         "git_sha": git_sha(),
         "torch_version": torch.__version__,

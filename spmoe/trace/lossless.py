@@ -1,0 +1,248 @@
+"""
+The run's self-check (DESIGN.md decision 6): are the run's greedy tokens the tokens of the
+GPU-resident, non-SD reference model?
+
+Method (teacher forcing): the reference (`gpu_resident`: every expert on the device, same
+weights) reads the run's own output. Per prompt, one forward over the prompt gives the reference
+logits for output token 0, and one forward over output[:-1] (with that KV cache) gives the logits
+for tokens 1..n-1. At each *checked* position j the run's token t_j is compared with the
+reference argmax a_j:
+- agreement: t_j == a_j;
+- *tie divergence*: t_j != a_j and the gap `logit[a_j] - logit[t_j]` <= the tolerance (the run
+  took a token the reference scores within the tolerance of its best; the dtype's rounding can
+  swap them). Reported with prompt, position, step and gap, and not a loss;
+- *loss*: any other mismatch: `lossless = false`.
+Because the reference reads the run's prefix, a tie does not desynchronise the rest of the
+comparison. The tolerance is in logit units: 0 for float32/float64 (exact: every token must be
+the reference argmax), `DEFAULT_TOLERANCE` for half types unless the caller gives one.
+
+Which positions are checked:
+- routing=model, greedy: every emitted token (an accepted greedy draft equals the argmax too).
+- routing=replay: acceptance comes from the trace, so accepted drafts are not the model's
+  choice; `lossless` is null (with the reason) and only each step's last token (the recovered or
+  bonus token, the one the target verified) is checked, against the reference under the same
+  replayed routing, walked one committed position at a time (`replay_verified_argmax`).
+- sampled runs (temperature > 0): no token-level check exists (SD consumes the random stream
+  differently from plain decoding); `lossless` is null with the reason, and the distribution
+  tests (tests/spec) are the check.
+
+Invariants: the reference never runs the method under test (its own runtime, its own cache of
+every expert); the check reads only token ids and step records, so it applies to every method.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+
+import torch
+from transformers import DynamicCache
+
+from spmoe.config import MethodConfig
+from spmoe.spec.kv import cache_kwarg
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOLERANCE = {torch.float32: 0.0, torch.float64: 0.0, torch.bfloat16: 0.0625, torch.float16: 0.0078125}
+MAX_REPORTED_SITES = 20
+
+
+@dataclass
+class TieDivergence:
+    prompt_idx: int
+    position: int  # index into the prompt's output tokens
+    step: int  # engine step that emitted the token (0 = prefill)
+    run_token: int
+    reference_token: int
+    gap: float  # reference logit of its argmax minus that of the run's token (>= 0)
+
+
+@dataclass
+class LosslessCheck:
+    """The outcome of the self-check; `lossless` None means no token-level claim is made."""
+
+    lossless: bool | None
+    reason: str
+    tolerance: float | None = None
+    checked_tokens: int = 0
+    agreeing_tokens: int = 0
+    ties: list[TieDivergence] = field(default_factory=list)
+    losses: list[TieDivergence] = field(default_factory=list)  # same fields; gap > tolerance
+    replay_verified_argmax: bool | None = None
+
+    @property
+    def token_agreement(self) -> float | None:
+        return self.agreeing_tokens / self.checked_tokens if self.checked_tokens else None
+
+    def summary(self) -> dict:
+        out = {"lossless": self.lossless, "lossless_reason": self.reason, "lossless_tolerance": self.tolerance,
+               "tie_divergences": len(self.ties) if self.checked_tokens else None,
+               "token_agreement": self.token_agreement, "lossless_checked_tokens": self.checked_tokens,
+               "tie_divergence_sites": [vars(t) for t in self.ties[:MAX_REPORTED_SITES]]}
+        if self.replay_verified_argmax is not None:
+            out["replay_verified_argmax"] = self.replay_verified_argmax
+        return out
+
+
+def tolerance_for(dtype: torch.dtype) -> float:
+    return DEFAULT_TOLERANCE.get(dtype, 0.0)
+
+
+def compare(run_tokens: list[int], logits: torch.Tensor, positions: list[int], steps: list[int],
+            tolerance: float, prompt_idx: int, check: LosslessCheck) -> None:
+    """Add the comparison of `run_tokens` [N] with reference `logits` [N, V] at `positions` to `check`."""
+    if not positions:
+        return
+    idx = torch.tensor(positions)
+    rows = logits[idx].float()  # [P, V]
+    run = torch.tensor([run_tokens[j] for j in positions])  # [P]
+    best = rows.argmax(dim=-1)  # [P]
+    gap = rows.max(dim=-1).values - rows.gather(1, run[:, None])[:, 0]  # [P], >= 0
+    check.checked_tokens += len(positions)
+    check.agreeing_tokens += int((best == run).sum())
+    for p in (best != run).nonzero().flatten().tolist():
+        site = TieDivergence(prompt_idx, positions[p], steps[positions[p]], int(run[p]), int(best[p]), float(gap[p]))
+        (check.ties if site.gap <= tolerance else check.losses).append(site)
+
+
+@torch.inference_mode()
+def forced_logits(runtime, device: torch.device, prompt_ids: list[int], token_ids: list[int],
+                  chunk_sizes: list[int] | None = None) -> torch.Tensor:
+    """Reference logits [N, V] (float32, host) for each of the N output tokens given its prefix.
+
+    Prefill over the prompt (step 0), then output[:-1] in chunks (default: one chunk), each
+    forward framed by the runtime's begin_step/end_step so step listeners (replay) follow."""
+    model, kw = runtime.model, cache_kwarg(runtime.model)
+    kv = DynamicCache(config=model.config)
+    rest = token_ids[:-1]
+    chunk_sizes = chunk_sizes if chunk_sizes is not None else ([len(rest)] if rest else [])
+    if sum(chunk_sizes) != len(rest):
+        raise ValueError(f"chunks cover {sum(chunk_sizes)} tokens, the output has {len(rest)} to feed")
+    out = []
+    for step, ids in enumerate([prompt_ids] + [rest[start:start + n] for start, n in _spans(chunk_sizes)]):
+        runtime.begin_step(step)
+        keep = 1 if step == 0 else len(ids)
+        logits = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=keep,
+                       **{kw: kv}).logits[0]  # [keep, V]
+        runtime.end_step()
+        out.append(logits.float().cpu())
+    return torch.cat(out)
+
+
+def _spans(sizes: list[int]) -> list[tuple[int, int]]:
+    spans, start = [], 0
+    for n in sizes:
+        spans.append((start, n))
+        start += n
+    return spans
+
+
+def step_of_positions(gen) -> list[int]:
+    """The engine step that emitted each output token of `gen` (an engine Generation)."""
+    steps = []
+    for i, r in enumerate(gen.records):
+        steps.extend([i] * r.num_emitted)
+    return steps[: len(gen.token_ids)]
+
+
+def verified_positions(gen) -> list[int]:
+    """Each step's last emitted token: the one the target chose (recovered or bonus)."""
+    out, end = [], 0
+    for r in gen.records:
+        end += r.num_emitted
+        if r.num_emitted and end <= len(gen.token_ids):
+            out.append(end - 1)
+    return out
+
+
+def not_checked(reason: str) -> LosslessCheck:
+    return LosslessCheck(None, reason)
+
+
+def check_lossless(session, gens: list, tolerance: float | None = None, temperature: float | None = None,
+                   ) -> LosslessCheck:
+    """Teacher-force the GPU-resident reference on the run's outputs (`gens`, one per prompt in order)."""
+    from spmoe.methods import get_strategy
+    from spmoe.strategy import MethodContext
+    from spmoe.trace.attach import attach_replay
+
+    cfg = session.cfg
+    temperature = cfg.spec.temperature if temperature is None else temperature
+    if temperature > 0:
+        return not_checked(f"sampled run (temperature {temperature}): SD and plain decoding consume the random"
+                           " stream differently, so tokens are not comparable; the rejection sampler's"
+                           " distribution tests are the check")
+    tolerance = tolerance_for(session.target.layout.dtype) if tolerance is None else tolerance
+    replay = session.routing_trace is not None
+    hw = replace(cfg.hardware, gpu_budget_gib=None)
+    ref_cfg = replace(cfg, method=MethodConfig(name="gpu_resident"), hardware=hw)
+    ctx = MethodContext(ref_cfg, session.target, session.device, session.plan(hw, "gpu_resident"))
+    runtime = get_strategy("gpu_resident").build(ctx)
+    check = LosslessCheck(None, "", tolerance)
+    try:
+        if replay:
+            attach_replay(runtime, session.routing_trace, session.target.layout, False, cfg.spec.num_draft_tokens)
+        for i, (prompt, gen) in enumerate(zip(session.prompts, gens)):
+            tokens = gen.token_ids
+            chunks = [1] * (len(tokens) - 1) if replay else None
+            logits = forced_logits(runtime, session.device, prompt.token_ids, tokens, chunks)  # [N, V]
+            positions = verified_positions(gen) if replay else list(range(len(tokens)))
+            compare(tokens, logits, positions, step_of_positions(gen), tolerance, i, check)
+    finally:
+        runtime.close()
+    return _conclude(check, replay)
+
+
+def _conclude(check: LosslessCheck, replay: bool) -> LosslessCheck:
+    ties = f"{len(check.ties)} tie divergence(s) within tolerance {check.tolerance}" if check.ties else "no divergence"
+    first = check.losses[0] if check.losses else None
+    loss = "" if first is None else (
+        f"{len(check.losses)} divergence(s) beyond tolerance {check.tolerance}; first at prompt {first.prompt_idx}"
+        f" position {first.position} (step {first.step}): token {first.run_token}, reference {first.reference_token},"
+        f" gap {first.gap:.4g}")
+    if replay:
+        check.lossless = None
+        check.replay_verified_argmax = first is None
+        check.reason = ("routing replay: accepted drafts come from the trace, not from verification, so the tokens"
+                        " are not the model's greedy tokens; checked instead that every verified token is the"
+                        " reference argmax under the replayed routing: " + (loss or f"yes ({ties})"))
+    else:
+        check.lossless = first is None
+        kind = "exact" if check.tolerance == 0 else "tie-aware"
+        check.reason = loss or f"{kind}: every token is the reference argmax on the run's prefix ({ties})"
+    if first is not None:
+        log.warning("lossless check: %s", loss)
+    return check
+
+
+def summary_block(reference, gens: list, temperature: float) -> dict:
+    """summary.json's lossless keys from a `LosslessCheck`, reference token lists, or None."""
+    if isinstance(reference, LosslessCheck):
+        return reference.summary()
+    if reference is None:
+        return not_checked("no reference was computed (check_lossless=false, or the GPU-resident reference"
+                           " does not fit the device)").summary()
+    if temperature > 0:
+        return not_checked(f"sampled run (temperature {temperature}): tokens are not comparable with a"
+                           " reference generation").summary()
+    return exact_check(gens, reference).summary()
+
+
+def exact_check(gens: list, reference: list[list[int]]) -> LosslessCheck:
+    """Token-for-token equality with reference generations (callers that generated a reference)."""
+    check = LosslessCheck(None, "", 0.0)
+    for i, (gen, ref) in enumerate(zip(gens, reference)):
+        check.checked_tokens += len(ref)
+        check.agreeing_tokens += sum(a == b for a, b in zip(gen.token_ids, ref))
+        steps = step_of_positions(gen)
+        for j, (a, b) in enumerate(zip(gen.token_ids, ref)):
+            if a != b:
+                check.losses.append(TieDivergence(i, j, steps[j] if j < len(steps) else -1, a, b, float("nan")))
+                break
+        if len(gen.token_ids) != len(ref) and not check.losses:
+            check.losses.append(TieDivergence(i, min(len(ref), len(gen.token_ids)), -1, -1, -1, float("nan")))
+    check.lossless = not check.losses
+    check.reason = ("exact: identical to the reference generation" if check.lossless
+                    else "differs from the reference generation at prompt {0.prompt_idx} position {0.position}"
+                    .format(check.losses[0]))
+    return check
