@@ -39,6 +39,15 @@ from spmoe.trace.records import StepRecord
 
 
 @dataclass
+class StepState:
+    """What a draft-length chooser (`Runtime.choose_k`) sees before a step drafts."""
+
+    step: int  # engine step index (1 = the first decode step)
+    pos: int  # sequence length before the step
+    max_k: int  # the bound: min(spec.num_draft_tokens, tokens still to emit - 1)
+
+
+@dataclass
 class Generation:
     token_ids: list[int]
     records: list[StepRecord]
@@ -105,6 +114,9 @@ class Engine:
             t_step = time.perf_counter()
             remaining = max_new_tokens - (len(seq) - len(prompt_ids))
             k = min(self.spec.num_draft_tokens, remaining - 1) if self.drafter is not None else 0
+            adaptive = k > 0 and self.runtime.choose_k is not None  # k in [0, bound], recorded as num_drafted
+            if adaptive:
+                k = max(0, min(k, int(self.runtime.choose_k(StepState(len(records), len(seq), k)))))
             self.runtime.begin_step(len(records))
             drafts, draft_probs = self.drafter.propose(seq, k, gen) if k > 0 else ([], None)
             t_verify = time.perf_counter()
@@ -117,7 +129,7 @@ class Engine:
                 self.drafter.rollback(len(seq) + min(result.num_accepted, max(k - 1, 0)))
             seq = seq + result.token_ids
             spec_fields = {}
-            if k > 0:  # a last step with room for one token drafts nothing: no acceptance statistics
+            if k > 0 or adaptive:  # a last step with room for one token drafts nothing: no acceptance statistics
                 spec_fields = dict(num_drafted=k, num_accepted=result.num_accepted,
                                    draft_ms=(t_verify - t_step) * 1e3, verify_ms=(time.perf_counter() - t_verify) * 1e3)
             records.append(self._record(prompt_idx, len(records), "decode", pos, len(result.token_ids), t_start,

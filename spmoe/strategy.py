@@ -54,6 +54,7 @@ class Runtime:
     prefetch_counts: Callable[[], tuple[int, int, int]] | None = None  # (prefetched, dropped, wasted) since last call
     extra_summary: Callable[[], dict] | None = None  # method-specific totals merged into summary.json
     accept_override: Callable | None = None  # (drafts, logits [k+1, V]) -> AcceptResult: replayed acceptance
+    choose_k: Callable | None = None  # (spmoe.engine.StepState) -> draft tokens this step, clamped to [0, max_k]
 
     def begin_step(self, step: int) -> None:
         for listener in self.listeners:
