@@ -134,6 +134,16 @@ POLICIES = {"lru": LruPolicy, "lfu": LfuPolicy, "layer_distance": LayerDistanceP
 LAYER_AWARE = ("layer_distance", "expected_reuse")  # built from the model's MoE layer order
 
 
+def register_policy(name: str, cls: type, layer_aware: bool = False) -> None:
+    """Add a policy defined in its own module under `name` (`layer_aware`: built from the MoE layer order)."""
+    global LAYER_AWARE
+    if name in POLICIES:
+        raise ValueError(f"eviction policy {name!r} registered twice")
+    POLICIES[name] = cls
+    if layer_aware:
+        LAYER_AWARE = (*LAYER_AWARE, name)
+
+
 def make_policy(name: str, moe_layers: Iterable[int] = ()) -> EvictionPolicy:
     if name not in POLICIES:
         raise ValueError(f"unknown eviction policy {name!r}; valid: {sorted(POLICIES)}")
