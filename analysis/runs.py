@@ -7,7 +7,10 @@ Terms:
   folder above them: every `**/summary.json` below it is one run. Nothing else is read.
 - *card* = the hardware profile's name, with ` (emulated)` when the summary says the card was
   emulated on a larger GPU (a memory budget and/or a paced PCIe link), e.g. `rtx4090 (emulated)`.
-- *variant* = the case name when the run is a case of an experiment, else the method name.
+- *variant* = the case name when the run is a case of an experiment, else the method name, followed
+  by the knobs in which that method's runs differ, e.g. `spmoe [cutoff.mode=fixed, cutoff.layer=3]`
+  (knobs: `config.method.*`, `config.spec.*`, the draft, the GPU budget and PCIe pacing; from the
+  summary's own keys for runs without a `config`). Runs that differ only in seed share a variant.
 - *TPOT* of a run = `tpot_ms_median` (median over interleaved rounds); runs written before rounds
   existed have only `tpot_ms`, which then stands for the median, with `rounds` = 1 and spread 0.
   `tpot_spread` = (max - min) / median over rounds.
@@ -30,6 +33,9 @@ KEY_COLUMNS = ("variant", "method", "model", "draft", "dataset", "card", "routin
                "tpot_ms_median", "tpot_spread", "rounds", "acceptance_rate", "expert_hit_rate",
                "h2d_bytes_per_token", "lossless")
 GROUP_KEYS = ("model", "dataset", "card", "routing")
+KNOB_PREFIXES = ("config.method.", "config.spec.", "config.draft.name", "config.hardware.gpu_budget_gib",
+                 "config.hardware.pace_pcie")
+SUMMARY_KNOBS = ("draft", "num_draft_tokens", "eviction", "cutoff", "gpu_budget_gib", "pcie_paced_gb_per_s")
 
 
 def find_runs(paths) -> list[Path]:
@@ -88,11 +94,40 @@ def run_table(paths) -> pd.DataFrame:
     if not rows:
         return pd.DataFrame(columns=list(KEY_COLUMNS) + ["run_dir"])
     df = pd.DataFrame(rows)
+    df["variant"] = _variants(df)
     for col in KEY_COLUMNS:
         if col not in df:
             df[col] = None
     front = [c for c in KEY_COLUMNS] + ["run_dir"]
     return df[front + [c for c in df.columns if c not in front]]
+
+
+def _knob_name(col: str) -> str:
+    for prefix in ("config.method.", "config.spec.", "config.hardware.", "config."):
+        if col.startswith(prefix):
+            return col[len(prefix):]
+    return col
+
+
+def _variants(df: pd.DataFrame) -> pd.Series:
+    """`variant` with the knobs in which a method's case-less runs differ appended (module docstring)."""
+    out = df["variant"].copy()
+    if "cutoff_mode" in df:
+        layer = df.get("cutoff_layer", pd.Series(index=df.index, dtype=object))
+        fixed = layer.map(lambda v: f"L{int(v)}" if pd.notna(v) else "L?")
+        df = df.assign(cutoff=df["cutoff_mode"].where(df["cutoff_mode"] != "fixed", fixed))
+    caseless = df["case"].isna() if "case" in df else pd.Series(True, index=df.index)
+    has_config = df["config.method.name"].notna() if "config.method.name" in df else pd.Series(False, index=df.index)
+    for (_, with_config), rows in df[caseless].groupby(["method", has_config[caseless]], dropna=True):
+        if len(rows) < 2:
+            continue
+        knobs = [c for c in rows.columns if c.startswith(KNOB_PREFIXES) and not c.endswith(("_dir", "path"))]
+        knobs = knobs if with_config else [c for c in SUMMARY_KNOBS if c in rows]
+        varying = [c for c in knobs if rows[c].astype(str).nunique() > 1]
+        for idx, row in rows.iterrows():
+            if varying:
+                out[idx] = f"{row['method']} [" + ", ".join(f"{_knob_name(c)}={row[c]}" for c in varying) + "]"
+    return out
 
 
 def varying_config(df: pd.DataFrame) -> list[str]:

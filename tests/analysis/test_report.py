@@ -100,3 +100,18 @@ def test_no_runs_is_an_error(tmp_path):
         report.main([str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="no such run"):
         run_table([tmp_path / "missing"])
+
+
+def test_caseless_runs_of_one_method_are_told_apart_by_their_knobs(tmp_path):
+    cfg = lambda mode, seed: {"method": {"name": "spmoe", "cutoff": {"mode": mode}}, "spec": {"k": 1}, "seed": seed}
+    write_run(tmp_path, "c/a", method="spmoe", tpot_ms=10.0, config=cfg("auto", 0))
+    write_run(tmp_path, "c/b", method="spmoe", tpot_ms=12.0, config=cfg("off", 0))
+    write_run(tmp_path, "c/c", method="spmoe", tpot_ms=14.0, config=cfg("off", 1))  # a seed: same variant
+    write_run(tmp_path, "s/a", method="spmoe", tpot_ms=10.0, cutoff_mode="fixed", cutoff_layer=3, model="olmoe")
+    write_run(tmp_path, "s/b", method="spmoe", tpot_ms=10.0, cutoff_mode="auto", cutoff_layer=3, model="olmoe")
+    write_run(tmp_path, "s/c", method="lru", tpot_ms=10.0, model="olmoe")
+    df = run_table([tmp_path])
+    assert df["variant"].tolist() == ["spmoe [cutoff.mode=auto]", "spmoe [cutoff.mode=off]",
+                                      "spmoe [cutoff.mode=off]", "spmoe [cutoff=L3]", "spmoe [cutoff=auto]", "lru"]
+    table = report.speedup_table(df, "spmoe [cutoff.mode=auto]").set_index("variant")
+    assert table.loc["spmoe [cutoff.mode=off]", "tpot_ms"] == 13.0  # the two seeds' median
