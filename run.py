@@ -1,11 +1,13 @@
 """
-Entry point: `python run.py model=<m> dataset=<d> method=<x> hardware=<h> [key=value ...]`.
+Entry point: `python run.py model=<m> dataset=<d> method=<x> hardware=<h> [key=value ...]`, and
+`python run.py [-m] experiment=<name>` for the cases of a paper experiment in interleaved rounds.
 
-The only Hydra-aware file besides tests: composes `conf/`, converts it once to the typed
-`RunConfig`, runs `spmoe.session.run_benchmark` into Hydra's run directory and prints the
-summary as one JSON object on the last stdout line. A run directory that already holds a
-summary.json is a finished run: with `resume=true` (default) it is reported, not redone, so an
-interrupted multirun restarted with the same `hydra.sweep.dir` only runs the missing jobs.
+The only Hydra-aware file besides tests. It composes `conf/`, resolves the `auto` choices
+(`spmoe.auto`: the model's paired draft, its paper card on CUDA, replayed routing for random
+weights) by composing again with them, composes each experiment case the same way, converts every
+case once to the typed `RunConfig`, and hands the cases to `spmoe.experiment.run_cases` under a
+lock on the run directory. It prints a short digest per case and, last, the summary as one JSON
+object (an experiment: one object mapping case names to summaries).
 """
 
 from __future__ import annotations
@@ -13,38 +15,94 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import hydra
+from hydra import compose
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from spmoe.config import RunConfig, register_configs
 
 register_configs()
+OmegaConf.register_new_resolver(  # a sweep job's directory: its swept values, filesystem-safe
+    "spmoe_subdir", lambda overrides, num: "".join(c if c.isalnum() or c in "=,._-" else "_" for c in overrides)
+    or f"job{num}")
+log = logging.getLogger("run")
+
+
+def _key(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def _compose(overrides: list[str]) -> tuple[RunConfig, dict]:
+    """Compose `overrides`, resolve `auto` choices by composing again with them; (typed, plain) config."""
+    import torch
+
+    from spmoe.auto import auto_choices
+
+    dcfg = compose(config_name="config", overrides=overrides)
+    choices = auto_choices(OmegaConf.to_object(dcfg), torch.cuda.is_available())
+    if choices:
+        taken = {_key(o) for o in overrides}
+        extra = [f"{k}={v}" for k, v in choices.items() if k not in taken]
+        dcfg = compose(config_name="config", overrides=[*overrides, *extra])
+        log.info("resolved auto choices: %s", " ".join(extra))
+    return OmegaConf.to_object(dcfg), OmegaConf.to_container(dcfg, resolve=True)
+
+
+def _cases(dcfg: DictConfig, overrides: list[str], out_dir: Path):
+    from spmoe.experiment import Case
+
+    if dcfg.experiment.name is None:
+        cfg, plain = _compose(overrides)
+        return [Case(None, cfg, out_dir, plain)]
+    cases = []
+    for name, case_overrides in dcfg.experiment.cases.items():
+        if not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
+            raise ValueError(f"experiment case name {name!r}: use letters, digits, '_', '-' and '.' only")
+        keys = {_key(o) for o in case_overrides}
+        merged = [o for o in overrides if _key(o) not in keys] + list(case_overrides)
+        cfg, plain = _compose(merged)
+        cases.append(Case(name, cfg, out_dir / name, plain))
+    if not cases:
+        raise ValueError(f"experiment {dcfg.experiment.name!r} defines no cases")
+    return cases
+
+
+def _progress(setting: str, multirun: bool) -> bool:
+    setting = str(setting).lower()
+    if setting not in ("auto", "true", "false"):
+        raise ValueError(f"progress={setting!r}; valid: auto, true, false")
+    return setting == "true" or (setting == "auto" and not multirun and sys.stderr.isatty())
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(dcfg: DictConfig) -> None:
-    cfg: RunConfig = OmegaConf.to_object(dcfg)
-    out_dir = HydraConfig.get().runtime.output_dir
-    done = Path(out_dir) / "summary.json"
-    if cfg.resume and done.is_file():  # an interrupted sweep, rerun: finished jobs are not redone
-        logging.getLogger(__name__).info("%s exists: run already finished, not redone (resume=false to rerun)", done)
-        print(json.dumps(json.loads(done.read_text())))
-        return
-    from spmoe.session import run_benchmark
+    from spmoe.digest import digest
+    from spmoe.experiment import run_cases
+    from spmoe.rundir import RunDirLock
     from experiments.tracker import make_tracker
 
-    tracker = make_tracker(cfg.logger, OmegaConf.to_container(dcfg, resolve=True), out_dir)
-    try:
-        summary = run_benchmark(cfg, out_dir)
+    hc = HydraConfig.get()
+    out_dir = Path(hc.runtime.output_dir)
+    overrides = [o for o in hc.overrides.task if not _key(o).startswith("hydra.")]
+    with RunDirLock(out_dir):
+        cases = _cases(dcfg, overrides, out_dir)
+        exp = dcfg.experiment
+        summaries = run_cases(cases, rounds=exp.rounds, warmup_tokens=exp.warmup_tokens if exp.name else 0,
+                              experiment=exp.name, resume=dcfg.resume,
+                              progress=_progress(dcfg.progress, hc.mode == RunMode.MULTIRUN))
+    for case, summary in zip(cases, summaries):
+        tracker = make_tracker(case.cfg.logger, case.config, str(case.out_dir))
         tracker.log_summary(summary)
-    except BaseException:
-        tracker.finish(exit_code=1)
-        raise
-    tracker.finish()
-    print(json.dumps(summary))
+        tracker.finish()
+        for line in digest(summary):
+            print(line)
+    printed = [{k: v for k, v in s.items() if k != "config"} for s in summaries]  # summary.json keeps the config
+    print(json.dumps(printed[0] if exp.name is None else {c.name: s for c, s in zip(cases, printed)}))
 
 
 if __name__ == "__main__":

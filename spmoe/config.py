@@ -46,6 +46,10 @@ class ModelConfig:
     dtype: str = "float32"
     hf_config: dict[str, Any] = field(default_factory=dict)
     twin: TwinConfig = field(default_factory=TwinConfig)
+    default_draft: str = "none"  # the paper's pairing: what `draft=auto` resolves to
+    paper_card: str = "h200"  # the paper's GPU for this model: what `hardware=auto` resolves to on CUDA
+    cpu_card: str = "cpu"  # what `hardware=auto` resolves to without CUDA
+    default_routing: str = "model"  # what `routing=auto` resolves to with random weights: model | replay
 
 
 @dataclass
@@ -84,9 +88,16 @@ class SpecConfig:
 
 @dataclass
 class DatasetConfig:
-    name: str = "synthetic"  # synthetic | humaneval
+    """Prompts (`spmoe.data.prompts`): a packaged offline set, a `datasets` hub/local set, or synthetic."""
+
+    name: str = "synthetic"  # synthetic | humaneval | gsm8k | mtbench | hf | alpaca | cnn_dailymail | mmlu_pro
     prompt_len: int = 32  # synthetic: tokens per prompt
-    max_prompt_tokens: int = 2048  # longer prompts are truncated from the left
+    max_prompt_tokens: int = 2048  # >= 1; longer prompts keep BOS and their last tokens (truncated from the left)
+    path: str | None = None  # hf: a hub dataset name or a local .json/.jsonl/.parquet/.csv file
+    field: str | None = None  # hf: the column holding the prompt text
+    split: str = "train"  # hf: the split to read
+    subset: str | None = None  # hf: the hub dataset's configuration name (e.g. 3.0.0), if it has several
+    chat_template: str = "auto"  # auto (when the tokenizer has one) | true (required) | false
 
 
 @dataclass
@@ -96,6 +107,35 @@ class CutoffConfig:
     mode: str = "auto"  # auto (L* from the latency model) | fixed (layer) | all | off (no prefetch)
     layer: int | None = None  # L* for mode=fixed
     profile_dir: str = "~/.cache/spmoe/profiles"
+    reprofile: bool = False  # measure the profile again even when a cached one matches its key
+
+
+@dataclass
+class PlusConfig:
+    """spmoe_plus's parts (`spmoe.methods.spmoe_plus`), each switchable so its gain is measured alone.
+
+    Draft precision: bf16 keeps the session's draft; int8 / int4 quantize its linear weights
+    (weight-only) for the run, and the bytes saved become expert slots; auto picks the cheapest whose
+    greedy agreement with the unquantized draft on seeded calibration sequences is at least
+    `draft_min_agreement`. Host compute: off | auto (per missing expert, host vs copy from the cost
+    model) | all (every missing expert on the host). Adaptive k: choose k per step in
+    [k_min, spec.num_draft_tokens]."""
+
+    draft_precision: str = "int8"  # bf16 | int8 | int4 | auto
+    draft_min_agreement: float = 0.95  # auto: calibration agreement a quantized draft needs
+    draft_group_size: int = 128  # int4: input columns per scale
+    host_compute: str = "auto"  # off | auto | all
+    host_threads: int | None = None  # host compute threads (default: all cores but two)
+    host_max_per_layer: int | None = None  # cap on experts computed on the host per layer forward
+    adaptive_k: bool = True  # union-aware draft length per step
+    k_min: int = 0  # adaptive_k: the smallest k it may choose
+    accept_prior: float = 0.8  # adaptive_k: acceptance assumed before any step is measured
+
+    def __post_init__(self) -> None:
+        if self.draft_precision not in ("bf16", "int8", "int4", "auto"):
+            raise ValueError(f"method.plus.draft_precision={self.draft_precision!r}; valid: bf16, int8, int4, auto")
+        if self.host_compute not in ("off", "auto", "all"):
+            raise ValueError(f"method.plus.host_compute={self.host_compute!r}; valid: off, auto, all")
 
 
 @dataclass
@@ -116,6 +156,11 @@ class MethodConfig:
     gating_threshold: float = 0.85  # adapmoe: keep experts until the normalized top weights reach this
     trace_path: str | None = None  # moe_infinity: trace.jsonl file(s) / run dirs warming its activation collection
     cutoff: CutoffConfig = field(default_factory=CutoffConfig)
+    plus: PlusConfig = field(default_factory=PlusConfig)  # read by spmoe_plus only
+
+    def __post_init__(self) -> None:
+        if isinstance(self.plus, dict):  # presets loaded without Hydra
+            self.plus = PlusConfig(**self.plus)
 
 
 @dataclass
@@ -129,6 +174,7 @@ class HardwareConfig:
     pace_pcie: bool = False  # stretch every expert copy to pcie_gb_per_s (spmoe.offload.pacing)
     reserve_mib: float = 512.0  # CUDA workspaces, allocator fragmentation and temporaries
     emulated: bool = False
+    host_memory_gib: float | None = None  # host RAM the run may use (None: detected, see spmoe.offload.host_memory)
 
 
 @dataclass
@@ -154,6 +200,22 @@ class TraceConfig:
 
 
 @dataclass
+class ExperimentConfig:
+    """A set of cases compared against one loaded model and store, timed in interleaved rounds.
+
+    `cases` maps a case name (its run directory) to the Hydra overrides that make it (e.g.
+    `[method=spmoe, method.cutoff.mode=fixed, method.cutoff.layer=8]`); cases may differ in method,
+    hardware card and `spec.*`, never in model, draft, dataset, routing or seed. Round r runs the
+    cases in order for even r and reversed for odd r (A B C C B A)."""
+
+    name: str | None = None  # None: a plain run (one case, one round)
+    description: str = ""
+    rounds: int = 1
+    warmup_tokens: int = 8  # each case decodes this many tokens of the first prompt before round 0 (0: none)
+    cases: dict[str, list[str]] = field(default_factory=dict)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     draft: DraftConfig = field(default_factory=DraftConfig)
@@ -164,11 +226,13 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     trace: TraceConfig = field(default_factory=TraceConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     seed: int = 0
     max_new_tokens: int = 100
     num_prompts: int = 2
     check_lossless: str = "auto"  # auto | true | false: compare tokens with the gpu_resident reference
-    resume: bool = True  # a run dir that already holds summary.json is finished: reuse it, do not rerun
+    resume: bool = True  # a run dir whose summary.json has this config's hash is finished: reuse it
+    progress: str = "auto"  # auto (a bar on a terminal, none in sweeps) | true | false
 
 
 def register_configs() -> None:
@@ -185,5 +249,6 @@ def register_configs() -> None:
         ("hardware", HardwareConfig),
         ("logger", LoggerConfig),
         ("routing", RoutingConfig),
+        ("experiment", ExperimentConfig),
     ]:
         cs.store(group=group, name=f"{group}_schema", node=node)

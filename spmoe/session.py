@@ -1,11 +1,11 @@
 """
-A run session, without Hydra: RunConfig in, run directory + summary dict out.
+A session: one loaded target (non-expert weights on the device, experts in the host store), its
+draft and its prompts, on which methods run one after another (`spmoe.experiment` runs cases).
 
-Order (bad input fails before anything large is allocated): method and dataset names ->
-device -> model skeleton on `meta` -> prompts -> memory plan against the budget -> non-expert
-weights and expert store -> GPU-resident reference tokens (when computable) -> the method's
-run through the one engine loop -> trace.jsonl, generations.jsonl, summary.json (each written
-atomically; summary.json last, so its presence marks a finished run).
+Order (bad input fails before anything large is allocated): config validation -> device -> model
+skeleton on `meta` -> prompts -> memory plan of every case against the budget and the host's
+memory -> draft -> non-expert weights and expert store. Each `Session.generate` installs one
+method's expert provider, runs the prompts through the one engine loop and frees it after.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -48,15 +48,16 @@ from spmoe.offload.budget import (
     plan_memory,
 )
 from spmoe.offload.eviction import make_policy
+from spmoe.offload.host_memory import check_host_memory
 from spmoe.offload.store import ExpertStore
 from spmoe.spec.drafter import ModelDrafter
 from spmoe.methods import STRATEGIES, get_strategy
 from spmoe.strategy import MethodContext
 from spmoe.trace.attach import attach_recorder, attach_replay
-from spmoe.trace.lossless import check_lossless
-from spmoe.summary import git_sha, summarize_run, write_partial, write_run
+from spmoe.summary import git_sha
 from spmoe.trace.replay import RouteReplay
 from spmoe.trace.routing import RoutingTrace, load_trace
+from spmoe.validate import validate_against_model, validate_config
 
 log = logging.getLogger(__name__)
 GIB = 2**30
@@ -162,8 +163,10 @@ class Session:
 
     def generate(self, method: MethodConfig, hardware: HardwareConfig, max_new_tokens: int,
                  num_prompts: int | None = None, spec_cfg: SpecConfig | None = None,
+                 on_prompt: Callable[[int], None] | None = None,
                  ) -> tuple[list[Generation], MemoryPlan, int | None]:
-        """Run one method over the prompts: (generations, memory plan, peak device bytes)."""
+        """Run one method over the prompts: (generations, memory plan, peak device bytes).
+        `on_prompt(num_tokens)` is called after each prompt (progress bars)."""
         spec = get_strategy(method.name)
         plan = self.plan(hardware, method.name)
         cfg = replace(self.cfg, method=method, hardware=hardware, max_new_tokens=max_new_tokens,
@@ -192,6 +195,8 @@ class Session:
             for i, p in enumerate(self.prompts[:num_prompts]):
                 try:
                     gens.append(engine.generate(p.token_ids, max_new_tokens, i))
+                    if on_prompt is not None:
+                        on_prompt(len(gens[-1].token_ids))
                 except BaseException as exc:
                     exc.finished_generations = gens  # the prompts done before the failure are kept
                     raise
@@ -222,15 +227,23 @@ class Session:
         self.target.store.close()
 
 
+def _runs_here_hint(cfg: RunConfig, device: torch.device) -> str:
+    if device.type == "cpu" and cfg.model.paper_card not in ("cpu", cfg.hardware.name):
+        return (f"model={cfg.model.name} is meant for a CUDA GPU (its card: hardware={cfg.model.paper_card}) and"
+                " there is none here. A command that runs here: python run.py model=tiny")
+    return "A command that runs here: python run.py model=tiny"
+
+
 def _draft_names() -> list[str]:
     from experiments.presets import preset_names
 
     return [n for n in preset_names("draft") if n != "none"]
 
 
-def open_session(cfg: RunConfig) -> Session:
-    """Validate names, plan memory for cfg's method and hardware (failing before any large
-    allocation), then load the draft (if any) and the target."""
+def open_session(cfg: RunConfig, cases: Sequence[RunConfig] = ()) -> Session:
+    """Validate names, plan memory for cfg's method and hardware and for every other case's (failing
+    before any large allocation, host memory included), then load the draft (if any) and the target."""
+    validate_config(cfg)
     spec = get_strategy(cfg.method.name)
     cfg.check_lossless = str(cfg.check_lossless).lower()  # Hydra parses `true` as a bool
     if cfg.check_lossless not in ("auto", "true", "false"):
@@ -254,6 +267,7 @@ def open_session(cfg: RunConfig) -> Session:
         torch.set_flush_denormal(True)  # subnormal activations slow CPU matmuls several-fold
     hf_cfg = hf_config(cfg.model)
     model, layout = skeleton(hf_cfg, parse_dtype(cfg.model.dtype))
+    validate_against_model(cfg, hf_cfg, layout, model)
     draft_cfg = None
     if cfg.draft.name != "none" and not cfg.draft.copy_of_target:
         draft_cfg = draft_hf_config(cfg.draft)
@@ -277,7 +291,10 @@ def open_session(cfg: RunConfig) -> Session:
     if draft_cfg is not None:
         with torch.device("meta"):
             session.draft = AutoModelForCausalLM.from_config(draft_cfg, dtype=parse_dtype(cfg.draft.dtype))  # sizes only
-    log.info("memory plan: %s", session.plan(cfg.hardware, cfg.method.name))
+    for case in (cfg, *cases):
+        plan = session.plan(case.hardware, case.method.name)
+        log.info("memory plan (%s on %s): %s", case.method.name, case.hardware.name, plan)
+        check_host_memory(plan, device.type, cfg.hardware.host_memory_gib, _runs_here_hint(cfg, device))
     if draft_cfg is not None:
         session.draft = build_draft(cfg.draft, draft_cfg, device, cfg.seed + 7)
     if cfg.model.weights == "checkpoint":
@@ -295,23 +312,3 @@ def open_session(cfg: RunConfig) -> Session:
         target.store.close()
         raise
     return session
-
-
-def run_benchmark(cfg: RunConfig, out_dir: str | Path) -> dict:
-    session = open_session(cfg)
-    try:
-        want_ref = cfg.check_lossless == "true" or (cfg.check_lossless == "auto" and session.reference_fits())
-        try:
-            gens, plan, peak = session.generate(cfg.method, cfg.hardware, cfg.max_new_tokens)
-        except BaseException as exc:
-            write_partial(out_dir, session, getattr(exc, "finished_generations", []), exc)
-            raise
-        reference = check_lossless(session, gens) if want_ref else None  # teacher-forces the gpu_resident reference
-    finally:
-        session.close()
-    summary = summarize_run(session, cfg.method, cfg.hardware, gens, plan, peak, reference)
-    write_run(out_dir, session, gens, summary)
-    if summary["within_budget"] is False:
-        raise BudgetError(f"peak GPU memory {peak / GIB:.2f} GiB exceeded the budget of {plan.budget_bytes / GIB:.2f} GiB"
-                          f" (summary.json records within_budget=false)")
-    return summary

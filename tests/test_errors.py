@@ -25,7 +25,8 @@ import spmoe.session as runner
 import spmoe.io
 from conftest import tiny_run_config
 from experiments.presets import CONF_DIR
-from spmoe.session import make_plan, open_session, run_benchmark
+from spmoe.experiment import run_benchmark
+from spmoe.session import make_plan, open_session
 from spmoe.config import DatasetConfig, parse_dtype
 from spmoe.engine import Engine
 from spmoe.io import write_json_atomic

@@ -11,7 +11,8 @@ import torch
 import baselines.moe_infinity  # noqa: F401  (registers moe_infinity / moe_infinity_nosd)
 from conftest import tiny_run_config
 from experiments.presets import load_preset
-from spmoe.session import open_session, run_benchmark
+from spmoe.experiment import run_benchmark
+from spmoe.session import open_session
 from spmoe.config import MethodConfig, SpecConfig
 from spmoe.offload.cache import ExpertCache
 from spmoe.offload.eviction_priority import PriorityPolicy

@@ -1,0 +1,152 @@
+"""
+Running cases side by side: one loaded model and store, several cases, interleaved rounds.
+
+Terms: a *case* is one resolved `RunConfig` with a name and its own run directory; cases of one
+experiment share the model, draft, dataset, routing, seed, prompt count and output length, and may
+differ in method, hardware card and `spec.*`. A *round* runs every case once over all prompts;
+round r runs the cases in order for even r and reversed for odd r (A B C C B A), so slow drifts of
+the host (clocks, page cache, allocator) fall on every case alike.
+
+Invariants: every case is planned (device and host memory) before anything is loaded; a case whose
+run directory already holds a summary of its exact config is not rerun; each case's summary is the
+round with the median TPOT plus every round's TPOT and their spread, written atomically and last;
+a case that fails leaves `partial/`, never a summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from spmoe.config import RunConfig
+from spmoe.offload.budget import BudgetError
+from spmoe.rundir import config_hash, finished_summary
+from spmoe.session import GIB, Session, open_session
+from spmoe.summary import summarize_run, write_partial, write_run
+from spmoe.trace.lossless import check_lossless
+
+log = logging.getLogger(__name__)
+
+_SHARED = ("model", "draft", "dataset", "routing", "seed", "num_prompts", "max_new_tokens")
+
+
+@dataclass
+class Case:
+    name: str | None  # None: a plain run (its directory is the run directory itself)
+    cfg: RunConfig
+    out_dir: Path
+    config: dict | None = None  # the resolved config as composed (default: the dataclass as a dict)
+    rounds: list = field(default_factory=list)  # per round: (gens, plan, peak, extra, routing)
+
+    @property
+    def hash(self) -> str:
+        return config_hash(self.config if self.config is not None else asdict(self.cfg))
+
+
+def check_shared(cases: list[Case]) -> None:
+    first = cases[0].cfg
+    for case in cases[1:]:
+        for key in _SHARED:
+            if getattr(case.cfg, key) != getattr(first, key):
+                raise ValueError(f"case {case.name!r} changes {key!r}; cases of one experiment share {list(_SHARED)}"
+                                 " (sweep it instead: python run.py -m ...)")
+
+
+def _progress_bar(enabled: bool, case: Case, round_idx: int):
+    if not enabled:
+        return nullcontext(None)
+    from tqdm import tqdm
+
+    total = case.cfg.num_prompts * case.cfg.max_new_tokens
+    return tqdm(total=total, desc=f"{case.name or case.cfg.method.name} round {round_idx}", unit="tok", leave=False)
+
+
+def _run_round(session: Session, case: Case, round_idx: int, progress: bool) -> None:
+    cfg = case.cfg
+    with _progress_bar(progress, case, round_idx) as bar:
+        try:
+            gens, plan, peak = session.generate(cfg.method, cfg.hardware, cfg.max_new_tokens, spec_cfg=cfg.spec,
+                                                on_prompt=bar.update if bar is not None else None)
+        except BaseException as exc:
+            write_partial(case.out_dir, session, getattr(exc, "finished_generations", []), exc)
+            raise
+    case.rounds.append((gens, plan, peak, dict(session.last_extra), session.last_routing))
+
+
+def _warm_up(session: Session, case: Case, num_tokens: int) -> None:
+    """Decode `num_tokens` of the first prompt (not recorded): kernels, allocator and caches warm."""
+    cfg = case.cfg
+    session.generate(cfg.method, cfg.hardware, min(num_tokens, cfg.max_new_tokens), num_prompts=1, spec_cfg=cfg.spec)
+
+
+def _tpot_ms(gens) -> float:
+    from spmoe.trace.metrics import summarize
+
+    return summarize([g.records for g in gens])["tpot_ms"]
+
+
+def _finish(session: Session, case: Case, experiment: str | None) -> dict:
+    tpots = [_tpot_ms(r[0]) for r in case.rounds]
+    median_round = sorted(range(len(tpots)), key=tpots.__getitem__)[(len(tpots) - 1) // 2]
+    gens, plan, peak, extra, routing = case.rounds[median_round]
+    session.last_extra, session.last_routing = extra, routing
+    check = (check_lossless(session, gens, temperature=case.cfg.spec.temperature)
+             if _wants_reference(session, case.cfg) else None)
+    summary = summarize_run(session, case.cfg.method, case.cfg.hardware, gens, plan, peak, check, spec_cfg=case.cfg.spec)
+    median = statistics.median(tpots)
+    summary.update({
+        "experiment": experiment, "case": case.name, "rounds": len(tpots), "tpot_ms_rounds": tpots,
+        "tpot_ms_median": median, "tpot_ms_min": min(tpots), "tpot_ms_max": max(tpots),
+        "tpot_spread": (max(tpots) - min(tpots)) / median if median else 0.0,
+        "cache_holds_all_experts": summary["num_slots"] >= summary["num_experts_total"],
+        "config_hash": case.hash, "config": case.config if case.config is not None else asdict(case.cfg),
+    })
+    write_run(case.out_dir, session, gens, summary)
+    if summary["within_budget"] is False:
+        raise BudgetError(f"case {case.name or case.cfg.method.name}: peak GPU memory {peak / GIB:.2f} GiB exceeded"
+                          f" the budget of {plan.budget_bytes / GIB:.2f} GiB (summary.json records within_budget=false)")
+    return summary
+
+
+def _wants_reference(session: Session, cfg: RunConfig) -> bool:
+    mode = str(cfg.check_lossless).lower()
+    return mode == "true" or (mode == "auto" and session.reference_fits())
+
+
+def run_cases(cases: list[Case], rounds: int = 1, warmup_tokens: int = 0, experiment: str | None = None,
+              resume: bool = True, progress: bool = False) -> list[dict]:
+    """Run `cases` in interleaved rounds on one session; return their summaries in case order."""
+    if rounds < 1:
+        raise ValueError(f"experiment.rounds must be >= 1, got {rounds}")
+    if not cases:
+        raise ValueError("an experiment needs at least one case")
+    check_shared(cases)
+    done = {id(c): finished_summary(c.out_dir, c.hash) if resume else None for c in cases}
+    todo = [c for c in cases if done[id(c)] is None]
+    for case in cases:
+        if done[id(case)] is not None:
+            log.info("%s: finished run of this exact config found in %s: not redone", case.name or "run", case.out_dir)
+    if todo:
+        if len(todo) < len(cases):
+            log.info("running %d of %d cases; the others were measured in an earlier process", len(todo), len(cases))
+        session = open_session(todo[0].cfg, [c.cfg for c in todo[1:]])
+        try:
+            if warmup_tokens > 0:
+                for case in todo:
+                    _warm_up(session, case, warmup_tokens)
+            for r in range(rounds):
+                for case in (todo if r % 2 == 0 else todo[::-1]):
+                    _run_round(session, case, r, progress)
+            for case in todo:
+                done[id(case)] = _finish(session, case, experiment)
+        finally:
+            session.close()
+    return [done[id(c)] for c in cases]
+
+
+def run_benchmark(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> dict:
+    """One case, one round, into `out_dir`."""
+    return run_cases([Case(None, cfg, Path(out_dir))], resume=resume)[0]
