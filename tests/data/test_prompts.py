@@ -27,5 +27,5 @@ def test_synthetic_and_errors():
     prompts = load_prompts(DatasetConfig(name="synthetic", prompt_len=7), TOK, 512, 2, seed=0)
     assert [len(p.token_ids) for p in prompts] == [7, 7]
     with pytest.raises(ValueError, match="valid: "):
-        load_prompts(DatasetConfig(name="alpaca"), TOK, 512, 1, seed=0)
+        load_prompts(DatasetConfig(name="nope"), TOK, 512, 1, seed=0)
     assert set(DATASETS) == {"humaneval", "gsm8k", "mtbench", "synthetic"}
