@@ -235,6 +235,13 @@ class PrefetchProvider:
             self.num_wasted += sum(1 for s in self._by_prefetch.values() if s >= 0)
             self._by_prefetch.clear()
 
+    def num_in_flight(self) -> int:
+        """Prefetch copies of the current step issued and not landed yet (the copy queue ahead of a
+        demand load, for host-compute cost models)."""
+        with self.lock:
+            slots = [self.cache.slot_of(k) for k, s in self._by_prefetch.items() if s == self.step]
+        return sum(1 for s in slots if s is not None and not self.transfer.is_ready(s))
+
     def take_counts(self) -> tuple[int, int, int]:
         """(prefetched, dropped, wasted) since the last call."""
         with self.lock:
