@@ -30,24 +30,20 @@ nothing). Without recall (r_l = 1) worth(l) always holds and L* is the timing/me
 Modes: `auto` (L* from this model and a profile), `fixed` (given L*), `all` (no cutoff), `off`
 (no prefetch).
 
-A profile holds the measured t_d, t_v, t_e and r_l for one model x draft x device x budget (and,
-for recall, capture point, prediction width and routing source); `auto` reuses the JSON file under
-`cutoff.profile_dir` when it exists and writes it otherwise. Files are named with
-`PROFILE_VERSION` first, so files of an older version (v1 had no `layer_recall`) are never picked
-up again and the profile is re-measured; such a file still loads, with `layer_recall = None`.
+A profile holds the measured t_d, t_v, t_e and r_l, and how t_e was checked against the measured
+pinned bandwidth; `spmoe.policy.profile` measures it and caches it on disk keyed by everything it
+depends on.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 from spmoe.config import CutoffConfig
-from spmoe.io import write_json_atomic
 
 MODES = ("auto", "fixed", "all", "off")
-PROFILE_VERSION = 3  # 2: + layer_recall; 3: timings are medians after warm-up
+PROFILE_VERSION = 4  # 2: + layer_recall; 3: medians after warm-up; 4: content keys, copy check vs bandwidth
+COPY_CHECKS = ("ok", "flagged", "skipped")  # t_e within tolerance of bytes/bandwidth; off after re-measuring; not checked
 
 
 @dataclass
@@ -60,6 +56,10 @@ class Profile:
     top_k: int  # A
     num_slots: int  # S
     layer_recall: list[float] | None = None  # r_l per MoE layer; None: unknown (treated as 1)
+    expert_bytes: int | None = None  # one expert's bytes
+    bandwidth_gb_per_s: float | None = None  # measured pinned host->device bandwidth (the paced one when paced)
+    copy_estimate_ms: float | None = None  # expert_bytes / bandwidth: what t_e is checked against
+    copy_check: str | None = None  # one of COPY_CHECKS (None: profiles of older versions)
 
 
 def expected_union(num_experts: int, top_k: int, k: int) -> float:
@@ -109,12 +109,3 @@ def choose_cutoff(cfg: CutoffConfig, num_layers: int, profile: Profile | None, k
     if profile is None:
         raise ValueError("cutoff.mode=auto needs a profile")
     return cutoff_layer(profile, k)
-
-
-def load_profile(path: Path) -> Profile | None:
-    """The profile at `path`, or None; a file without `layer_recall` (v1) loads with it None."""
-    return Profile(**json.loads(path.read_text())) if path.is_file() else None
-
-
-def save_profile(path: Path, profile: Profile) -> None:
-    write_json_atomic(path, asdict(profile))

@@ -5,20 +5,32 @@ Learned draft->target hidden map, for draft/target pairs that are not structural
 Target MoE layer l is paired with draft layer round(l (D - 1) / (T - 1)) (D, T = depths); per
 pair an affine map W [H_d + 1, H_t] is fitted by least squares from the draft's hidden states at
 the capture point to the target's router input, on calibration token sequences (teacher-forced
-through both models). Maps are cached on disk (safetensors) keyed by model, draft, capture
-point and seed; a cached file is reused as is. For twins the map is not needed (identity).
+through both models). For twins the map is not needed (identity).
+Cache: `<dir>/maps-<key>.safetensors`, the key being `spmoe.cache_key.content_key` of the fields
+the maps depend on (both models' resolved configs and weight sources, dtypes, capture point,
+calibration seed and shape, device type, `MAP_FORMAT`), which the file also stores in its
+metadata; a file is reused only when its stored fields equal the run's. Written atomically under a
+unique temporary name in the same directory, then renamed.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from spmoe.cache_key import canonical, content_key
 from spmoe.predict.capture import capture_hidden, router_of
+
+MAP_FORMAT = 2  # 2: content-keyed files with their fields in the metadata
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +74,32 @@ def fit_maps(draft: nn.Module, target: nn.Module, target_layers: list[int], sequ
     return maps
 
 
-def load_or_fit(path: Path, fit) -> dict[int, torch.Tensor]:
-    if path.is_file():
+def maps_path(cache_dir: str | Path, fields: dict) -> Path:
+    return Path(cache_dir).expanduser() / f"maps-{content_key({**fields, 'format': MAP_FORMAT})}.safetensors"
+
+
+def _stored_fields(path: Path) -> dict | None:
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta["fields"]) if "fields" in meta else None
+
+
+def load_or_fit(cache_dir: str | Path, fields: dict, fit: Callable[[], dict[int, torch.Tensor]]
+                ) -> dict[int, torch.Tensor]:
+    """The cached maps for `fields`, or `fit()`'s, saved atomically."""
+    fields = canonical({**fields, "format": MAP_FORMAT})
+    path = maps_path(cache_dir, fields)
+    if path.is_file() and _stored_fields(path) == fields:
         return {int(k): v for k, v in load_file(str(path)).items()}
     maps = fit()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({str(k): v.contiguous() for k, v in maps.items()}, str(tmp))
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({str(k): v.contiguous() for k, v in maps.items()}, tmp, metadata={"fields": json.dumps(fields)})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     log.info("fitted %d draft->target hidden maps, cached at %s", len(maps), path)
     return maps

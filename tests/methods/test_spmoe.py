@@ -3,6 +3,8 @@ profiled per-layer recall (calibration and routing-trace replay)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import tiny_run_config
 
@@ -16,7 +18,7 @@ from spmoe.config import (
     TraceConfig,
     TwinConfig,
 )
-from spmoe.policy.cutoff import PROFILE_VERSION, load_profile
+from spmoe.policy.profile import load_profile
 from spmoe.trace.accuracy import trace_layer_recall
 from spmoe.trace.metrics import summarize
 from spmoe.trace.routing import load_trace
@@ -79,10 +81,19 @@ def test_lossless_in_every_cutoff_mode(twin, mode, layer, k):
 def test_auto_profile_measures_recall_per_layer(twin, tmp_path):
     tokens, _ = _spmoe(twin, cutoff=CutoffConfig(mode="auto", profile_dir=str(tmp_path)))
     assert tokens == twin.reference
-    [path] = tmp_path.glob(f"v{PROFILE_VERSION}__*__model.json")
+    [path] = tmp_path.glob("profile-*.json")
     recall = load_profile(path).layer_recall
     assert len(recall) == len(twin.target.layout.moe_layers)
     assert min(recall) > 0.6  # close twins: the draft's hidden states route almost like the target's
+    extra = twin.last_extra  # the summary records the profile it used
+    assert path.name == f"profile-{extra['profile_key']}.json" and extra["profile_reused"] is False
+    assert extra["profile_expert_load_ms"] > 0 and extra["profile_bandwidth_gb_per_s"] > 0
+    assert extra["profile_copy_check"] == "skipped" and extra["profile_flagged"] is False  # tiny experts
+    _spmoe(twin, cutoff=CutoffConfig(mode="auto", profile_dir=str(tmp_path)))
+    assert twin.last_extra["profile_reused"] is True and twin.last_extra["profile_key"] == extra["profile_key"]
+    _spmoe(twin, cutoff=CutoffConfig(mode="auto", profile_dir=str(tmp_path), reprofile=True))
+    assert twin.last_extra["profile_reused"] is False and twin.last_extra["profile_key"] == extra["profile_key"]
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # replaced in place, no temp files left
 
 
 def test_replayed_run_takes_recall_from_the_trace(tmp_path):
@@ -102,7 +113,8 @@ def test_replayed_run_takes_recall_from_the_trace(tmp_path):
     try:
         method.cutoff = CutoffConfig(mode="auto", profile_dir=str(tmp_path / "profiles"))
         s.generate(method, cfg.hardware, 12)
-        [path] = (tmp_path / "profiles").glob(f"v{PROFILE_VERSION}__*__replay-*.json")
+        [path] = (tmp_path / "profiles").glob("profile-*.json")
+        assert json.loads(path.read_text())["fields"]["routing"]["name"] == "replay"
         expected = trace_layer_recall(load_trace(tmp_path), len(s.target.layout.moe_layers))
         assert load_profile(path).layer_recall == expected
     finally:
@@ -123,7 +135,8 @@ def test_capture_points(twin, point):
     assert 0 <= summary["predictor_top1_accuracy"] <= 1
 
 
-def test_non_twin_pair_uses_a_fitted_map():
+def test_non_twin_pair_uses_a_fitted_map(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # a fresh ~/.cache/spmoe
     s = _session("random", model="tiny_qwen3_moe", draft="tiny_qwen3")
     try:
         tokens, summary = _spmoe(s)
@@ -131,6 +144,29 @@ def test_non_twin_pair_uses_a_fitted_map():
         assert summary["predictor_top1_accuracy"] is not None
     finally:
         s.close()
+    maps = tmp_path / ".cache" / "spmoe" / "maps"
+    assert len(list(maps.glob("maps-*.safetensors"))) == 1
+
+
+def test_changed_shape_under_the_same_preset_name_gets_new_caches(tmp_path, monkeypatch):
+    """Maps and profiles are keyed by content: a wider target under the same preset name is fitted
+    and profiled anew instead of reusing (and crashing on) the narrower one's files."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    auto = CutoffConfig(mode="auto", profile_dir=str(tmp_path / ".cache" / "spmoe" / "profiles"))
+    for hidden in (64, 96):
+        cfg = tiny_run_config("tiny_qwen3_moe", num_prompts=1, max_new_tokens=6)
+        cfg.model.weights = "random"
+        cfg.model.hf_config = {**cfg.model.hf_config, "hidden_size": hidden}
+        cfg.draft = load_preset("draft", "tiny_qwen3")
+        s = open_session(cfg)
+        try:
+            gens, _, _ = s.generate(MethodConfig(name="spmoe", num_slots=8, worker_thread=False, cutoff=auto),
+                                    cfg.hardware, 6)
+            assert len(gens[0].token_ids) == 6
+        finally:
+            s.close()
+    assert len(list((tmp_path / ".cache" / "spmoe" / "maps").glob("maps-*.safetensors"))) == 2
+    assert len(list((tmp_path / ".cache" / "spmoe" / "profiles").glob("profile-*.json"))) == 2
 
 
 @pytest.mark.gpu

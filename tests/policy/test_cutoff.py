@@ -10,10 +10,9 @@ from spmoe.policy.cutoff import (
     choose_cutoff,
     cutoff_layer,
     expected_union,
-    load_profile,
     min_recall,
-    save_profile,
 )
+from spmoe.policy.profile import load_profile, save_profile
 
 
 def test_expected_union():
