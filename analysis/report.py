@@ -8,8 +8,9 @@ Terms (TPOT of a run: `analysis.runs`, the median over its rounds):
   Several runs of one variant in a group (seeds, repeats) count as their median TPOT.
 - *speedup of X over Y* = TPOT(Y) / TPOT(X): above 1 means X is faster.
 - `speedup_table`: every variant against `--baseline` (a method or case name) in its group.
-- `paper_view`: the paper's framing, SP-MoE's (`--method`) speedup over each other method, one row
-  per group, one column per baseline. A group without the method or any baseline gives no row;
+- `paper_view`: the paper's framing, SP-MoE's (`--method`) speedup over each other variant, one row
+  per group, one column per baseline. SP-MoE is the variant named `--method`, or in a group without
+  one, that method's only variant there. A group without the method or any baseline gives no row;
   a baseline missing from a group is NaN there.
 
 Writes into `--out` (default: print only): `runs.csv` (the whole tidy table), `runs.md` (its key
@@ -58,9 +59,9 @@ def paper_view(df: pd.DataFrame, method: str = "spmoe", group_keys=GROUP_KEYS) -
     """`method`'s speedup over each other variant, one row per group (NaN where a group lacks one)."""
     tpot = variant_tpot(df, group_keys)
     keys = [k for k in group_keys if k in tpot]
-    ours = tpot[tpot["variant"] == method].set_index(keys)["tpot_ms"]
-    ours = ours[~ours.index.duplicated()]
-    others = tpot[tpot["variant"] != method]
+    mine = reference_rows(tpot, method, keys)
+    ours = mine.set_index(keys)["tpot_ms"]
+    others = tpot.drop(mine.index)
     if ours.empty or others.empty:
         return pd.DataFrame(columns=keys + [f"{method}_tpot_ms"])
     wide = others.pivot_table(index=keys, columns="variant", values="tpot_ms", aggfunc="median", sort=False)
@@ -69,6 +70,18 @@ def paper_view(df: pd.DataFrame, method: str = "spmoe", group_keys=GROUP_KEYS) -
     wide = wide.dropna(how="all")  # a group without any baseline gives no row
     wide.insert(0, f"{method}_tpot_ms", ours.reindex(wide.index).to_numpy())
     return wide.reset_index()
+
+
+def reference_rows(tpot: pd.DataFrame, name: str, keys: list[str]) -> pd.DataFrame:
+    """Per group, the variant named `name`; where there is none, the only variant of method `name`."""
+    exact = tpot[tpot["variant"] == name]
+    if not keys:  # one group
+        by_method = tpot[tpot["method"] == name]
+        return exact.iloc[:1] if len(exact) else by_method if len(by_method) == 1 else exact
+    by_method = tpot[tpot["method"] == name].groupby(keys, sort=False).filter(lambda g: len(g) == 1)
+    taken = set(map(tuple, exact[keys].to_numpy()))
+    by_method = by_method[[tuple(k) not in taken for k in by_method[keys].to_numpy()]]
+    return pd.concat([exact, by_method]).drop_duplicates(subset=keys)
 
 
 def _cell(value) -> str:

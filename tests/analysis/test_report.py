@@ -115,3 +115,11 @@ def test_caseless_runs_of_one_method_are_told_apart_by_their_knobs(tmp_path):
                                       "spmoe [cutoff.mode=off]", "spmoe [cutoff=L3]", "spmoe [cutoff=auto]", "lru"]
     table = report.speedup_table(df, "spmoe [cutoff.mode=auto]").set_index("variant")
     assert table.loc["spmoe [cutoff.mode=off]", "tpot_ms"] == 13.0  # the two seeds' median
+
+
+def test_card_names_budget_pacing_and_emulation(tmp_path):
+    write_run(tmp_path, "a", method="lru", tpot_ms=1.0, gpu_budget_bytes=24 * 2**30, pcie_paced_gb_per_s=25.0)
+    write_run(tmp_path, "b", method="lru", tpot_ms=1.0, gpu_budget_bytes=40 * 2**30, hardware="h200",
+              hardware_emulated=False)
+    write_run(tmp_path, "c", method="lru", tpot_ms=1.0, hardware="cpu", hardware_emulated=False)
+    assert run_table([tmp_path])["card"].tolist() == ["rtx4090 (24 GiB, 25 GB/s, emulated)", "h200 (40 GiB)", "cpu"]
