@@ -1,0 +1,157 @@
+"""
+spmoe_plus: SP-MoE's predictor, cutoff and pipelined prefetch (`spmoe.methods.spmoe`), plus four
+parts, each a `method.plus.*` switch (`spmoe.config.PlusConfig`) so its gain is measured alone:
+1. memory-aware draft (`spmoe.plus.draft_precision`): the draft runs int8 / int4 weight-only (or
+   bf16; `auto` picks the cheapest whose calibration agreement with the bf16 draft is high enough),
+   and the bytes saved become expert slots on top of the memory plan's;
+2. CPU-assisted experts (`spmoe.plus.host_experts`): missing experts of a layer are computed on
+   the host while others stream in, per expert from a measured cost model;
+3. eviction toward Belady under prefetch (`method.eviction=sd_lookahead`,
+   `spmoe.offload.eviction_lookahead`): the draft's predictions for the coming verify step, at
+   every layer (a second, prefetch-free predictor covers the layers past the cutoff), keep the
+   experts about to be used;
+4. union-aware adaptive draft length (`spmoe.plus.k_chooser`) through `Runtime.choose_k`.
+Lossless: the draft only proposes (any precision); host experts compute the same function (CPU
+float32 bit-identical; on CUDA within bf16 rounding of host vs GPU accumulation); eviction and k
+change what is moved and when, never what is computed.
+Extra summary keys: draft_precision, draft_saved_bytes, extra_slots, draft_agreement, host_* (host
+vs GPU expert split and times), host_cost_*, chosen_k_mean / chosen_k_counts; the per-step k is
+the trace's num_drafted.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from collections import Counter
+from dataclasses import replace
+
+import torch
+
+from spmoe.methods import spmoe as base
+from spmoe.offload.eviction_lookahead import PredictionSink, SdLookaheadPolicy
+from spmoe.offload.prefetch import PrefetchProvider
+from spmoe.plus.draft_precision import DraftPrecision, choose_precision, quantize_draft
+from spmoe.plus.host_experts import (
+    HostCost,
+    HostPlanner,
+    HostStats,
+    host_pool,
+    install_host_experts,
+    measure_host_cost,
+)
+from spmoe.plus.k_chooser import KChooser
+from spmoe.predict.draft_router import DraftRouterPredictor, is_twin
+from spmoe.strategy import MethodContext, Runtime, register_strategy
+
+log = logging.getLogger(__name__)
+
+
+def _apply_draft_precision(ctx: MethodContext) -> DraftPrecision:
+    pcfg = ctx.cfg.method.plus
+    if ctx.cfg.draft.copy_of_target:  # already a quantized copy of the target: its precision is the draft preset's
+        return DraftPrecision("as_configured")
+    if pcfg.draft_precision != "auto":
+        return quantize_draft(ctx.draft, pcfg.draft_precision, pcfg.draft_group_size)
+    vocab = ctx.draft.config.vocab_size
+    gen = torch.Generator().manual_seed(ctx.cfg.seed + 34567)  # never the evaluation prompts
+    sequences = torch.randint(3, vocab, (4, 64), generator=gen).to(ctx.device)  # [B, T]
+    return choose_precision(ctx.draft, pcfg.draft_min_agreement, pcfg.draft_group_size, sequences)
+
+
+def _copy_ms(runtime: Runtime, ctx: MethodContext, warmup: int = 2, reps: int = 7) -> float:
+    """Median time of one expert copy on the run's own link (paced when pacing is on)."""
+    store, keys, device = ctx.target.store, ctx.target.layout.keys, ctx.device
+    times = []
+    for i in range(warmup + reps):
+        t0 = time.perf_counter()
+        runtime.transfer.load(0, runtime.cache.slot(0), store.flat(keys[i % len(keys)]))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    runtime.transfer.collect()  # calibration copies are not the run's traffic
+    return statistics.median(times[warmup:])
+
+
+def _lookahead_hints(ctx: MethodContext, runtime: Runtime, policy: SdLookaheadPolicy, cutoff: int, slots: int) -> None:
+    """Every predictor request informs the policy; layers past the cutoff get a prediction-only predictor."""
+    mcfg, layout = ctx.cfg.method, ctx.target.layout
+    for listener in runtime.listeners:
+        if isinstance(listener, DraftRouterPredictor):
+            listener.observers.append(policy.observe)
+    beyond = list(layout.moe_layers[cutoff + 1:])
+    if not beyond:
+        return
+    maps = None if is_twin(ctx.draft, runtime.model) else base._hidden_maps(ctx, slots)
+    hints = DraftRouterPredictor(ctx.draft, runtime.model, PredictionSink(policy), beyond, mcfg.capture_point,
+                                 mcfg.predict_top_k or layout.top_k, maps)
+    runtime.listeners.append(hints)
+    runtime.closers.append(hints.remove)
+
+
+def _summary(precision: DraftPrecision, extra_slots: int, stats: HostStats, cost: HostCost | None,
+             chooser: KChooser | None, inner) -> dict:
+    total = stats.num_host_experts + stats.num_gpu_experts
+    out = dict(inner() if inner else {})
+    out.update({
+        "draft_precision": precision.precision, "draft_saved_bytes": precision.saved_bytes,
+        "draft_agreement": precision.agreement, "extra_slots": extra_slots,
+        "host_experts": stats.num_host_experts, "gpu_experts": stats.num_gpu_experts,
+        "host_expert_fraction": stats.num_host_experts / total if total else None,
+        "host_compute_ms": stats.host_ms, "host_wait_ms": stats.wait_ms,
+        "host_cost_fixed_ms": cost.fixed_ms if cost else None,
+        "host_cost_per_token_ms": cost.per_token_ms if cost else None,
+        "host_cost_copy_ms": cost.copy_ms if cost else None,
+    })
+    if chooser is not None and chooser.chosen:
+        out["chosen_k_mean"] = sum(chooser.chosen) / len(chooser.chosen)
+        out["chosen_k_counts"] = dict(sorted(Counter(chooser.chosen).items()))
+    return out
+
+
+@register_strategy("spmoe_plus", offloads=True, speculative=True,
+                   description="SP-MoE + quantized draft + CPU-assisted experts + SD-informed eviction + adaptive k")
+def build(ctx: MethodContext) -> Runtime:
+    mcfg, pcfg, layout = ctx.cfg.method, ctx.cfg.method.plus, ctx.target.layout
+    precision = _apply_draft_precision(ctx)
+    try:
+        plan = replace(ctx.plan, num_slots=ctx.plan.num_slots + precision.saved_bytes // layout.expert_bytes)
+        cfg = ctx.cfg
+        if precision.precision not in ("bf16", "as_configured"):  # profiles and maps are keyed on the draft
+            cfg = replace(cfg, draft=replace(cfg.draft, name=f"{cfg.draft.name}-{precision.precision}"))
+        sub = replace(ctx, cfg=cfg, plan=plan)
+        runtime = base.build(sub)
+    except BaseException:
+        precision.restore()
+        raise
+    runtime.closers.insert(0, precision.restore)  # closers run last-added first: the draft comes back last
+    provider = next(l for l in runtime.listeners if isinstance(l, PrefetchProvider))
+    base_slots = ctx.plan.num_slots if mcfg.num_slots is None else min(ctx.plan.num_slots, mcfg.num_slots)
+    extra_slots = provider.cache.num_slots - base_slots  # what the draft's saved bytes added (0 under a num_slots cap)
+    if isinstance(provider.cache.policy, SdLookaheadPolicy):
+        _lookahead_hints(sub, runtime, provider.cache.policy, runtime.cutoff_layer, provider.cache.num_slots)
+    stats, cost, chooser = HostStats(), None, None
+    if pcfg.host_compute != "off" or pcfg.adaptive_k:
+        copy_ms = _copy_ms(runtime, ctx)
+        act_fn = runtime.model.model.layers[layout.moe_layers[0]].mlp.experts.act_fn
+        if pcfg.host_compute == "auto":
+            cost = measure_host_cost(ctx.target.store, act_fn, copy_ms)
+            log.info("spmoe_plus host cost: %s", cost)
+        planner = HostPlanner(provider, pcfg.host_compute, cost, pcfg.host_max_per_layer)
+        if pcfg.adaptive_k:
+            miss_ms = min(copy_ms, cost.host_ms(2)) if cost else copy_ms
+            chooser = KChooser(pcfg.k_min, len(layout.moe_layers), layout.num_experts, layout.top_k, miss_ms,
+                               pcfg.accept_prior)
+            runtime.choose_k = chooser
+            runtime.listeners.append(chooser)
+        pool = host_pool(pcfg.host_threads)
+        runtime.closers.append(pool.shutdown)
+        install_host_experts(runtime.model, layout.moe_layers, planner, ctx.target.store, pool, stats,
+                             chooser.on_layer if chooser else None)
+    runtime.extra_summary = lambda inner=runtime.extra_summary: _summary(
+        precision, extra_slots, stats, cost, chooser, inner)
+    log.info("spmoe_plus: draft %s (+%d slots = %d), host compute %s, eviction %s, adaptive k %s",
+             precision.precision, extra_slots, provider.cache.num_slots, pcfg.host_compute, mcfg.eviction,
+             pcfg.adaptive_k)
+    return runtime

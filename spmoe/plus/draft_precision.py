@@ -1,0 +1,147 @@
+"""
+Memory-aware draft: run the session's dense draft with int8 or int4 weight-only linear layers and
+give the bytes this saves to the expert cache.
+
+Terms: a *site* is one `nn.Linear` of the draft (attention, MLP, LM head), except one whose weight
+is shared with an embedding (tied heads stay as they are) and anything inside an experts module.
+Quantization is `spmoe.models.quantized_draft.quantize_rows` (int8, a scale per output row) or
+`spmoe.models.int4` (int4, a scale and offset per group of input columns); forward dequantizes one
+[O, I] weight at a time into a transient in the compute dtype (the *workspace*).
+*Saved bytes* = site weight bytes - quantized bytes - workspace: what the memory plan counted for
+the draft and the quantized draft no longer needs; the method turns them into expert slots.
+
+Accounting: the quantized tensors are plain attributes, not parameters or buffers: they are
+allocated by the method while it builds, so the session counts them in the run's allocation peak,
+and not a second time as resident draft weights. The full-precision site modules are detached
+from the model for the run (on an emulated budget they stand for weights a real card would not
+hold; they stay on the device so that restoring is free) and put back by `restore`.
+Lossless: the draft only proposes; the target verifies, so outputs do not depend on precision.
+`agreement` (greedy next-token agreement of the quantized and full-precision draft on seeded
+sequences) estimates what quantization costs in acceptance.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from spmoe.models import int4
+from spmoe.models.experts import OffloadedExperts
+from spmoe.models.quantized_draft import quantize_rows
+
+log = logging.getLogger(__name__)
+BITS = {"int8": 8, "int4": 4}
+
+
+class QuantLinear(nn.Module):
+    """A weight-only quantized stand-in for one `nn.Linear` (bits 8 or 4)."""
+
+    def __init__(self, linear: nn.Linear, bits: int, group_size: int):
+        super().__init__()
+        w = linear.weight.data  # [O, I]
+        self.bits, self.in_features, self.out_features = bits, linear.in_features, linear.out_features
+        if bits == 8:
+            self.q, self.scale = quantize_rows(w)  # int8 [O, I], [O]
+            self.offset = None
+        else:
+            self.q, self.scale, self.offset = int4.quantize(w, group_size)  # uint8 [O, I_pad / 2], [O, G] x 2
+        self.bias_q = None if linear.bias is None else linear.bias.detach().clone()
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [t for t in (self.q, self.scale, self.offset, self.bias_q) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits == 8:
+            w = self.q.to(x.dtype).mul_(self.scale.to(x.dtype)[:, None])  # [O, I], the one transient
+        else:
+            w = int4.dequantize(self.q, self.scale, self.offset, self.in_features, x.dtype)  # [O, I]
+        return nn.functional.linear(x, w, self.bias_q)
+
+
+def _sites(module: nn.Module, shared: set[int]) -> list[tuple[nn.Module, str, nn.Linear]]:
+    out = []
+    for name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            if id(child.weight) not in shared:
+                out.append((module, name, child))
+        elif not isinstance(child, OffloadedExperts):
+            out.extend(_sites(child, shared))
+    return out
+
+
+@dataclass
+class DraftPrecision:
+    """The draft's linear layers swapped for quantized ones until `restore`."""
+
+    precision: str
+    site_bytes: int = 0  # full-precision weight bytes of the swapped sites
+    quantized_bytes: int = 0
+    workspace_bytes: int = 0
+    agreement: float | None = None
+    _swapped: list = field(default_factory=list)  # (parent, name, original linear)
+
+    @property
+    def saved_bytes(self) -> int:
+        return max(0, self.site_bytes - self.quantized_bytes - self.workspace_bytes)
+
+    def restore(self) -> None:
+        for parent, name, linear in self._swapped:
+            setattr(parent, name, linear)
+        self._swapped.clear()
+
+
+@torch.no_grad()
+def quantize_draft(draft: nn.Module, precision: str, group_size: int = 128) -> DraftPrecision:
+    """Swap the draft's sites for `precision` (bf16: nothing) quantized ones, in place."""
+    if precision == "bf16":
+        return DraftPrecision("bf16")
+    if precision not in BITS:
+        raise ValueError(f"draft precision {precision!r}; valid: bf16, {', '.join(BITS)}")
+    bits = BITS[precision]
+    shared = {id(m.weight) for m in draft.modules() if isinstance(m, nn.Embedding)}
+    out = DraftPrecision(precision)
+    largest = 0
+    for parent, name, linear in _sites(draft, shared):
+        q = QuantLinear(linear, bits, group_size)
+        out.site_bytes += linear.weight.numel() * linear.weight.element_size()
+        out.quantized_bytes += q.nbytes
+        num_groups, g = int4.group_shape(linear.in_features, group_size)
+        padded = linear.out_features * (linear.in_features if bits == 8 else num_groups * g)
+        largest = max(largest, padded * linear.weight.element_size() + (padded // 2 if bits == 4 else 0))
+        out._swapped.append((parent, name, linear))
+        setattr(parent, name, q)
+    out.workspace_bytes = largest
+    log.info("draft %s: %d linear layers, %.2f GB -> %.2f GB (+ %.2f GB workspace)", precision, len(out._swapped),
+             out.site_bytes / 1e9, out.quantized_bytes / 1e9, largest / 1e9)
+    return out
+
+
+@torch.no_grad()
+def greedy_ids(draft: nn.Module, sequences: torch.Tensor) -> torch.Tensor:
+    """Argmax next token at every position: sequences [B, T] -> [B, T]."""
+    return draft(input_ids=sequences, use_cache=False).logits.argmax(dim=-1)
+
+
+def agreement(draft: nn.Module, sequences: torch.Tensor, reference: torch.Tensor) -> float:
+    """Fraction of positions where `draft` picks the same greedy token as `reference` [B, T]."""
+    return float((greedy_ids(draft, sequences) == reference).float().mean())
+
+
+def choose_precision(draft: nn.Module, min_agreement: float, group_size: int, sequences: torch.Tensor,
+                     ) -> DraftPrecision:
+    """`auto`: the cheapest precision (int4, then int8) whose calibration agreement with the
+    full-precision draft is at least `min_agreement`, else bf16; the chosen one stays applied."""
+    reference = greedy_ids(draft, sequences)
+    for precision in ("int4", "int8"):
+        applied = quantize_draft(draft, precision, group_size)
+        applied.agreement = agreement(draft, sequences, reference)
+        log.info("draft %s: calibration agreement %.3f (need %.3f)", precision, applied.agreement, min_agreement)
+        if applied.agreement >= min_agreement:
+            return applied
+        applied.restore()
+    return DraftPrecision("bf16", agreement=1.0)

@@ -1,0 +1,187 @@
+"""
+CPU-assisted experts: when experts miss at a layer, compute some of them on the host, from the
+expert store, while the others stream into the GPU cache.
+
+Data flow for one MoE layer forward (T tokens, H hidden): the routed ids reach the host (the same
+sync `OffloadedExperts` makes); `HostPlanner.split` picks the host set among the experts that are
+not resident; their token rows of the hidden states go down ([T, H], kilobytes) and one host
+worker thread computes them with torch's CPU kernels on the store's weights, while the main
+thread runs the GPU experts through the provider (hits, landed prefetches, on-demand loads);
+then the host outputs go up and land in their (token, slot) rows. Host experts are never loaded,
+so they move no bytes and are not in the provider's expert events (hits/misses count GPU-served
+experts only); `HostStats` counts them.
+
+Cost model (per missing expert e with n_e routed tokens, greedy, most tokens first): GPU finish =
+(copies already queued + GPU experts so far + 1) x copy_ms; host finish = host experts so far'
+time + host_ms(n_e); e goes where it finishes first. host_ms(n) = a + b n is fitted on the host's
+measured time per expert at 1 and 4 tokens; copy_ms is measured on the run's own link (paced when
+pacing is on); the queue is the provider's prefetch copies still in flight.
+Numerics: on a CPU device both paths run the same float32 kernels on the same inputs, so outputs
+are bit-identical; on CUDA the host computes in the store's dtype (bf16) with the host's
+accumulation order, which differs from the GPU's within bf16 rounding.
+Invariant: as in `OffloadedExperts`, every expert writes its own rows of a [T, A, H] buffer and the
+weighted sum over A runs in a fixed order afterwards, so the split does not change the sum order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from spmoe.models.experts import OffloadedExperts, expert_mlp
+from spmoe.offload.prefetch import PrefetchProvider
+from spmoe.offload.store import ExpertStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HostStats:
+    num_host_experts: int = 0  # expert computations done on the host
+    num_gpu_experts: int = 0
+    host_ms: float = 0.0  # host worker time computing
+    wait_ms: float = 0.0  # main-thread time waiting for host outputs after its GPU experts
+
+
+@dataclass
+class HostCost:
+    """host_ms(n) = fixed_ms + per_token_ms * n per expert; copy_ms per expert over the link."""
+
+    fixed_ms: float
+    per_token_ms: float
+    copy_ms: float
+
+    def host_ms(self, num_tokens: int) -> float:
+        return self.fixed_ms + self.per_token_ms * num_tokens
+
+
+def measure_host_cost(store: ExpertStore, act_fn: torch.nn.Module, copy_ms: float, reps: int = 5) -> HostCost:
+    """Median host time of one expert at 1 and 4 tokens (the store's dtype and layout)."""
+    layout = store.layout
+    gate_up, down = layout.split(store.flat(layout.keys[0]))
+    gen = torch.Generator().manual_seed(0)
+
+    def median_ms(n: int) -> float:
+        x = torch.randn(n, layout.hidden_size, generator=gen).to(layout.dtype)  # [n, H]
+        expert_mlp(x, gate_up, down, act_fn)  # warm-up
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            expert_mlp(x, gate_up, down, act_fn)
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    one, four = median_ms(1), median_ms(4)
+    per_token = max(0.0, (four - one) / 3)
+    return HostCost(max(0.0, one - per_token), per_token, copy_ms)
+
+
+class HostPlanner:
+    """Which missing experts of a layer forward go to the host (`mode` off | auto | all)."""
+
+    def __init__(self, provider: PrefetchProvider, mode: str, cost: HostCost | None, max_per_layer: int | None):
+        if mode == "auto" and cost is None:
+            raise ValueError("host_compute=auto needs a measured HostCost")
+        self.provider, self.mode, self.cost, self.max_per_layer = provider, mode, cost, max_per_layer
+
+    def split(self, layer: int, tokens_of: dict[int, int]) -> list[int]:
+        """Host set among `tokens_of` (expert -> routed tokens), most tokens first."""
+        if self.mode == "off":
+            return []
+        cache = self.provider.cache
+        with self.provider.lock:
+            missing = [e for e in tokens_of if cache.slot_of((layer, e)) is None]
+        missing.sort(key=lambda e: -tokens_of[e])
+        cap = len(missing) if self.max_per_layer is None else self.max_per_layer
+        if self.mode == "all":
+            return missing[:cap]
+        host, host_t = [], 0.0
+        gpu_t = self.provider.num_in_flight() * self.cost.copy_ms
+        for e in missing:
+            g, h = gpu_t + self.cost.copy_ms, host_t + self.cost.host_ms(tokens_of[e])
+            if h < g and len(host) < cap:
+                host.append(e)
+                host_t = h
+            else:
+                gpu_t = g
+        return host
+
+
+class HostAssistedExperts(OffloadedExperts):
+    """`OffloadedExperts` whose missing experts may be computed on the host (see the module docstring)."""
+
+    def __init__(self, base: OffloadedExperts, planner: HostPlanner, store: ExpertStore, pool: ThreadPoolExecutor,
+                 stats: HostStats, on_layer=None):
+        super().__init__(base.layer_idx, base.layout, base.act_fn, base.provider)
+        self.planner, self.store, self.pool, self.stats = planner, store, pool, stats
+        self.on_layer = on_layer  # (layer, num_tokens, num_unique, num_missing) -> None, e.g. the k chooser
+
+    def _host(self, x: torch.Tensor, jobs: list[tuple[int, torch.Tensor]]) -> list[tuple[int, torch.Tensor]]:
+        t0 = time.perf_counter()
+        out = []
+        for e, rows in jobs:
+            gate_up, down = self.layout.split(self.store.flat((self.layer_idx, e)))
+            out.append((e, expert_mlp(x[rows], gate_up, down, self.act_fn)))  # [n_e, H]
+        self.stats.host_ms += (time.perf_counter() - t0) * 1e3
+        return out
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        # T = tokens, A = experts per token, H = hidden, R = T * A routes
+        num_tokens, top_k = top_k_index.shape
+        index_cpu = top_k_index.cpu()  # [T, A]; the layer's one device->host sync
+        sorted_ids, order = torch.sort(index_cpu.flatten(), stable=True)  # [R]
+        ids, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+        ends = counts.cumsum(0).tolist()
+        span = {e: (end - n, end) for e, n, end in zip(ids.tolist(), counts.tolist(), ends)
+                if 0 <= e < self.layout.num_experts}
+        host_ids = self.planner.split(self.layer_idx, {e: b - a for e, (a, b) in span.items()})
+        if self.on_layer is not None:
+            cache = self.provider.cache
+            missing = sum(1 for e in span if cache.slot_of((self.layer_idx, e)) is None)
+            self.on_layer(self.layer_idx, num_tokens, len(span), missing)
+        rows_cpu, pos_cpu = order // top_k, order % top_k  # [R] each
+        future: Future | None = None
+        if host_ids:
+            x_host = hidden_states.to("cpu")  # [T, H]
+            future = self.pool.submit(self._host, x_host, [(e, rows_cpu[span[e][0]:span[e][1]]) for e in host_ids])
+        ys = hidden_states.new_zeros(num_tokens, top_k, hidden_states.shape[-1])  # [T, A, H]
+        rows_all, pos_all = rows_cpu.to(hidden_states.device), pos_cpu.to(hidden_states.device)
+        on_host = set(host_ids)
+        gpu_ids = [e for e in span if e not in on_host]
+        for e, flat in self.provider.experts_for(self.layer_idx, gpu_ids, index_cpu):
+            gate_up, down = self.layout.split(flat)
+            start, end = span[e]
+            rows_d, pos_d = rows_all[start:end], pos_all[start:end]
+            ys[rows_d, pos_d] = expert_mlp(hidden_states[rows_d], gate_up, down, self.act_fn)
+        self.stats.num_gpu_experts += len(gpu_ids)
+        if future is not None:
+            t0 = time.perf_counter()
+            results = future.result()
+            self.stats.wait_ms += (time.perf_counter() - t0) * 1e3
+            for e, y in results:
+                start, end = span[e]
+                ys[rows_all[start:end], pos_all[start:end]] = y.to(hidden_states.device)
+            self.stats.num_host_experts += len(host_ids)
+        out = (ys.float() * top_k_weights.float()[..., None]).sum(dim=1)  # [T, H], fixed summation order
+        return out.to(hidden_states.dtype)
+
+
+def host_pool(num_threads: int | None) -> ThreadPoolExecutor:
+    """One host worker thread whose torch CPU ops use `num_threads` threads (default: all cores but two)."""
+    n = num_threads or max(1, (os.cpu_count() or 1) - 2)
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="spmoe-host",
+                              initializer=lambda: torch.set_num_threads(n))
+
+
+def install_host_experts(model: torch.nn.Module, moe_layers, planner: HostPlanner, store: ExpertStore,
+                         pool: ThreadPoolExecutor, stats: HostStats, on_layer=None) -> None:
+    """Replace each layer's `OffloadedExperts` by a `HostAssistedExperts` over the same provider."""
+    for idx in moe_layers:
+        mlp = model.model.layers[idx].mlp
+        mlp.experts = HostAssistedExperts(mlp.experts, planner, store, pool, stats, on_layer)
