@@ -81,6 +81,18 @@ def _progress(setting: str, multirun: bool) -> bool:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(dcfg: DictConfig) -> None:
+    """A bad input or a machine that cannot hold the run ends a single run with one line on stderr
+    (exit status 2); in a multirun the error propagates so Hydra reports the failing job."""
+    try:
+        _main(dcfg)
+    except (ValueError, MemoryError, RuntimeError, FileNotFoundError) as exc:
+        if HydraConfig.get().mode == RunMode.MULTIRUN or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _main(dcfg: DictConfig) -> None:
     from spmoe.digest import digest
     from spmoe.experiment import run_cases
     from spmoe.rundir import RunDirLock
