@@ -243,7 +243,8 @@ def _draft_names() -> list[str]:
 def open_session(cfg: RunConfig, cases: Sequence[RunConfig] = ()) -> Session:
     """Validate names, plan memory for cfg's method and hardware and for every other case's (failing
     before any large allocation, host memory included), then load the draft (if any) and the target."""
-    validate_config(cfg)
+    for case in (cfg, *cases):
+        validate_config(case)
     spec = get_strategy(cfg.method.name)
     cfg.check_lossless = str(cfg.check_lossless).lower()  # Hydra parses `true` as a bool
     if cfg.check_lossless not in ("auto", "true", "false"):
@@ -268,6 +269,8 @@ def open_session(cfg: RunConfig, cases: Sequence[RunConfig] = ()) -> Session:
     hf_cfg = hf_config(cfg.model)
     model, layout = skeleton(hf_cfg, parse_dtype(cfg.model.dtype))
     validate_against_model(cfg, hf_cfg, layout, model)
+    for case in cases:
+        validate_against_model(case, hf_cfg, layout)
     draft_cfg = None
     if cfg.draft.name != "none" and not cfg.draft.copy_of_target:
         draft_cfg = draft_hf_config(cfg.draft)

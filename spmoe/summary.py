@@ -16,6 +16,7 @@ import torch
 import transformers
 
 from spmoe.config import HardwareConfig, MethodConfig, SpecConfig
+from spmoe.data.prompts import chat_template_applies
 from spmoe.engine import Generation
 from spmoe.io import write_json_atomic, write_jsonl_atomic
 from spmoe.methods import get_strategy
@@ -65,6 +66,7 @@ def summarize_run(session, method: MethodConfig, hardware: HardwareConfig, gens:
         "eviction": method.eviction if spec.offloads else None,
         "seed": cfg.seed,
         "max_new_tokens": len(gens[0].token_ids) if gens else cfg.max_new_tokens,
+        **result_knobs(session, method, spec_cfg, spec, gens),
         **metrics,
         **oracle,
         **session.last_extra,
@@ -84,6 +86,29 @@ def summarize_run(session, method: MethodConfig, hardware: HardwareConfig, gens:
         "git_sha": git_sha(),
         "torch_version": torch.__version__,
         "transformers_version": transformers.__version__,
+    }
+
+
+def result_knobs(session, method: MethodConfig, spec_cfg: SpecConfig, spec, gens: list[Generation]) -> dict:
+    """The remaining knobs that change a run's results (sampling, prompts, draft, offloading switches)."""
+    cfg, ds = session.cfg, session.cfg.dataset
+    replay = session.routing_trace is not None
+    return {
+        "top_p": spec_cfg.top_p,
+        "draft_dtype": cfg.draft.dtype if spec.speculative else None,
+        "draft_quant_bits": cfg.draft.quant_bits if spec.speculative and cfg.draft.copy_of_target else None,
+        "max_prompt_tokens": ds.max_prompt_tokens,
+        "prompt_len": ds.prompt_len if ds.name == "synthetic" else None,
+        "dataset_source": None if replay or not ds.path else {"path": ds.path, "field": ds.field, "split": ds.split,
+                                                              "subset": ds.subset},
+        "chat_template": None if replay else chat_template_applies(ds, session.tokenizer),
+        "prompt_tokens_truncated": sum(p.truncated_tokens for p in session.prompts[: len(gens)]),
+        "capture_point": method.capture_point if spec.offloads and spec.speculative else None,
+        "predict_top_k": method.predict_top_k if spec.offloads and spec.speculative else None,
+        "worker_thread": method.worker_thread if spec.offloads else None,
+        "batched_io": method.batched_io if spec.offloads else None,
+        "adaptive_gating": method.adaptive_gating if method.name.startswith("adapmoe") else None,
+        "gating_threshold": method.gating_threshold if method.name.startswith("adapmoe") else None,
     }
 
 

@@ -297,3 +297,17 @@ def test_checkpoint_expert_shapes_checked(ckpt, tmp_path):
     """Experts alone (non-expert tensors consistent): a wrong intermediate size names an expert tensor."""
     cfg = _with_config(ckpt, tmp_path, intermediate_size=48)
     rejects(cfg, CheckpointError, "experts.0.w1.weight", "[128, 64]", "[48, 64]")
+
+
+# -- summaries record the knobs ----------------------------------------------------------------------
+
+def test_summary_records_the_knobs_that_change_results(tmp_path):
+    from spmoe.experiment import run_benchmark
+
+    cfg = _cfg(max_new_tokens=2, num_prompts=1, check_lossless="false")
+    cfg.dataset = DatasetConfig(name="humaneval", max_prompt_tokens=16)
+    cfg.spec = SpecConfig(top_p=0.9)
+    summary = run_benchmark(cfg, tmp_path)
+    assert summary["top_p"] == 0.9 and summary["max_prompt_tokens"] == 16
+    assert summary["prompt_tokens_truncated"] > 0 and summary["chat_template"] is False
+    assert summary["dataset_source"] is None and summary["prompt_len"] is None
