@@ -5,11 +5,13 @@ Terms:
 - A *run dir* holds `summary.json` (written last and atomically, so its presence marks a finished
   run), `trace.jsonl` and `generations.jsonl`. A path given here may be a run dir, a sweep dir or any
   folder above them: every `**/summary.json` below it is one run. Nothing else is read.
-- *card* = the hardware profile's name, with ` (emulated)` when the summary says the card was
-  emulated on a larger GPU (a memory budget and/or a paced PCIe link), e.g. `rtx4090 (emulated)`.
+- *card* = the hardware profile's name, then in brackets its GPU memory budget, its paced PCIe
+  bandwidth and `emulated` when the summary says the card was emulated on a larger GPU, e.g.
+  `rtx4090 (24 GiB, 25 GB/s, emulated)`; a budget is part of the card, so runs at different
+  budgets are never compared as one card.
 - *variant* = the case name when the run is a case of an experiment, else the method name, followed
   by the knobs in which that method's runs differ, e.g. `spmoe [cutoff.mode=fixed, cutoff.layer=3]`
-  (knobs: `config.method.*`, `config.spec.*`, the draft, the GPU budget and PCIe pacing; from the
+  (knobs: `config.method.*`, `config.spec.*`, the draft; from the
   summary's own keys for runs without a `config`). Runs that differ only in seed share a variant.
 - *TPOT* of a run = `tpot_ms_median` (median over interleaved rounds); runs written before rounds
   existed have only `tpot_ms`, which then stands for the median, with `rounds` = 1 and spread 0.
@@ -33,9 +35,8 @@ KEY_COLUMNS = ("variant", "method", "model", "draft", "dataset", "card", "routin
                "tpot_ms_median", "tpot_spread", "rounds", "acceptance_rate", "expert_hit_rate",
                "h2d_bytes_per_token", "lossless")
 GROUP_KEYS = ("model", "dataset", "card", "routing")
-KNOB_PREFIXES = ("config.method.", "config.spec.", "config.draft.name", "config.hardware.gpu_budget_gib",
-                 "config.hardware.pace_pcie")
-SUMMARY_KNOBS = ("draft", "num_draft_tokens", "eviction", "cutoff", "gpu_budget_gib", "pcie_paced_gb_per_s")
+KNOB_PREFIXES = ("config.method.", "config.spec.", "config.draft.name")
+SUMMARY_KNOBS = ("draft", "num_draft_tokens", "eviction", "cutoff")
 
 
 def find_runs(paths) -> list[Path]:
@@ -62,10 +63,19 @@ def _flatten(prefix: str, value, out: dict) -> None:
         out[prefix] = value
 
 
-def _card(hardware, emulated) -> str | None:
-    if hardware is None or (isinstance(hardware, float) and pd.isna(hardware)):
+def _card(summary: dict) -> str | None:
+    hardware = summary.get("hardware")
+    if hardware is None:
         return None
-    return f"{hardware} (emulated)" if emulated is True else str(hardware)
+    budget, paced = summary.get("gpu_budget_bytes"), summary.get("pcie_paced_gb_per_s")
+    notes = [f"{budget / GIB:.3g} GiB" if budget else None, f"{paced:.3g} GB/s" if paced else None,
+             "emulated" if summary.get("hardware_emulated") is True else None]
+    notes = [n for n in notes if n]
+    return f"{hardware} ({', '.join(notes)})" if notes else str(hardware)
+
+
+def _value(value) -> str:
+    return f"{value:.0f}" if isinstance(value, float) and value.is_integer() else str(value)
 
 
 def run_row(run_dir: Path, summary: dict) -> dict:
@@ -73,7 +83,7 @@ def run_row(run_dir: Path, summary: dict) -> dict:
     row = {key: value for key, value in summary.items() if not isinstance(value, (dict, list))}
     _flatten("config", summary.get("config") or {}, row)
     row["run_dir"] = str(run_dir)
-    row["card"] = _card(summary.get("hardware"), summary.get("hardware_emulated"))
+    row["card"] = _card(summary)
     row["variant"] = summary.get("case") or summary.get("method")
     row["routing"] = summary.get("routing") or "model"
     median = summary.get("tpot_ms_median", summary.get("tpot_ms"))
@@ -126,7 +136,7 @@ def _variants(df: pd.DataFrame) -> pd.Series:
         varying = [c for c in knobs if rows[c].astype(str).nunique() > 1]
         for idx, row in rows.iterrows():
             if varying:
-                out[idx] = f"{row['method']} [" + ", ".join(f"{_knob_name(c)}={row[c]}" for c in varying) + "]"
+                out[idx] = f"{row['method']} [" + ", ".join(f"{_knob_name(c)}={_value(row[c])}" for c in varying) + "]"
     return out
 
 
