@@ -1,0 +1,121 @@
+"""Every method against an oracle outside the project: transformers' own `generate`.
+
+A tiny random checkpoint of each supported family (Mixtral, Qwen2-MoE with a shared expert,
+Qwen3-MoE, OLMoE, DeepSeek-V2, PhiMoE) is written with `save_pretrained`, then loaded through
+`model.weights=checkpoint` and run by each method with an expert cache far smaller than the
+model (every run must evict), with speculative decoding where the method has it. Its greedy
+tokens must equal what transformers' `generate` produces from the same checkpoint, so a bug on
+the path every method shares (expert math, routing weights, caches, KV rollback) fails here even
+though the methods would still agree with each other.
+
+The draft is a twin of the target saved beside it: the same checkpoint with every routed expert
+perturbed (`DRAFT_EXPERT_NOISE` x a Gaussian of the weight's std), loaded as `draft.weights=
+checkpoint`. It accepts most drafts but not all, so both the acceptance and the rejection paths
+run; each SD run asserts an acceptance of at least 0.5. Routers are scaled up so routing weights
+are far from uniform and experts are scaled up to matter beside the residual stream (a wrong
+weight or a wrong expert changes the tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, DeepseekV2Config, MixtralConfig, OlmoeConfig, PhimoeConfig,
+                          Qwen2MoeConfig, Qwen3MoeConfig)
+
+from conftest import tiny_run_config
+from spmoe.config import MethodConfig, SpecConfig
+from spmoe.methods import STRATEGIES, get_strategy
+from spmoe.session import open_session
+
+NEW_TOKENS, K = 12, 2
+ATTN = dict(vocab_size=128, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, tie_word_embeddings=False,
+            max_position_embeddings=256)
+FAMILIES = {
+    "mixtral": lambda: MixtralConfig(**ATTN, intermediate_size=48, num_key_value_heads=2, num_local_experts=6,
+                                     num_experts_per_tok=2),
+    "qwen2_moe": lambda: Qwen2MoeConfig(**ATTN, intermediate_size=64, moe_intermediate_size=24,
+                                        shared_expert_intermediate_size=40, num_key_value_heads=2, num_experts=6,
+                                        num_experts_per_tok=2, norm_topk_prob=False),
+    "qwen3_moe": lambda: Qwen3MoeConfig(**ATTN, intermediate_size=64, moe_intermediate_size=24, head_dim=8,
+                                        num_key_value_heads=2, num_experts=6, num_experts_per_tok=2),
+    "olmoe": lambda: OlmoeConfig(**ATTN, intermediate_size=24, num_key_value_heads=4, num_experts=6,
+                                 num_experts_per_tok=2),
+    "deepseek_v2": lambda: DeepseekV2Config(**ATTN, intermediate_size=64, moe_intermediate_size=16,
+                                            num_key_value_heads=4, n_routed_experts=6, n_shared_experts=1,
+                                            num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16,
+                                            q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8),
+    "phimoe": lambda: PhimoeConfig(**ATTN, intermediate_size=48, num_key_value_heads=2, num_local_experts=6,
+                                   num_experts_per_tok=2),
+}
+get_strategy("gpu_resident")  # populate the registry
+ALL_METHODS = sorted(STRATEGIES)
+
+
+DRAFT_EXPERT_NOISE = 0.02
+
+
+def write_pair(family: str, root: Path) -> tuple[Path, Path]:
+    """(target checkpoint, twin draft checkpoint) under `root`."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(FAMILIES[family]()).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * 0.01)  # norms and biases distinct from their init
+            if name.endswith(("mlp.gate.weight", "mlp.router.weight")):
+                p.mul_(30.0)  # decisive routing: top-k weights far from uniform
+            if ".experts." in name:
+                p.mul_(8.0)  # experts' outputs comparable to the residual stream, so each one matters
+        model.save_pretrained(root / "target")
+        for name, p in model.named_parameters():
+            if ".experts." in name:
+                p.add_(torch.randn_like(p) * p.std() * DRAFT_EXPERT_NOISE)
+        model.save_pretrained(root / "draft")
+    return root / "target", root / "draft"
+
+
+def hf_generate(path: Path, prompts: list[list[int]]) -> list[list[int]]:
+    """transformers' greedy `generate` on the checkpoint: the oracle."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # the engine never stops early
+    out = []
+    for ids in prompts:
+        seq = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        out.append(seq[0, len(ids):].tolist())
+    return out
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def session(request, tmp_path_factory):
+    target, draft = write_pair(request.param, tmp_path_factory.mktemp(request.param))
+    cfg = tiny_run_config(num_prompts=2, max_new_tokens=NEW_TOKENS)
+    cfg.dataset = replace(cfg.dataset, prompt_len=8)
+    cfg.model = replace(cfg.model, name=f"tiny_{request.param}", weights="checkpoint", path=str(target), hf_config={})
+    cfg.draft = replace(cfg.draft, name="twin_checkpoint", weights="checkpoint", path=str(draft), dtype="float32")
+    cfg.spec = SpecConfig(num_draft_tokens=K)
+    s = open_session(cfg)
+    s.oracle = hf_generate(target, [p.token_ids for p in s.prompts])
+    assert all(len(t) == NEW_TOKENS for t in s.oracle)
+    yield s
+    s.close()
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_method_matches_transformers_generate(session, method):
+    layout = session.target.layout
+    slots = len(layout.moe_layers) + 1  # a fraction of the experts; per-layer caches get one each
+    assert slots < len(layout.keys) // 2
+    gens, _, _ = session.generate(MethodConfig(name=method, num_slots=slots, adaptive_gating=False),
+                                  session.cfg.hardware, NEW_TOKENS)
+    assert [g.token_ids for g in gens] == session.oracle
+    decode = [r for g in gens for r in g.records if r.phase == "decode"]
+    spec = get_strategy(method)
+    if spec.offloads and method != "accelerate":  # accelerate moves whole layers, not single experts
+        assert sum(len(ev.misses) for r in decode for ev in r.layers) > slots  # loads beyond capacity: evictions
+    if spec.speculative:
+        drafted = sum(r.num_drafted or 0 for r in decode)
+        accepted = sum(r.num_accepted or 0 for r in decode)
+        assert drafted and 0.5 <= accepted / drafted
