@@ -2,9 +2,9 @@
 Prompt texts through Hugging Face `datasets`: `dataset=hf` (any hub dataset or local file) and the
 paper's hub presets (`alpaca`, `cnn_dailymail`, `mmlu_pro`, see `conf/dataset/`).
 
-Terms: `dataset.path` is a hub name (`owner/name`) or a local file; a *local* path is one that
-ends in a known extension (.json/.jsonl/.parquet/.csv) or starts with `/`, `.` or `~`, and it
-must exist. `dataset.field` is the column holding the prompt text; `dataset.split` the split,
+Terms: `dataset.path` is a hub name (`owner/name`), a local file or a local directory of data
+files; a *local* path is one that exists, ends in a known extension (.json/.jsonl/.parquet/.csv)
+or starts with `/`, `.` or `~`, and it must exist. `dataset.field` is the column holding the prompt text; `dataset.split` the split,
 `dataset.subset` the hub configuration name (a local file is one split; `split` is unused).
 Invariants: `datasets` is imported only here, and only when one of these presets is used (the
 packaged offline presets never need it). Offline (`HF_DATASETS_OFFLINE`/`HF_HUB_OFFLINE`, or a
@@ -29,7 +29,8 @@ class DatasetError(ValueError):
 
 
 def is_local(path: str) -> bool:
-    return Path(path).suffix.lower() in LOCAL_FORMATS or path.startswith(("/", ".", "~"))
+    return (Path(path).suffix.lower() in LOCAL_FORMATS or path.startswith(("/", ".", "~"))
+            or Path(path).expanduser().exists())
 
 
 def _offline() -> bool:
@@ -63,6 +64,13 @@ def _load(cfg: DatasetConfig):
             near = sorted(p.name for p in parent.iterdir())[:20] if parent else []
             raise DatasetError(f"dataset.path={path!r} does not exist"
                                + (f"; {parent} holds: {near}" if parent else f"; nor does its directory {file.parent}"))
+        if file.is_dir():  # a directory of data files, read as one dataset with its splits
+            datasets = _import_datasets()
+            try:
+                return datasets.load_dataset(str(file), cfg.subset, split=cfg.split)
+            except Exception as exc:  # datasets wraps parser errors in its own types
+                raise DatasetError(f"dataset.path={path!r} (a directory: {sorted(p.name for p in file.iterdir())[:20]})"
+                                   f" could not be read as a dataset with split {cfg.split!r}: {exc}") from exc
         fmt = LOCAL_FORMATS.get(file.suffix.lower())
         if fmt is None:
             raise DatasetError(f"dataset.path={path!r}: unknown file type {file.suffix!r};"

@@ -103,3 +103,23 @@ def test_chat_template_true_needs_one(jsonl):
         load_prompts(_hf(jsonl, chat_template="true"), TOK, 512, 1, seed=0)
     [p] = load_prompts(_hf(jsonl, chat_template="auto"), TOK, 512, 1, seed=0)  # auto: none, so raw text
     assert p.token_ids == TOK.encode(p.text)
+
+
+def test_connection_error_reads_as_offline(monkeypatch):
+    import datasets
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'tatsu-lab/alpaca' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", unreachable)
+    with pytest.raises(DatasetError, match="dataset=alpaca .*cannot be reached here.*dataset=hf dataset.path="):
+        load_prompts(load_preset("dataset", "alpaca"), TOK, 512, 1, seed=0)
+
+
+def test_local_directory_of_data_files(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    prompts = load_prompts(_hf(tmp_path / "data", split="test"), TOK, 512, 2, seed=0)
+    assert all(p.text in {r["question"] for r in ROWS} for p in prompts)
