@@ -121,6 +121,11 @@ def build(ctx: MethodContext) -> Runtime:
         if precision.precision not in ("bf16", "as_configured"):  # profiles and maps are keyed on the draft
             cfg = replace(cfg, draft=replace(cfg.draft, name=f"{cfg.draft.name}-{precision.precision}"))
         sub = replace(ctx, cfg=cfg, plan=plan)
+        if precision.quantized and mcfg.cutoff.mode == "auto":  # measured now, reused by base.build (same key)
+            slots = plan.num_slots if mcfg.num_slots is None else min(plan.num_slots, mcfg.num_slots)
+            with precision.full_precision():  # the profiler scales t_v by parameter counts (quantized sites have none)
+                maps = None if is_twin(ctx.draft, ctx.target.model) else base._hidden_maps(sub, slots)
+                base.profile_record(sub, slots, maps)
         runtime = base.build(sub)
     except BaseException:
         precision.restore()

@@ -23,6 +23,7 @@ sequences) estimates what quantization costs in acceptance.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -83,16 +84,31 @@ class DraftPrecision:
     quantized_bytes: int = 0
     workspace_bytes: int = 0
     agreement: float | None = None
-    _swapped: list = field(default_factory=list)  # (parent, name, original linear)
+    _swapped: list = field(default_factory=list)  # (parent, name, original linear, quantized stand-in)
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self._swapped)
 
     @property
     def saved_bytes(self) -> int:
         return max(0, self.site_bytes - self.quantized_bytes - self.workspace_bytes)
 
     def restore(self) -> None:
-        for parent, name, linear in self._swapped:
+        for parent, name, linear, _ in self._swapped:
             setattr(parent, name, linear)
         self._swapped.clear()
+
+    @contextmanager
+    def full_precision(self):
+        """The original sites for the duration (e.g. a profiler that counts the draft's parameters)."""
+        for parent, name, linear, _ in self._swapped:
+            setattr(parent, name, linear)
+        try:
+            yield
+        finally:
+            for parent, name, _, q in self._swapped:
+                setattr(parent, name, q)
 
 
 @torch.no_grad()
@@ -113,7 +129,7 @@ def quantize_draft(draft: nn.Module, precision: str, group_size: int = 128) -> D
         num_groups, g = int4.group_shape(linear.in_features, group_size)
         padded = linear.out_features * (linear.in_features if bits == 8 else num_groups * g)
         largest = max(largest, padded * linear.weight.element_size() + (padded // 2 if bits == 4 else 0))
-        out._swapped.append((parent, name, linear))
+        out._swapped.append((parent, name, linear, q))
         setattr(parent, name, q)
     out.workspace_bytes = largest
     log.info("draft %s: %d linear layers, %.2f GB -> %.2f GB (+ %.2f GB workspace)", precision, len(out._swapped),
