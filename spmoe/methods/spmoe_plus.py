@@ -116,7 +116,8 @@ def build(ctx: MethodContext) -> Runtime:
     mcfg, pcfg, layout = ctx.cfg.method, ctx.cfg.method.plus, ctx.target.layout
     precision = _apply_draft_precision(ctx)
     try:
-        plan = replace(ctx.plan, num_slots=ctx.plan.num_slots + precision.saved_bytes // layout.expert_bytes)
+        gained = precision.saved_bytes // layout.expert_bytes
+        plan = replace(ctx.plan, num_slots=min(ctx.plan.num_experts_total, ctx.plan.num_slots + gained))
         cfg = ctx.cfg
         if precision.precision not in ("bf16", "as_configured"):  # profiles and maps are keyed on the draft
             cfg = replace(cfg, draft=replace(cfg.draft, name=f"{cfg.draft.name}-{precision.precision}"))

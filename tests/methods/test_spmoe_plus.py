@@ -1,0 +1,117 @@
+"""spmoe_plus on tiny twins (CPU float32): each part alone and all together are lossless against
+gpu_resident, and each part does what it claims (slots from the quantized draft, experts on the host,
+chosen k in the trace)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import tiny_run_config
+
+from experiments.presets import load_preset
+from spmoe.config import CutoffConfig, MethodConfig, PlusConfig, SpecConfig, TwinConfig
+from spmoe.plus.draft_precision import quantize_draft
+from spmoe.session import open_session
+from spmoe.trace.metrics import summarize
+
+OFF = dict(draft_precision="bf16", host_compute="off", adaptive_k=False)
+PARTS = {
+    "int8_draft": dict(OFF, draft_precision="int8"),
+    "int4_draft": dict(OFF, draft_precision="int4"),
+    "auto_draft": dict(OFF, draft_precision="auto"),
+    "host_all": dict(OFF, host_compute="all"),
+    "host_auto": dict(OFF, host_compute="auto"),
+    "adaptive_k": dict(OFF, adaptive_k=True),
+    "sd_lookahead": dict(OFF),
+    "all": {},
+}
+
+
+@pytest.fixture(scope="module")
+def twin():
+    cfg = tiny_run_config("tiny", num_prompts=2, max_new_tokens=20)
+    cfg.model.weights = "twin"
+    cfg.model.twin = TwinConfig(expert_noise=0.05)
+    cfg.draft = load_preset("draft", "tiny")
+    s = open_session(cfg)
+    ref, _, _ = s.generate(MethodConfig(name="gpu_resident"), cfg.hardware, 20)
+    s.reference = [g.token_ids for g in ref]
+    yield s
+    s.close()
+
+
+def _plus(s, part: str, k: int = 2, num_slots: int | None = 10, hardware=None):
+    eviction = "sd_lookahead" if part in ("sd_lookahead", "all") else "layer_distance"
+    method = MethodConfig(name="spmoe_plus", num_slots=num_slots, eviction=eviction,
+                          cutoff=CutoffConfig(mode="fixed", layer=1), plus=PlusConfig(**PARTS[part]))
+    gens, plan, _ = s.generate(method, hardware or s.cfg.hardware, 20, spec_cfg=SpecConfig(num_draft_tokens=k))
+    return gens, plan, summarize([g.records for g in gens])
+
+
+def _budget_for_slots(s, num_slots: int):
+    """CPU hardware with a budget that leaves `num_slots` expert slots beside the bf16 draft."""
+    hw = replace(s.cfg.hardware, reserve_mib=0.0)
+    plan = s.plan(hw, "spmoe_plus")
+    fixed = plan.non_expert_bytes + plan.draft_bytes + plan.kv_bytes + plan.activation_bytes
+    return replace(hw, gpu_budget_gib=(fixed + num_slots * plan.expert_bytes + 1) / 2**30)
+
+
+@pytest.mark.parametrize("part", list(PARTS))
+def test_each_part_alone_is_lossless(twin, part):
+    gens, _, summary = _plus(twin, part)
+    assert [g.token_ids for g in gens] == twin.reference
+    extra = twin.last_extra
+    if part != "adaptive_k" and part != "all":
+        assert summary["acceptance_rate"] >= 0.5
+    if part in ("int8_draft", "int4_draft"):
+        assert extra["draft_precision"] == part[:4] and extra["draft_saved_bytes"] > 0
+    if part == "auto_draft":
+        assert extra["draft_precision"] in ("int4", "int8", "bf16") and extra["draft_agreement"] is not None
+    if part == "host_all":
+        assert extra["host_experts"] > 0 and extra["host_cost_copy_ms"] is None
+    if part in ("adaptive_k", "all"):
+        drafted = [r.num_drafted for g in gens for r in g.records if r.phase == "decode" and r.num_drafted is not None]
+        assert drafted and all(0 <= k <= 2 for k in drafted)
+        assert sum(extra["chosen_k_counts"].values()) >= len(drafted)
+    else:
+        assert "chosen_k_counts" not in extra
+
+
+def test_draft_comes_back_and_other_methods_are_unaffected(twin):
+    before = {n: p.clone() for n, p in twin.draft.named_parameters()}
+    _plus(twin, "all")
+    assert {n: p for n, p in twin.draft.named_parameters()}.keys() == before.keys()
+    assert all(torch.equal(p, before[n]) for n, p in twin.draft.named_parameters())
+    method = MethodConfig(name="spmoe", num_slots=10, cutoff=CutoffConfig(mode="fixed", layer=1))
+    gens, _, _ = twin.generate(method, twin.cfg.hardware, 20, spec_cfg=SpecConfig(num_draft_tokens=2))
+    assert [g.token_ids for g in gens] == twin.reference
+
+
+def test_saved_draft_bytes_become_slots(twin):
+    hw = _budget_for_slots(twin, 6)
+    _, plan_bf16, _ = _plus(twin, "sd_lookahead", num_slots=None, hardware=hw)
+    assert plan_bf16.num_slots == 6 and twin.last_extra["extra_slots"] == 0
+    _, plan_int8, _ = _plus(twin, "int8_draft", num_slots=None, hardware=hw)
+    gained = twin.last_extra["draft_saved_bytes"] // plan_int8.expert_bytes
+    assert gained > 0
+    assert twin.last_extra["extra_slots"] == plan_int8.num_slots - 6 == min(gained, plan_int8.num_experts_total - 6)
+
+
+def test_quantized_draft_accounting_and_restore(twin):
+    draft = twin.draft
+    ids = torch.tensor([[5, 9, 14, 3, 7]])
+    full = draft(input_ids=ids).logits
+    sizes = {}
+    for precision in ("int8", "int4"):
+        applied = quantize_draft(draft, precision, group_size=16)
+        sizes[precision] = applied.quantized_bytes
+        assert not any(isinstance(m, torch.nn.Linear) for m in draft.model.layers.modules())
+        assert applied.saved_bytes == applied.site_bytes - applied.quantized_bytes - applied.workspace_bytes > 0
+        with applied.full_precision():
+            assert torch.equal(draft(input_ids=ids).logits, full)
+        assert not torch.equal(draft(input_ids=ids).logits, full)
+        applied.restore()
+        assert torch.equal(draft(input_ids=ids).logits, full)
+    assert sizes["int4"] < sizes["int8"] < 0.27 * applied.site_bytes  # float32 sites: int8 ~1/4 + a scale per row
