@@ -6,7 +6,7 @@ whose message names the key, the value given and what is valid:
 - `validate_config(cfg)`: everything decidable from the config alone (names, ranges, knobs that
   depend on each other). Called first thing by `open_session`, before any file or model is read.
 - `validate_against_model(cfg, hf_cfg, layout, model)`: what needs the target's shape (expert
-  count, MoE depth), from the `meta` skeleton only; for `weights=checkpoint` also every
+  count, MoE depth, position limit), from its config and `meta` skeleton only; for `weights=checkpoint` also every
   checkpoint tensor's shape against the model built from its `config.json`. Called right after
   the skeleton is built, before any weight is allocated.
 `validate_method`, `validate_spec` and `validate_method_against_layout` check one case's method
@@ -143,6 +143,13 @@ def validate_against_model(cfg: RunConfig, hf_cfg, layout, model=None) -> None:
     """What needs the target's shape; with `model` (the meta skeleton) and `weights=checkpoint`,
     every checkpoint tensor's shape too (a `CheckpointError` naming the tensor and both shapes)."""
     validate_method_against_layout(cfg.method, layout)
+    max_positions = getattr(hf_cfg, "max_position_embeddings", None)
+    longest = cfg.dataset.max_prompt_tokens + cfg.max_new_tokens + cfg.spec.num_draft_tokens + 1
+    if cfg.routing.name == "model" and max_positions and longest > max_positions:
+        _fail("dataset.max_prompt_tokens", cfg.dataset.max_prompt_tokens,
+              f"a prompt of up to {cfg.dataset.max_prompt_tokens} tokens + max_new_tokens={cfg.max_new_tokens} + k + 1"
+              f" = {longest} positions exceeds the model's max_position_embeddings={max_positions}; lower"
+              " dataset.max_prompt_tokens or max_new_tokens")
     if cfg.model.weights == "checkpoint" and model is not None:
         from spmoe.models.checkpoint import Checkpoint
 

@@ -311,3 +311,9 @@ def test_summary_records_the_knobs_that_change_results(tmp_path):
     assert summary["top_p"] == 0.9 and summary["max_prompt_tokens"] == 16
     assert summary["prompt_tokens_truncated"] > 0 and summary["chat_template"] is False
     assert summary["dataset_source"] is None and summary["prompt_len"] is None
+
+
+def test_sequence_longer_than_the_models_positions(guard):
+    cfg = _cfg(max_new_tokens=100)
+    cfg.dataset = DatasetConfig(name="humaneval", max_prompt_tokens=4000)  # tiny: 4096 positions
+    rejects(cfg, ValueError, "dataset.max_prompt_tokens=4000", "4102 positions", "max_position_embeddings=4096")
