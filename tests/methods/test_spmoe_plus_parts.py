@@ -1,0 +1,119 @@
+"""spmoe_plus's parts as pure components: sd_lookahead eviction on a hand-made access sequence
+(exact hit / miss / eviction counts, worked out in the comments), the k chooser's decisions, and the
+host planner's split."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from spmoe.engine import StepState
+from spmoe.offload.cache import ExpertCache
+from spmoe.offload.eviction import make_policy
+from spmoe.offload.eviction_lookahead import SdLookaheadPolicy
+from spmoe.plus.host_experts import HostCost, HostPlanner
+from spmoe.plus.k_chooser import KChooser
+
+
+def _replay(policy, events) -> ExpertCache:
+    cache = ExpertCache(2, 1, torch.float32, "cpu", policy)
+    for ev in events:
+        if ev[0] == "hint":
+            if hasattr(policy, "predict"):
+                policy.predict(*ev[1:])
+        elif cache.lookup(ev) is None:
+            cache.admit(ev)
+    return cache
+
+
+# Two MoE layers, 2 slots, discount 1 (= expected_reuse's frequencies). E[next use] = d + 2 (1/q - 1).
+# 1. (0,0) miss, 2. (1,0) miss (free slots).
+# 3. (0,1) miss; current layer 1: (0,0): d 0, q 2/3 -> 1; (1,0): d 1, q 2/3 -> 2: evict (1,0).
+# 4. (1,0) miss; current 0: (0,0) and (0,1): d 1, q 1/2 -> 3 each; tie -> older visit: evict (0,0).
+# hint: the coming verify step routes expert 1 at layer 0.
+# 5. (0,2) miss; current 1: (0,1) predicted -> d = 0, (1,0): d 1, q 3/4 -> 1.67: evict (1,0).
+#    expected_reuse: (0,1): d 0, q 1/2 -> 2 > 1.67: evicts (0,1), the expert about to be used.
+# 6. (0,1): sd_lookahead hit; expected_reuse miss (and a 4th eviction).
+EVENTS = [(0, 0), (1, 0), (0, 1), (1, 0), ("hint", 1, 0, [1]), (0, 2), (0, 1)]
+
+
+def test_sd_lookahead_exact_counts_on_hand_made_sequence():
+    ours = _replay(SdLookaheadPolicy([0, 1], discount=1.0), EVENTS)
+    assert (ours.hits, ours.misses, ours.evictions) == (1, 5, 3)
+    base = _replay(make_policy("expected_reuse", [0, 1]), EVENTS)
+    assert (base.hits, base.misses, base.evictions) == (0, 6, 4)
+
+
+def test_sd_lookahead_without_hints_is_expected_reuse_and_stale_hints_expire():
+    seq = [(l, e) for e in (0, 1, 2, 0, 3, 1, 0) for l in (0, 1)]
+    ours, base = _replay(SdLookaheadPolicy([0, 1], 1.0), seq), _replay(make_policy("expected_reuse", [0, 1]), seq)
+    assert (ours.hits, ours.misses, ours.evictions) == (base.hits, base.misses, base.evictions)
+    policy = SdLookaheadPolicy([0, 1])
+    policy.predict(3, 1, [4])
+    policy.touch((1, 2))  # verification passed layer 1: its prediction is consumed
+    policy.predict(3, 1, [5])  # a late prediction for a layer already verified this step is ignored
+    assert policy._predicted == {}
+    policy.predict(4, 0, [6])
+    policy.predict(3, 0, [7])  # an older step's prediction does not replace the newer one
+    assert policy._predicted == {0: {6}}
+
+
+def _chooser(accept: float, miss_ms: float, **kw) -> KChooser:
+    c = KChooser(k_min=0, num_layers=4, num_experts=8, top_k=2, miss_ms=miss_ms, accept_prior=accept, **kw)
+    c.draft_ms, c.verify_fixed_ms = 1.0, 10.0
+    return c
+
+
+def test_k_chooser_drafts_when_cheap_and_stops_when_the_union_costs_more():
+    # cheap misses, high acceptance: E/T = (1 + .9 + .81 + .73) / 13 = 0.264 at k = 3 beats 1 / 10 at k = 0
+    assert _chooser(0.9, 0.0).best_k(3) == 3
+    # union u(1) = 2, u(2) = 8 (1 - 0.75^2) = 3.5; m = 1, 10 ms per missing expert:
+    # k = 0: 1 / (10 + 4 * 2 * 10) = 0.0111; k = 1 at a = 0.3: 1.3 / (1 + 10 + 4 * 3.5 * 10) = 0.0086
+    c = _chooser(0.3, 10.0)
+    assert abs(c.union_size(2) - 3.5) < 1e-9
+    assert c.best_k(3) == 0
+    assert _chooser(0.9, 10.0).best_k(1) == 1  # 1.9 / 151 = 0.0126 > 0.0111
+
+
+def test_k_chooser_bounds_learning_and_exploration():
+    c = _chooser(0.3, 10.0, explore_after=3)
+    picks = [c(StepState(step=i + 1, pos=10 + i, max_k=3)) for i in range(4)]
+    assert picks == [0, 0, 0, 1]  # the fourth step explores
+    c = _chooser(0.9, 0.0)
+    assert c(StepState(1, 10, max_k=2)) == 2
+    c(StepState(2, 13, max_k=2))  # both drafts accepted: 2 successes in 2 trials
+    assert c.acceptance > 0.9
+    c(StepState(3, 14, max_k=2))  # none accepted: 0 successes in 1 trial
+    assert c.acceptance < 0.9
+    assert all(0 <= k <= 2 for k in c.chosen)
+    c.k_min = 2
+    assert _chooser(0.0, 10.0).best_k(1) == 0 and c.best_k(3) >= 2
+    c.union[2] = 2.0  # measured: routes of the two positions coincide
+    assert c.union_size(2) == 2.0 and c.union_size(3) < 8 * (1 - 0.75 ** 3)
+
+
+class _Provider:
+    def __init__(self, resident, in_flight):
+        self.cache = ExpertCache(8, 1, torch.float32, "cpu", make_policy("lru"))
+        for key in resident:
+            self.cache.preload(key)
+        self.lock = threading.RLock()
+        self._in_flight = in_flight
+
+    def num_in_flight(self) -> int:
+        return self._in_flight
+
+
+def test_host_planner_balances_host_against_the_copy_queue():
+    cost = HostCost(fixed_ms=4.0, per_token_ms=1.0, copy_ms=6.0)
+    tokens = {0: 1, 1: 2, 2: 1, 3: 1}  # expert 3 is resident
+    # empty queue: expert 1 (2 tokens) first: host 6 vs GPU 6 -> GPU (ties stay on the link);
+    # expert 0: host 5 < GPU 12 -> host; expert 2: host 5 + 5 = 10 < GPU 12 -> host
+    planner = HostPlanner(_Provider([(0, 3)], 0), "auto", cost, None)
+    assert planner.split(0, tokens) == [0, 2]
+    # two prefetch copies ahead: every missing expert finishes sooner on the host until it is busy
+    assert HostPlanner(_Provider([(0, 3)], 2), "auto", cost, None).split(0, tokens) == [1, 0, 2]
+    assert HostPlanner(_Provider([(0, 3)], 2), "auto", cost, 1).split(0, tokens) == [1]
+    assert HostPlanner(_Provider([(0, 3)], 0), "all", None, None).split(0, tokens) == [1, 0, 2]
+    assert HostPlanner(_Provider([], 0), "off", None, None).split(0, tokens) == []
