@@ -12,7 +12,7 @@ groups (model, dataset, card, routing); every figure names its routing source, c
 | name | what | needs |
 |---|---|---|
 | fig10 | TPOT per method, SP-MoE's speedup over each bar | a group with >= 2 variants |
-| fig11 | TPOT vs GPU memory budget, one line per method | a method at >= 2 budgets |
+| fig11 | TPOT vs GPU memory budget (else expert slots), one line per case/method | one at >= 2 budgets (slots) |
 | cutoff | TPOT vs cutoff layer L* (-1 = off), auto starred, lru dotted | spmoe at >= 2 fixed cutoffs |
 | draft_length | TPOT and H2D bytes per token vs draft length k | a method at >= 2 values of k |
 | predictor | predictor top-1 accuracy and recall per MoE layer | traces with predictions |
@@ -72,20 +72,29 @@ def fig10(runs: pd.DataFrame, out: Path, method: str = "spmoe") -> list[Path]:
     return save(fig, out, "fig10", source_of(*(g for _, g in panels)))
 
 
+def _memory_axis(g: pd.DataFrame) -> str | None:
+    """fig11's x: the GPU budget where a line has >= 2 budgets, else the expert slots where one has >= 2."""
+    for col in ("gpu_budget_gib", "num_slots"):
+        if col in g and (g.dropna(subset=[col]).groupby("series")[col].nunique() >= 2).any():
+            return col
+    return None
+
+
 @styled
 def fig11(runs: pd.DataFrame, out: Path) -> list[Path]:
-    rows = runs.dropna(subset=["gpu_budget_gib", "tpot_ms_median"])
+    rows = runs.dropna(subset=["tpot_ms_median"])
     rows = rows.assign(series=_series_name(rows))
-    keys = ("model", "dataset", "routing")
-    panels = [(t, g) for t, g in groups(rows, keys) if (g.groupby("series")["gpu_budget_gib"].nunique() >= 2).any()]
+    panels = [(t, g) for t, g in groups(rows, ("model", "dataset", "routing")) if _memory_axis(g)]
     if not panels:
         return []
     fig, axes = figure(len(panels))
     for ax, (head, g) in zip(axes, panels):
-        for name, s in sorted(g.groupby("series"), key=lambda kv: method_rank(kv[1]["method"].iloc[0])):
-            s = s.groupby("gpu_budget_gib")["tpot_ms_median"].median()
+        x = _memory_axis(g)
+        for name, s in sorted(g.dropna(subset=[x]).groupby("series"),
+                              key=lambda kv: method_rank(kv[1]["method"].iloc[0])):
+            s = s.groupby(x)["tpot_ms_median"].median()
             ax.plot(s.index, s.values, "o--" if str(name).endswith("_nosd") else "o-", color=color(name), label=name)
-        ax.set_xlabel("GPU memory budget (GiB)")
+        ax.set_xlabel("GPU memory budget (GiB)" if x == "gpu_budget_gib" else "expert slots in GPU memory")
         ax.set_ylabel("TPOT (ms)")
         panel_title(ax, head)
         ax.legend()

@@ -10,9 +10,9 @@ Terms:
   `rtx4090 (24 GiB, 25 GB/s, emulated)`; a budget is part of the card, so runs at different
   budgets are never compared as one card.
 - *variant* = the case name when the run is a case of an experiment, else the method name, followed
-  by the knobs in which that method's runs differ, e.g. `spmoe [cutoff.mode=fixed, cutoff.layer=3]`
-  (knobs: `config.method.*`, `config.spec.*`, the draft; from the
-  summary's own keys for runs without a `config`). Runs that differ only in seed share a variant.
+  by the knobs in which runs of that case (method) differ within one comparison group (GROUP_KEYS),
+  e.g. `spmoe [cutoff.mode=fixed, cutoff.layer=3]` (knobs: `config.method.*`, `config.spec.*`, the
+  draft; the summary's own keys for runs without a `config`). Runs differing only in seed share one.
 - *TPOT* of a run = `tpot_ms_median` (median over interleaved rounds); runs written before rounds
   existed have only `tpot_ms`, which then stands for the median, with `rounds` = 1 and spread 0.
   `tpot_spread` = (max - min) / median over rounds.
@@ -120,15 +120,17 @@ def _knob_name(col: str) -> str:
 
 
 def _variants(df: pd.DataFrame) -> pd.Series:
-    """`variant` with the knobs in which a method's case-less runs differ appended (module docstring)."""
-    out = df["variant"].copy()
+    """`variant` = case or method, with the knobs appended in which runs of the same case (or method) differ
+    within one comparison group (module docstring)."""
+    base = df["variant"].copy()
+    out = base.copy()
     if "cutoff_mode" in df:
         layer = df.get("cutoff_layer", pd.Series(index=df.index, dtype=object))
         fixed = layer.map(lambda v: f"L{int(v)}" if pd.notna(v) else "L?")
         df = df.assign(cutoff=df["cutoff_mode"].where(df["cutoff_mode"] != "fixed", fixed))
-    caseless = df["case"].isna() if "case" in df else pd.Series(True, index=df.index)
     has_config = df["config.method.name"].notna() if "config.method.name" in df else pd.Series(False, index=df.index)
-    for (_, with_config), rows in df[caseless].groupby(["method", has_config[caseless]], dropna=True):
+    keys = [df[k].fillna("-").astype(str) for k in GROUP_KEYS if k in df]
+    for (name, with_config, *_), rows in df.groupby([base, has_config, *keys], dropna=False, sort=False):
         if len(rows) < 2:
             continue
         knobs = [c for c in rows.columns if c.startswith(KNOB_PREFIXES) and not c.endswith(("_dir", "path"))]
@@ -136,7 +138,7 @@ def _variants(df: pd.DataFrame) -> pd.Series:
         varying = [c for c in knobs if rows[c].astype(str).nunique() > 1]
         for idx, row in rows.iterrows():
             if varying:
-                out[idx] = f"{row['method']} [" + ", ".join(f"{_knob_name(c)}={_value(row[c])}" for c in varying) + "]"
+                out[idx] = f"{name} [" + ", ".join(f"{_knob_name(c)}={_value(row[c])}" for c in varying) + "]"
     return out
 
 
