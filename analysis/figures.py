@@ -14,7 +14,7 @@ groups (model, dataset, card, routing); every figure names its routing source, c
 | fig10 | TPOT per method, SP-MoE's speedup over each bar | a group with >= 2 variants |
 | fig11 | TPOT vs GPU memory budget (else expert slots), one line per case/method | one at >= 2 budgets (slots) |
 | cutoff | TPOT vs cutoff layer L* (-1 = off), auto starred, lru dotted | spmoe at >= 2 fixed cutoffs |
-| draft_length | TPOT and H2D bytes per token vs draft length k | a method at >= 2 values of k |
+| draft_length | TPOT and H2D bytes per token vs draft length k, one line per method | a method at >= 2 k |
 | predictor | predictor top-1 accuracy and recall per MoE layer | traces with predictions |
 | ablations | TPOT of each SP-MoE variant relative to plain `spmoe` | >= 2 spmoe variants in a group |
 | breakdown | TPOT as draft / verify compute / stall / other (stacked) | traces |
@@ -141,7 +141,7 @@ def cutoff(runs: pd.DataFrame, out: Path) -> list[Path]:
 @styled
 def draft_length(runs: pd.DataFrame, out: Path) -> list[Path]:
     rows = runs.dropna(subset=["num_draft_tokens", "tpot_ms_median"])
-    rows = rows.assign(series=_series_name(rows).str.replace(r"\s*\[.*\]$", "", regex=True))
+    rows = rows.assign(series=rows["method"])  # cases per k (spmoe_k1, spmoe_k3) are one line
     panels = [(t, g) for t, g in groups(rows) if (g.groupby("series")["num_draft_tokens"].nunique() >= 2).any()]
     if not panels:
         return []
