@@ -11,10 +11,21 @@ per-expert slices of transformers' fused `gate_up_proj [E, 2I, H]` and `down_pro
 A route to an id outside [0, E) (transformers' "no expert" sentinel E, used by adaptive gating)
 contributes nothing and loads nothing.
 
+Two ways to compute a layer:
+- per expert (any provider): the routes go to the host (one device->host sync per layer, since
+  copies are issued from the CPU), and the provider yields each routed expert's weights, which
+  are valid until the consumer resumes it (a slot may be reused afterwards);
+- grouped (providers with `serve_resident`, when the cache holds every expert for good, e.g. the
+  GPU-resident reference): routes are mapped to slots on the device and the layer's experts run
+  as two grouped matmuls over the cache's slot storage (`grouped_expert_mlp`), with no host sync,
+  so the host can run ahead of the device. Used where `grouped_supported` (CPU; CUDA bf16 on
+  sm90+, torch's grouped GEMM); elsewhere, and when `OffloadedExperts.grouped` is False, per expert.
+
 Invariant: the output does not depend on the order in which the provider yields experts:
 each expert writes its own (token, slot) rows of a [T, A, H] buffer, and the weighted sum over
 A runs in a fixed order afterwards. So methods that load experts in different orders produce
-bit-identical results.
+bit-identical results. The grouped path computes each route's rows with the same products
+(bit-identical on the CPU; on CUDA another GEMM kernel, so bf16 results may differ in rounding).
 """
 
 from __future__ import annotations
@@ -83,9 +94,24 @@ class OffloadedExperts(nn.Module):
         self.act_fn = act_fn
         self.provider = provider
 
+    grouped: bool = True  # use the grouped path when the provider offers it (a switch for A/B timing)
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        # T = tokens, A = experts per token, H = hidden, R = T * A routes
-        num_tokens, top_k = top_k_index.shape
+        # T = tokens, A = experts per token, H = hidden
+        table = None
+        serve = getattr(self.provider, "serve_resident", None)
+        if serve is not None and self.grouped and grouped_supported(hidden_states):
+            table = serve(self.layer_idx, top_k_index)
+        if table is not None:
+            ys = grouped_expert_mlp(hidden_states, top_k_index, *table, self.layout, self.act_fn)  # [T, A, H]
+        else:
+            ys = self._per_expert(hidden_states, top_k_index)  # [T, A, H]
+        out = (ys.float() * top_k_weights.float()[..., None]).sum(dim=1)  # [T, H], fixed summation order
+        return out.to(hidden_states.dtype)
+
+    def _per_expert(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
+        """[T, A, H]: each route's expert output, the provider's experts computed one at a time."""
+        num_tokens, top_k = top_k_index.shape  # R = T * A routes
         # NOTE: one device->host sync per layer: the copies are issued from the CPU, so it must know the ids.
         index_cpu = top_k_index.cpu()  # [T, A]
         sorted_ids, order = torch.sort(index_cpu.flatten(), stable=True)  # [R]: routes grouped by expert, row-major within
@@ -105,8 +131,47 @@ class OffloadedExperts(nn.Module):
             else:
                 rows_d, pos_d = rows_all[start:end], pos_all[start:end]
                 ys[rows_d, pos_d] = expert_mlp(hidden_states[rows_d], gate_up, down, self.act_fn)
-        out = (ys.float() * top_k_weights.float()[..., None]).sum(dim=1)  # [T, H], fixed summation order
-        return out.to(hidden_states.dtype)
+        return ys
+
+
+def _grouped_mm_fn():
+    return getattr(nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_supported(x: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM serves x's device and dtype (CPU: any float; CUDA: bf16 on sm90+)."""
+    if _grouped_mm_fn() is None:
+        return False
+    if x.device.type == "cpu":
+        return True
+    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+
+
+def grouped_expert_mlp(x: torch.Tensor, top_k_index: torch.Tensor, storage: torch.Tensor, slot_of: torch.Tensor,
+                       layout: ExpertLayout, act_fn: nn.Module) -> torch.Tensor:
+    """Every route's expert output [T, A, H] as two grouped matmuls over the slots, all on the device.
+
+    x [T, H]; top_k_index [T, A] expert ids (ids outside [0, E) give zero rows); storage [S, N] slot
+    buffers (gate_up [2I, H] then down [H, I] each); slot_of [E] the slot of each expert in storage.
+    Routes are sorted by slot; group g of the grouped matmul is slot g (empty groups cost nothing)."""
+    num_tokens, top_k = top_k_index.shape
+    num_slots, numel = storage.shape
+    h, i = layout.hidden_size, layout.intermediate_size
+    mm = _grouped_mm_fn()
+    valid = (top_k_index >= 0) & (top_k_index < layout.num_experts)  # [T, A]
+    slots = slot_of[top_k_index.clamp(0, layout.num_experts - 1)].flatten()  # [R]
+    sorted_slots, order = torch.sort(slots, stable=True)  # [R]
+    groups = torch.arange(num_slots, device=slots.device)  # [S]
+    offs = torch.searchsorted(sorted_slots, groups, right=True).to(torch.int32)  # [S] cumulative route ends
+    base = storage.storage_offset()
+    gate_up_t = storage.as_strided((num_slots, h, 2 * i), (numel, 1, h), base)  # [S, H, 2I] = gate_up^T per slot
+    down_t = storage.as_strided((num_slots, i, h), (numel, 1, i), base + 2 * i * h)  # [S, I, H] = down^T per slot
+    xs = x[order // top_k]  # [R, H], routes in slot order
+    gate, up = mm(xs, gate_up_t, offs=offs).chunk(2, dim=-1)  # [R, I] each
+    y = mm(act_fn(gate) * up, down_t, offs=offs)  # [R, H]
+    ys = torch.empty_like(y)
+    ys[order] = y  # back to route order (t * A + a)
+    return ys.view(num_tokens, top_k, h) * valid[..., None]  # [T, A, H]
 
 
 def find_experts(model: nn.Module) -> dict[int, nn.Module]:

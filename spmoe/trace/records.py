@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import torch
+
 
 @dataclass
 class LayerEvents:
@@ -56,14 +58,32 @@ class StepRecord:
 
 
 class ExpertEventLog:
-    """Collects LayerEvents from the provider; the engine drains it once per step."""
+    """Collects LayerEvents from the provider; the engine drains it once per step.
+
+    `record_routes` keeps a layer's routes as a device tensor (every needed expert a hit) and
+    resolves it at `drain`, all of a step's in one device->host copy, so recording needs no sync
+    during the forward. Events keep the order in which they were recorded."""
 
     def __init__(self) -> None:
-        self._events: list[LayerEvents] = []
+        self._events: list[LayerEvents | tuple[int, torch.Tensor, int]] = []
 
     def record(self, layer: int, needed: list[int], hits: list[int], misses: list[int], **extra) -> None:
         self._events.append(LayerEvents(layer, needed, hits, misses, **extra))
 
+    def record_routes(self, layer: int, top_k_index: torch.Tensor, num_experts: int) -> None:
+        """A layer whose routed experts [T, A] were all resident; ids outside [0, num_experts) are no expert."""
+        self._events.append((layer, top_k_index, num_experts))
+
     def drain(self) -> list[LayerEvents]:
         out, self._events = self._events, []
-        return out
+        deferred = [ev for ev in out if isinstance(ev, tuple)]
+        if not deferred:
+            return out
+        flat = torch.cat([idx.flatten() for _, idx, _ in deferred]).cpu().tolist()
+        resolved, start = [], 0
+        for layer, idx, num_experts in deferred:
+            ids = sorted({e for e in flat[start:start + idx.numel()] if 0 <= e < num_experts})
+            start += idx.numel()
+            resolved.append(LayerEvents(layer, ids, list(ids), []))
+        it = iter(resolved)
+        return [next(it) if isinstance(ev, tuple) else ev for ev in out]
