@@ -8,7 +8,9 @@ each is released (its free event recorded, its pin dropped) when the consumer re
 cache has fewer free slots than misses, the remaining misses are issued as slots are released,
 so any cache with at least one slot makes progress.
 
-Every layer's needed/hit/miss lists go to the `ExpertEventLog`.
+Every layer's needed/hit/miss lists go to the `ExpertEventLog`. When the cache holds every expert
+(nothing can be evicted), `serve_resident` hands the experts module the device slot table instead,
+for one grouped matmul per layer without a host sync.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from spmoe.offload.cache import ExpertCache
 from spmoe.offload.store import ExpertStore
 from spmoe.offload.transfer import TransferEngine
+from spmoe.runtime.resident import ResidentTable
 from spmoe.trace.records import ExpertEventLog
 
 
@@ -30,6 +33,16 @@ class OnDemandProvider:
         self.store = store
         self.transfer = transfer
         self.events = events
+        self.resident = ResidentTable(cache, store.layout)
+
+    def serve_resident(self, layer: int, top_k_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """When the cache holds every expert for good: the layer's slot table (`ResidentTable.get`), with
+        its events recorded from the device routes (all hits, resolved when the step's events are
+        drained). Else None: serve through `experts_for`."""
+        table = self.resident.get(layer)
+        if table is not None:
+            self.events.record_routes(layer, top_k_index, self.store.layout.num_experts)
+        return table
 
     def experts_for(self, layer: int, expert_ids: list[int], token_experts: torch.Tensor | None = None,
                     ) -> Iterator[tuple[int, torch.Tensor]]:
