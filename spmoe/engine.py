@@ -64,12 +64,17 @@ class Engine:
         if drafter is not None and self.spec.num_draft_tokens < 1:
             raise ValueError(f"spec.num_draft_tokens must be >= 1 with a draft model, got {self.spec.num_draft_tokens}")
         self._kv_kwarg = cache_kwarg(runtime.model)
+        self._sync_wait_ms = 0.0  # host time blocked on the device at the end of target forwards, this step
 
     def _target(self, ids: list[int], kv: DynamicCache, num_logits: int) -> torch.Tensor:
         input_ids = torch.tensor([ids], device=self.device)  # [1, T]
         out = self.runtime.model(input_ids=input_ids, use_cache=True, logits_to_keep=num_logits,
                                  **{self._kv_kwarg: kv})
-        return out.logits[0].float().cpu()  # [num_logits, V]; the host copy syncs the step
+        logits = out.logits[0].float()
+        t_wait = time.perf_counter()
+        logits = logits.cpu()  # [num_logits, V]; the host copy syncs the step
+        self._sync_wait_ms += (time.perf_counter() - t_wait) * 1e3
+        return logits
 
     def _accept(self, drafts: list[int], draft_probs, logits: torch.Tensor, gen: torch.Generator) -> AcceptResult:
         if self.runtime.accept_override is not None:  # routing replay: the trace's verification outcome
@@ -91,8 +96,12 @@ class Engine:
             t_ms=(now - t_start) * 1e3, step_ms=(now - t_step) * 1e3,
             h2d_bytes=stats.h2d_bytes, copy_ms=stats.copy_ms, stall_ms=stats.stall_ms,
             num_prefetched=prefetched, num_dropped=dropped, num_wasted=wasted,
-            layers=self.runtime.events.drain(), **spec_fields,
+            layers=self.runtime.events.drain(), sync_wait_ms=self._take_sync_wait(), **spec_fields,
         )
+
+    def _take_sync_wait(self) -> float:
+        wait, self._sync_wait_ms = self._sync_wait_ms, 0.0
+        return wait
 
     @torch.inference_mode()
     def generate(self, prompt_ids: list[int], max_new_tokens: int, prompt_idx: int = 0) -> Generation:

@@ -11,6 +11,10 @@ Summary metrics from step records (DESIGN.md section 5).
 - Hit rate = (hits + prefetch hits) / needed. Prefetch coverage = (prefetch hits + late) /
   needed; waste = wasted / issued prefetches; predictor recall = |predicted & needed| / |needed|
   over predicted layers; top-1 accuracy per verify position the predictor covered.
+- Host time per decode step = step wall time - time the host sat blocked on the device for the
+  target's logits (`sync_wait_ms`): the host's own work (Python, launches, in-step syncs such as
+  the per-expert path's routing copy). A step whose wait is near zero is host-bound: the device
+  finished before the host did. `tpot_prompt_spread` = (max - min) / median of per-prompt TPOT.
 - Unique experts per layer-step: distinct experts one decode/verify forward needed at one MoE
   layer (top_k without SD; up to the union of k+1 tokens' experts with SD).
 """
@@ -42,6 +46,8 @@ def summarize(records_by_prompt: list[list[StepRecord]]) -> dict:
     top1 = {"ok": 0, "n": 0}
     top1_layer: dict[int, list[int]] = {}
     recall_hit = recall_n = 0
+    host_ms: list[float] = []
+    wait_ms: list[float] = []
     for records in records_by_prompt:
         prefill, decode = records[0], records[1:]
         n = sum(r.num_emitted for r in records)
@@ -68,6 +74,8 @@ def summarize(records_by_prompt: list[list[StepRecord]]) -> dict:
                     acc = top1_layer.setdefault(ev.layer, [0, 0])
                     acc[0] += ev.top1_correct
                     acc[1] += ev.top1_total
+            host_ms.append(r.step_ms - r.sync_wait_ms)
+            wait_ms.append(r.sync_wait_ms)
             h2d += r.h2d_bytes
             copy_ms += r.copy_ms
             stall_ms += r.stall_ms
@@ -97,6 +105,9 @@ def summarize(records_by_prompt: list[list[StepRecord]]) -> dict:
         "tpot_ms": statistics.fmean(tpots) if tpots else None,
         "tpot_p50_ms": _percentile(tpots, 0.5) if tpots else None,
         "tpot_p90_ms": _percentile(tpots, 0.9) if tpots else None,
+        "tpot_prompt_spread": (max(tpots) - min(tpots)) / statistics.median(tpots) if tpots and statistics.median(tpots) > 0 else None,
+        "host_ms_per_step": statistics.fmean(host_ms) if host_ms else None,
+        "sync_wait_ms_per_step": statistics.fmean(wait_ms) if wait_ms else None,
         "ttft_ms": statistics.fmean(ttfts),
         "tokens_per_s": decode_tokens / decode_ms * 1e3 if decode_ms > 0 else None,
         "acceptance_rate": accepted / drafted if spec and drafted else None,

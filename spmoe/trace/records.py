@@ -47,6 +47,7 @@ class StepRecord:
     num_prefetched: int = 0  # prefetch copies issued during the step
     num_dropped: int = 0  # prefetch requests dropped (too late, or no evictable slot)
     num_wasted: int = 0  # prefetched experts evicted (or left at the end) without being used
+    sync_wait_ms: float = 0.0  # host blocked on the device for the target's logits (host time = step_ms - this)
     num_drafted: int | None = None
     num_accepted: int | None = None
     draft_ms: float | None = None

@@ -69,7 +69,9 @@ def test_deferred_events_resolve_in_order():
 
 
 def test_gpu_resident_uses_the_grouped_path_and_matches_per_expert():
-    s = open_session(tiny_run_config(num_prompts=2, max_new_tokens=6))
+    cfg = tiny_run_config(num_prompts=2, max_new_tokens=6)
+    cfg.model.weights = "random"
+    s = open_session(cfg)
     try:
         gens, _, _ = s.generate(MethodConfig(name="gpu_resident"), s.cfg.hardware, 6)
         OffloadedExperts.grouped = False

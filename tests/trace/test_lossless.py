@@ -13,7 +13,8 @@ from conftest import tiny_run_config
 from experiments.presets import load_preset
 from spmoe.config import MethodConfig, RoutingConfig, SpecConfig, TraceConfig
 from spmoe.engine import Generation
-from spmoe.session import open_session, run_benchmark
+from spmoe.experiment import run_benchmark
+from spmoe.session import open_session
 from spmoe.trace.lossless import LosslessCheck, check_lossless, compare, summary_block, verified_positions
 from spmoe.trace.records import StepRecord
 
@@ -83,6 +84,7 @@ def test_sampled_and_unchecked_runs_are_null_with_a_reason(session):
 
 def test_run_benchmark_reports_the_check(tmp_path):
     cfg = tiny_run_config(method="lru_nosd", num_prompts=1, max_new_tokens=6, check_lossless="true")
+    cfg.draft = load_preset("draft", "tiny")
     cfg.method.num_slots = 2
     s = run_benchmark(cfg, tmp_path)
     assert s["lossless"] is True and s["tie_divergences"] == 0 and s["lossless_tolerance"] == 0.0
