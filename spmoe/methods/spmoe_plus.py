@@ -11,6 +11,10 @@ parts, each a `method.plus.*` switch (`spmoe.config.PlusConfig`) so its gain is 
    every layer (a second, prefetch-free predictor covers the layers past the cutoff), keep the
    experts about to be used;
 4. union-aware adaptive draft length (`spmoe.plus.k_chooser`) through `Runtime.choose_k`.
+The cutoff's auto profile is measured with the full-precision draft swapped back in (the profiler
+scales verify time by the draft's parameter counts, which quantized sites do not have), so t_d is the
+bf16 draft's; the profile is keyed on the quantized draft's name and reused by `spmoe`'s build.
+Slots = the plan's + saved draft bytes // expert bytes (at most every expert).
 Lossless: the draft only proposes (any precision); host experts compute the same function (CPU
 float32 bit-identical; on CUDA within bf16 rounding of host vs GPU accumulation); eviction and k
 change what is moved and when, never what is computed.
