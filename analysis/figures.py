@@ -6,7 +6,7 @@ The paper's figures from finished runs, one function each, and the command that 
 Every function takes the tidy run table (`analysis.runs.run_table`) and an output dir, writes
 `<name>.png` and `<name>.pdf` (style: `analysis.plotting`) and returns the paths, or returns []
 when the runs hold no data for it (the command then says so and goes on). Panels are comparison
-groups (model, dataset, card, routing); every figure names its routing source, card (with
+groups (experiment, model, dataset, card, routing: `analysis.runs`); every figure names its routing source, card (with
 ` (emulated)`) and weights under the panels. TPOT is the median over rounds (`analysis.runs`).
 
 | name | what | needs |
@@ -84,7 +84,7 @@ def _memory_axis(g: pd.DataFrame) -> str | None:
 def fig11(runs: pd.DataFrame, out: Path) -> list[Path]:
     rows = runs.dropna(subset=["tpot_ms_median"])
     rows = rows.assign(series=_series_name(rows))
-    panels = [(t, g) for t, g in groups(rows, ("model", "dataset", "routing")) if _memory_axis(g)]
+    panels = [(t, g) for t, g in groups(rows, ("experiment", "model", "dataset", "routing")) if _memory_axis(g)]
     if not panels:
         return []
     fig, axes = figure(len(panels))
@@ -212,7 +212,7 @@ def breakdown(runs: pd.DataFrame, out: Path) -> list[Path]:
     if parts.empty or "tpot_ms" not in parts:
         return []
     panels = groups(parts.dropna(subset=["tpot_ms"]))
-    fig, axes = figure(len(panels), width=max(5.0, 0.6 * parts["variant"].nunique() + 1.5))
+    fig, axes = figure(len(panels), width=max(5.0, 0.6 * max(g["variant"].nunique() for _, g in panels) + 1.5))
     for ax, (head, g) in zip(axes, panels):
         g = g.groupby("variant", sort=False)[list(BREAKDOWN) + ["method"]].agg(
             {**{k: "median" for k in BREAKDOWN}, "method": "first"})

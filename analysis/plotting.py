@@ -9,7 +9,7 @@ colours per method, panels per comparison group, and a source line on every figu
   rename) with `source` (routing source, card with emulation, weights: `analysis.runs.describe_source`)
   printed under the panels; returns the two paths.
 - `color(method)`: a method's colour, the same in every figure; unknown methods get the next free one.
-- `groups(df)`: the comparison groups present (model, dataset, card, routing) and a title for each.
+- `groups(df)`: the comparison groups present (`analysis.runs.GROUP_KEYS`) and a title for each.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ def figure(num_panels: int, width: float = 4.2, height: float = 3.2) -> tuple[Fi
 
 
 def groups(df: pd.DataFrame, keys=GROUP_KEYS) -> list[tuple[str, pd.DataFrame]]:
-    """(title, rows) per comparison group, in first-seen order; the routing source shows only when not `model`."""
+    """(title, rows) per comparison group, in first-seen order; the experiment and the routing source show
+    only when set (routing: when not `model`)."""
     keys = [k for k in keys if k in df]
     if df.empty:
         return []
@@ -88,7 +89,10 @@ def groups(df: pd.DataFrame, keys=GROUP_KEYS) -> list[tuple[str, pd.DataFrame]]:
         parts = [named.get("model"), named.get("dataset"), named.get("card")]
         if named.get("routing") not in (None, "model"):
             parts.append(f"routing: {named['routing']}")
-        out.append((" | ".join(p for p in parts if p), df.loc[rows.index]))
+        head = " | ".join(p for p in parts if p)
+        if named.get("experiment") not in (None, "-"):
+            head = f"{named['experiment']}: {head}"
+        out.append((head, df.loc[rows.index]))
     return out
 
 

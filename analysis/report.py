@@ -4,7 +4,8 @@ Speedup tables from finished runs.
     python -m analysis.report outputs/sweeps/<sweep> [more dirs] [--baseline lru] [--method spmoe] [--out DIR]
 
 Terms (TPOT of a run: `analysis.runs`, the median over its rounds):
-- *group* = one (model, dataset, card, routing source): only runs in the same group are compared.
+- *group* = one (experiment, model, dataset, card, routing source): only runs in the same group are
+  compared (`analysis.runs`).
   Several runs of one variant in a group (seeds, repeats) count as their median TPOT.
 - *speedup of X over Y* = TPOT(Y) / TPOT(X): above 1 means X is faster.
 - `speedup_table`: every variant against `--baseline` (a method or case name) in its group.

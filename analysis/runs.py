@@ -13,6 +13,9 @@ Terms:
   by the knobs in which runs of that case (method) differ within one comparison group (GROUP_KEYS),
   e.g. `spmoe [cutoff.mode=fixed, cutoff.layer=3]` (knobs: `config.method.*`, `config.spec.*`, the
   draft; the summary's own keys for runs without a `config`). Runs differing only in seed share one.
+- *comparison group* = (experiment, model, dataset, card, routing source): tables and figures compare
+  runs within one group only (runs of one experiment share a process and its interleaved rounds;
+  runs outside any experiment form the group `-`).
 - *TPOT* of a run = `tpot_ms_median` (median over interleaved rounds); runs written before rounds
   existed have only `tpot_ms`, which then stands for the median, with `rounds` = 1 and spread 0.
   `tpot_spread` = (max - min) / median over rounds.
@@ -34,7 +37,7 @@ GIB = 2**30
 KEY_COLUMNS = ("variant", "method", "model", "draft", "dataset", "card", "routing", "weights", "num_draft_tokens",
                "tpot_ms_median", "tpot_spread", "rounds", "acceptance_rate", "expert_hit_rate",
                "h2d_bytes_per_token", "lossless")
-GROUP_KEYS = ("model", "dataset", "card", "routing")
+GROUP_KEYS = ("experiment", "model", "dataset", "card", "routing")
 KNOB_PREFIXES = ("config.method.", "config.spec.", "config.draft.name")
 SUMMARY_KNOBS = ("draft", "num_draft_tokens", "eviction", "cutoff")
 
@@ -86,6 +89,7 @@ def run_row(run_dir: Path, summary: dict) -> dict:
     row["card"] = _card(summary)
     row["variant"] = summary.get("case") or summary.get("method")
     row["routing"] = summary.get("routing") or "model"
+    row["experiment"] = summary.get("experiment")
     median = summary.get("tpot_ms_median", summary.get("tpot_ms"))
     row["tpot_ms_median"] = median
     rounds = summary.get("tpot_ms_rounds") or []

@@ -123,3 +123,11 @@ def test_card_names_budget_pacing_and_emulation(tmp_path):
               hardware_emulated=False)
     write_run(tmp_path, "c", method="lru", tpot_ms=1.0, hardware="cpu", hardware_emulated=False)
     assert run_table([tmp_path])["card"].tolist() == ["rtx4090 (24 GiB, 25 GB/s, emulated)", "h200 (40 GiB)", "cpu"]
+
+
+def test_runs_of_different_experiments_are_not_compared(tmp_path):
+    write_run(tmp_path, "a/spmoe", method="spmoe", case="spmoe", tpot_ms=10.0, experiment="cutoff")
+    write_run(tmp_path, "b/lru", method="lru", case="lru", tpot_ms=30.0, experiment="ablations")
+    write_run(tmp_path, "b/spmoe", method="spmoe", case="spmoe", tpot_ms=20.0, experiment="ablations")
+    view = report.paper_view(run_table([tmp_path]), "spmoe")
+    assert view[["experiment", "spmoe_tpot_ms", "vs lru"]].values.tolist() == [["ablations", 20.0, 1.5]]
