@@ -30,6 +30,7 @@ bit-identical results. The grouped path computes each route's rows with the same
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
@@ -37,6 +38,8 @@ import torch
 from torch import nn
 
 from spmoe.types import ExpertKey
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -138,13 +141,41 @@ def _grouped_mm_fn():
     return getattr(nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
+_GROUPED_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
 def grouped_supported(x: torch.Tensor) -> bool:
-    """Whether torch's grouped GEMM serves x's device and dtype (CPU: any float; CUDA: bf16 on sm90+)."""
-    if _grouped_mm_fn() is None:
+    """Whether torch's grouped GEMM serves x's device and dtype (CPU: any float; CUDA: bf16 on sm90+),
+    checked once per device type and dtype on a small problem with the slot layout."""
+    key = (x.device.type, x.dtype)
+    if key not in _GROUPED_OK:
+        ok = _grouped_mm_fn() is not None and (x.device.type == "cpu" or (
+            x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)))
+        _GROUPED_OK[key] = ok and _probe(x.device, x.dtype)
+    return _GROUPED_OK[key]
+
+
+def _probe(device: torch.device, dtype: torch.dtype) -> bool:
+    """A 3-slot problem through `grouped_expert_mlp` against the per-expert math (relative error < 2%)."""
+    layout = ExpertLayout((0,), 3, 2, 64, 32, dtype)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    storage = (torch.randn(3, layout.expert_numel, generator=gen) * 0.1).to(device=device, dtype=dtype)  # [S, N]
+    x = torch.randn(3, 64, generator=gen).to(device=device, dtype=dtype)  # [T, H]
+    index = torch.tensor([[0, 2], [2, 1], [0, 1]], device=device)  # [T, A]
+    slot_of = torch.tensor([2, 0, 1], device=device)  # [E]
+    act = nn.SiLU()
+    try:
+        got = grouped_expert_mlp(x, index, storage, slot_of, layout, act).float()  # [T, A, H]
+    except (RuntimeError, TypeError, NotImplementedError) as exc:
+        log.warning("grouped expert matmul unavailable on %s %s (%s); experts run one at a time", device.type, dtype, exc)
         return False
-    if x.device.type == "cpu":
-        return True
-    return x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    want = torch.stack([torch.stack([expert_mlp(x[t:t + 1], *layout.split(storage[int(slot_of[int(e)])]), act)[0]
+                                     for e in index[t]]) for t in range(3)]).float()  # [T, A, H]
+    ok = bool(((got - want).norm() <= 0.02 * want.norm()).item())
+    if not ok:
+        log.warning("grouped expert matmul disagrees with the per-expert math on %s %s; experts run one at a time",
+                    device.type, dtype)
+    return ok
 
 
 def grouped_expert_mlp(x: torch.Tensor, top_k_index: torch.Tensor, storage: torch.Tensor, slot_of: torch.Tensor,
