@@ -158,7 +158,7 @@ def readme(out_dir: Path) -> str:
         "under SP-MoE with every layer predicted, greedy SD, on the CPU. `routing=replay` replays them on any",
         "8-expert top-2 model (`spmoe/trace/replay.py` maps 30 trace layers onto the replay model's depth;",
         "Mixtral's 32 layers repeat two of them). Prompts are raw text (no chat template), drawn as `run.py`",
-        "draws them; GSM8K prompts that are also router calibration rows:",
+        "draws them. GSM8K prompts among the router calibration rows:",
         f"{', '.join(overlap) if overlap else 'none'}. Format: `spmoe/trace/routing.py`.",
         "",
         "Prompt ids:",
