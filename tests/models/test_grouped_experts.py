@@ -10,7 +10,7 @@ from torch import nn
 
 from conftest import tiny_run_config
 from spmoe.config import MethodConfig
-from spmoe.models.experts import ExpertLayout, OffloadedExperts, grouped_expert_mlp
+from spmoe.models.experts import ExpertLayout, OffloadedExperts, grouped_expert_mlp, grouped_supported
 from spmoe.offload.cache import ExpertCache
 from spmoe.offload.eviction import make_policy
 from spmoe.runtime.resident import ResidentTable
@@ -79,6 +79,7 @@ def test_gpu_resident_uses_the_grouped_path_and_matches_per_expert():
     finally:
         OffloadedExperts.grouped = True
         s.close()
+    assert grouped_supported(torch.zeros(1))  # the probe passed: the first run took the grouped path
     assert [g.token_ids for g in gens] == [g.token_ids for g in loop]
     flat = lambda gs: [(e.layer, e.needed, e.hits, e.misses) for g in gs for r in g.records for e in r.layers]  # noqa: E731
     assert flat(gens) == flat(loop)
