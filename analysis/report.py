@@ -34,14 +34,16 @@ TPOT = "tpot_ms_median"
 
 
 def variant_tpot(df: pd.DataFrame, group_keys=GROUP_KEYS) -> pd.DataFrame:
-    """One row per (group, variant): median TPOT over its runs, its method, the runs counted, max spread."""
+    """One row per (group, variant): median TPOT over its runs, its method and weights, the runs counted,
+    the largest round spread."""
     keys = [k for k in group_keys if k in df]
     rows = df.dropna(subset=[TPOT]).copy()
     for key in keys:
         rows[key] = rows[key].fillna("-").astype(str)
+    extra = {"weights": ("weights", "first")} if "weights" in rows else {}
     out = rows.groupby(keys + ["variant"], sort=False).agg(
         method=("method", "first"), tpot_ms=(TPOT, "median"), tpot_spread=("tpot_spread", "max"),
-        num_runs=(TPOT, "size"))
+        num_runs=(TPOT, "size"), **extra)
     return out.reset_index()
 
 
@@ -68,7 +70,7 @@ def paper_view(df: pd.DataFrame, method: str = "spmoe", group_keys=GROUP_KEYS) -
     wide = others.pivot_table(index=keys, columns="variant", values="tpot_ms", aggfunc="median", sort=False)
     wide = wide.reindex(ours.index).div(ours, axis=0)
     wide.columns = [f"vs {c}" for c in wide.columns]
-    wide = wide.dropna(how="all")  # a group without any baseline gives no row
+    wide = wide.dropna(how="all").dropna(axis=1, how="all")  # no row without a baseline, no empty column
     wide.insert(0, f"{method}_tpot_ms", ours.reindex(wide.index).to_numpy())
     return wide.reset_index()
 

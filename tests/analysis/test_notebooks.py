@@ -40,19 +40,20 @@ def test_the_tiny_sweep_feeds_every_figure_and_table(sweep, tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(NOTEBOOKS))
-def test_notebook_executes_and_writes_its_figures(name, sweep, tmp_path, monkeypatch):
-    jupytext = pytest.importorskip("jupytext")
-    nbclient = pytest.importorskip("nbclient")
-    monkeypatch.setenv("SPMOE_RESULTS", str(sweep))
-    monkeypatch.setenv("SPMOE_FIGURES", str(tmp_path / "figures"))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    nb = jupytext.read(REPO / "analysis" / "notebooks" / f"{name}.py")
+def test_notebook_executes_and_writes_its_figures(name, sweep, tmp_path):
+    pytest.importorskip("jupytext")
+    pytest.importorskip("nbclient")
+    from analysis.run_notebook import main, run_notebook
+
+    path = REPO / "analysis" / "notebooks" / f"{name}.py"
+    nb = run_notebook(path, sweep, tmp_path / "figures")
     assert any("parameters" in c.metadata.get("tags", []) for c in nb.cells)  # papermill can inject parameters
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                            resources={"metadata": {"path": str(REPO)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert errors == []
     for fig in NOTEBOOKS[name]:
         assert (tmp_path / "figures" / f"{fig}.png").is_file() and (tmp_path / "figures" / f"{fig}.pdf").is_file()
     shown = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(shown) == len(NOTEBOOKS[name])
+    if name == "methods":  # the command line keeps the executed notebook
+        main([str(path), "--results", str(sweep), "--figures", str(tmp_path / "cli"), "--out", str(tmp_path / "m.ipynb")])
+        assert (tmp_path / "m.ipynb").stat().st_size > 10_000 and (tmp_path / "cli" / "fig10.png").is_file()
