@@ -258,3 +258,21 @@ def test_bad_mode_lists_the_valid_modes(monkeypatch, tmp_path):
 def test_unknown_logger_lists_the_valid_names(tmp_path):
     with pytest.raises(ValueError, match=r"unknown logger 'tensorboard'; valid: none, wandb"):
         make_tracker(LoggerConfig(name="tensorboard"), {}, str(tmp_path))
+
+
+def test_each_case_of_an_experiment_is_its_own_run(wandb_offline, no_remote_connections, spmoe_run_dir, tmp_path):
+    """run.py logs every case after the experiment, one after another in one process."""
+    import shutil
+
+    job = tmp_path / "job"
+    for case in ("auto", "off"):
+        shutil.copytree(spmoe_run_dir, job / case, ignore=shutil.ignore_patterns("wandb", ".hydra"))
+        summary = json.loads((job / case / "summary.json").read_text())
+        (job / case / "summary.json").write_text(json.dumps({**summary, "case": case, "experiment": "cutoff"}))
+        log_run(LoggerConfig(name="wandb"), job / case)
+    wandb_offline.teardown()
+    names = {}
+    for case in ("auto", "off"):
+        (run,) = offline_run(job / case / "wandb")[3]
+        names[case] = (run.display_name, run.run_group)
+    assert names == {"auto": ("case=auto", "cutoff"), "off": ("case=off", "cutoff")}
