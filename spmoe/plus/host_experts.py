@@ -14,8 +14,9 @@ experts only); `HostStats` counts them.
 Cost model (per missing expert e with n_e routed tokens, greedy, most tokens first): GPU finish =
 (copies already queued + GPU experts so far + 1) x copy_ms; host finish = host experts so far'
 time + host_ms(n_e); e goes where it finishes first. host_ms(n) = a + b n is fitted on the host's
-measured time per expert at 1 and 4 tokens; copy_ms is measured on the run's own link (paced when
-pacing is on); the queue is the provider's prefetch copies still in flight.
+measured time per expert at 1 and 4 tokens, then a follows the host's in-run times (`observe`);
+copy_ms is measured on the run's own link (paced when pacing is on); the queue is the provider's
+prefetch copies still in flight.
 Numerics: on a CPU device both paths run the same float32 kernels on the same inputs, so outputs
 are bit-identical; on CUDA the host computes in the store's dtype (bf16) with the host's
 accumulation order, which differs from the GPU's within bf16 rounding.
@@ -83,12 +84,24 @@ def measure_host_cost(store: ExpertStore, act_fn: torch.nn.Module, copy_ms: floa
 
 
 class HostPlanner:
-    """Which missing experts of a layer forward go to the host (`mode` off | auto | all)."""
+    """Which missing experts of a layer forward go to the host (`mode` off | auto | all).
 
-    def __init__(self, provider: PrefetchProvider, mode: str, cost: HostCost | None, max_per_layer: int | None):
+    `observe` feeds the host's in-run time per expert back into the cost model (an exponential
+    moving average of weight `ema` on fixed_ms): during decoding the host computes beside the copy
+    engine, the decode thread and the prefetch worker, and is slower than when profiled alone."""
+
+    def __init__(self, provider: PrefetchProvider, mode: str, cost: HostCost | None, max_per_layer: int | None,
+                 ema: float = 0.1):
         if mode == "auto" and cost is None:
             raise ValueError("host_compute=auto needs a measured HostCost")
-        self.provider, self.mode, self.cost, self.max_per_layer = provider, mode, cost, max_per_layer
+        self.provider, self.mode, self.cost, self.max_per_layer, self.ema = provider, mode, cost, max_per_layer, ema
+
+    def observe(self, ms: float, tokens: list[int]) -> None:
+        """The host took `ms` for experts with these routed token counts (called from the host worker)."""
+        if self.cost is None or not tokens:
+            return
+        per_expert = ms / len(tokens) - self.cost.per_token_ms * sum(tokens) / len(tokens)
+        self.cost.fixed_ms = (1 - self.ema) * self.cost.fixed_ms + self.ema * max(0.0, per_expert)
 
     def split(self, layer: int, tokens_of: dict[int, int]) -> list[int]:
         """Host set among `tokens_of` (expert -> routed tokens), most tokens first."""
@@ -128,7 +141,9 @@ class HostAssistedExperts(OffloadedExperts):
         for e, rows in jobs:
             gate_up, down = self.layout.split(self.store.flat((self.layer_idx, e)))
             out.append((e, expert_mlp(x[rows], gate_up, down, self.act_fn)))  # [n_e, H]
-        self.stats.host_ms += (time.perf_counter() - t0) * 1e3
+        ms = (time.perf_counter() - t0) * 1e3
+        self.stats.host_ms += ms
+        self.planner.observe(ms, [len(rows) for _, rows in jobs])
         return out
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,9 @@ u(T) = distinct experts one layer forward of T tokens needs (the union of the ve
 m = the fraction of them not resident when verification reaches the layer (after prefetch), and
 t_miss = ms per missing expert (the link's copy time, or the host's when host compute is cheaper).
 k* = argmax E[emitted] / E[step ms]; ties go to the smaller k.
-Estimates are exponential moving averages (weight `ema`) of the run's own steps: a from accepted
-drafts (successes) over accepted + rejected drafts (trials), d and c from the step's wall times,
+Estimates are exponential moving averages (weight `ema`; `accept_ema` for a, slower, so that one
+rejection does not stop drafting) of the run's own steps: a from accepted drafts (successes) over
+accepted + rejected drafts (trials), d and c from the step's wall times,
 u(T) per T seen, m per layer forward. u(T) for a T not yet seen scales the independent-routing
 union E (1 - (1 - A / E)^T) (E experts, A per token) by the measured / independent ratio at the
 nearest T seen. Priors: a = accept_prior, d = c = 0, m = 1.
@@ -29,11 +30,11 @@ from spmoe.engine import StepState
 
 class KChooser:
     def __init__(self, k_min: int, num_layers: int, num_experts: int, top_k: int, miss_ms: float,
-                 accept_prior: float, ema: float = 0.2, explore_after: int = 8):
+                 accept_prior: float, ema: float = 0.2, accept_ema: float = 0.05, explore_after: int = 8):
         if not 0 <= accept_prior <= 1:
             raise ValueError(f"accept_prior must be in [0, 1], got {accept_prior}")
         self.k_min, self.num_layers, self.num_experts, self.top_k = k_min, num_layers, num_experts, top_k
-        self.miss_ms, self.ema, self.explore_after = miss_ms, ema, explore_after
+        self.miss_ms, self.ema, self.accept_ema, self.explore_after = miss_ms, ema, accept_ema, explore_after
         self.successes, self.trials = accept_prior, 1.0  # EMA numerator / denominator of a
         self.draft_ms = 0.0  # d
         self.verify_fixed_ms = 0.0  # c
@@ -81,8 +82,8 @@ class KChooser:
         if self._last is not None and state.pos > self._last[0] and self._last[1] > 0:  # the previous step's outcome
             prev_pos, prev_k = self._last
             accepted = state.pos - prev_pos - 1
-            self._update("successes", accepted, rate=None)
-            self._update("trials", accepted + (accepted < prev_k), rate=None)
+            self._update("successes", accepted, rate=self.accept_ema)
+            self._update("trials", accepted + (accepted < prev_k), rate=self.accept_ema)
         k = self.best_k(state.max_k)
         if k == 0 and self._no_draft >= self.explore_after:
             k = min(max(1, self.k_min), state.max_k)

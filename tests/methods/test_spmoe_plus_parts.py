@@ -117,3 +117,13 @@ def test_host_planner_balances_host_against_the_copy_queue():
     assert HostPlanner(_Provider([(0, 3)], 2), "auto", cost, 1).split(0, tokens) == [1]
     assert HostPlanner(_Provider([(0, 3)], 0), "all", None, None).split(0, tokens) == [1, 0, 2]
     assert HostPlanner(_Provider([], 0), "off", None, None).split(0, tokens) == []
+
+
+def test_host_planner_learns_the_in_run_host_time():
+    cost = HostCost(fixed_ms=4.0, per_token_ms=1.0, copy_ms=6.0)
+    planner = HostPlanner(_Provider([], 0), "auto", cost, None, ema=0.1)
+    planner.observe(20.0, [1, 1])  # 10 ms per expert of one token: fixed part 9 ms
+    assert abs(cost.fixed_ms - (0.9 * 4.0 + 0.1 * 9.0)) < 1e-12
+    for _ in range(200):
+        planner.observe(20.0, [1, 1])
+    assert planner.split(0, {0: 1, 1: 1}) == [1]  # host 10 ms: the first miss copies (6), the second computes
