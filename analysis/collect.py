@@ -3,43 +3,38 @@ Collect finished runs into one table.
 
     python -m analysis.collect outputs/ --out results/<experiment>/summary.csv
 
-Walks the given directories for `summary.json` (present only for finished runs: it is written
-last and atomically), flattens each into one row (nested dicts become `a.b` columns) and writes a
-CSV (and a Markdown twin next to it). Unfinished or interrupted runs have no summary and are
-skipped.
+The tidy table of `analysis.runs.run_table` (one row per `**/summary.json`: every scalar summary key,
+the resolved config under `config.*`, run dir, card, variant, round spread) as CSV, with a Markdown
+twin next to it holding the key columns. Unfinished or interrupted runs have no summary and are
+skipped. For speedup tables use `python -m analysis.report`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import pandas as pd
 
+from analysis.report import to_markdown
+from analysis.runs import KEY_COLUMNS, run_table
 from spmoe.io import write_text_atomic
 
 
 def collect(roots: list[Path]) -> pd.DataFrame:
-    rows = []
-    for root in roots:
-        for path in sorted(root.rglob("summary.json")):
-            row = pd.json_normalize(json.loads(path.read_text())).iloc[0].to_dict()
-            row["run_dir"] = str(path.parent)
-            rows.append(row)
-    return pd.DataFrame(rows)
+    return run_table(roots)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("roots", nargs="+", type=Path)
     ap.add_argument("--out", type=Path, required=True)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     df = collect(args.roots)
     if df.empty:
         raise SystemExit(f"no finished runs (summary.json) under {[str(r) for r in args.roots]}")
     write_text_atomic(args.out, df.to_csv(index=False))
-    write_text_atomic(args.out.with_suffix(".md"), df.to_markdown(index=False) + "\n")
+    write_text_atomic(args.out.with_suffix(".md"), to_markdown(df[list(KEY_COLUMNS)]))
     print(f"{len(df)} runs -> {args.out}")
 
 

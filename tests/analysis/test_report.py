@@ -131,3 +131,12 @@ def test_runs_of_different_experiments_are_not_compared(tmp_path):
     write_run(tmp_path, "b/spmoe", method="spmoe", case="spmoe", tpot_ms=20.0, experiment="ablations")
     view = report.paper_view(run_table([tmp_path]), "spmoe")
     assert view[["experiment", "spmoe_tpot_ms", "vs lru"]].values.tolist() == [["ablations", 20.0, 1.5]]
+
+
+def test_collect_writes_the_tidy_table(sweep, tmp_path):
+    from analysis import collect
+
+    collect.main([str(sweep), "--out", str(tmp_path / "summary.csv")])
+    table = pd.read_csv(tmp_path / "summary.csv")
+    assert len(table) == 8 and {"variant", "card", "tpot_ms_median", "run_dir"} <= set(table.columns)
+    assert (tmp_path / "summary.md").read_text().startswith("| variant")
