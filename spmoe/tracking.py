@@ -62,7 +62,7 @@ def _hydra_file(run_dir: Path, name: str) -> Path | None:
 def run_identity(run_dir: Path, summary: dict) -> dict:
     """name, group, tags, job_type and config of the W&B run for `run_dir` (module docstring)."""
     overrides_file = _hydra_file(run_dir, "overrides.yaml")
-    overrides = yaml.safe_load(overrides_file.read_text()) or [] if overrides_file else []
+    overrides = (yaml.safe_load(overrides_file.read_text()) or []) if overrides_file else []
     parts = [o for o in overrides if not o.startswith(("hydra.", "logger"))]
     if summary.get("case"):
         parts.append(f"case={summary['case']}")
