@@ -178,31 +178,38 @@ def _probe(device: torch.device, dtype: torch.dtype) -> bool:
     return ok
 
 
+_GROUP_IDS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
 def grouped_expert_mlp(x: torch.Tensor, top_k_index: torch.Tensor, storage: torch.Tensor, slot_of: torch.Tensor,
                        layout: ExpertLayout, act_fn: nn.Module) -> torch.Tensor:
     """Every route's expert output [T, A, H] as two grouped matmuls over the slots, all on the device.
 
-    x [T, H]; top_k_index [T, A] expert ids (ids outside [0, E) give zero rows); storage [S, N] slot
-    buffers (gate_up [2I, H] then down [H, I] each); slot_of [E] the slot of each expert in storage.
-    Routes are sorted by slot; group g of the grouped matmul is slot g (empty groups cost nothing)."""
+    x [T, H]; top_k_index [T, A] expert ids in [0, E] (E, transformers' "no expert", gives a zero
+    row); storage [S, N] slot buffers (gate_up [2I, H] then down [H, I] each); slot_of [E] or [E + 1]
+    the slot of each expert in storage (entry E, any slot, serves the "no expert" routes). Routes
+    are sorted by slot; group g of the grouped matmul is slot g (empty groups cost nothing). Few
+    kernels on purpose: decode is bound by the host's launches."""
     num_tokens, top_k = top_k_index.shape
     num_slots, numel = storage.shape
-    h, i = layout.hidden_size, layout.intermediate_size
+    h, i, num_experts = layout.hidden_size, layout.intermediate_size, layout.num_experts
     mm = _grouped_mm_fn()
-    valid = (top_k_index >= 0) & (top_k_index < layout.num_experts)  # [T, A]
-    slots = slot_of[top_k_index.clamp(0, layout.num_experts - 1)].flatten()  # [R]
-    sorted_slots, order = torch.sort(slots, stable=True)  # [R]
-    groups = torch.arange(num_slots, device=slots.device)  # [S]
-    offs = torch.searchsorted(sorted_slots, groups, right=True).to(torch.int32)  # [S] cumulative route ends
+    if slot_of.numel() == num_experts:
+        slot_of = nn.functional.pad(slot_of, (0, 1))  # [E + 1]
+    groups = _GROUP_IDS.get((num_slots, storage.device))
+    if groups is None:
+        groups = _GROUP_IDS[(num_slots, storage.device)] = torch.arange(num_slots, device=storage.device)  # [S]
+    sorted_slots, order = torch.sort(slot_of[top_k_index].flatten(), stable=True)  # [R] each
+    offs = torch.searchsorted(sorted_slots, groups, right=True, out_int32=True)  # [S] cumulative route ends
     base = storage.storage_offset()
     gate_up_t = storage.as_strided((num_slots, h, 2 * i), (numel, 1, h), base)  # [S, H, 2I] = gate_up^T per slot
     down_t = storage.as_strided((num_slots, i, h), (numel, 1, i), base + 2 * i * h)  # [S, I, H] = down^T per slot
-    xs = x[order // top_k]  # [R, H], routes in slot order
+    xs = x.expand(top_k, h).contiguous() if num_tokens == 1 else x[order // top_k]  # [R, H], routes in slot order
     gate, up = mm(xs, gate_up_t, offs=offs).chunk(2, dim=-1)  # [R, I] each
     y = mm(act_fn(gate) * up, down_t, offs=offs)  # [R, H]
     ys = torch.empty_like(y)
     ys[order] = y  # back to route order (t * A + a)
-    return ys.view(num_tokens, top_k, h) * valid[..., None]  # [T, A, H]
+    return ys.view(num_tokens, top_k, h) * (top_k_index < num_experts)[..., None]  # [T, A, H]
 
 
 def find_experts(model: nn.Module) -> dict[int, nn.Module]:

@@ -27,19 +27,21 @@ class ResidentTable:
         self.cache = cache
         self.layout = layout
         self._possible = cache.num_slots >= len(layout.keys)
-        self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._spans: dict[int, tuple[int, int, torch.Tensor]] = {}  # layer -> (lo, hi, slot_of [E + 1])
 
     def get(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(slot storage of the layer's span [S', N], slot of each expert within it [E] long, on the
-        cache's device), or None while any expert of the model is not resident."""
-        table = self._tables.get(layer)
-        if table is not None or not self._possible:
-            return table
-        if len(self.cache.resident()) < len(self.layout.keys):
+        """(slot storage of the layer's span [S', N], slot of each expert within it [E + 1] long, entry
+        E = slot 0 for "no expert" routes, on the cache's device), or None while any expert of the
+        model is not resident or the cache's storage is gone. Holds no reference to the storage."""
+        span = self._spans.get(layer)
+        if span is None:
+            if not self._possible or len(self.cache.resident()) < len(self.layout.keys):
+                return None
+            slots = [self.cache.slot_of((layer, e)) for e in range(self.layout.num_experts)]
+            lo, hi = min(slots), max(slots) + 1
+            slot_of = torch.tensor([s - lo for s in slots] + [0], dtype=torch.long, device=self.cache.storage.device)
+            self._spans[layer] = span = (lo, hi, slot_of)
+        if self.cache.storage is None:
             return None
-        slots = [self.cache.slot_of((layer, e)) for e in range(self.layout.num_experts)]
-        lo, hi = min(slots), max(slots) + 1
-        storage = self.cache.storage[lo:hi]  # [S', N] view
-        slot_of = torch.tensor([s - lo for s in slots], dtype=torch.long, device=storage.device)  # [E]
-        self._tables[layer] = table = (storage, slot_of)
-        return table
+        lo, hi, slot_of = span
+        return self.cache.storage[lo:hi], slot_of  # [S', N] view, [E + 1]
