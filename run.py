@@ -24,7 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from spmoe.config import RunConfig, register_configs
+from spmoe.config import RunConfig, register_configs, unknown_keys
 
 register_configs()
 OmegaConf.register_new_resolver(  # a sweep job's directory: its swept values, filesystem-safe
@@ -50,7 +50,11 @@ def _compose(overrides: list[str]) -> tuple[RunConfig, dict]:
         extra = [f"{k}={v}" for k, v in choices.items() if k not in taken]
         dcfg = compose(config_name="config", overrides=[*overrides, *extra])
         log.info("resolved auto choices: %s", " ".join(extra))
-    return OmegaConf.to_object(dcfg), OmegaConf.to_container(dcfg, resolve=True)
+    plain = OmegaConf.to_container(dcfg, resolve=True)
+    extra = unknown_keys(plain)
+    if extra:
+        raise ValueError(f"unknown config key(s) {extra}: no such setting (see `python run.py --cfg job`)")
+    return OmegaConf.to_object(dcfg), plain
 
 
 def _cases(dcfg: DictConfig, overrides: list[str], out_dir: Path):
@@ -96,7 +100,7 @@ def _main(dcfg: DictConfig) -> None:
     from spmoe.digest import digest
     from spmoe.experiment import run_cases
     from spmoe.rundir import RunDirLock
-    from experiments.tracker import make_tracker
+    from spmoe.tracking import log_run
 
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)
@@ -108,9 +112,7 @@ def _main(dcfg: DictConfig) -> None:
                               experiment=exp.name, resume=dcfg.resume,
                               progress=_progress(dcfg.progress, hc.mode == RunMode.MULTIRUN))
     for case, summary in zip(cases, summaries):
-        tracker = make_tracker(case.cfg.logger, case.config, str(case.out_dir))
-        tracker.log_summary(summary)
-        tracker.finish()
+        log_run(case.cfg.logger, case.out_dir, group=exp.name)
         for line in digest(summary):
             print(line)
     printed = [{k: v for k, v in s.items() if k != "config"} for s in summaries]  # summary.json keeps the config

@@ -235,6 +235,24 @@ class RunConfig:
     progress: str = "auto"  # auto (a bar on a terminal, none in sweeps) | true | false
 
 
+def unknown_keys(plain: dict, schema: type = None, prefix: str = "") -> list[str]:
+    """Keys of a composed config (plain dict) that the dataclass schema has no field for: an added
+    key (`+key=value`) that conversion to the typed config would silently drop."""
+    import dataclasses
+    import typing
+
+    schema = schema or RunConfig
+    hints = typing.get_type_hints(schema)
+    names = {f.name for f in dataclasses.fields(schema)}
+    found = []
+    for key, value in plain.items():
+        if key not in names:
+            found.append(prefix + key)
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            found += unknown_keys(value, hints[key], f"{prefix}{key}.")
+    return found
+
+
 def register_configs() -> None:
     """Register the schemas with Hydra's ConfigStore (called by the entry point only)."""
     from hydra.core.config_store import ConfigStore

@@ -21,12 +21,16 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 from spmoe.config import RunConfig
 from spmoe.offload.budget import BudgetError
+from spmoe.policy.profile import measure_bandwidth_gb_per_s
 from spmoe.rundir import config_hash, finished_summary
 from spmoe.session import GIB, Session, open_session
 from spmoe.summary import summarize_run, write_partial, write_run
 from spmoe.trace.lossless import check_lossless
+from spmoe.trace.oracle import runtime_efficiency
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +92,8 @@ def _tpot_ms(gens) -> float:
     return summarize([g.records for g in gens])["tpot_ms"]
 
 
-def _finish(session: Session, case: Case, experiment: str | None) -> dict:
+def _summarize(session: Session, case: Case, experiment: str | None) -> tuple[dict, list, object]:
+    """The case's summary from its median-TPOT round, with that round's generations and routing trace."""
     tpots = [_tpot_ms(r[0]) for r in case.rounds]
     median_round = sorted(range(len(tpots)), key=tpots.__getitem__)[(len(tpots) - 1) // 2]
     gens, plan, peak, extra, routing = case.rounds[median_round]
@@ -104,11 +109,47 @@ def _finish(session: Session, case: Case, experiment: str | None) -> dict:
         "cache_holds_all_experts": summary["num_slots"] >= summary["num_experts_total"],
         "config_hash": case.hash, "config": case.config if case.config is not None else asdict(case.cfg),
     })
+    return summary, gens, routing
+
+
+def link_gb_per_s(session: Session, summary: dict) -> float | None:
+    """The link a run's copies crossed: the paced rate, or the measured pinned bandwidth (CUDA only)."""
+    if summary.get("pcie_paced_gb_per_s"):
+        return summary["pcie_paced_gb_per_s"]
+    if session.device.type != "cuda":
+        return None
+    if session.pinned_gb_per_s is None:
+        nbytes = 256 * 2**20
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=session.device)
+        session.pinned_gb_per_s = measure_bandwidth_gb_per_s(session.device, dst, nbytes)
+    return session.pinned_gb_per_s
+
+
+def add_runtime_efficiency(session: Session, summaries: list[dict]) -> None:
+    """runtime efficiency = TPOT / (H2D bytes per token / link bandwidth + GPU compute per token), for
+    offloaded cases of an experiment that also ran `gpu_resident` (no SD) or `gpu_resident_sd` (SD):
+    their TPOT is the compute that cannot overlap."""
+    compute_ms = {s["method"] == "gpu_resident_sd": s["tpot_ms"] for s in summaries
+                  if s["method"] in ("gpu_resident", "gpu_resident_sd")}
+    for s in summaries:
+        speculative = s.get("acceptance_rate") is not None
+        if s["method"].startswith("gpu_resident") or speculative not in compute_ms or not s.get("h2d_bytes_per_token"):
+            continue
+        bandwidth = link_gb_per_s(session, s)
+        if bandwidth:
+            s["runtime_efficiency"] = runtime_efficiency(s["tpot_ms"], s["h2d_bytes_per_token"], bandwidth,
+                                                         compute_ms[speculative])
+            s["runtime_efficiency_link_gb_per_s"] = bandwidth
+            s["runtime_efficiency_compute_ms"] = compute_ms[speculative]
+
+
+def _write(session: Session, case: Case, summary: dict, gens: list, routing) -> None:
+    session.last_routing = routing
     write_run(case.out_dir, session, gens, summary)
     if summary["within_budget"] is False:
-        raise BudgetError(f"case {case.name or case.cfg.method.name}: peak GPU memory {peak / GIB:.2f} GiB exceeded"
-                          f" the budget of {plan.budget_bytes / GIB:.2f} GiB (summary.json records within_budget=false)")
-    return summary
+        raise BudgetError(f"case {case.name or case.cfg.method.name}: peak GPU memory"
+                          f" {summary['peak_gpu_bytes'] / GIB:.2f} GiB exceeded the budget of"
+                          f" {summary['gpu_budget_bytes'] / GIB:.2f} GiB (summary.json records within_budget=false)")
 
 
 def _wants_reference(session: Session, cfg: RunConfig) -> bool:
@@ -140,8 +181,11 @@ def run_cases(cases: list[Case], rounds: int = 1, warmup_tokens: int = 0, experi
             for r in range(rounds):
                 for case in (todo if r % 2 == 0 else todo[::-1]):
                     _run_round(session, case, r, progress)
-            for case in todo:
-                done[id(case)] = _finish(session, case, experiment)
+            results = [_summarize(session, case, experiment) for case in todo]
+            add_runtime_efficiency(session, [summary for summary, _, _ in results])
+            for case, (summary, gens, routing) in zip(todo, results):
+                _write(session, case, summary, gens, routing)
+                done[id(case)] = summary
         finally:
             session.close()
     return [done[id(c)] for c in cases]

@@ -119,6 +119,7 @@ class Session:
     last_extra: dict = field(default_factory=dict)  # the last run's method-specific totals (Runtime.extra_summary)
     routing_trace: RoutingTrace | None = None  # routing=replay: the trace every method replays
     last_routing: RoutingTrace | None = None  # trace.routing=true: the last run's recorded routing
+    pinned_gb_per_s: float | None = None  # measured host-to-device bandwidth (once, when first needed)
 
     @property
     def has_draft(self) -> bool:
@@ -274,7 +275,11 @@ def open_session(cfg: RunConfig, cases: Sequence[RunConfig] = ()) -> Session:
     draft_cfg = None
     if cfg.draft.name != "none" and not cfg.draft.copy_of_target:
         draft_cfg = draft_hf_config(cfg.draft)
-        check_vocab(hf_cfg, draft_cfg, cfg.draft.name)
+        try:
+            check_vocab(hf_cfg, draft_cfg, cfg.draft.name)
+        except ValueError as exc:
+            raise ValueError(f"{exc}; model={cfg.model.name} pairs with draft={cfg.model.default_draft}"
+                             " (or draft=auto)") from None
     if cfg.draft.copy_of_target and cfg.model.weights == "twin":
         raise ValueError("a twin target is built from its draft; a draft copied from the target cannot be its source")
     tokenizer = load_tokenizer(cfg.model.path if cfg.model.weights == "checkpoint" else None, hf_cfg.vocab_size)

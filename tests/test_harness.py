@@ -1,0 +1,207 @@
+"""The harness as a user meets it: the mission command's composition and refusal, experiment configs
+(every one composes; every CPU variant runs end to end), interleaved cases, resume by config hash, the
+run-directory lock, and user errors that fail at once with one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+
+from experiments.presets import CONF_DIR
+from spmoe.auto import TRACE_DIR, auto_choices
+from spmoe.rundir import RunDirLock, config_hash
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+import run as entry  # noqa: E402  (the entry point's composition functions)
+
+EXPERIMENTS = sorted(str(p.relative_to(CONF_DIR / "experiment").with_suffix("")) for p in
+                     (CONF_DIR / "experiment").rglob("*.yaml") if p.stem != "none")
+CPU_EXPERIMENTS = [e for e in EXPERIMENTS if e.startswith("cpu/")]
+
+
+def run_py(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, WANDB_MODE="offline", HYDRA_FULL_ERROR="0")
+    return subprocess.run([sys.executable, "run.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _typed(*overrides: str):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        return OmegaConf.to_object(compose(config_name="config", overrides=list(overrides)))
+
+
+def test_mission_command_resolves_the_papers_setup():
+    cfg = _typed("model=mixtral", "dataset=humaneval", "method=spmoe")
+    assert (cfg.draft.name, cfg.hardware.name, cfg.routing.name) == ("auto", "auto", "auto")
+    on_gpu = auto_choices(cfg, cuda_available=True)
+    assert on_gpu["draft"] == "mistral_7b" and on_gpu["hardware"] == "rtx4090" and on_gpu["routing"] == "replay"
+    assert Path(on_gpu["routing.trace_path"]) == TRACE_DIR / "humaneval_k1.npz"
+    assert auto_choices(cfg, cuda_available=False)["hardware"] == "cpu"
+    full = _typed("model=mixtral", "dataset=humaneval", "method=spmoe",
+                  *(f"{k}={v}" for k, v in on_gpu.items()))
+    assert full.hardware.emulated and full.hardware.gpu_budget_gib == 24 and full.hardware.pace_pcie
+    # a checkpoint routes with its own routers; explicit choices are never changed
+    ckpt = _typed("model=mixtral", "model.weights=checkpoint", "draft=none", "hardware=h200")
+    assert auto_choices(ckpt, cuda_available=True) == {"routing": "model"}
+
+
+@pytest.mark.parametrize("model,draft", [("phimoe", "phi_mini_moe"), ("deepseek_v2_lite", "int8_self"),
+                                         ("qwen3_moe", "qwen3_0_6b"), ("tiny", "tiny")])
+def test_each_model_names_its_paired_draft(model, draft):
+    assert auto_choices(_typed(f"model={model}"), cuda_available=False)["draft"] == draft
+
+
+def test_mission_command_refused_at_once_on_a_small_host(tmp_path):
+    start = time.perf_counter()
+    proc = run_py("model=mixtral", "dataset=humaneval", "method=spmoe", "hardware.host_memory_gib=16",
+                  f"hydra.run.dir={tmp_path / 'out'}", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert time.perf_counter() - start < 90
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "GiB of host memory" in errors[0] and "16.0 GiB" in errors[0] and "python run.py model=tiny" in errors[0]
+    assert not (tmp_path / "out" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_every_case(name, tmp_path):
+    cuda = not name.startswith("cpu/")
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        dcfg = compose(config_name="config", overrides=[f"experiment={name}"])
+        assert dcfg.experiment.name == name and dcfg.experiment.cases
+        sweep = OmegaConf.select(dcfg, "hydra.sweeper.params", default=None) or {}
+        first_point = [f"{k}={str(v).split(',')[0]}" for k, v in sweep.items()]
+        original = entry._compose
+        entry._compose = lambda overrides: _compose_with(overrides, cuda)
+        try:
+            cases = entry._cases(dcfg, [f"experiment={name}", *first_point], tmp_path)
+        finally:
+            entry._compose = original
+    assert [c.name for c in cases] == list(dcfg.experiment.cases)
+    assert len({c.hash for c in cases}) == len(cases)  # every case is a different config
+    assert all(c.out_dir == tmp_path / c.name for c in cases)
+
+
+def _compose_with(overrides, cuda):
+    from hydra import compose as hydra_compose
+
+    dcfg = hydra_compose(config_name="config", overrides=overrides)
+    choices = auto_choices(OmegaConf.to_object(dcfg), cuda)
+    taken = {entry._key(o) for o in overrides}
+    dcfg = hydra_compose(config_name="config", overrides=[*overrides, *(f"{k}={v}" for k, v in choices.items()
+                                                                       if k not in taken)])
+    return OmegaConf.to_object(dcfg), OmegaConf.to_container(dcfg, resolve=True)
+
+
+@pytest.mark.parametrize("name", CPU_EXPERIMENTS)
+def test_cpu_experiment_runs_end_to_end(name, tmp_path):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        dcfg = compose(config_name="config", overrides=[f"experiment={name}"])
+        sweep = OmegaConf.select(dcfg, "hydra.sweeper.params", default=None) or {}
+        overrides = [f"experiment={name}", *(f"{k}={str(v).split(',')[0]}" for k, v in sweep.items())]
+        cases = entry._cases(dcfg, overrides, tmp_path)
+    from spmoe.experiment import run_cases
+
+    summaries = run_cases(cases, rounds=dcfg.experiment.rounds, warmup_tokens=dcfg.experiment.warmup_tokens,
+                          experiment=name)
+    for case, summary in zip(cases, summaries):
+        on_disk = json.loads((tmp_path / case.name / "summary.json").read_text())
+        assert on_disk["case"] == case.name and on_disk["experiment"] == name
+        assert on_disk["config_hash"] == case.hash and len(on_disk["tpot_ms_rounds"]) == dcfg.experiment.rounds
+        assert (tmp_path / case.name / "trace.jsonl").is_file()
+        assert summary["lossless"] is not False, (case.name, summary.get("lossless_reason"))
+
+
+def test_rounds_interleave_and_each_case_writes_its_own_dir(tmp_path):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        dcfg = compose(config_name="config", overrides=["experiment=cpu/harness_check"])
+        cases = entry._cases(dcfg, ["experiment=cpu/harness_check", "method.num_slots=12"], tmp_path)
+    cases = [c for c in cases if c.name in ("lru_nosd", "lru", "spmoe")]
+    import spmoe.experiment as experiment
+
+    order = []
+    original = experiment._run_round
+    experiment._run_round = lambda session, case, r, progress: (order.append(case.name),
+                                                                 original(session, case, r, progress))
+    try:
+        summaries = experiment.run_cases(cases, rounds=3, warmup_tokens=0)
+    finally:
+        experiment._run_round = original
+    assert order == ["lru_nosd", "lru", "spmoe", "spmoe", "lru", "lru_nosd", "lru_nosd", "lru", "spmoe"]
+    for case, s in zip(cases, summaries):
+        assert len(s["tpot_ms_rounds"]) == 3 and s["tpot_ms_min"] <= s["tpot_ms_median"] <= s["tpot_ms_max"]
+        assert s["tpot_spread"] == pytest.approx((s["tpot_ms_max"] - s["tpot_ms_min"]) / s["tpot_ms_median"])
+        assert json.loads((tmp_path / case.name / "summary.json").read_text())["case"] == case.name
+
+
+def test_resume_reruns_when_the_config_changed(tmp_path):
+    out = tmp_path / "run"
+    args = ("method=lru_nosd", "hardware=cpu", "num_prompts=1", f"hydra.run.dir={out}")
+    first = run_py(*args, "max_new_tokens=4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = json.loads((out / "summary.json").read_text())
+    again = run_py(*args, "max_new_tokens=4")
+    assert "not redone" in again.stdout + again.stderr and json.loads((out / "summary.json").read_text()) == before
+    changed = run_py(*args, "max_new_tokens=5")  # same directory, another config: the stale summary goes
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert "written for another config" in changed.stdout + changed.stderr
+    after = json.loads((out / "summary.json").read_text())
+    assert after["num_generated_tokens"] == 5 and after["config_hash"] != before["config_hash"]
+
+
+def test_sweep_resume_follows_values_not_job_order(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ("-m", "method=lru_nosd", "hardware=cpu", "num_prompts=1", "max_new_tokens=3", f"hydra.sweep.dir={sweep}")
+    assert run_py(*args, "seed=0,1").returncode == 0
+    before = {p.parent.name: p.read_text() for p in sweep.glob("*/summary.json")}
+    proc = run_py(*args, "seed=1,0")  # reordered: every job maps to its own finished directory
+    assert proc.returncode == 0 and (proc.stdout + proc.stderr).count("not redone") == 2, proc.stdout[-3000:]
+    assert {p.parent.name: p.read_text() for p in sweep.glob("*/summary.json")} == before
+
+
+def test_a_locked_run_dir_fails_at_once(tmp_path):
+    out = tmp_path / "busy"
+    with RunDirLock(out):
+        proc = run_py("method=lru_nosd", "hardware=cpu", f"hydra.run.dir={out}", timeout=120)
+    assert proc.returncode == 2 and "is in use by pid" in proc.stderr, proc.stderr[-3000:]
+    assert not (out / "summary.json").exists()
+
+
+def test_config_hash_ignores_only_bookkeeping_keys():
+    base = {"seed": 0, "resume": True, "progress": "auto", "logger": {"name": "none"},
+            "experiment": {"name": "x", "rounds": 2, "cases": {"a": ["method=lru"]}, "description": "d"}}
+    same = dict(base, resume=False, progress="true", logger={"name": "wandb"},
+                experiment=dict(base["experiment"], cases={"b": []}, description="other"))
+    assert config_hash(base) == config_hash(same)
+    assert config_hash(base) != config_hash(dict(base, seed=1))
+    assert config_hash(base) != config_hash(dict(base, experiment=dict(base["experiment"], rounds=3)))
+
+
+def test_added_keys_fail_instead_of_being_ignored(tmp_path):
+    with pytest.raises(ConfigCompositionException):
+        _typed("+experiment=cpu/cutoff")  # the group already has a choice: appending fails
+    proc = run_py("+no_such_key=1", "+method.cutof=1", f"hydra.run.dir={tmp_path / 'o'}", timeout=120)
+    assert proc.returncode == 2 and "no_such_key" in proc.stderr and "method.cutof" in proc.stderr, proc.stderr
+
+
+def test_unknown_experiment_lists_the_valid_ones():
+    with pytest.raises(MissingConfigException) as err:
+        _typed("experiment=nope")
+    assert "cutoff" in str(err.value) and "fig10_tpot" in str(err.value)
+
+
+def test_a_draft_that_cannot_pair_names_the_default_draft(tmp_path):
+    proc = run_py("model=mixtral", "draft=tiny", "method=lru", "hardware=cpu",
+                  f"hydra.run.dir={tmp_path / 'o'}", timeout=120)
+    assert proc.returncode == 2 and "vocabulary" in proc.stderr and "draft=mistral_7b" in proc.stderr, \
+        proc.stderr[-2000:]
