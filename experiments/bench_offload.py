@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 
 from spmoe.trace.oracle import runtime_efficiency
-from experiments.bench_foundation import pinned_bandwidth_gb_per_s
+from spmoe.policy.profile import measure_bandwidth_gb_per_s
 from experiments.presets import load_preset
 from spmoe.session import open_session
 from spmoe.summary import summarize_run
@@ -133,7 +133,7 @@ def main() -> None:
                for b in args.budgets.split(",") if b]
     cfg = session_config(args, full)
     model = cfg.model
-    bw = pinned_bandwidth_gb_per_s(torch.device(args.device)) if args.device == "cuda" else float("nan")
+    bw = measure_bandwidth_gb_per_s(torch.device(args.device), torch.empty(2**28, dtype=torch.uint8, device=args.device), 2**28) if args.device == "cuda" else float("nan")
     t0 = time.perf_counter()
     session = open_session(cfg)
     build_s = time.perf_counter() - t0

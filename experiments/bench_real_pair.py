@@ -25,11 +25,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from experiments.bench_spec import router_agreement
 from experiments.presets import load_preset
 from spmoe.session import open_session
 from spmoe.config import MethodConfig, RunConfig, SpecConfig
 from spmoe.io import write_text_atomic
+from spmoe.predict.router_agreement import router_agreement
 
 log = logging.getLogger("bench_real_pair")
 
