@@ -51,7 +51,7 @@ NUM_PROMPTS, MAX_NEW_TOKENS = 10, 100
 MAX_TRACE_BYTES = 1 << 20
 RECORD_OVERRIDES = ("model=smollm2_moe", "draft=smollm2", "method=spmoe", "method.cutoff.mode=all",
                     "trace.routing=true", f"max_new_tokens={MAX_NEW_TOKENS}", f"num_prompts={NUM_PROMPTS}",
-                    "check_lossless=false", "hardware=cpu", "routing=model")
+                    "check_lossless=false", "hardware=cpu", "routing=model", "dataset.chat_template=false")
 
 
 @dataclass(frozen=True)
@@ -165,7 +165,7 @@ def readme(out_dir: Path) -> str:
         "",
         *prompt_lines,
         "",
-        "Regenerate every trace and this file (CPU, about 5-10 min per trace on 2 cores; needs the pair built",
+        "Regenerate every trace and this file (CPU, a few minutes per trace on 2 cores; needs the pair built",
         "with `python -m spmoe.models.real_pair`):",
         "",
         "    python -m experiments.record_traces",
