@@ -54,7 +54,7 @@ PLUS_CASES = {  # ablations: spmoe_plus with one part off or changed
     "plus_bf16": {"draft_precision": "bf16"},
     "plus_int4": {"draft_precision": "int4"},
     "plus_nohost": {"host_compute": "off"},
-    "plus_fixk": {"adaptive_k": False},
+    "plus_adaptk": {"adaptive_k": True},  # the union-aware k chooser on (off by default)
     "plus_ld": "layer_distance",  # spmoe's eviction instead of sd_lookahead
 }
 

@@ -25,7 +25,7 @@ PARTS = {
     "host_auto": dict(OFF, host_compute="auto"),
     "adaptive_k": dict(OFF, adaptive_k=True),
     "sd_lookahead": dict(OFF),
-    "all": {},
+    "all": dict(adaptive_k=True),
 }
 
 

@@ -60,15 +60,17 @@ def test_sd_lookahead_without_hints_is_expected_reuse_and_stale_hints_expire():
 
 
 def _chooser(accept: float, miss_ms: float, **kw) -> KChooser:
+    kw = {"warmup_steps": 0, "explore_every": 0, **kw}
     c = KChooser(k_min=0, num_layers=4, num_experts=8, top_k=2, miss_ms=miss_ms, accept_prior=accept, **kw)
-    c.draft_ms, c.verify_fixed_ms = 1.0, 10.0
+    c.draft_ms = 1.0
+    c.observe_verify(0, 10.0)  # one verification without misses: c = 10 ms
     return c
 
 
 def test_k_chooser_drafts_when_cheap_and_stops_when_the_union_costs_more():
     # cheap misses, high acceptance: E/T = (1 + .9 + .81 + .73) / 13 = 0.264 at k = 3 beats 1 / 10 at k = 0
     assert _chooser(0.9, 0.0).best_k(3) == 3
-    # union u(1) = 2, u(2) = 8 (1 - 0.75^2) = 3.5; m = 1, 10 ms per missing expert:
+    # union u(1) = 2, u(2) = 8 (1 - 0.75^2) = 3.5; m = 1, b = 10 ms per missing expert:
     # k = 0: 1 / (10 + 4 * 2 * 10) = 0.0111; k = 1 at a = 0.3: 1.3 / (1 + 10 + 4 * 3.5 * 10) = 0.0086
     c = _chooser(0.3, 10.0)
     assert abs(c.union_size(2) - 3.5) < 1e-9
@@ -76,10 +78,23 @@ def test_k_chooser_drafts_when_cheap_and_stops_when_the_union_costs_more():
     assert _chooser(0.9, 10.0).best_k(1) == 1  # 1.9 / 151 = 0.0126 > 0.0111
 
 
-def test_k_chooser_bounds_learning_and_exploration():
-    c = _chooser(0.3, 10.0, explore_after=3)
-    picks = [c(StepState(step=i + 1, pos=10 + i, max_k=3)) for i in range(4)]
-    assert picks == [0, 0, 0, 1]  # the fourth step explores
+def test_k_chooser_fits_verify_cost_and_prefers_measured_step_times():
+    c = _chooser(0.9, 10.0)
+    for x, y in [(0, 10.0), (10, 40.0), (20, 70.0)] * 20:  # verify = 10 + 3 x
+        c.observe_verify(x, y)
+    fit = c.verify_fit()
+    assert abs(fit[0] - 10.0) < 0.5 and abs(fit[1] - 3.0) < 0.05
+    c.step_ms, c.samples = {1: 1000.0}, {1: 5}  # k = 1 measured slow: untried k scale by the same ratio
+    assert c.expected_step_ms(1) == 1000.0
+    assert abs(c.expected_step_ms(0) / c.expected_step_ms(1) - c.model_step_ms(0) / c.model_step_ms(1)) < 1e-9
+
+
+def test_k_chooser_bounds_learning_warmup_and_exploration():
+    c = _chooser(0.3, 10.0, warmup_steps=2, explore_every=4)
+    picks = [c(StepState(step=i + 1, pos=10 + i, max_k=3)) for i in range(3)]
+    assert picks == [3, 3, 0]  # warm-up drafts max_k, then the model
+    c.samples = {0: 1, 3: 2, 2: 1}
+    assert c(StepState(step=4, pos=13, max_k=3)) == 1  # every 4th step runs the least-measured k
     c = _chooser(0.9, 0.0)
     assert c(StepState(1, 10, max_k=2)) == 2
     c(StepState(2, 13, max_k=2))  # both drafts accepted: 2 successes in 2 trials
@@ -91,6 +106,36 @@ def test_k_chooser_bounds_learning_and_exploration():
     assert _chooser(0.0, 10.0).best_k(1) == 0 and c.best_k(3) >= 2
     c.union[2] = 2.0  # measured: routes of the two positions coincide
     assert c.union_size(2) == 2.0 and c.union_size(3) < 8 * (1 - 0.75 ** 3)
+
+
+def _simulate(accept_all: bool, steps: int = 40) -> list[int]:
+    """A decode loop with known costs: draft 60 ms per token, verify 200 ms + 5 ms per missing expert,
+    32 layers, unions u(1) = 2, u(2) = 3, half missing. k = 1 emits 2 tokens when accepted:
+    E/T = 2 / (60 + 200 + 5 * 48) = 0.0040 > 1 / (200 + 5 * 32) = 0.0028; when always rejected k = 0 wins."""
+    now = [0.0]
+    c = KChooser(k_min=0, num_layers=32, num_experts=8, top_k=2, miss_ms=6.0, accept_prior=0.8,
+                 clock=lambda: now[0])
+    pos = 10
+    c.begin_step(0)
+    c.end_step()
+    for step in range(1, steps + 1):
+        k = c(StepState(step, pos, max_k=1))
+        c.begin_step(step)
+        now[0] += 0.060 * k
+        unique = {0: 2, 1: 3}[k]
+        for layer in range(32):
+            c.on_layer(layer, k + 1, unique, unique // 2 + (layer % 2) * (unique % 2))
+        now[0] += (200 + 5 * (32 * unique // 2)) / 1e3
+        c.end_step()
+        pos += 1 + (k if accept_all else 0)
+    return c.chosen
+
+
+def test_k_chooser_converges_to_the_better_k_on_a_simulated_loop():
+    tail = _simulate(accept_all=True)[10:]
+    assert sum(k == 1 for k in tail) >= 0.9 * len(tail)
+    tail = _simulate(accept_all=False)[10:]
+    assert sum(k == 0 for k in tail) >= 0.8 * len(tail)
 
 
 class _Provider:
