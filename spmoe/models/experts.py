@@ -14,7 +14,9 @@ contributes nothing and loads nothing.
 Two ways to compute a layer:
 - per expert (any provider): the routes go to the host (one device->host sync per layer, since
   copies are issued from the CPU), and the provider yields each routed expert's weights, which
-  are valid until the consumer resumes it (a slot may be reused afterwards);
+  are valid until the consumer resumes it (a slot may be reused afterwards). Where the grouped
+  GEMM is supported, each expert runs through it as a one-group problem (`slot_expert_mlp`), so
+  every method's expert math rounds like the grouped path's;
 - grouped (providers with `serve_resident`, when the cache holds every expert for good, e.g. the
   GPU-resident reference): routes are mapped to slots on the device and the layer's experts run
   as two grouped matmuls over the cache's slot storage (`grouped_expert_mlp`), with no host sync,
@@ -87,6 +89,25 @@ def expert_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act_f
     return nn.functional.linear(act_fn(gate) * up, down)
 
 
+_ONE_GROUP: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def slot_expert_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act_fn: nn.Module) -> torch.Tensor:
+    """`expert_mlp` through the grouped GEMM with one group: the kernel of the grouped path, so an
+    expert's rows round as they do there (bf16 results of every method agree with the GPU-resident
+    reference's). x [M, H] -> [M, H]; gate_up [2I, H] and down [H, I] views of one slot."""
+    rows = x.shape[0]
+    offs = _ONE_GROUP.get((rows, x.device))
+    if offs is None:
+        offs = _ONE_GROUP[(rows, x.device)] = torch.tensor([rows], dtype=torch.int32, device=x.device)  # [1]
+    mm = _grouped_mm_fn()
+    (two_i, h), i = gate_up.shape, down.shape[1]
+    gate_up_t = gate_up.as_strided((1, h, two_i), (two_i * h, 1, h), gate_up.storage_offset())  # [1, H, 2I]
+    down_t = down.as_strided((1, i, h), (h * i, 1, i), down.storage_offset())  # [1, I, H]
+    gate, up = mm(x.contiguous(), gate_up_t, offs=offs).chunk(2, dim=-1)  # [M, I] each
+    return mm(act_fn(gate) * up, down_t, offs=offs)  # [M, H]
+
+
 class OffloadedExperts(nn.Module):
     """Drop-in for transformers' fused experts module; weights come from `provider`."""
 
@@ -123,6 +144,7 @@ class OffloadedExperts(nn.Module):
         # ids outside [0, E) mean "no expert" (transformers' sentinel is E; adaptive gating uses it)
         span = {e: (end - n, end) for e, n, end in zip(ids.tolist(), counts.tolist(), ends) if 0 <= e < self.layout.num_experts}
         ys = hidden_states.new_zeros(num_tokens, top_k, hidden_states.shape[-1])  # [T, A, H]
+        mlp = slot_expert_mlp if grouped_supported(hidden_states) else expert_mlp
         if num_tokens > 1:
             order_d = order.to(hidden_states.device)  # one host->device copy per layer, sliced per expert
             rows_all, pos_all = order_d // top_k, order_d % top_k  # [R] each
@@ -130,10 +152,10 @@ class OffloadedExperts(nn.Module):
             gate_up, down = self.layout.split(flat)
             start, end = span[e]
             if num_tokens == 1:
-                ys[0, int(order[start])] = expert_mlp(hidden_states, gate_up, down, self.act_fn)[0]
+                ys[0, int(order[start])] = mlp(hidden_states, gate_up, down, self.act_fn)[0]
             else:
                 rows_d, pos_d = rows_all[start:end], pos_all[start:end]
-                ys[rows_d, pos_d] = expert_mlp(hidden_states[rows_d], gate_up, down, self.act_fn)
+                ys[rows_d, pos_d] = mlp(hidden_states[rows_d], gate_up, down, self.act_fn)
         return ys
 
 
@@ -166,12 +188,15 @@ def _probe(device: torch.device, dtype: torch.dtype) -> bool:
     act = nn.SiLU()
     try:
         got = grouped_expert_mlp(x, index, storage, slot_of, layout, act).float()  # [T, A, H]
+        one = slot_expert_mlp(x, *layout.split(storage[1]), act).float()  # [T, H]
     except (RuntimeError, TypeError, NotImplementedError) as exc:
         log.warning("grouped expert matmul unavailable on %s %s (%s); experts run one at a time", device.type, dtype, exc)
         return False
     want = torch.stack([torch.stack([expert_mlp(x[t:t + 1], *layout.split(storage[int(slot_of[int(e)])]), act)[0]
                                      for e in index[t]]) for t in range(3)]).float()  # [T, A, H]
-    ok = bool(((got - want).norm() <= 0.02 * want.norm()).item())
+    want_one = expert_mlp(x, *layout.split(storage[1]), act).float()  # [T, H]
+    ok = bool(((got - want).norm() <= 0.02 * want.norm()).item() and
+              ((one - want_one).norm() <= 0.02 * want_one.norm()).item())
     if not ok:
         log.warning("grouped expert matmul disagrees with the per-expert math on %s %s; experts run one at a time",
                     device.type, dtype)

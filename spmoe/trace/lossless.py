@@ -4,8 +4,14 @@ GPU-resident, non-SD reference model?
 
 Method (teacher forcing): the reference (`gpu_resident`: every expert on the device, same
 weights) reads the run's own output. Per prompt, one forward over the prompt gives the reference
-logits for output token 0, and one forward over output[:-1] (with that KV cache) gives the logits
-for tokens 1..n-1. At each *checked* position j the run's token t_j is compared with the
+logits for output token 0; then output[:-1] is fed in the run's own step chunks (a decode step
+that emitted n tokens feeds n positions: one per step without SD; with SD the step's previous
+token and accepted drafts, i.e. the run's verify input less the rejected drafts, which records do
+not keep), so the reference's forward shapes are the run's. Low-precision results depend on
+shapes (a 48-token chunk and 48 one-token steps round differently, and in a random-weight model a
+rounding difference flips routing near-ties and then whole tokens: measured on the GPU, Mixtral
+shape, bf16), so a shape-mirroring reference agrees bit for bit wherever the run computes what
+the reference computes. At each *checked* position j the run's token t_j is compared with the
 reference argmax a_j:
 - agreement: t_j == a_j;
 - *tie divergence*: t_j != a_j and the gap `logit[a_j] - logit[t_j]` <= the tolerance (the run
@@ -145,6 +151,12 @@ def step_of_positions(gen) -> list[int]:
     return steps[: len(gen.token_ids)]
 
 
+def step_chunks(gen) -> list[int] | None:
+    """Tokens each decode step emitted (the positions it fed), or None when the records do not cover the output."""
+    chunks = [r.num_emitted for r in gen.records[1:] if r.num_emitted]
+    return chunks if sum(chunks) == len(gen.token_ids) - 1 else None
+
+
 def verified_positions(gen) -> list[int]:
     """Each step's last emitted token: the one the target chose (recovered or bonus)."""
     out, end = [], 0
@@ -184,7 +196,7 @@ def check_lossless(session, gens: list, tolerance: float | None = None, temperat
             attach_replay(runtime, session.routing_trace, session.target.layout, False, cfg.spec.num_draft_tokens)
         for i, (prompt, gen) in enumerate(zip(session.prompts, gens)):
             tokens = gen.token_ids
-            chunks = [1] * (len(tokens) - 1) if replay else None
+            chunks = [1] * (len(tokens) - 1) if replay else step_chunks(gen)
             logits = forced_logits(runtime, session.device, prompt.token_ids, tokens, chunks)  # [N, V]
             positions = verified_positions(gen) if replay else list(range(len(tokens)))
             compare(tokens, logits, positions, step_of_positions(gen), tolerance, i, check)
