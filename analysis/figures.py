@@ -168,19 +168,19 @@ def predictor(runs: pd.DataFrame, out: Path) -> list[Path]:
         return []
     layers = layers.dropna(subset=["predictor_top1"])
     panels = groups(layers)
-    fig, axes = figure(len(panels))
+    most = max(g["variant"].nunique() for _, g in panels)
+    fig, axes = figure(len(panels), width=5.0, height=3.2 + 0.18 * most)
     for ax, (head, g) in zip(axes, panels):
-        for name, s in g.groupby("variant", sort=False):
+        for i, (name, s) in enumerate(g.groupby("variant", sort=False)):
             s = s.groupby("layer")[["predictor_top1", "predictor_recall"]].mean()
-            c = color(name.split(" ")[0])
-            ax.plot(s.index, s["predictor_top1"], "o-", color=c, label=f"{name}: top-1")
-            ax.plot(s.index, s["predictor_recall"], "s--", color=c, alpha=0.6, label=f"{name}: recall")
+            ax.plot(s.index, s["predictor_top1"], "o-", color=f"C{i % 10}", label=name)
+            ax.plot(s.index, s["predictor_recall"], "s--", color=f"C{i % 10}", alpha=0.6)
         ax.set_ylim(0, 1.05)
         ax.set_xlabel("MoE layer")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("accuracy")
+        ax.set_ylabel("top-1 accuracy (solid), recall (dashed)")
         panel_title(ax, head)
-        ax.legend()
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncols=2, fontsize=6, frameon=False)
     title(fig, "Expert predictor accuracy per layer (against the experts the target routed)")
     return save(fig, out, "predictor", source_of(*(g for _, g in panels)))
 
@@ -237,15 +237,16 @@ def step_latency(runs: pd.DataFrame, out: Path) -> list[Path]:
     if steps.empty or "step_ms" not in steps:
         return []
     panels = groups(steps)
-    fig, axes = figure(len(panels))
+    most = max(g["variant"].nunique() for _, g in panels)
+    fig, axes = figure(len(panels), width=5.0, height=3.2 + 0.18 * most)
     for ax, (head, g) in zip(axes, panels):
         for name, s in g.groupby("variant", sort=False):
             ms = np.sort(s["step_ms"].to_numpy(dtype=float))
-            ax.step(ms, np.arange(1, len(ms) + 1) / len(ms), where="post", color=color(name.split(" ")[0]), label=name)
+            ax.step(ms, np.arange(1, len(ms) + 1) / len(ms), where="post", label=name)
         ax.set_xlabel("decode step latency (ms)")
         ax.set_ylabel("fraction of steps")
         panel_title(ax, head)
-        ax.legend()
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncols=2, fontsize=6, frameon=False)
     title(fig, "Distribution of decode step latency")
     return save(fig, out, "step_latency", source_of(*(g for _, g in panels)))
 
@@ -273,7 +274,7 @@ def table1(runs: pd.DataFrame, out: Path) -> list[Path]:
     fig, (ax,) = figure(1, width=max(4.2, 0.9 * len(table) + 1.5))
     bars = ax.bar(range(len(table)), table["acceptance_rate"], color="#3182bd")
     ax.bar_label(bars, [f"{a:.2f}" for a in table["acceptance_rate"]], fontsize=7, padding=2)
-    ax.set_xticks(range(len(table)), labels, fontsize=7)
+    ax.set_xticks(range(len(table)), labels, fontsize=7, rotation=30, ha="right")
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("acceptance rate")
     panel_title(ax, "Draft acceptance per draft -> target pair (Table 1)")

@@ -138,7 +138,7 @@ def bytes_per_token(records: list[dict]) -> float | None:
 def per_run(runs: pd.DataFrame, fn) -> pd.DataFrame:
     """`fn(records)` for each run of the tidy table that has a trace, with the run's identifying columns:
     a dict result becomes one row, a frame its rows."""
-    keys = [c for c in ("variant", "method", "model", "dataset", "card", "routing", "run_dir") if c in runs]
+    keys = [c for c in ("experiment", "variant", "method", "model", "dataset", "card", "routing", "run_dir") if c in runs]
     parts = []
     for _, run in runs.iterrows():
         path = Path(run["run_dir"]) / "trace.jsonl"
