@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoModelForCausalLM, DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
 from experiments.presets import load_preset
@@ -43,6 +44,7 @@ from spmoe.engine import Engine
 from spmoe.methods import get_strategy
 from spmoe.models.experts import OffloadedExperts, find_experts
 from spmoe.session import open_session
+from spmoe.spec.kv import cache_kwarg
 from spmoe.strategy import MethodContext
 from spmoe.trace.lossless import check_lossless
 from spmoe.trace.metrics import summarize
@@ -113,6 +115,32 @@ def hf_generate(session, prompts, num_tokens: int) -> dict:
     return {"tpot_ms": statistics.fmean(tpots), "tokens": tokens}
 
 
+class _OpCount(TorchDispatchMode):
+    """Counts the aten operators dispatched (views included: each costs host time)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@torch.inference_mode()
+def ops_per_decode_step(session, prompt) -> int:
+    """aten operators one one-token decode forward of the target dispatches, after a prefill."""
+    model, device = session.target.model, session.device
+    kv = DynamicCache(config=model.config)
+    kw = cache_kwarg(model)
+    model(input_ids=torch.tensor([prompt.token_ids], device=device), use_cache=True, logits_to_keep=1, **{kw: kv})
+    counter = _OpCount()
+    with counter:
+        model(input_ids=torch.tensor([prompt.token_ids[-1:]], device=device), use_cache=True, logits_to_keep=1,
+              **{kw: kv})
+    return counter.count
+
+
 def engine_generate(engine: Engine, prompts, num_tokens: int, grouped: bool) -> dict:
     OffloadedExperts.grouped = grouped
     try:
@@ -155,6 +183,13 @@ def resident_phase(session, args, rows: list[dict]) -> dict:
                 return hf_generate(session, ps, n)
 
         run["hf_eager"] = hf
+        ops = {"engine_grouped": ops_per_decode_step(session, prompts[0])}
+        OffloadedExperts.grouped = False
+        ops["engine_loop"] = ops_per_decode_step(session, prompts[0])
+        OffloadedExperts.grouped = True
+        with HFExperts(session, runtime.cache, "eager"):
+            ops["hf_eager"] = ops_per_decode_step(session, prompts[0])
+        log.info("aten operators per decode step: %s", ops)
         cases = list(RESIDENT_CASES)
         for case in RESIDENT_CASES:  # warm-up: kernels, allocator, autotuning
             try:
@@ -169,6 +204,7 @@ def resident_phase(session, args, rows: list[dict]) -> dict:
                 _sync(device)
                 res = run[case](args.tokens, prompts)
                 rows.append({"phase": "resident", "case": case, "round": r, "tpot_ms": res["tpot_ms"],
+                             "ops_per_step": ops[case],
                              "host_ms_per_step": res.get("host_ms_per_step"),
                              "sync_wait_ms_per_step": res.get("sync_wait_ms_per_step"),
                              })
@@ -217,8 +253,8 @@ def table(rows: list[dict]) -> str:
         by_case.setdefault((row["phase"], row["case"]), []).append(row)
     hf = [r["tpot_ms"] for r in rows if r["case"] == "hf_eager"]
     hf_median = statistics.median(hf) if hf else None
-    lines = ["| phase | case | TPOT ms (median) | spread | host ms/step | sync wait ms/step | vs hf_eager | efficiency |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| phase | case | TPOT ms (median) | spread | host ms/step | sync wait ms/step | vs hf_eager | efficiency |"
+             " aten ops/step |", "|---|---|---|---|---|---|---|---|---|"]
     for (phase, case), rs in by_case.items():
         t = [r["tpot_ms"] for r in rs]
         med = statistics.median(t)
@@ -229,7 +265,7 @@ def table(rows: list[dict]) -> str:
                      f"{statistics.median(host) if host else float('nan'):.2f} | "
                      f"{statistics.median(wait) if wait else float('nan'):.2f} | "
                      f"{hf_median / med if hf_median else float('nan'):.2f}x | "
-                     f"{statistics.median(eff) if eff else float('nan'):.2f} |")
+                     f"{statistics.median(eff) if eff else float('nan'):.2f} | {rs[0].get('ops_per_step', '')} |")
     return "\n".join(lines)
 
 
