@@ -25,7 +25,6 @@ groups (experiment, model, dataset, card, routing: `analysis.runs`); every figur
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +38,6 @@ from analysis.runs import run_table
 from analysis.trace import BREAKDOWN, layer_table, per_run, step_table, tpot_breakdown
 from spmoe.io import write_text_atomic
 
-log = logging.getLogger(__name__)
 GIB = 2**30
 
 

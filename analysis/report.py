@@ -21,7 +21,6 @@ columns), `speedup.{md,csv,tex}`, `paper.{md,csv,tex}`. Markdown and LaTeX show 
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 import pandas as pd
@@ -29,7 +28,6 @@ import pandas as pd
 from analysis.runs import GROUP_KEYS, KEY_COLUMNS, run_table
 from spmoe.io import write_text_atomic
 
-log = logging.getLogger(__name__)
 TPOT = "tpot_ms_median"
 
 
