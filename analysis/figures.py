@@ -32,13 +32,12 @@ import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
 from analysis import plotting
-from analysis.plotting import styled, color, figure, groups, method_rank, panel_title, save, source_of, title
+from analysis.plotting import color, figure, groups, method_rank, panel_title, save, source_of, styled, title
 from analysis.report import reference_rows, to_markdown, variant_tpot
 from analysis.runs import run_table
 from analysis.trace import BREAKDOWN, layer_table, per_run, step_table, tpot_breakdown
 from spmoe.io import write_text_atomic
 
-GIB = 2**30
 
 
 def _series_name(df: pd.DataFrame) -> pd.Series:
