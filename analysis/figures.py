@@ -39,7 +39,6 @@ from analysis.trace import BREAKDOWN, layer_table, per_run, step_table, tpot_bre
 from spmoe.io import write_text_atomic
 
 
-
 def _series_name(df: pd.DataFrame) -> pd.Series:
     """A line's name when a knob is on the x-axis: the case, else the method."""
     case = df["case"] if "case" in df else pd.Series(None, index=df.index, dtype=object)
