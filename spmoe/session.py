@@ -238,7 +238,7 @@ def _runs_here_hint(cfg: RunConfig, device: torch.device) -> str:
 def _draft_names() -> list[str]:
     from experiments.presets import preset_names
 
-    return [n for n in preset_names("draft") if n != "none"]
+    return [n for n in preset_names("draft") if n not in ("none", "auto")]
 
 
 def open_session(cfg: RunConfig, cases: Sequence[RunConfig] = ()) -> Session:

@@ -14,9 +14,11 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 torch.set_num_threads(1)  # tiny matmuls: threads only add contention on 2-core CI boxes
 
 
-def tiny_run_config(model: str = "tiny", method: str = "gpu_resident", **kw) -> RunConfig:
+def tiny_run_config(model: str = "tiny", method: str = "gpu_resident", weights: str = "random", **kw) -> RunConfig:
+    """A tiny CPU run. The `tiny` preset is a twin of its draft for `python run.py`; tests get random
+    weights (independent of any draft) unless they ask for `weights="twin"` and set a draft."""
     cfg = RunConfig(
-        model=load_preset("model", model),
+        model=load_preset("model", model, weights=weights),
         dataset=load_preset("dataset", "synthetic", prompt_len=12),
         method=MethodConfig(name=method),
         hardware=load_preset("hardware", "cpu"),
