@@ -139,7 +139,7 @@ class Engine:
             seq = seq + result.token_ids
             spec_fields = {}
             if k > 0 or adaptive:  # a last step with room for one token drafts nothing: no acceptance statistics
-                spec_fields = dict(num_drafted=k, num_accepted=result.num_accepted,
+                spec_fields = dict(num_drafted=k, num_accepted=result.num_accepted, draft_ids=list(drafts),
                                    draft_ms=(t_verify - t_step) * 1e3, verify_ms=(time.perf_counter() - t_verify) * 1e3)
             records.append(self._record(prompt_idx, len(records), "decode", pos, len(result.token_ids), t_start,
                                         t_step, **spec_fields))

@@ -4,10 +4,10 @@ GPU-resident, non-SD reference model?
 
 Method (teacher forcing): the reference (`gpu_resident`: every expert on the device, same
 weights) reads the run's own output. Per prompt, one forward over the prompt gives the reference
-logits for output token 0; then output[:-1] is fed in the run's own step chunks (a decode step
-that emitted n tokens feeds n positions: one per step without SD; with SD the step's previous
-token and accepted drafts, i.e. the run's verify input less the rejected drafts, which records do
-not keep), so the reference's forward shapes are the run's. Low-precision results depend on
+logits for output token 0; then each decode step of the run is repeated as the run made it: the
+step's previous token and its drafts (`StepRecord.draft_ids`, rejected ones included; none
+without SD), the logits of the emitted positions kept and the KV cache cropped to them, so the
+reference's forward shapes and cache are the run's. Low-precision results depend on
 shapes (a 48-token chunk and 48 one-token steps round differently, and in a random-weight model a
 rounding difference flips routing near-ties and then whole tokens: measured on the GPU, Mixtral
 shape, bf16), so a shape-mirroring reference agrees bit for bit wherever the run computes what
@@ -45,7 +45,7 @@ import torch
 from transformers import DynamicCache
 
 from spmoe.config import MethodConfig
-from spmoe.spec.kv import cache_kwarg
+from spmoe.spec.kv import cache_kwarg, crop_to
 
 log = logging.getLogger(__name__)
 
@@ -111,36 +111,60 @@ def compare(run_tokens: list[int], logits: torch.Tensor, positions: list[int], s
         (check.ties if site.gap <= tolerance else check.losses).append(site)
 
 
+@dataclass
+class ForcedStep:
+    """One reference forward after the prefill: feed `fed_ids`, keep the logits of the first `used`
+    positions (they predict the next `used` output tokens), then crop the KV cache to those."""
+
+    fed_ids: list[int]
+    used: int
+
+
 @torch.inference_mode()
 def forced_logits(runtime, device: torch.device, prompt_ids: list[int], token_ids: list[int],
-                  chunk_sizes: list[int] | None = None) -> torch.Tensor:
+                  steps: list[ForcedStep] | None = None) -> torch.Tensor:
     """Reference logits [N, V] (float32, host) for each of the N output tokens given its prefix.
 
-    Prefill over the prompt (step 0), then output[:-1] in chunks (default: one chunk), each
+    Prefill over the prompt (step 0), then `steps` (default: output[:-1] in one forward), each
     forward framed by the runtime's begin_step/end_step so step listeners (replay) follow."""
     model, kw = runtime.model, cache_kwarg(runtime.model)
     kv = DynamicCache(config=model.config)
     rest = token_ids[:-1]
-    chunk_sizes = chunk_sizes if chunk_sizes is not None else ([len(rest)] if rest else [])
-    if sum(chunk_sizes) != len(rest):
-        raise ValueError(f"chunks cover {sum(chunk_sizes)} tokens, the output has {len(rest)} to feed")
-    out = []
-    for step, ids in enumerate([prompt_ids] + [rest[start:start + n] for start, n in _spans(chunk_sizes)]):
-        runtime.begin_step(step)
-        keep = 1 if step == 0 else len(ids)
-        logits = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=keep,
-                       **{kw: kv}).logits[0]  # [keep, V]
+    steps = steps if steps is not None else ([ForcedStep(rest, len(rest))] if rest else [])
+    if sum(st.used for st in steps) != len(rest):
+        raise ValueError(f"steps cover {sum(st.used for st in steps)} tokens, the output has {len(rest)} to feed")
+    runtime.begin_step(0)
+    out = [model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True, logits_to_keep=1,
+                 **{kw: kv}).logits[0].float().cpu()]  # [1, V]
+    runtime.end_step()
+    for i, st in enumerate(steps, start=1):
+        length = kv.get_seq_length()
+        runtime.begin_step(i)
+        logits = model(input_ids=torch.tensor([st.fed_ids], device=device), use_cache=True,
+                       logits_to_keep=len(st.fed_ids), **{kw: kv}).logits[0]  # [fed, V]
         runtime.end_step()
-        out.append(logits.float().cpu())
+        crop_to(kv, length + st.used)
+        out.append(logits[: st.used].float().cpu())
     return torch.cat(out)
 
 
-def _spans(sizes: list[int]) -> list[tuple[int, int]]:
-    spans, start = [], 0
-    for n in sizes:
-        spans.append((start, n))
-        start += n
-    return spans
+def mirror_steps(gen) -> list[ForcedStep] | None:
+    """The run's decode steps as reference forwards: each step's previous token and its drafts
+    (`draft_ids`, rejected ones included: the run's verify input), keeping the emitted count. Steps
+    recorded without drafts feed the previous token and the tokens they emitted but the last. None
+    when the records do not cover the output or disagree with it."""
+    tokens, steps, done = gen.token_ids, [], 1  # the prefill emitted token 0
+    for r in gen.records[1:]:
+        n = r.num_emitted
+        if n < 1 or done + n > len(tokens):
+            return None
+        accepted = tokens[done:done + n - 1]
+        drafts = r.draft_ids if r.draft_ids is not None else accepted
+        if list(drafts[:n - 1]) != accepted:
+            return None
+        steps.append(ForcedStep([tokens[done - 1]] + list(drafts), n))
+        done += n
+    return steps if done == len(tokens) else None
 
 
 def step_of_positions(gen) -> list[int]:
@@ -149,12 +173,6 @@ def step_of_positions(gen) -> list[int]:
     for i, r in enumerate(gen.records):
         steps.extend([i] * r.num_emitted)
     return steps[: len(gen.token_ids)]
-
-
-def step_chunks(gen) -> list[int] | None:
-    """Tokens each decode step emitted (the positions it fed), or None when the records do not cover the output."""
-    chunks = [r.num_emitted for r in gen.records[1:] if r.num_emitted]
-    return chunks if sum(chunks) == len(gen.token_ids) - 1 else None
 
 
 def verified_positions(gen) -> list[int]:
@@ -196,8 +214,8 @@ def check_lossless(session, gens: list, tolerance: float | None = None, temperat
             attach_replay(runtime, session.routing_trace, session.target.layout, False, cfg.spec.num_draft_tokens)
         for i, (prompt, gen) in enumerate(zip(session.prompts, gens)):
             tokens = gen.token_ids
-            chunks = [1] * (len(tokens) - 1) if replay else step_chunks(gen)
-            logits = forced_logits(runtime, session.device, prompt.token_ids, tokens, chunks)  # [N, V]
+            steps = [ForcedStep([t], 1) for t in tokens[:-1]] if replay else mirror_steps(gen)
+            logits = forced_logits(runtime, session.device, prompt.token_ids, tokens, steps)  # [N, V]
             positions = verified_positions(gen) if replay else list(range(len(tokens)))
             compare(tokens, logits, positions, step_of_positions(gen), tolerance, i, check)
     finally:

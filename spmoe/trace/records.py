@@ -50,6 +50,7 @@ class StepRecord:
     sync_wait_ms: float = 0.0  # host blocked on the device for the target's logits (host time = step_ms - this)
     num_drafted: int | None = None
     num_accepted: int | None = None
+    draft_ids: list[int] | None = None  # the drafted tokens the step verified (the lossless check repeats the step)
     draft_ms: float | None = None
     verify_ms: float | None = None
     layers: list[LayerEvents] = field(default_factory=list)

@@ -15,7 +15,8 @@ from spmoe.config import MethodConfig, RoutingConfig, SpecConfig, TraceConfig
 from spmoe.engine import Generation
 from spmoe.experiment import run_benchmark
 from spmoe.session import open_session
-from spmoe.trace.lossless import LosslessCheck, check_lossless, compare, summary_block, verified_positions
+from spmoe.trace.lossless import (LosslessCheck, check_lossless, compare, mirror_steps, summary_block,
+                                  verified_positions)
 from spmoe.trace.records import StepRecord
 
 
@@ -49,6 +50,17 @@ def test_verified_positions_are_each_steps_last_token():
     assert verified_positions(Generation(list(range(7)), recs)) == [0, 3, 4, 6]
 
 
+def test_mirror_steps_repeat_each_verify_input():
+    recs = [StepRecord(0, 0, "prefill", 0, 1, 0.0, 0.0),
+            StepRecord(0, 1, "decode", 0, 2, 0.0, 0.0, num_drafted=3, num_accepted=1, draft_ids=[11, 50, 51]),
+            StepRecord(0, 2, "decode", 0, 1, 0.0, 0.0)]
+    gen = Generation([10, 11, 12, 13], recs)
+    steps = mirror_steps(gen)
+    assert [(st.fed_ids, st.used) for st in steps] == [([10, 11, 50, 51], 2), ([12], 1)]
+    recs[1].draft_ids = [99, 50, 51]  # the record disagrees with the emitted tokens
+    assert mirror_steps(gen) is None
+
+
 @pytest.fixture(scope="module")
 def session():
     cfg = tiny_run_config(num_prompts=2, max_new_tokens=10)
@@ -61,6 +73,7 @@ def session():
 def test_offloaded_sd_run_is_exact_and_a_changed_token_is_caught(session):
     gens, _, _ = session.generate(MethodConfig(name="lru", num_slots=3), session.cfg.hardware, 10,
                                   spec_cfg=SpecConfig(num_draft_tokens=2))
+    assert all(mirror_steps(g) is not None for g in gens)  # the reference repeats the run's verify steps
     check = check_lossless(session, gens)
     assert check.lossless is True and check.tolerance == 0.0 and check.checked_tokens == 20
     assert check.token_agreement == 1.0 and not check.ties
