@@ -84,11 +84,13 @@ def _progress(setting: str, multirun: bool) -> bool:
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(dcfg: DictConfig) -> None:
-    """A bad input or a machine that cannot hold the run ends a single run with one line on stderr
-    (exit status 2); in a multirun the error propagates so Hydra reports the failing job."""
+def main(dcfg: DictConfig) -> float:
+    """Returns the run's median TPOT in ms (an experiment's: its first case's), the objective a Hydra
+    sweeper such as Optuna minimizes. A bad input or a machine that cannot hold the run ends a single
+    run with one line on stderr (exit status 2); in a multirun the error propagates so Hydra reports
+    the failing job."""
     try:
-        _main(dcfg)
+        return _main(dcfg)
     except (ValueError, MemoryError, RuntimeError, FileNotFoundError) as exc:
         if HydraConfig.get().mode == RunMode.MULTIRUN or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -96,7 +98,7 @@ def main(dcfg: DictConfig) -> None:
         sys.exit(2)
 
 
-def _main(dcfg: DictConfig) -> None:
+def _main(dcfg: DictConfig) -> float:
     from spmoe.digest import digest
     from spmoe.experiment import run_cases
     from spmoe.rundir import RunDirLock
@@ -117,6 +119,7 @@ def _main(dcfg: DictConfig) -> None:
             print(line)
     printed = [{k: v for k, v in s.items() if k != "config"} for s in summaries]  # summary.json keeps the config
     print(json.dumps(printed[0] if exp.name is None else {c.name: s for c, s in zip(cases, printed)}))
+    return float(summaries[0].get("tpot_ms_median") or summaries[0]["tpot_ms"])
 
 
 if __name__ == "__main__":
