@@ -6,6 +6,8 @@ Belady offline on recorded routing.
 
     python -m experiments.bench_plus --routing replay --out results/spmoe_plus                       # GPU
     python -m experiments.bench_plus --sim --out results/spmoe_plus/eviction_sim                     # CPU
+    python -m experiments.bench_plus --acceptance --model smollm2_moe --draft smollm2 --device cpu \
+        --num-prompts 3 --max-new-tokens 48 --out results/spmoe_plus                                 # CPU
     python -m experiments.bench_plus --model tiny --draft tiny --device cpu --routing replay \
         --budgets cpu --num-slots 12 --max-new-tokens 8 --rounds 1 --out /tmp/plus                  # smoke
 
@@ -18,7 +20,8 @@ draft precision, policy efficiency. No GPU-resident reference is run (replayed t
 text); `agree_spmoe` = token agreement with the `spmoe` case of the same round (host bf16
 arithmetic vs GPU changes near-tie argmaxes of the random-weight replay model).
 Writes `<out>/<budget>/{main.csv,table.md,runs.json,host.json}`; `--sim` writes
-`<out>/eviction.{csv,md}`. Budgets are emulated (memory; PCIe only with --pace-pcie).
+`<out>/eviction.{csv,md}`; `--acceptance` (acceptance of the bf16 / int8 / int4 / auto drafts on a
+real pair, and losslessness against the GPU-resident reference) `<out>/draft_acceptance.{csv,md}`. Budgets are emulated (memory; PCIe only with --pace-pcie).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import torch
 
 from experiments.bench_offload import add_session_args, method_for, session_config, reference_hardware
 from experiments.presets import load_preset
-from spmoe.config import MethodConfig, PlusConfig
+from spmoe.config import CutoffConfig, MethodConfig, PlusConfig, RunConfig, SpecConfig
 from spmoe.io import write_json_atomic, write_text_atomic
 from spmoe.methods import get_strategy
 from spmoe.models.experts import expert_mlp
@@ -44,6 +47,7 @@ from spmoe.offload.cache import ExpertCache
 from spmoe.offload.eviction import make_policy
 from spmoe.session import open_session
 from spmoe.summary import summarize_run
+from spmoe.trace.metrics import summarize
 from spmoe.trace.oracle import belady_misses
 from spmoe.trace.replay import map_layer
 from spmoe.trace.routing import RoutingTrace, load_trace
@@ -279,6 +283,44 @@ def eviction_sim(args: argparse.Namespace) -> None:
     print(wide.to_string(float_format=lambda x: f"{x:.3f}"))
 
 
+def draft_acceptance(args: argparse.Namespace) -> None:
+    """Acceptance of the quantized drafts on a pair whose draft really predicts its target (CPU):
+    spmoe_plus with only the draft precision changed, against the GPU-resident reference."""
+    cfg = RunConfig(model=load_preset("model", args.model), draft=load_preset("draft", args.draft),
+                    dataset=load_preset("dataset", args.dataset), method=MethodConfig(name="gpu_resident"),
+                    hardware=load_preset("hardware", "cpu"), max_new_tokens=args.max_new_tokens,
+                    num_prompts=args.num_prompts)
+    session = open_session(cfg)
+    rows = []
+    try:
+        ref = [g.token_ids for g in session.generate(cfg.method, cfg.hardware, args.max_new_tokens)[0]]
+        for k in (1, 3):
+            for precision in ("bf16", "int8", "int4", "auto"):
+                method = MethodConfig(name="spmoe_plus", eviction="layer_distance", cutoff=CutoffConfig(mode="off"),
+                                      plus=PlusConfig(draft_precision=precision, host_compute="off"))
+                gens, _, _ = session.generate(method, cfg.hardware, args.max_new_tokens,
+                                              spec_cfg=SpecConfig(num_draft_tokens=k))
+                m, extra = summarize([g.records for g in gens]), session.last_extra
+                rows.append({"k": k, "precision": precision, "chosen": extra["draft_precision"],
+                             "acceptance": m["acceptance_rate"], "tau": m["mean_acceptance_length"],
+                             "lossless": [g.token_ids for g in gens] == ref,
+                             "calibration_agreement": extra["draft_agreement"],
+                             "auto_tried": extra.get("draft_agreement_tried"),
+                             "draft_saved_bytes": extra["draft_saved_bytes"]})
+                log.info("%s", rows[-1])
+    finally:
+        session.close()
+    df = pd.DataFrame(rows)
+    out = Path(args.out)
+    write_text_atomic(out / "draft_acceptance.csv", df.to_csv(index=False, float_format="%.4g"))
+    head = (f"- pair: model={args.model} draft={args.draft} (CPU float32), dataset {args.dataset}, {args.num_prompts}"
+            f" prompts x {args.max_new_tokens} tokens, greedy; spmoe_plus with only the draft precision changed"
+            f" (bf16 = the draft as loaded, unquantized; auto: cheapest with calibration agreement >= 0.95)\n"
+            f"- lossless: tokens equal to the GPU-resident reference (exact)\n\n")
+    write_text_atomic(out / "draft_acceptance.md", head + df.to_markdown(index=False, floatfmt=".4g") + "\n")
+    print(df.to_string(index=False))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_session_args(ap)
@@ -288,6 +330,7 @@ def main() -> None:
     ap.add_argument("--cases", default="lru_nosd,moe_infinity_nosd,spmoe,spmoe_plus")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--sim", action="store_true", help="only the offline eviction simulation (CPU)")
+    ap.add_argument("--acceptance", action="store_true", help="only the quantized drafts' acceptance (CPU)")
     ap.add_argument("--layers", type=int, default=32, help="--sim: MoE layers the trace is mapped onto")
     ap.add_argument("--sim-slots", default="21,40,49,69,88")
     ap.add_argument("--sim-policies", default="lru,layer_distance,expected_reuse,sd_lookahead")
@@ -295,7 +338,12 @@ def main() -> None:
     ap.set_defaults(max_new_tokens=32)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    eviction_sim(args) if args.sim else bench(args)
+    if args.sim:
+        eviction_sim(args)
+    elif args.acceptance:
+        draft_acceptance(args)
+    else:
+        bench(args)
 
 
 if __name__ == "__main__":

@@ -60,8 +60,8 @@ def _apply_draft_precision(ctx: MethodContext) -> DraftPrecision:
         return quantize_draft(ctx.draft, pcfg.draft_precision, pcfg.draft_group_size)
     vocab = ctx.draft.config.vocab_size
     gen = torch.Generator().manual_seed(ctx.cfg.seed + 34567)  # never the evaluation prompts
-    sequences = torch.randint(3, vocab, (4, 64), generator=gen).to(ctx.device)  # [B, T]
-    return choose_precision(ctx.draft, pcfg.draft_min_agreement, pcfg.draft_group_size, sequences)
+    seeds = torch.randint(3, vocab, (4, 4), generator=gen).to(ctx.device)  # [B, T0]
+    return choose_precision(ctx.draft, pcfg.draft_min_agreement, pcfg.draft_group_size, seeds)
 
 
 def _copy_ms(runtime: Runtime, ctx: MethodContext, warmup: int = 2, reps: int = 7) -> float:
@@ -100,7 +100,8 @@ def _summary(precision: DraftPrecision, extra_slots: int, stats: HostStats, cost
     out = dict(inner() if inner else {})
     out.update({
         "draft_precision": precision.precision, "draft_saved_bytes": precision.saved_bytes,
-        "draft_agreement": precision.agreement, "extra_slots": extra_slots,
+        "draft_agreement": precision.agreement, "draft_agreement_tried": precision.tried or None,
+        "extra_slots": extra_slots,
         "host_experts": stats.num_host_experts, "gpu_experts": stats.num_gpu_experts,
         "host_expert_fraction": stats.num_host_experts / total if total else None,
         "host_compute_ms": stats.host_ms, "host_wait_ms": stats.wait_ms,
@@ -145,8 +146,10 @@ def build(ctx: MethodContext) -> Runtime:
     if pcfg.host_compute != "off" or pcfg.adaptive_k:
         copy_ms = _copy_ms(runtime, ctx)
         act_fn = runtime.model.model.layers[layout.moe_layers[0]].mlp.experts.act_fn
-        if pcfg.host_compute == "auto":
-            cost = measure_host_cost(ctx.target.store, act_fn, copy_ms)
+        pool = host_pool(pcfg.host_threads)
+        runtime.closers.append(pool.shutdown)
+        if pcfg.host_compute == "auto":  # measured on the host worker, with its threads
+            cost = pool.submit(measure_host_cost, ctx.target.store, act_fn, copy_ms).result()
             log.info("spmoe_plus host cost: %s", cost)
         planner = HostPlanner(provider, pcfg.host_compute, cost, pcfg.host_max_per_layer)
         if pcfg.adaptive_k:
@@ -155,8 +158,6 @@ def build(ctx: MethodContext) -> Runtime:
                                pcfg.accept_prior)
             runtime.choose_k = chooser
             runtime.listeners.append(chooser)
-        pool = host_pool(pcfg.host_threads)
-        runtime.closers.append(pool.shutdown)
         install_host_experts(runtime.model, layout.moe_layers, planner, ctx.target.store, pool, stats,
                              chooser.on_layer if chooser else None)
     runtime.extra_summary = lambda inner=runtime.extra_summary: _summary(

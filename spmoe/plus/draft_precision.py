@@ -16,8 +16,9 @@ and not a second time as resident draft weights. The full-precision site modules
 from the model for the run (on an emulated budget they stand for weights a real card would not
 hold; they stay on the device so that restoring is free) and put back by `restore`.
 Lossless: the draft only proposes; the target verifies, so outputs do not depend on precision.
-`agreement` (greedy next-token agreement of the quantized and full-precision draft on seeded
-sequences) estimates what quantization costs in acceptance.
+`agreement` (greedy next-token agreement of the quantized and full-precision draft on the
+full-precision draft's own greedy continuations of seeded random starts) estimates what quantization
+costs in acceptance.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from spmoe.models import int4
 from spmoe.models.experts import OffloadedExperts
 from spmoe.models.quantized_draft import quantize_rows
+from spmoe.spec.kv import cache_kwarg
 
 log = logging.getLogger(__name__)
 BITS = {"int8": 8, "int4": 4}
@@ -84,6 +87,7 @@ class DraftPrecision:
     quantized_bytes: int = 0
     workspace_bytes: int = 0
     agreement: float | None = None
+    tried: dict = field(default_factory=dict)  # auto: precision -> calibration agreement
     _swapped: list = field(default_factory=list)  # (parent, name, original linear, quantized stand-in)
 
     @property
@@ -138,6 +142,21 @@ def quantize_draft(draft: nn.Module, precision: str, group_size: int = 128) -> D
 
 
 @torch.no_grad()
+def greedy_continuation(draft: nn.Module, seeds: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """seeds [B, T0] followed by the draft's own greedy continuation: [B, T0 + num_tokens]. Text the
+    draft generates itself is in distribution for it, unlike random tokens, on which near-uniform
+    predictions make any quantization look like it flips the argmax."""
+    kv = DynamicCache(config=draft.config)
+    kw = {cache_kwarg(draft): kv}
+    seq, step_in = seeds, seeds
+    for _ in range(num_tokens):
+        logits = draft(input_ids=step_in, use_cache=True, logits_to_keep=1, **kw).logits  # [B, 1, V]
+        step_in = logits[:, -1].argmax(dim=-1, keepdim=True)  # [B, 1]
+        seq = torch.cat([seq, step_in], dim=1)
+    return seq
+
+
+@torch.no_grad()
 def greedy_ids(draft: nn.Module, sequences: torch.Tensor) -> torch.Tensor:
     """Argmax next token at every position: sequences [B, T] -> [B, T]."""
     return draft(input_ids=sequences, use_cache=False).logits.argmax(dim=-1)
@@ -148,16 +167,20 @@ def agreement(draft: nn.Module, sequences: torch.Tensor, reference: torch.Tensor
     return float((greedy_ids(draft, sequences) == reference).float().mean())
 
 
-def choose_precision(draft: nn.Module, min_agreement: float, group_size: int, sequences: torch.Tensor,
-                     ) -> DraftPrecision:
-    """`auto`: the cheapest precision (int4, then int8) whose calibration agreement with the
-    full-precision draft is at least `min_agreement`, else bf16; the chosen one stays applied."""
+def choose_precision(draft: nn.Module, min_agreement: float, group_size: int, seeds: torch.Tensor,
+                     num_tokens: int = 60) -> DraftPrecision:
+    """`auto`: the cheapest precision (int4, then int8) whose greedy agreement with the
+    full-precision draft, on the full-precision draft's own continuations of `seeds` [B, T0], is at
+    least `min_agreement`, else bf16; the chosen one stays applied. `tried` records every agreement."""
+    sequences = greedy_continuation(draft, seeds, num_tokens)  # [B, T]
     reference = greedy_ids(draft, sequences)
+    tried = {}
     for precision in ("int4", "int8"):
         applied = quantize_draft(draft, precision, group_size)
-        applied.agreement = agreement(draft, sequences, reference)
+        applied.agreement = tried[precision] = agreement(draft, sequences, reference)
         log.info("draft %s: calibration agreement %.3f (need %.3f)", precision, applied.agreement, min_agreement)
         if applied.agreement >= min_agreement:
+            applied.tried = tried
             return applied
         applied.restore()
-    return DraftPrecision("bf16", agreement=1.0)
+    return DraftPrecision("bf16", agreement=1.0, tried=tried)
