@@ -20,7 +20,9 @@ reference argmax a_j:
 - *loss*: any other mismatch: `lossless = false`.
 Because the reference reads the run's prefix, a tie does not desynchronise the rest of the
 comparison. The tolerance is in logit units: 0 for float32/float64 (exact: every token must be
-the reference argmax), `DEFAULT_TOLERANCE` for half types unless the caller gives one.
+the reference argmax); for half types `DEFAULT_TOLERANCE` (bf16 0.0625) or, where the reference's
+top logit is large, `HALF_ULPS` units of its last place (2 x eps x |top logit|), whichever is
+larger, since rounding error scales with the logit.
 
 Which positions are checked:
 - routing=model, greedy: every emitted token (an accepted greedy draft equals the argmax too).
@@ -50,6 +52,7 @@ from spmoe.spec.kv import cache_kwarg, crop_to
 log = logging.getLogger(__name__)
 
 DEFAULT_TOLERANCE = {torch.float32: 0.0, torch.float64: 0.0, torch.bfloat16: 0.0625, torch.float16: 0.0078125}
+HALF_ULPS = 2  # half types: the tolerance grows with the top logit, this many units in its last place
 MAX_REPORTED_SITES = 20
 
 
@@ -75,6 +78,7 @@ class LosslessCheck:
     ties: list[TieDivergence] = field(default_factory=list)
     losses: list[TieDivergence] = field(default_factory=list)  # same fields; gap > tolerance
     replay_verified_argmax: bool | None = None
+    tolerance_ulps: int | None = None  # half types: the tolerance is also this many units in the top logit's last place
 
     @property
     def token_agreement(self) -> float | None:
@@ -84,6 +88,7 @@ class LosslessCheck:
         out = {"lossless": self.lossless, "lossless_reason": self.reason, "lossless_tolerance": self.tolerance,
                "tie_divergences": len(self.ties) if self.checked_tokens else None,
                "token_agreement": self.token_agreement, "lossless_checked_tokens": self.checked_tokens,
+               "lossless_tolerance_ulps": self.tolerance_ulps,
                "tie_divergence_sites": [vars(t) for t in self.ties[:MAX_REPORTED_SITES]]}
         if self.replay_verified_argmax is not None:
             out["replay_verified_argmax"] = self.replay_verified_argmax
@@ -94,21 +99,29 @@ def tolerance_for(dtype: torch.dtype) -> float:
     return DEFAULT_TOLERANCE.get(dtype, 0.0)
 
 
+def relative_eps_for(dtype: torch.dtype) -> float:
+    """Half types: HALF_ULPS x eps (per unit of |top logit|); 0 (exact) for float32/float64."""
+    return HALF_ULPS * torch.finfo(dtype).eps if dtype in (torch.bfloat16, torch.float16) else 0.0
+
+
 def compare(run_tokens: list[int], logits: torch.Tensor, positions: list[int], steps: list[int],
-            tolerance: float, prompt_idx: int, check: LosslessCheck) -> None:
-    """Add the comparison of `run_tokens` [N] with reference `logits` [N, V] at `positions` to `check`."""
+            tolerance: float, prompt_idx: int, check: LosslessCheck, relative_eps: float = 0.0) -> None:
+    """Add the comparison of `run_tokens` [N] with reference `logits` [N, V] at `positions` to `check`.
+
+    A mismatch is a tie when its gap <= max(tolerance, relative_eps x |top logit|)."""
     if not positions:
         return
     idx = torch.tensor(positions)
     rows = logits[idx].float()  # [P, V]
     run = torch.tensor([run_tokens[j] for j in positions])  # [P]
-    best = rows.argmax(dim=-1)  # [P]
-    gap = rows.max(dim=-1).values - rows.gather(1, run[:, None])[:, 0]  # [P], >= 0
+    top, best = rows.max(dim=-1)  # [P] each
+    gap = top - rows.gather(1, run[:, None])[:, 0]  # [P], >= 0
+    allowed = torch.clamp(relative_eps * top.abs(), min=tolerance)  # [P]
     check.checked_tokens += len(positions)
     check.agreeing_tokens += int((best == run).sum())
     for p in (best != run).nonzero().flatten().tolist():
         site = TieDivergence(prompt_idx, positions[p], steps[positions[p]], int(run[p]), int(best[p]), float(gap[p]))
-        (check.ties if site.gap <= tolerance else check.losses).append(site)
+        (check.ties if site.gap <= float(allowed[p]) else check.losses).append(site)
 
 
 @dataclass
@@ -202,13 +215,14 @@ def check_lossless(session, gens: list, tolerance: float | None = None, temperat
         return not_checked(f"sampled run (temperature {temperature}): SD and plain decoding consume the random"
                            " stream differently, so tokens are not comparable; the rejection sampler's"
                            " distribution tests are the check")
+    relative_eps = relative_eps_for(session.target.layout.dtype) if tolerance is None else 0.0
     tolerance = tolerance_for(session.target.layout.dtype) if tolerance is None else tolerance
     replay = session.routing_trace is not None
     hw = replace(cfg.hardware, gpu_budget_gib=None)
     ref_cfg = replace(cfg, method=MethodConfig(name="gpu_resident"), hardware=hw)
     ctx = MethodContext(ref_cfg, session.target, session.device, session.plan(hw, "gpu_resident"))
     runtime = get_strategy("gpu_resident").build(ctx)
-    check = LosslessCheck(None, "", tolerance)
+    check = LosslessCheck(None, "", tolerance, tolerance_ulps=HALF_ULPS if relative_eps else None)
     try:
         if replay:
             attach_replay(runtime, session.routing_trace, session.target.layout, False, cfg.spec.num_draft_tokens)
@@ -217,17 +231,18 @@ def check_lossless(session, gens: list, tolerance: float | None = None, temperat
             steps = [ForcedStep([t], 1) for t in tokens[:-1]] if replay else mirror_steps(gen)
             logits = forced_logits(runtime, session.device, prompt.token_ids, tokens, steps)  # [N, V]
             positions = verified_positions(gen) if replay else list(range(len(tokens)))
-            compare(tokens, logits, positions, step_of_positions(gen), tolerance, i, check)
+            compare(tokens, logits, positions, step_of_positions(gen), tolerance, i, check, relative_eps)
     finally:
         runtime.close()
     return _conclude(check, replay)
 
 
 def _conclude(check: LosslessCheck, replay: bool) -> LosslessCheck:
-    ties = f"{len(check.ties)} tie divergence(s) within tolerance {check.tolerance}" if check.ties else "no divergence"
+    tol = f"{check.tolerance}" + (f" or {check.tolerance_ulps} ulp of the top logit" if check.tolerance_ulps else "")
+    ties = f"{len(check.ties)} tie divergence(s) within tolerance {tol}" if check.ties else "no divergence"
     first = check.losses[0] if check.losses else None
     loss = "" if first is None else (
-        f"{len(check.losses)} divergence(s) beyond tolerance {check.tolerance}; first at prompt {first.prompt_idx}"
+        f"{len(check.losses)} divergence(s) beyond tolerance {tol}; first at prompt {first.prompt_idx}"
         f" position {first.position} (step {first.step}): token {first.run_token}, reference {first.reference_token},"
         f" gap {first.gap:.4g}")
     if replay:

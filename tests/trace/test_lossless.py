@@ -15,8 +15,8 @@ from spmoe.config import MethodConfig, RoutingConfig, SpecConfig, TraceConfig
 from spmoe.engine import Generation
 from spmoe.experiment import run_benchmark
 from spmoe.session import open_session
-from spmoe.trace.lossless import (LosslessCheck, check_lossless, compare, mirror_steps, summary_block,
-                                  verified_positions)
+from spmoe.trace.lossless import (LosslessCheck, check_lossless, compare, mirror_steps, relative_eps_for,
+                                  summary_block, verified_positions)
 from spmoe.trace.records import StepRecord
 
 
@@ -43,6 +43,14 @@ def test_tolerance_zero_is_exact():
     exact_tie = LosslessCheck(None, "", 0.0)
     compare([1], _logits([[1.0, 1.0]]), [0], [0], 0.0, 0, exact_tie)  # argmax picks 0; equal logits: a tie
     assert len(exact_tie.ties) == 1 and not exact_tie.losses
+
+
+def test_half_tolerance_grows_with_the_top_logit():
+    eps = relative_eps_for(torch.bfloat16)  # 2 ulp per unit of |top logit|
+    check = LosslessCheck(None, "", 0.0625)
+    compare([1, 1], _logits([[24.0, 23.75], [4.0, 3.75]]), [0, 1], [0, 1], 0.0625, 0, check, eps)
+    assert [t.position for t in check.ties] == [0] and [t.position for t in check.losses] == [1]
+    assert relative_eps_for(torch.float32) == 0.0
 
 
 def test_verified_positions_are_each_steps_last_token():
