@@ -245,6 +245,10 @@ def open_session(cfg: RunConfig, cases: Sequence[RunConfig] = ()) -> Session:
     """Validate names, plan memory for cfg's method and hardware and for every other case's (failing
     before any large allocation, host memory included), then load the draft (if any) and the target."""
     for case in (cfg, *cases):
+        unresolved = [g for g in ("draft", "hardware", "routing") if getattr(case, g).name == "auto"]
+        if unresolved:
+            raise ValueError(f"{', '.join(unresolved)}=auto is resolved by the entry point (run.py, via"
+                             " spmoe.auto.auto_choices); a library caller passes explicit presets")
         validate_config(case)
     spec = get_strategy(cfg.method.name)
     cfg.check_lossless = str(cfg.check_lossless).lower()  # Hydra parses `true` as a bool

@@ -156,7 +156,8 @@ def test_check_lossless_true_from_the_command_line(tmp_path):
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         dcfg = compose(config_name="config", overrides=[
-            "check_lossless=true", "dataset=synthetic", "method=gpu_resident", "num_prompts=1", "max_new_tokens=2"])
+            "check_lossless=true", "dataset=synthetic", "method=gpu_resident", "num_prompts=1", "max_new_tokens=2",
+            "draft=tiny", "hardware=cpu", "routing=model"])
     cfg = OmegaConf.to_object(dcfg)
     assert run_benchmark(cfg, tmp_path)["lossless"] is True
 
