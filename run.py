@@ -111,7 +111,7 @@ def _main(dcfg: DictConfig) -> float:
         cases = _cases(dcfg, overrides, out_dir)
         exp = dcfg.experiment
         summaries = run_cases(cases, rounds=exp.rounds, warmup_tokens=exp.warmup_tokens if exp.name else 0,
-                              experiment=exp.name, resume=dcfg.resume,
+                              experiment=exp.name, resume=dcfg.resume, profile=exp.profile,
                               progress=_progress(dcfg.progress, hc.mode == RunMode.MULTIRUN))
     for case, summary in zip(cases, summaries):
         log_run(case.cfg.logger, case.out_dir, group=exp.name)

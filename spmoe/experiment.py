@@ -15,7 +15,10 @@ a case that fails leaves `partial/`, never a summary.
 
 from __future__ import annotations
 
+import cProfile
+import io
 import logging
+import pstats
 import statistics
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -24,6 +27,7 @@ from pathlib import Path
 import torch
 
 from spmoe.config import RunConfig
+from spmoe.io import write_text_atomic
 from spmoe.offload.budget import BudgetError
 from spmoe.policy.profile import measure_bandwidth_gb_per_s
 from spmoe.rundir import config_hash, finished_summary
@@ -68,16 +72,26 @@ def _progress_bar(enabled: bool, case: Case, round_idx: int):
     return tqdm(total=total, desc=f"{case.name or case.cfg.method.name} round {round_idx}", unit="tok", leave=False)
 
 
-def _run_round(session: Session, case: Case, round_idx: int, progress: bool) -> None:
+def _run_round(session: Session, case: Case, round_idx: int, progress: bool, profile: bool = False) -> None:
     cfg = case.cfg
+    profiler = cProfile.Profile() if profile else None
     with _progress_bar(progress, case, round_idx) as bar:
         try:
+            if profiler is not None:
+                profiler.enable()
             gens, plan, peak = session.generate(cfg.method, cfg.hardware, cfg.max_new_tokens, spec_cfg=cfg.spec,
                                                 on_prompt=bar.update if bar is not None else None)
         except BaseException as exc:
             write_partial(case.out_dir, session, getattr(exc, "finished_generations", []), exc)
             raise
+        finally:
+            if profiler is not None:
+                profiler.disable()
     case.rounds.append((gens, plan, peak, dict(session.last_extra), session.last_routing))
+    if profiler is not None:
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(60)
+        write_text_atomic(case.out_dir / "profile.txt", f"# cProfile of round {round_idx} (host time)\n{text.getvalue()}")
 
 
 def _warm_up(session: Session, case: Case, num_tokens: int) -> None:
@@ -158,7 +172,7 @@ def _wants_reference(session: Session, cfg: RunConfig) -> bool:
 
 
 def run_cases(cases: list[Case], rounds: int = 1, warmup_tokens: int = 0, experiment: str | None = None,
-              resume: bool = True, progress: bool = False) -> list[dict]:
+              resume: bool = True, progress: bool = False, profile: bool = False) -> list[dict]:
     """Run `cases` in interleaved rounds on one session; return their summaries in case order."""
     if rounds < 1:
         raise ValueError(f"experiment.rounds must be >= 1, got {rounds}")
@@ -180,7 +194,7 @@ def run_cases(cases: list[Case], rounds: int = 1, warmup_tokens: int = 0, experi
                     _warm_up(session, case, warmup_tokens)
             for r in range(rounds):
                 for case in (todo if r % 2 == 0 else todo[::-1]):
-                    _run_round(session, case, r, progress)
+                    _run_round(session, case, r, progress, profile and r == rounds - 1)
             results = [_summarize(session, case, experiment) for case in todo]
             add_runtime_efficiency(session, [summary for summary, _, _ in results])
             for case, (summary, gens, routing) in zip(todo, results):

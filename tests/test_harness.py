@@ -205,3 +205,12 @@ def test_a_draft_that_cannot_pair_names_the_default_draft(tmp_path):
                   f"hydra.run.dir={tmp_path / 'o'}", timeout=120)
     assert proc.returncode == 2 and "vocabulary" in proc.stderr and "draft=mistral_7b" in proc.stderr, \
         proc.stderr[-2000:]
+
+
+def test_profile_and_progress_on_request(tmp_path):
+    proc = run_py("experiment=cpu/harness_check", "experiment.rounds=1", "experiment.profile=true", "progress=true",
+                  f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "round 0" in proc.stderr and "tok" in proc.stderr  # the tqdm bars, on stderr
+    text = (tmp_path / "spmoe" / "profile.txt").read_text()
+    assert "cumulative" in text and "engine.py" in text
