@@ -41,3 +41,23 @@ def gpu():
 def _isolated_home(tmp_path_factory, monkeypatch):
     """Profiles and hidden maps (under ~/.cache/spmoe) go to a per-session temp home."""
     monkeypatch.setenv("HOME", str(tmp_path_factory.getbasetemp() / "home"))
+
+
+class AllocatedTooEarly(AssertionError):
+    pass
+
+
+@pytest.fixture
+def guard(monkeypatch):
+    """Fail the test if the run gets as far as allocating weights (non-expert or expert store)."""
+    import spmoe.session
+
+    def materialize(*args, **kwargs):
+        raise AllocatedTooEarly("non-expert weights were materialized before the bad input was rejected")
+
+    class Store:
+        def __init__(self, *args, **kwargs):
+            raise AllocatedTooEarly("the expert store was allocated before the bad input was rejected")
+
+    monkeypatch.setattr(spmoe.session, "materialize", materialize)
+    monkeypatch.setattr(spmoe.session, "ExpertStore", Store)

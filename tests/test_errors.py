@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import spmoe.session as runner
 import spmoe.io
-from conftest import tiny_run_config
+from conftest import AllocatedTooEarly, tiny_run_config
 from experiments.presets import CONF_DIR
 from spmoe.experiment import run_benchmark
 from spmoe.session import make_plan, open_session
@@ -40,23 +40,6 @@ GIB = 2**30
 PROMPT_LEN = 12  # tiny_run_config's synthetic prompt length
 
 
-class AllocatedTooEarly(AssertionError):
-    pass
-
-
-@pytest.fixture
-def guard(monkeypatch):
-    """Fail the test if the run gets as far as allocating weights (non-expert or expert store)."""
-
-    def materialize(*args, **kwargs):
-        raise AllocatedTooEarly("non-expert weights were materialized before the bad input was rejected")
-
-    class Store:
-        def __init__(self, *args, **kwargs):
-            raise AllocatedTooEarly("the expert store was allocated before the bad input was rejected")
-
-    monkeypatch.setattr(runner, "materialize", materialize)
-    monkeypatch.setattr(runner, "ExpertStore", Store)
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import spmoe.session as session_mod
 from conftest import tiny_run_config
 from experiments.presets import load_preset
 from spmoe.config import CutoffConfig, DatasetConfig, RoutingConfig, SpecConfig
@@ -33,21 +32,6 @@ from spmoe.validate import validate_config
 TRACE = Path(__file__).resolve().parent.parent / "results" / "real_pair" / "traces" / "humaneval_k1.npz"
 
 
-class AllocatedTooEarly(AssertionError):
-    pass
-
-
-@pytest.fixture
-def guard(monkeypatch):
-    def materialize(*args, **kwargs):
-        raise AllocatedTooEarly("non-expert weights were materialized before the bad input was rejected")
-
-    class Store:
-        def __init__(self, *args, **kwargs):
-            raise AllocatedTooEarly("the expert store was allocated before the bad input was rejected")
-
-    monkeypatch.setattr(session_mod, "materialize", materialize)
-    monkeypatch.setattr(session_mod, "ExpertStore", Store)
 
 
 def rejects(cfg, exc=ValueError, *needles: str) -> str:
