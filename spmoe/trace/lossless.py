@@ -9,8 +9,8 @@ step's previous token and its drafts (`StepRecord.draft_ids`, rejected ones incl
 without SD), the logits of the emitted positions kept and the KV cache cropped to them, so the
 reference's forward shapes and cache are the run's. Low-precision results depend on
 shapes (a 48-token chunk and 48 one-token steps round differently, and in a random-weight model a
-rounding difference flips routing near-ties and then whole tokens), so a shape-mirroring reference agrees bit for bit wherever the run computes what
-the reference computes. At each *checked* position j the run's token t_j is compared with the
+rounding difference flips routing near-ties and then whole tokens), so a shape-mirroring
+reference agrees bit for bit wherever the run computes what the reference computes. At each *checked* position j the run's token t_j is compared with the
 reference argmax a_j:
 - agreement: t_j == a_j;
 - *tie divergence*: t_j != a_j and the gap `logit[a_j] - logit[t_j]` <= the tolerance (the run
