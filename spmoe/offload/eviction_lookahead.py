@@ -6,8 +6,8 @@ Belady evicts the resident key whose next use is farthest. Online, the next use 
 d_k = layers until k's layer comes back in the cyclic layer order and q_k k's smoothed routing
 frequency, here over a discounted window: each visit of layer l multiplies its past counts by
 `discount` (g), so q_k = (U_k + 1) / (V_l + 2) with U_k = sum over visits that used k of g^age and
-V_l = sum over visits of g^age (g = 1 is expected_reuse's all-time frequency; routing drifts with
-the text, and on the real pair's trace g = 0.95 moves 1-3% fewer bytes). What SP-MoE alone knows on top: while the draft runs, it names the experts the coming
+V_l = sum over visits of g^age (g = 1 is expected_reuse's all-time frequency; g < 1 follows routing
+that drifts with the text; results/spmoe_plus/eviction_sim compares them). What SP-MoE alone knows on top: while the draft runs, it names the experts the coming
 verify step will route at each layer. A resident key predicted for its layer's next visit in this
 step is used in exactly d_k visits (q = 1), so it is kept over anything not predicted; prefetched
 keys are pinned by the provider anyway, and this keeps the predicted experts of layers past the
