@@ -1,27 +1,17 @@
 """
-spmoe_plus against the best baselines, with and without SD, in interleaved rounds on one loaded
-session, plus its ablations (each part switched off alone) and two measurements behind its parts:
-the host's expert compute time and whether it slows the copies, and eviction policies against
-Belady offline on recorded routing.
+The measurements behind spmoe_plus's parts that are not runs (the runs themselves, spmoe_plus against
+the baselines and its ablations, are `python run.py -m experiment=spmoe_plus`):
 
-    python -m experiments.bench_plus --routing replay --out results/spmoe_plus                       # GPU
-    python -m experiments.bench_plus --sim --out results/spmoe_plus/eviction_sim                     # CPU
+    python -m experiments.bench_plus --host --model mixtral --device cuda --out results/spmoe_plus    # GPU
+    python -m experiments.bench_plus --sim --out results/spmoe_plus/eviction_sim                      # CPU
     python -m experiments.bench_plus --acceptance --model smollm2_moe --draft smollm2 --device cpu \
-        --num-prompts 3 --max-new-tokens 48 --out results/spmoe_plus                                 # CPU
-    python -m experiments.bench_plus --model tiny --draft tiny --device cpu --routing replay \
-        --budgets cpu --num-slots 12 --max-new-tokens 8 --rounds 1 --out /tmp/plus                  # smoke
+        --num-prompts 3 --max-new-tokens 48 --out results/spmoe_plus                                  # CPU
 
-Cases: baseline method names (`lru_nosd`, `moe_infinity_nosd`, `spmoe`, ...), `spmoe_plus`, and
-ablations `plus_<part>` = spmoe_plus with one part off or changed (`PLUS_CASES`). Rounds run the
-cases in order, then reversed (A B C C B A ...). Each case's row: median TPOT over rounds and the
-spread (max - min) / median, its ratio to the best baseline's median, and from its median round the
-bytes per emitted token, slots, hit rate, stall per token, host/GPU expert split, mean chosen k,
-draft precision, policy efficiency. No GPU-resident reference is run (replayed tokens are not
-text); `agree_spmoe` = token agreement with the `spmoe` case of the same round (host bf16
-arithmetic vs GPU changes near-tie argmaxes of the random-weight replay model).
-Writes `<out>/<budget>/{main.csv,table.md,runs.json,host.json}`; `--sim` writes
-`<out>/eviction.{csv,md}`; `--acceptance` (acceptance of the bf16 / int8 / int4 / auto drafts on a
-real pair, and losslessness against the GPU-resident reference) `<out>/draft_acceptance.{csv,md}`. Budgets are emulated (memory; PCIe only with --pace-pcie).
+`--host`: the host's expert compute time (1, 2, 4 tokens) and the pinned copy bandwidth alone and while
+the host computes (does host compute slow the copies?), `<out>/host.json`. `--sim`: eviction policies
+against Belady offline on recorded routing, sd_lookahead also seeing the draft's predictions,
+`<out>/eviction.{csv,md}`. `--acceptance`: acceptance of the bf16 / int8 / int4 / auto drafts on a real
+pair and losslessness against the GPU-resident reference, `<out>/draft_acceptance.{csv,md}`.
 """
 
 from __future__ import annotations
@@ -29,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import threading
 import time
 from pathlib import Path
@@ -37,48 +26,19 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from experiments.bench_offload import add_session_args, method_for, session_config, reference_hardware
 from experiments.presets import load_preset
 from spmoe.config import CutoffConfig, MethodConfig, PlusConfig, RunConfig, SpecConfig
 from spmoe.io import write_json_atomic, write_text_atomic
-from spmoe.methods import get_strategy
 from spmoe.models.experts import expert_mlp
 from spmoe.offload.cache import ExpertCache
 from spmoe.offload.eviction import make_policy
 from spmoe.session import open_session
-from spmoe.summary import summarize_run
 from spmoe.trace.metrics import summarize
 from spmoe.trace.oracle import belady_misses
 from spmoe.trace.replay import map_layer
 from spmoe.trace.routing import RoutingTrace, load_trace
 
 log = logging.getLogger("bench_plus")
-GIB = 2**30
-PLUS_CASES = {  # ablations: spmoe_plus with one part off or changed
-    "plus_bf16": {"draft_precision": "bf16"},
-    "plus_int4": {"draft_precision": "int4"},
-    "plus_nohost": {"host_compute": "off"},
-    "plus_adaptk": {"adaptive_k": True},  # the union-aware k chooser on (off by default)
-    "plus_ld": "layer_distance",  # spmoe's eviction instead of sd_lookahead
-}
-
-
-def plus_method(case: str, num_slots: int | None) -> MethodConfig:
-    preset = load_preset("method", "spmoe_plus", num_slots=num_slots)
-    change = PLUS_CASES.get(case, {})
-    if isinstance(change, str):
-        preset.eviction = change
-    else:
-        preset.plus = PlusConfig(**{**vars(preset.plus), **change})
-    return preset
-
-
-def case_method(case: str, num_slots: int | None) -> MethodConfig:
-    return plus_method(case, num_slots) if case == "spmoe_plus" or case in PLUS_CASES else method_for(case, num_slots)
-
-
-# -- host compute vs copies ----------------------------------------------------------------------
-
 def host_profile(session, num_experts: int = 8) -> dict:
     """Host ms per expert (1, 2, 4 tokens) and pinned copy GB/s alone and while the host computes."""
     store, layout, device = session.target.store, session.target.layout, session.device
@@ -123,106 +83,6 @@ def host_profile(session, num_experts: int = 8) -> dict:
     worker.join()
     out["host_experts_during_copies"] = len(done)
     return out
-
-
-# -- the benchmark -------------------------------------------------------------------------------
-
-def run_rounds(session, cases: list[str], hw, args, out: Path) -> dict[str, list[dict]]:
-    runs: dict[str, list[dict]] = {c: [] for c in cases}
-    for r in range(args.rounds):
-        for case in (cases if r % 2 == 0 else cases[::-1]):
-            method = case_method(case, args.num_slots)
-            t = time.perf_counter()
-            try:
-                gens, plan, peak = session.generate(method, hw, args.max_new_tokens)
-            except Exception as exc:  # one broken case must not cost the others' numbers
-                log.exception("case %s failed", case)
-                runs[case].append({"case": case, "error": repr(exc)})
-                continue
-            s = summarize_run(session, method, hw, gens, plan, peak, None)
-            s.update(case=case, round=r, wall_s=time.perf_counter() - t, tokens=[g.token_ids for g in gens],
-                     chosen_k=[rec.num_drafted for g in gens for rec in g.records if rec.phase == "decode"])
-            runs[case].append(s)
-            log.info("%s round %d %s: tpot %.1f ms, %d slots, %.1f s", hw.name, r, case, s["tpot_ms"], s["num_slots"],
-                     s["wall_s"])
-            write_json_atomic(out / "partial_runs.json", {c: [{k: v for k, v in x.items() if k != "tokens"} for x in xs]
-                                                          for c, xs in runs.items()})  # survives a kill mid-benchmark
-    return runs
-
-
-def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
-    same = sum(x == y for ta, tb in zip(a, b) for x, y in zip(ta, tb))
-    return same / max(1, sum(len(t) for t in b))
-
-
-def table(runs: dict[str, list[dict]]) -> pd.DataFrame:
-    ok = {c: [s for s in rs if "error" not in s] for c, rs in runs.items()}
-    medians = {c: statistics.median(s["tpot_ms"] for s in rs) for c, rs in ok.items() if rs}
-    baselines = [c for c in medians if c != "spmoe_plus" and c not in PLUS_CASES]
-    best = min(baselines, key=medians.__getitem__) if baselines else None
-    spmoe = {s["round"]: s["tokens"] for s in ok.get("spmoe", [])}
-    rows = []
-    for case, rs in ok.items():
-        if not rs:
-            rows.append({"case": case, "error": runs[case][0]["error"]})
-            continue
-        tpots = [s["tpot_ms"] for s in rs]
-        med = sorted(rs, key=lambda s: s["tpot_ms"])[len(rs) // 2]
-        tokens = med["num_generated_tokens"] - med["num_prompts"]
-        rows.append({
-            "case": case, "sd": get_strategy(med["method"]).speculative, "tpot_ms": medians[case],
-            "spread": (max(tpots) - min(tpots)) / medians[case], "rounds": " ".join(f"{t:.1f}" for t in tpots),
-            "vs_best_baseline": medians[case] / medians[best] if best else None,
-            "gb_per_token": (med["h2d_bytes_per_token"] or 0) / 1e9, "slots": med["num_slots"],
-            "hit_rate": med["expert_hit_rate"], "stall_ms_per_token": med["stall_ms"] / max(1, tokens),
-            "host_frac": med.get("host_expert_fraction"), "k_mean": med.get("chosen_k_mean"),
-            "draft": med.get("draft_precision", "bf16" if med["draft"] else None),
-            "policy_eff": med.get("policy_efficiency"), "acceptance": med["acceptance_rate"],
-            "peak_gib": (med["peak_gpu_bytes"] or 0) / GIB, "within_budget": med["within_budget"],
-            "agree_spmoe": _agreement(med["tokens"], spmoe[med["round"]]) if med["round"] in spmoe else None,
-        })
-    return pd.DataFrame(rows)
-
-
-def bench(args: argparse.Namespace) -> None:
-    out = Path(args.out)
-    cfg = session_config(args, reference_hardware(args.device))
-    budgets = [load_preset("hardware", b, device=args.device, pace_pcie=args.pace_pcie) for b in args.budgets.split(",")]
-    cases = [c for c in args.cases.split(",") if c]
-    session = open_session(cfg)
-    try:
-        host = host_profile(session)
-        log.info("host profile: %s", host)
-        warm = budgets[0]
-        for case in ("lru", "spmoe_plus"):  # CUDA/cuBLAS first-use and host-thread start-up stay out of the table
-            try:
-                session.generate(case_method(case, args.num_slots), warm, min(4, args.max_new_tokens), 1)
-            except Exception:  # the case's own rounds record the error
-                log.exception("warm-up of %s failed", case)
-        for hw in budgets:
-            runs = run_rounds(session, cases, hw, args, out / hw.name)
-            df = table(runs)
-            meta = {"model": args.model, "draft": args.draft, "routing": args.routing,
-                    "trace": args.trace if args.routing == "replay" else None, "k": args.k,
-                    "prompts": args.num_prompts, "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
-                    "budget": hw.name, "budget_gib": hw.gpu_budget_gib,
-                    "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                    "pcie_paced_gb_per_s": hw.pcie_gb_per_s if hw.pace_pcie else None,
-                    "note": f"{hw.name} budget ({hw.gpu_budget_gib} GiB) EMULATED on a larger GPU" + (
-                        f", PCIe paced to {hw.pcie_gb_per_s} GB/s" if hw.pace_pcie else ", PCIe not paced"),
-                    "host": host}
-            d = out / hw.name
-            write_text_atomic(d / "main.csv", df.to_csv(index=False, float_format="%.4g"))
-            write_text_atomic(d / "table.md", "\n".join(f"- {k}: {v}" for k, v in meta.items()) + "\n\n"
-                              + df.to_markdown(index=False, floatfmt=".4g") + "\n")
-            write_json_atomic(d / "runs.json", {c: [{k: v for k, v in s.items() if k != "tokens"} for s in rs]
-                                                for c, rs in runs.items()})
-            write_json_atomic(d / "host.json", host)
-            (d / "partial_runs.json").unlink(missing_ok=True)
-            print(json.dumps({k: v for k, v in meta.items() if k != "host"}))
-            print(df.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
-    finally:
-        session.close()
 
 
 # -- eviction offline ----------------------------------------------------------------------------
@@ -321,29 +181,45 @@ def draft_acceptance(args: argparse.Namespace) -> None:
     print(df.to_string(index=False))
 
 
+def host(args: argparse.Namespace) -> None:
+    cfg = RunConfig(model=load_preset("model", args.model, weights="random"), dataset=load_preset("dataset", "synthetic"),
+                    method=MethodConfig(name="gpu_resident"),
+                    hardware=load_preset("hardware", "h200" if args.device == "cuda" else "cpu", device=args.device),
+                    max_new_tokens=1, num_prompts=1)
+    session = open_session(cfg)
+    try:
+        out = host_profile(session)
+    finally:
+        session.close()
+    write_json_atomic(Path(args.out) / "host.json", out)
+    print(json.dumps(out))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_session_args(ap)
-    ap.add_argument("--budgets", default="rtx4090", help="hardware presets, comma-separated")
-    ap.add_argument("--num-slots", type=int, default=None, help="cap the cache (CPU runs)")
-    ap.add_argument("--pace-pcie", action="store_true")
-    ap.add_argument("--cases", default="lru_nosd,moe_infinity_nosd,spmoe,spmoe_plus")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--sim", action="store_true", help="only the offline eviction simulation (CPU)")
-    ap.add_argument("--acceptance", action="store_true", help="only the quantized drafts' acceptance (CPU)")
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--host", action="store_true", help="host expert time and copies with host compute")
+    mode.add_argument("--sim", action="store_true", help="the offline eviction simulation (CPU)")
+    mode.add_argument("--acceptance", action="store_true", help="the quantized drafts' acceptance (CPU)")
+    ap.add_argument("--model", default="mixtral")
+    ap.add_argument("--draft", default="mistral_7b")
+    ap.add_argument("--dataset", default="humaneval")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--num-prompts", type=int, default=1)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--trace", default="results/real_pair/traces/humaneval_k1.npz", help="--sim: the routing trace")
     ap.add_argument("--layers", type=int, default=32, help="--sim: MoE layers the trace is mapped onto")
     ap.add_argument("--sim-slots", default="21,40,49,69,88")
     ap.add_argument("--sim-policies", default="lru,layer_distance,expected_reuse,sd_lookahead")
     ap.add_argument("--out", default="results/spmoe_plus")
-    ap.set_defaults(max_new_tokens=32)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.sim:
+    if args.host:
+        host(args)
+    elif args.sim:
         eviction_sim(args)
-    elif args.acceptance:
-        draft_acceptance(args)
     else:
-        bench(args)
+        draft_acceptance(args)
 
 
 if __name__ == "__main__":

@@ -214,3 +214,25 @@ def test_profile_and_progress_on_request(tmp_path):
     assert "round 0" in proc.stderr and "tok" in proc.stderr  # the tqdm bars, on stderr
     text = (tmp_path / "spmoe" / "profile.txt").read_text()
     assert "cumulative" in text and "engine.py" in text
+
+
+def test_runtime_efficiency_against_the_experiments_own_compute_floor():
+    from types import SimpleNamespace
+
+    from spmoe.experiment import add_runtime_efficiency
+
+    session = SimpleNamespace(device=SimpleNamespace(type="cpu"), pinned_gb_per_s=None)
+    summaries = [
+        {"method": "gpu_resident", "tpot_ms": 40.0, "acceptance_rate": None, "h2d_bytes_per_token": 0},
+        {"method": "gpu_resident_sd", "tpot_ms": 100.0, "acceptance_rate": 0.9, "h2d_bytes_per_token": 0},
+        {"method": "lru_nosd", "tpot_ms": 500.0, "acceptance_rate": None, "h2d_bytes_per_token": 10e9,
+         "pcie_paced_gb_per_s": 25.0},
+        {"method": "spmoe", "tpot_ms": 700.0, "acceptance_rate": 0.9, "h2d_bytes_per_token": 15e9,
+         "pcie_paced_gb_per_s": 25.0},
+        {"method": "lru", "tpot_ms": 700.0, "acceptance_rate": 0.9, "h2d_bytes_per_token": 15e9},  # CPU, unpaced
+    ]
+    add_runtime_efficiency(session, summaries)
+    assert summaries[2]["runtime_efficiency"] == pytest.approx(500.0 / (10e9 / 25e6 + 40.0))  # no-SD floor
+    assert summaries[3]["runtime_efficiency"] == pytest.approx(700.0 / (15e9 / 25e6 + 100.0))  # SD floor
+    assert "runtime_efficiency" not in summaries[4]  # no link bandwidth known on the CPU
+    assert "runtime_efficiency" not in summaries[0]
