@@ -114,11 +114,16 @@ def _main(dcfg: DictConfig) -> float:
                               experiment=exp.name, resume=dcfg.resume, profile=exp.profile,
                               progress=_progress(dcfg.progress, hc.mode == RunMode.MULTIRUN))
     for case, summary in zip(cases, summaries):
-        log_run(case.cfg.logger, case.out_dir, group=exp.name)
+        if "error" not in summary:
+            log_run(case.cfg.logger, case.out_dir, group=exp.name)
         for line in digest(summary):
             print(line)
     printed = [{k: v for k, v in s.items() if k != "config"} for s in summaries]  # summary.json keeps the config
     print(json.dumps(printed[0] if exp.name is None else {c.name: s for c, s in zip(cases, printed)}))
+    failed = [c.name for c, s in zip(cases, summaries) if "error" in s]
+    if failed:
+        raise RuntimeError(f"experiment {exp.name}: case(s) {failed} failed (see their error.json); the others"
+                           f" finished in {out_dir}")
     return float(summaries[0].get("tpot_ms_median") or summaries[0]["tpot_ms"])
 
 

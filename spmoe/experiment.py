@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from spmoe.config import RunConfig
-from spmoe.io import write_text_atomic
+from spmoe.io import write_json_atomic, write_text_atomic
 from spmoe.offload.budget import BudgetError
 from spmoe.policy.profile import measure_bandwidth_gb_per_s
 from spmoe.rundir import config_hash, finished_summary
@@ -173,7 +173,12 @@ def _wants_reference(session: Session, cfg: RunConfig) -> bool:
 
 def run_cases(cases: list[Case], rounds: int = 1, warmup_tokens: int = 0, experiment: str | None = None,
               resume: bool = True, progress: bool = False, profile: bool = False) -> list[dict]:
-    """Run `cases` in interleaved rounds on one session; return their summaries in case order."""
+    """Run `cases` in interleaved rounds on one session; return their summaries in case order.
+
+    With several cases, a case that fails while running (e.g. a method whose caches cannot fit the
+    card) is dropped from the later rounds and returned as `{"case", "experiment", "error"}` with the
+    same in `<case dir>/error.json` (no summary.json: a resumed experiment retries it); the others
+    go on. A single run's error propagates. Planning errors are raised before anything is loaded."""
     if rounds < 1:
         raise ValueError(f"experiment.rounds must be >= 1, got {rounds}")
     if not cases:
@@ -188,21 +193,38 @@ def run_cases(cases: list[Case], rounds: int = 1, warmup_tokens: int = 0, experi
         if len(todo) < len(cases):
             log.info("running %d of %d cases; the others were measured in an earlier process", len(todo), len(cases))
         session = open_session(todo[0].cfg, [c.cfg for c in todo[1:]])
+        isolate = len(cases) > 1
         try:
             if warmup_tokens > 0:
                 for case in todo:
-                    _warm_up(session, case, warmup_tokens)
+                    _attempt(isolate, done, case, experiment, lambda c=case: _warm_up(session, c, warmup_tokens))
             for r in range(rounds):
                 for case in (todo if r % 2 == 0 else todo[::-1]):
-                    _run_round(session, case, r, progress, profile and r == rounds - 1)
-            results = [_summarize(session, case, experiment) for case in todo]
+                    if done[id(case)] is None:
+                        _attempt(isolate, done, case, experiment,
+                                 lambda c=case: _run_round(session, c, r, progress, profile and r == rounds - 1))
+            running = [c for c in todo if done[id(c)] is None]
+            results = [_summarize(session, case, experiment) for case in running]
             add_runtime_efficiency(session, [summary for summary, _, _ in results])
-            for case, (summary, gens, routing) in zip(todo, results):
+            for case, (summary, gens, routing) in zip(running, results):
                 _write(session, case, summary, gens, routing)
                 done[id(case)] = summary
         finally:
             session.close()
     return [done[id(c)] for c in cases]
+
+
+def _attempt(isolate: bool, done: dict, case: Case, experiment: str | None, fn) -> None:
+    if not isolate:
+        fn()
+        return
+    try:
+        fn()
+    except Exception as exc:  # one case's failure must not cost the other cases' numbers
+        error = f"{type(exc).__name__}: {exc}"
+        log.error("case %s failed, dropped from the remaining rounds: %s", case.name, error)
+        done[id(case)] = {"case": case.name, "experiment": experiment, "error": error}
+        write_json_atomic(case.out_dir / "error.json", done[id(case)])
 
 
 def run_benchmark(cfg: RunConfig, out_dir: str | Path, resume: bool = False) -> dict:

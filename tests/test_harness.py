@@ -236,3 +236,16 @@ def test_runtime_efficiency_against_the_experiments_own_compute_floor():
     assert summaries[3]["runtime_efficiency"] == pytest.approx(700.0 / (15e9 / 25e6 + 100.0))  # SD floor
     assert "runtime_efficiency" not in summaries[4]  # no link bandwidth known on the CPU
     assert "runtime_efficiency" not in summaries[0]
+
+
+def test_a_failing_case_does_not_cost_the_others(tmp_path):
+    """mixtral_offloading needs one slot per MoE layer: with 3 slots for 4 layers it fails at build;
+    the other cases finish, the failure is recorded, and the run exits non-zero."""
+    proc = run_py("experiment=cpu/harness_check", "experiment.rounds=2", "method.num_slots=3",
+                  "+experiment.cases.mo=['method=mixtral_offloading']", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 2 and "failed" in proc.stderr, proc.stderr[-3000:]
+    assert "== mo: FAILED" in proc.stdout
+    error = json.loads((tmp_path / "mo" / "error.json").read_text())
+    assert "per-layer cache" in error["error"] and not (tmp_path / "mo" / "summary.json").exists()
+    for case in ("lru_nosd", "lru", "spmoe", "moe_infinity_nosd"):
+        assert len(json.loads((tmp_path / case / "summary.json").read_text())["tpot_ms_rounds"]) == 2
