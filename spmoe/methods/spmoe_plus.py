@@ -137,32 +137,36 @@ def build(ctx: MethodContext) -> Runtime:
         precision.restore()
         raise
     runtime.closers.insert(0, precision.restore)  # closers run last-added first: the draft comes back last
-    provider = next(l for l in runtime.listeners if isinstance(l, PrefetchProvider))
-    base_slots = ctx.plan.num_slots if mcfg.num_slots is None else min(ctx.plan.num_slots, mcfg.num_slots)
-    extra_slots = provider.cache.num_slots - base_slots  # what the draft's saved bytes added (0 under a num_slots cap)
-    if isinstance(provider.cache.policy, SdLookaheadPolicy):
-        _lookahead_hints(sub, runtime, provider.cache.policy, runtime.cutoff_layer, provider.cache.num_slots)
-    stats, cost, chooser = HostStats(), None, None
-    if pcfg.host_compute != "off" or pcfg.adaptive_k:
-        copy_ms = _copy_ms(runtime, ctx)
-        act_fn = runtime.model.model.layers[layout.moe_layers[0]].mlp.experts.act_fn
-        pool = host_pool(pcfg.host_threads)
-        runtime.closers.append(pool.shutdown)
-        if pcfg.host_compute == "auto":  # measured on the host worker, with its threads
-            cost = pool.submit(measure_host_cost, ctx.target.store, act_fn, copy_ms).result()
-            log.info("spmoe_plus host cost: %s", cost)
-        planner = HostPlanner(provider, pcfg.host_compute, cost, pcfg.host_max_per_layer)
-        if pcfg.adaptive_k:
-            miss_ms = min(copy_ms, cost.host_ms(2)) if cost else copy_ms
-            chooser = KChooser(pcfg.k_min, len(layout.moe_layers), layout.num_experts, layout.top_k, miss_ms,
-                               pcfg.accept_prior)
-            runtime.choose_k = chooser
-            runtime.listeners.append(chooser)
-        install_host_experts(runtime.model, layout.moe_layers, planner, ctx.target.store, pool, stats,
-                             chooser.on_layer if chooser else None)
-    runtime.extra_summary = lambda inner=runtime.extra_summary: _summary(
-        precision, extra_slots, stats, cost, chooser, inner)
-    log.info("spmoe_plus: draft %s (+%d slots = %d), host compute %s, eviction %s, adaptive k %s",
-             precision.precision, extra_slots, provider.cache.num_slots, pcfg.host_compute, mcfg.eviction,
-             pcfg.adaptive_k)
+    try:
+        provider = next(l for l in runtime.listeners if isinstance(l, PrefetchProvider))
+        base_slots = ctx.plan.num_slots if mcfg.num_slots is None else min(ctx.plan.num_slots, mcfg.num_slots)
+        extra_slots = provider.cache.num_slots - base_slots  # what the draft's saved bytes added (0 under a num_slots cap)
+        if isinstance(provider.cache.policy, SdLookaheadPolicy):
+            _lookahead_hints(sub, runtime, provider.cache.policy, runtime.cutoff_layer, provider.cache.num_slots)
+        stats, cost, chooser = HostStats(), None, None
+        if pcfg.host_compute != "off" or pcfg.adaptive_k:
+            copy_ms = _copy_ms(runtime, ctx)
+            act_fn = runtime.model.model.layers[layout.moe_layers[0]].mlp.experts.act_fn
+            pool = host_pool(pcfg.host_threads)
+            runtime.closers.append(pool.shutdown)
+            if pcfg.host_compute == "auto":  # measured on the host worker, with its threads
+                cost = pool.submit(measure_host_cost, ctx.target.store, act_fn, copy_ms).result()
+                log.info("spmoe_plus host cost: %s", cost)
+            planner = HostPlanner(provider, pcfg.host_compute, cost, pcfg.host_max_per_layer)
+            if pcfg.adaptive_k:
+                miss_ms = min(copy_ms, cost.host_ms(2)) if cost else copy_ms
+                chooser = KChooser(pcfg.k_min, len(layout.moe_layers), layout.num_experts, layout.top_k, miss_ms,
+                                   pcfg.accept_prior)
+                runtime.choose_k = chooser
+                runtime.listeners.append(chooser)
+            install_host_experts(runtime.model, layout.moe_layers, planner, ctx.target.store, pool, stats,
+                                 chooser.on_layer if chooser else None)
+        runtime.extra_summary = lambda inner=runtime.extra_summary: _summary(
+            precision, extra_slots, stats, cost, chooser, inner)
+        log.info("spmoe_plus: draft %s (+%d slots = %d), host compute %s, eviction %s, adaptive k %s",
+                 precision.precision, extra_slots, provider.cache.num_slots, pcfg.host_compute, mcfg.eviction,
+                 pcfg.adaptive_k)
+    except BaseException:  # the session only closes runtimes that were returned
+        runtime.close()
+        raise
     return runtime

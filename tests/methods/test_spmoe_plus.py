@@ -115,3 +115,26 @@ def test_quantized_draft_accounting_and_restore(twin):
         applied.restore()
         assert torch.equal(draft(input_ids=ids).logits, full)
     assert sizes["int4"] < sizes["int8"] < 0.27 * applied.site_bytes  # float32 sites: int8 ~1/4 + a scale per row
+
+
+def test_a_failing_build_closes_its_runtime(twin, monkeypatch):
+    """A part that fails after the SP-MoE runtime is built (here the host cost measurement) must not
+    leave the draft quantized, the prefetch worker running or hooks on the models."""
+    import threading
+
+    import spmoe.methods.spmoe_plus as plus
+    from spmoe.plus.draft_precision import QuantLinear
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("host cost measurement failed")
+
+    threads = threading.active_count()
+    monkeypatch.setattr(plus, "measure_host_cost", boom)
+    with pytest.raises(RuntimeError, match="host cost measurement failed"):
+        _plus(twin, "all")
+    assert not any(isinstance(m, QuantLinear) for m in twin.draft.modules())
+    assert threading.active_count() == threads
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in twin.draft.modules())
+    monkeypatch.undo()
+    gens, _, _ = _plus(twin, "int8_draft")
+    assert [g.token_ids for g in gens] == twin.reference
