@@ -9,15 +9,15 @@ whose message names the key, the value given and what is valid:
   count, MoE depth, position limit), from its config and `meta` skeleton only; for `weights=checkpoint` also every
   checkpoint tensor's shape against the model built from its `config.json`. Called right after
   the skeleton is built, before any weight is allocated.
-`validate_method`, `validate_spec` and `validate_method_against_layout` check one case's method
-and spec knobs; a session that runs several cases calls them per case.
+`validate_method` (with `validate_plus`), `validate_spec` and `validate_method_against_layout`
+check one case's method and spec knobs; a session that runs several cases calls them per case.
 """
 
 from __future__ import annotations
 
 import math
 
-from spmoe.config import MethodConfig, RunConfig, SpecConfig, parse_dtype
+from spmoe.config import LoggerConfig, MethodConfig, PlusConfig, RunConfig, SpecConfig, parse_dtype
 
 MAX_DRAFT_TOKENS = 64  # k per verify step; the routing trace stores drafted counts as int16
 MODEL_WEIGHTS = ("random", "checkpoint", "twin")
@@ -78,6 +78,37 @@ def validate_method(method: MethodConfig) -> None:
               "cutoff.mode=fixed needs the last prefetched MoE layer: an integer >= -1 (-1 = none)")
     if not isinstance(cutoff.reprofile, bool):
         _fail("method.cutoff.reprofile", cutoff.reprofile, "valid: true, false")
+    validate_plus(method.plus)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def validate_plus(plus: PlusConfig) -> None:
+    """spmoe_plus's numeric knobs (its mode names are checked when the dataclass is built)."""
+    if not _is_number(plus.draft_min_agreement) or not 0 <= plus.draft_min_agreement <= 1:
+        _fail("method.plus.draft_min_agreement", plus.draft_min_agreement, "valid: 0 <= agreement <= 1")
+    if not _is_int(plus.draft_group_size) or plus.draft_group_size < 1:
+        _fail("method.plus.draft_group_size", plus.draft_group_size, "valid: an integer >= 1 (input columns per scale)")
+    if plus.host_threads is not None and (not _is_int(plus.host_threads) or plus.host_threads < 1):
+        _fail("method.plus.host_threads", plus.host_threads, "valid: an integer >= 1, or null for all cores but two")
+    if plus.host_max_per_layer is not None and (not _is_int(plus.host_max_per_layer) or plus.host_max_per_layer < 0):
+        _fail("method.plus.host_max_per_layer", plus.host_max_per_layer, "valid: an integer >= 0, or null for no cap")
+    if not _is_int(plus.k_min) or plus.k_min < 0:
+        _fail("method.plus.k_min", plus.k_min, "valid: an integer >= 0 (the smallest draft length adaptive k may choose)")
+    if not _is_number(plus.accept_prior) or not 0 <= plus.accept_prior <= 1:
+        _fail("method.plus.accept_prior", plus.accept_prior, "valid: 0 <= acceptance <= 1")
+
+
+def validate_logger(logger: LoggerConfig) -> None:
+    """The tracker's name and mode (the tracker itself is opened only after the run)."""
+    from spmoe.tracking import VALID_MODES
+
+    if logger.name not in ("none", "wandb"):
+        _fail("logger", logger.name, "valid: none, wandb")
+    if logger.name == "wandb" and logger.mode not in VALID_MODES:
+        _fail("logger.mode", logger.mode, f"valid: {', '.join(VALID_MODES)}")
 
 
 def validate_config(cfg: RunConfig) -> None:
@@ -121,6 +152,7 @@ def validate_config(cfg: RunConfig) -> None:
         _fail("trace.lookahead_depth", cfg.trace.lookahead_depth, "valid: an integer >= 1")
     if cfg.routing.name == "model":
         validate_dataset(cfg.dataset)
+    validate_logger(cfg.logger)
 
 
 def validate_method_against_layout(method: MethodConfig, layout) -> None:

@@ -120,6 +120,28 @@ def test_other_method_knobs(guard, key, value, needle):
     rejects(cfg, ValueError, f"method.{key}", needle)
 
 
+@pytest.mark.parametrize("key,value,needle", [
+    ("k_min", -1, "integer >= 0"),
+    ("accept_prior", 1.5, "0 <= acceptance <= 1"),
+    ("draft_min_agreement", 2.0, "0 <= agreement <= 1"),
+    ("draft_group_size", 0, "integer >= 1"),
+    ("host_threads", 0, "integer >= 1"),
+    ("host_max_per_layer", -1, "integer >= 0"),
+])
+def test_plus_knobs(guard, key, value, needle):
+    cfg = _sd("spmoe_plus")
+    setattr(cfg.method.plus, key, value)
+    rejects(cfg, ValueError, f"method.plus.{key}", needle)
+
+
+@pytest.mark.parametrize("name,mode,needle", [("tensorboard", "offline", "none, wandb"),
+                                              ("wandb", "onlin", "offline, online, disabled")])
+def test_logger_rejected_before_the_run(guard, name, mode, needle):
+    cfg = _cfg()
+    cfg.logger = dataclasses.replace(cfg.logger, name=name, mode=mode)
+    rejects(cfg, ValueError, "logger", needle)
+
+
 def test_unknown_cutoff_mode(guard):
     cfg = _sd()
     cfg.method.cutoff = CutoffConfig(mode="sometimes")
