@@ -30,7 +30,7 @@ from spmoe.config import RunConfig
 from spmoe.io import write_json_atomic, write_text_atomic
 from spmoe.offload.budget import BudgetError
 from spmoe.policy.profile import measure_bandwidth_gb_per_s
-from spmoe.rundir import config_hash, finished_summary
+from spmoe.rundir import config_hash, discard_summary, finished_summary
 from spmoe.session import GIB, Session, open_session
 from spmoe.summary import summarize_run, write_partial, write_run
 from spmoe.trace.lossless import check_lossless
@@ -184,7 +184,7 @@ def run_cases(cases: list[Case], rounds: int = 1, warmup_tokens: int = 0, experi
     if not cases:
         raise ValueError("an experiment needs at least one case")
     check_shared(cases)
-    done = {id(c): finished_summary(c.out_dir, c.hash) if resume else None for c in cases}
+    done = {id(c): finished_summary(c.out_dir, c.hash) if resume else discard_summary(c.out_dir) for c in cases}
     todo = [c for c in cases if done[id(c)] is None]
     for case in cases:
         if done[id(case)] is not None:

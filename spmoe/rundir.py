@@ -4,10 +4,10 @@ Run directories: the config hash that ties a summary to its config, resume, and 
 Terms: a *finished* run directory holds `summary.json` whose `config_hash` equals the hash of the
 config that would run there now. The hash covers every key that changes results (the resolved
 config without `resume`, `progress`, `logger` and the experiment's other cases). Invariants:
-resume reuses a directory only when its hash matches; otherwise the stale summary is removed before
-the run starts, so a killed rerun never leaves a summary that looks finished for the new config.
-A directory in use is locked (`.lock`, an advisory `flock` released when the process dies): a
-second run into it fails at once.
+resume reuses a directory only when its hash matches; otherwise (and always under `resume=false`)
+the old summary is removed before the run starts, so a killed rerun never leaves a summary that
+looks finished for the new config. A directory in use is locked (`.lock`, an advisory `flock`
+released when the process dies): a second run into it fails at once.
 """
 
 from __future__ import annotations
@@ -59,6 +59,15 @@ def finished_summary(run_dir: Path, expected_hash: str) -> dict | None:
                 summary.get("config_hash"), expected_hash)
     path.unlink()
     return None
+
+
+def discard_summary(run_dir: Path) -> None:
+    """Remove a run directory's summary before it is run again (`resume=false`): until the new run
+    finishes, nothing there looks finished."""
+    path = Path(run_dir) / "summary.json"
+    if path.is_file():
+        log.info("%s: rerunning (resume=false); the old summary is removed first", path)
+        path.unlink()
 
 
 class RunDirLock:

@@ -249,3 +249,23 @@ def test_a_failing_case_does_not_cost_the_others(tmp_path):
     assert "per-layer cache" in error["error"] and not (tmp_path / "mo" / "summary.json").exists()
     for case in ("lru_nosd", "lru", "spmoe", "moe_infinity_nosd"):
         assert len(json.loads((tmp_path / case / "summary.json").read_text())["tpot_ms_rounds"]) == 2
+
+
+def test_a_rerun_without_resume_removes_the_old_summary_first(tmp_path, monkeypatch):
+    """resume=false reruns even a finished directory; a run that dies on the way must not leave the old
+    summary looking finished beside the new run's files."""
+    import spmoe.experiment as experiment
+    from conftest import tiny_run_config
+
+    case = experiment.Case(None, tiny_run_config(), tmp_path)
+    (tmp_path / "summary.json").write_text(json.dumps({"config_hash": case.hash}))
+
+    def dies(*args, **kwargs):
+        raise RuntimeError("killed while loading")
+
+    monkeypatch.setattr(experiment, "open_session", dies)
+    with pytest.raises(RuntimeError, match="killed while loading"):
+        experiment.run_cases([case], resume=False)
+    assert not (tmp_path / "summary.json").exists()
+    (tmp_path / "summary.json").write_text(json.dumps({"config_hash": case.hash}))
+    assert experiment.run_cases([case], resume=True) == [{"config_hash": case.hash}]  # resume still reuses it
