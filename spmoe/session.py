@@ -293,6 +293,8 @@ def open_session(cfg: RunConfig, cases: Sequence[RunConfig] = ()) -> Session:
             raise ValueError("routing=replay needs routing.trace_path (a routing_trace.npz or a run directory)")
         routing_trace = load_trace(cfg.routing.trace_path)
         replay = RouteReplay(routing_trace, layout, spec.speculative, cfg.spec.num_draft_tokens)  # mismatches fail here
+        for case in cases:  # each case replays with its own method and k
+            RouteReplay(routing_trace, layout, get_strategy(case.method.name).speculative, case.spec.num_draft_tokens)
         prompts = replay.prompts(hf_cfg.vocab_size, cfg.num_prompts, cfg.max_new_tokens)
     elif cfg.routing.name == "model":
         prompts = load_prompts(cfg.dataset, tokenizer, hf_cfg.vocab_size, cfg.num_prompts, cfg.seed)

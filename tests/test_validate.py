@@ -265,6 +265,14 @@ def test_replay_of_a_bad_trace_fails_before_loading(guard, tmp_path):
     rejects(cfg, TraceError, "routes", "out of range", "0..7")
 
 
+def test_every_case_of_a_replay_is_checked_against_the_trace_before_loading(guard):
+    cfg = _sd("spmoe")  # k=1, the trace's
+    cfg.routing = RoutingConfig(name="replay", trace_path=str(TRACE))
+    other = dataclasses.replace(cfg, spec=SpecConfig(num_draft_tokens=2))
+    with pytest.raises(TraceError, match=r"num_draft_tokens=1; replay with the same k \(got 2\)"):
+        open_session(cfg, [other])
+
+
 # -- checkpoint vs config.json -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
