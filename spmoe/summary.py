@@ -25,11 +25,12 @@ from spmoe.trace.lossless import summary_block
 from spmoe.trace.metrics import summarize
 from spmoe.trace.oracle import access_sequence, belady_misses
 
+
 def git_sha() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
         return out.stdout.strip() or None
-    except OSError:
+    except (OSError, subprocess.SubprocessError):  # no git, or it hung (TimeoutExpired)
         return None
 
 
