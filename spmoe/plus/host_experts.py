@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spmoe.models.experts import OffloadedExperts, expert_mlp
+from spmoe.models.experts import OffloadedExperts, expert_mlp, grouped_supported, slot_expert_mlp
 from spmoe.offload.prefetch import PrefetchProvider
 from spmoe.offload.store import ExpertStore
 
@@ -169,11 +169,12 @@ class HostAssistedExperts(OffloadedExperts):
         rows_all, pos_all = rows_cpu.to(hidden_states.device), pos_cpu.to(hidden_states.device)
         on_host = set(host_ids)
         gpu_ids = [e for e in span if e not in on_host]
+        mlp = slot_expert_mlp if grouped_supported(hidden_states) else expert_mlp  # rounds as OffloadedExperts does
         for e, flat in self.provider.experts_for(self.layer_idx, gpu_ids, index_cpu):
             gate_up, down = self.layout.split(flat)
             start, end = span[e]
             rows_d, pos_d = rows_all[start:end], pos_all[start:end]
-            ys[rows_d, pos_d] = expert_mlp(hidden_states[rows_d], gate_up, down, self.act_fn)
+            ys[rows_d, pos_d] = mlp(hidden_states[rows_d], gate_up, down, self.act_fn)
         self.stats.num_gpu_experts += len(gpu_ids)
         if future is not None:
             t0 = time.perf_counter()

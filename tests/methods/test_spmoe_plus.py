@@ -138,3 +138,17 @@ def test_a_failing_build_closes_its_runtime(twin, monkeypatch):
     monkeypatch.undo()
     gens, _, _ = _plus(twin, "int8_draft")
     assert [g.token_ids for g in gens] == twin.reference
+
+
+def test_device_served_experts_round_like_every_other_method(twin, monkeypatch):
+    """The experts the host-assisted layer serves from the device cache go through the same kernel as
+    `OffloadedExperts` (the one-group grouped GEMM where supported), so bf16 GPU runs round like the
+    reference; plain `expert_mlp` is left to the host's own experts."""
+    import spmoe.plus.host_experts as host_experts
+
+    def plain(*args, **kwargs):
+        raise AssertionError("a device-served expert bypassed the grouped kernel")
+
+    monkeypatch.setattr(host_experts, "expert_mlp", plain)
+    gens, _, _ = _plus(twin, "adaptive_k")  # host compute off: every expert is device-served
+    assert [g.token_ids for g in gens] == twin.reference
