@@ -8,6 +8,7 @@ are labelled.
 
 from __future__ import annotations
 
+
 def _fmt(value, spec: str, missing: str = "n/a") -> str:
     return missing if value is None else format(value, spec)
 

@@ -19,7 +19,7 @@ tracking never touches the engine and a finished run can be logged at any time:
   `emulated` when the card was; job_type = method; config = the summary's `config`, else
   `.hydra/config.yaml`;
 - artifact (type `run`): summary.json, trace.jsonl, generations.jsonl and routing_trace.npz, those present.
-`make_tracker` keeps the older in-process interface (`log_summary`, `finish`) used by run.py.
+`make_tracker` opens one tracker (`log_summary`, `log_run_dir`, `finish`); `log_run` uses it.
 """
 
 from __future__ import annotations
