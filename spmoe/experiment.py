@@ -160,6 +160,9 @@ def add_runtime_efficiency(session: Session, summaries: list[dict]) -> None:
 def _write(session: Session, case: Case, summary: dict, gens: list, routing) -> None:
     session.last_routing = routing
     write_run(case.out_dir, session, gens, summary)
+
+
+def _check_budget(case: Case, summary: dict) -> None:
     if summary["within_budget"] is False:
         raise BudgetError(f"case {case.name or case.cfg.method.name}: peak GPU memory"
                           f" {summary['peak_gpu_bytes'] / GIB:.2f} GiB exceeded the budget of"
@@ -209,6 +212,8 @@ def run_cases(cases: list[Case], rounds: int = 1, warmup_tokens: int = 0, experi
             for case, (summary, gens, routing) in zip(running, results):
                 _write(session, case, summary, gens, routing)
                 done[id(case)] = summary
+            for case, (summary, _, _) in zip(running, results):  # after every case is written
+                _check_budget(case, summary)
         finally:
             session.close()
     return [done[id(c)] for c in cases]

@@ -131,8 +131,8 @@ def test_rounds_interleave_and_each_case_writes_its_own_dir(tmp_path):
 
     order = []
     original = experiment._run_round
-    experiment._run_round = lambda session, case, r, progress: (order.append(case.name),
-                                                                 original(session, case, r, progress))
+    experiment._run_round = lambda session, case, r, *rest: (order.append(case.name),
+                                                              original(session, case, r, *rest))
     try:
         summaries = experiment.run_cases(cases, rounds=3, warmup_tokens=0)
     finally:
@@ -269,3 +269,26 @@ def test_a_rerun_without_resume_removes_the_old_summary_first(tmp_path, monkeypa
     assert not (tmp_path / "summary.json").exists()
     (tmp_path / "summary.json").write_text(json.dumps({"config_hash": case.hash}))
     assert experiment.run_cases([case], resume=True) == [{"config_hash": case.hash}]  # resume still reuses it
+
+
+def test_a_case_over_its_budget_fails_after_every_case_is_written(tmp_path, monkeypatch):
+    """A peak above the budget fails the experiment, but only after each case's summary is on disk:
+    the other cases' measurements are not thrown away."""
+    import spmoe.experiment as experiment
+    from conftest import tiny_run_config
+    from spmoe.offload.budget import BudgetError
+
+    cases = [experiment.Case(m, tiny_run_config(method=m, num_prompts=1, max_new_tokens=3), tmp_path / m)
+             for m in ("gpu_resident", "lru_nosd")]
+    summarize = experiment._summarize
+
+    def over_budget_first(session, case, name):
+        summary, gens, routing = summarize(session, case, name)
+        if case is cases[0]:
+            summary.update(within_budget=False, peak_gpu_bytes=2 * 2**30, gpu_budget_bytes=2**30)
+        return summary, gens, routing
+
+    monkeypatch.setattr(experiment, "_summarize", over_budget_first)
+    with pytest.raises(BudgetError, match="case gpu_resident: peak GPU memory 2.00 GiB exceeded"):
+        experiment.run_cases(cases)
+    assert all((c.out_dir / "summary.json").is_file() for c in cases)
