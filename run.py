@@ -85,10 +85,10 @@ def _progress(setting: str, multirun: bool) -> bool:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(dcfg: DictConfig) -> float:
-    """Returns the run's median TPOT in ms (an experiment's: its first case's), the objective a Hydra
-    sweeper such as Optuna minimizes. A bad input or a machine that cannot hold the run ends a single
-    run with one line on stderr (exit status 2); in a multirun the error propagates so Hydra reports
-    the failing job."""
+    """Returns the run's median TPOT in ms (an experiment's: its first case's; NaN when nothing was
+    decoded), the objective a Hydra sweeper such as Optuna minimizes. A bad input or a machine that
+    cannot hold the run ends a single run with one line on stderr (exit status 2); in a multirun the
+    error propagates so Hydra reports the failing job."""
     try:
         return _main(dcfg)
     except (ValueError, MemoryError, RuntimeError, FileNotFoundError) as exc:
@@ -124,7 +124,8 @@ def _main(dcfg: DictConfig) -> float:
     if failed:
         raise RuntimeError(f"experiment {exp.name}: case(s) {failed} failed (see their error.json); the others"
                            f" finished in {out_dir}")
-    return float(summaries[0].get("tpot_ms_median") or summaries[0]["tpot_ms"])
+    tpot_ms = summaries[0].get("tpot_ms_median") or summaries[0]["tpot_ms"]
+    return float("nan") if tpot_ms is None else float(tpot_ms)  # None: no decode step (max_new_tokens=1)
 
 
 if __name__ == "__main__":

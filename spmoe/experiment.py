@@ -108,18 +108,20 @@ def _tpot_ms(gens) -> float:
 
 def _summarize(session: Session, case: Case, experiment: str | None) -> tuple[dict, list, object]:
     """The case's summary from its median-TPOT round, with that round's generations and routing trace."""
-    tpots = [_tpot_ms(r[0]) for r in case.rounds]
-    median_round = sorted(range(len(tpots)), key=tpots.__getitem__)[(len(tpots) - 1) // 2]
+    tpots = [_tpot_ms(r[0]) for r in case.rounds]  # None when no token was decoded (max_new_tokens=1)
+    timed = None not in tpots
+    median_round = sorted(range(len(tpots)), key=tpots.__getitem__)[(len(tpots) - 1) // 2] if timed else 0
     gens, plan, peak, extra, routing = case.rounds[median_round]
     session.last_extra, session.last_routing = extra, routing
     check = (check_lossless(session, gens, temperature=case.cfg.spec.temperature)
              if _wants_reference(session, case.cfg) else None)
     summary = summarize_run(session, case.cfg.method, case.cfg.hardware, gens, plan, peak, check, spec_cfg=case.cfg.spec)
-    median = statistics.median(tpots)
+    median = statistics.median(tpots) if timed else None
     summary.update({
         "experiment": experiment, "case": case.name, "rounds": len(tpots), "tpot_ms_rounds": tpots,
-        "tpot_ms_median": median, "tpot_ms_min": min(tpots), "tpot_ms_max": max(tpots),
-        "tpot_spread": (max(tpots) - min(tpots)) / median if median else 0.0,
+        "tpot_ms_median": median, "tpot_ms_min": min(tpots) if timed else None,
+        "tpot_ms_max": max(tpots) if timed else None,
+        "tpot_spread": None if not timed else (max(tpots) - min(tpots)) / median if median else 0.0,
         "cache_holds_all_experts": summary["num_slots"] >= summary["num_experts_total"],
         "config_hash": case.hash, "config": case.config if case.config is not None else asdict(case.cfg),
     })

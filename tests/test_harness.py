@@ -292,3 +292,18 @@ def test_a_case_over_its_budget_fails_after_every_case_is_written(tmp_path, monk
     with pytest.raises(BudgetError, match="case gpu_resident: peak GPU memory 2.00 GiB exceeded"):
         experiment.run_cases(cases)
     assert all((c.out_dir / "summary.json").is_file() for c in cases)
+
+
+def test_one_token_runs_have_no_tpot_and_do_not_crash(tmp_path):
+    """max_new_tokens=1 decodes nothing after the prefill: TPOT and its spread are null, in every round."""
+    import spmoe.experiment as experiment
+    from conftest import tiny_run_config
+
+    case = experiment.Case("one", tiny_run_config(method="lru_nosd", num_prompts=1, max_new_tokens=1), tmp_path)
+    (summary,) = experiment.run_cases([case], rounds=2)
+    assert summary["tpot_ms_rounds"] == [None, None]
+    assert summary["tpot_ms_median"] is None and summary["tpot_spread"] is None
+    proc = run_py("method=lru_nosd", "hardware=cpu", "num_prompts=1", "max_new_tokens=1",
+                  f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.splitlines()[-1])["tpot_ms"] is None
