@@ -251,17 +251,8 @@ def open_session(cfg: RunConfig, cases: Sequence[RunConfig] = ()) -> Session:
                              " spmoe.auto.auto_choices); a library caller passes explicit presets")
         validate_config(case)
     spec = get_strategy(cfg.method.name)
-    cfg.check_lossless = str(cfg.check_lossless).lower()  # Hydra parses `true` as a bool
-    if cfg.check_lossless not in ("auto", "true", "false"):
-        raise ValueError(f"check_lossless={cfg.check_lossless!r}; valid: auto, true, false")
     if spec.offloads:
         make_policy(cfg.method.eviction)
-    if cfg.method.num_slots is not None and cfg.method.num_slots < 1:
-        raise ValueError(f"method.num_slots must be >= 1 (or null for all the budget allows), got {cfg.method.num_slots}")
-    if cfg.max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}")
-    if cfg.spec.num_draft_tokens < 1 and spec.speculative:
-        raise ValueError(f"spec.num_draft_tokens must be >= 1 for {spec.name}, got {cfg.spec.num_draft_tokens}")
     if cfg.model.weights == "twin" and cfg.draft.name == "none":
         raise ValueError("model.weights=twin upcycles the target from its draft: pass draft=<name>"
                          f" (valid: {_draft_names()})")
