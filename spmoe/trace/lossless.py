@@ -278,12 +278,12 @@ def exact_check(gens: list, reference: list[list[int]]) -> LosslessCheck:
     for i, (gen, ref) in enumerate(zip(gens, reference)):
         check.checked_tokens += len(ref)
         check.agreeing_tokens += sum(a == b for a, b in zip(gen.token_ids, ref))
-        steps = step_of_positions(gen)
+        steps, num_losses = step_of_positions(gen), len(check.losses)
         for j, (a, b) in enumerate(zip(gen.token_ids, ref)):
             if a != b:
                 check.losses.append(TieDivergence(i, j, steps[j] if j < len(steps) else -1, a, b, float("nan")))
                 break
-        if len(gen.token_ids) != len(ref) and not check.losses:
+        if len(gen.token_ids) != len(ref) and len(check.losses) == num_losses:  # this prompt's only divergence
             check.losses.append(TieDivergence(i, min(len(ref), len(gen.token_ids)), -1, -1, -1, float("nan")))
     check.lossless = not check.losses
     check.reason = ("exact: identical to the reference generation" if check.lossless

@@ -127,3 +127,17 @@ def test_replayed_sd_run_is_null_and_its_verified_tokens_are_checked(tmp_path):
     assert s["routing"] == "replay" and s["lossless"] is None and "routing replay" in s["lossless_reason"]
     assert s["replay_verified_argmax"] is True
     assert 0 < s["lossless_checked_tokens"] < 20  # only each step's verified token
+
+
+def test_exact_check_reports_each_prompts_first_divergence():
+    """A length mismatch of a later prompt is reported even when an earlier prompt already diverged."""
+    from types import SimpleNamespace
+
+    from spmoe.trace.lossless import exact_check
+
+    def gen(tokens):
+        return SimpleNamespace(token_ids=tokens, records=[SimpleNamespace(num_emitted=1) for _ in tokens])
+
+    check = exact_check([gen([1, 2, 3]), gen([4, 5])], [[1, 9, 3], [4, 5, 6]])
+    assert check.lossless is False
+    assert [(s.prompt_idx, s.position) for s in check.losses] == [(0, 1), (1, 2)]
