@@ -126,15 +126,19 @@ def quantize_draft(draft: nn.Module, precision: str, group_size: int = 128) -> D
     shared = {id(m.weight) for m in draft.modules() if isinstance(m, nn.Embedding)}
     out = DraftPrecision(precision)
     largest = 0
-    for parent, name, linear in _sites(draft, shared):
-        q = QuantLinear(linear, bits, group_size)
-        out.site_bytes += linear.weight.numel() * linear.weight.element_size()
-        out.quantized_bytes += q.nbytes
-        num_groups, g = int4.group_shape(linear.in_features, group_size)
-        padded = linear.out_features * (linear.in_features if bits == 8 else num_groups * g)
-        largest = max(largest, padded * linear.weight.element_size() + (padded // 2 if bits == 4 else 0))
-        out._swapped.append((parent, name, linear, q))
-        setattr(parent, name, q)
+    try:
+        for parent, name, linear in _sites(draft, shared):
+            q = QuantLinear(linear, bits, group_size)
+            out.site_bytes += linear.weight.numel() * linear.weight.element_size()
+            out.quantized_bytes += q.nbytes
+            num_groups, g = int4.group_shape(linear.in_features, group_size)
+            padded = linear.out_features * (linear.in_features if bits == 8 else num_groups * g)
+            largest = max(largest, padded * linear.weight.element_size() + (padded // 2 if bits == 4 else 0))
+            out._swapped.append((parent, name, linear, q))
+            setattr(parent, name, q)
+    except BaseException:  # a partly quantized draft never outlives the failure
+        out.restore()
+        raise
     out.workspace_bytes = largest
     log.info("draft %s: %d linear layers, %.2f GB -> %.2f GB (+ %.2f GB workspace)", precision, len(out._swapped),
              out.site_bytes / 1e9, out.quantized_bytes / 1e9, largest / 1e9)
@@ -177,7 +181,11 @@ def choose_precision(draft: nn.Module, min_agreement: float, group_size: int, se
     tried = {}
     for precision in ("int4", "int8"):
         applied = quantize_draft(draft, precision, group_size)
-        applied.agreement = tried[precision] = agreement(draft, sequences, reference)
+        try:
+            applied.agreement = tried[precision] = agreement(draft, sequences, reference)
+        except BaseException:
+            applied.restore()
+            raise
         log.info("draft %s: calibration agreement %.3f (need %.3f)", precision, applied.agreement, min_agreement)
         if applied.agreement >= min_agreement:
             applied.tried = tried

@@ -152,3 +152,28 @@ def test_device_served_experts_round_like_every_other_method(twin, monkeypatch):
     monkeypatch.setattr(host_experts, "expert_mlp", plain)
     gens, _, _ = _plus(twin, "adaptive_k")  # host compute off: every expert is device-served
     assert [g.token_ids for g in gens] == twin.reference
+
+
+def test_a_failing_quantization_or_calibration_restores_the_draft(twin, monkeypatch):
+    import spmoe.plus.draft_precision as dp
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("calibration failed")
+
+    monkeypatch.setattr(dp, "agreement", fails)
+    with pytest.raises(RuntimeError, match="calibration failed"):
+        dp.choose_precision(twin.draft, 0.9, 16, torch.tensor([[5, 9, 14]]), num_tokens=2)
+    assert not any(isinstance(m, dp.QuantLinear) for m in twin.draft.modules())
+    calls = []
+
+    def third_fails(linear, bits, group_size):
+        calls.append(linear)
+        if len(calls) == 3:
+            raise RuntimeError("quantization failed")
+        return original(linear, bits, group_size)
+
+    original = dp.QuantLinear
+    monkeypatch.setattr(dp, "QuantLinear", third_fails)
+    with pytest.raises(RuntimeError, match="quantization failed"):
+        dp.quantize_draft(twin.draft, "int8", 16)
+    assert not any(isinstance(m, original) for m in twin.draft.modules())
