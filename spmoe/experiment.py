@@ -2,10 +2,10 @@
 Running cases side by side: one loaded model and store, several cases, interleaved rounds.
 
 Terms: a *case* is one resolved `RunConfig` with a name and its own run directory; cases of one
-experiment share the model, draft, dataset, routing, seed, prompt count and output length, and may
-differ in method, hardware card and `spec.*`. A *round* runs every case once over all prompts;
-round r runs the cases in order for even r and reversed for odd r (A B C C B A), so slow drifts of
-the host (clocks, page cache, allocator) fall on every case alike.
+experiment share the model, draft, dataset, routing, seed, prompt count, output length and device,
+and may differ in method, hardware card (budget, pacing) and `spec.*`. A *round* runs every case
+once over all prompts; round r runs the cases in order for even r and reversed for odd r
+(A B C C B A), so slow drifts of the host (clocks, page cache, allocator) fall on every case alike.
 
 Invariants: every case is planned (device and host memory) before anything is loaded; a case whose
 run directory already holds a summary of its exact config is not rerun; each case's summary is the
@@ -61,6 +61,10 @@ def check_shared(cases: list[Case]) -> None:
             if getattr(case.cfg, key) != getattr(first, key):
                 raise ValueError(f"case {case.name!r} changes {key!r}; cases of one experiment share {list(_SHARED)}"
                                  " (sweep it instead: python run.py -m ...)")
+        if case.cfg.hardware.device != first.hardware.device:  # the session runs every case on its device
+            raise ValueError(f"case {case.name!r} runs on hardware.device={case.cfg.hardware.device!r}, the first"
+                             f" case on {first.hardware.device!r}; cases of one experiment share the device (cards"
+                             " of one device type differ only in budget and pacing)")
 
 
 def _progress_bar(enabled: bool, case: Case, round_idx: int):

@@ -307,3 +307,17 @@ def test_one_token_runs_have_no_tpot_and_do_not_crash(tmp_path):
                   f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.splitlines()[-1])["tpot_ms"] is None
+
+
+def test_cases_share_the_device(tmp_path):
+    """The session runs every case on its own device: a case naming another would be mislabelled."""
+    import dataclasses
+
+    import spmoe.experiment as experiment
+    from conftest import tiny_run_config
+
+    cpu = tiny_run_config(method="lru_nosd")
+    gpu = tiny_run_config(method="lru_nosd")
+    gpu.hardware = dataclasses.replace(gpu.hardware, name="h200", device="cuda")
+    with pytest.raises(ValueError, match="hardware.device='cuda'.*share the device"):
+        experiment.check_shared([experiment.Case("a", cpu, tmp_path / "a"), experiment.Case("b", gpu, tmp_path / "b")])
