@@ -19,6 +19,7 @@ import cProfile
 import io
 import logging
 import pstats
+import shutil
 import statistics
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -145,12 +146,13 @@ def link_gb_per_s(session: Session, summary: dict) -> float | None:
     return session.pinned_gb_per_s
 
 
-def add_runtime_efficiency(session: Session, summaries: list[dict]) -> None:
+def add_runtime_efficiency(session: Session, summaries: list[dict], floor: list[dict] = ()) -> None:
     """runtime efficiency = TPOT / (H2D bytes per token / link bandwidth + GPU compute per token), for
     offloaded cases of an experiment that also ran `gpu_resident` (no SD) or `gpu_resident_sd` (SD):
-    their TPOT is the compute that cannot overlap."""
-    compute_ms = {s["method"] == "gpu_resident_sd": s["tpot_ms"] for s in summaries
-                  if s["method"] in ("gpu_resident", "gpu_resident_sd")}
+    their TPOT is the compute that cannot overlap. `floor`: summaries of the experiment's cases
+    reused from an earlier process, read for that compute only."""
+    compute_ms = {s["method"] == "gpu_resident_sd": s["tpot_ms"] for s in (*floor, *summaries)
+                  if s.get("method") in ("gpu_resident", "gpu_resident_sd") and s.get("tpot_ms")}
     for s in summaries:
         speculative = s.get("acceptance_rate") is not None
         if s["method"].startswith("gpu_resident") or speculative not in compute_ms or not s.get("h2d_bytes_per_token"):
@@ -164,6 +166,9 @@ def add_runtime_efficiency(session: Session, summaries: list[dict]) -> None:
 
 
 def _write(session: Session, case: Case, summary: dict, gens: list, routing) -> None:
+    """The case's files, summary last; an earlier failed attempt's error.json and partial/ go first."""
+    (case.out_dir / "error.json").unlink(missing_ok=True)
+    shutil.rmtree(case.out_dir / "partial", ignore_errors=True)
     session.last_routing = routing
     write_run(case.out_dir, session, gens, summary)
 
@@ -212,14 +217,19 @@ def run_cases(cases: list[Case], rounds: int = 1, warmup_tokens: int = 0, experi
                     if done[id(case)] is None:
                         _attempt(isolate, done, case, experiment,
                                  lambda c=case: _run_round(session, c, r, progress, profile and r == rounds - 1))
-            running = [c for c in todo if done[id(c)] is None]
-            results = [_summarize(session, case, experiment) for case in running]
-            add_runtime_efficiency(session, [summary for summary, _, _ in results])
-            for case, (summary, gens, routing) in zip(running, results):
+            results = {}
+            for case in [c for c in todo if done[id(c)] is None]:
+                _attempt(isolate, done, case, experiment,
+                         lambda c=case: results.__setitem__(id(c), _summarize(session, c, experiment)))
+            running = [c for c in todo if id(c) in results and done[id(c)] is None]
+            resumed = [done[id(c)] for c in cases if c not in todo]
+            add_runtime_efficiency(session, [results[id(c)][0] for c in running], floor=resumed)
+            for case in running:
+                summary, gens, routing = results[id(case)]
                 _write(session, case, summary, gens, routing)
                 done[id(case)] = summary
-            for case, (summary, _, _) in zip(running, results):  # after every case is written
-                _check_budget(case, summary)
+            for case in running:  # after every case is written
+                _check_budget(case, done[id(case)])
         finally:
             session.close()
     return [done[id(c)] for c in cases]

@@ -321,3 +321,27 @@ def test_cases_share_the_device(tmp_path):
     gpu.hardware = dataclasses.replace(gpu.hardware, name="h200", device="cuda")
     with pytest.raises(ValueError, match="hardware.device='cuda'.*share the device"):
         experiment.check_shared([experiment.Case("a", cpu, tmp_path / "a"), experiment.Case("b", gpu, tmp_path / "b")])
+
+
+def test_runtime_efficiency_reads_the_floor_of_a_resumed_reference():
+    from types import SimpleNamespace
+
+    from spmoe.experiment import add_runtime_efficiency
+
+    session = SimpleNamespace(device=SimpleNamespace(type="cpu"), pinned_gb_per_s=None)
+    resumed = [{"method": "gpu_resident", "tpot_ms": 40.0, "acceptance_rate": None}]
+    new = [{"method": "lru_nosd", "tpot_ms": 500.0, "acceptance_rate": None, "h2d_bytes_per_token": 10e9,
+            "pcie_paced_gb_per_s": 25.0}]
+    add_runtime_efficiency(session, new, floor=resumed)
+    assert new[0]["runtime_efficiency"] == pytest.approx(500.0 / (10e9 / 25e6 + 40.0))
+    assert "runtime_efficiency" not in resumed[0]
+
+
+def test_a_retried_case_leaves_no_stale_error(tmp_path):
+    args = ("experiment=cpu/harness_check", "experiment.rounds=1", "experiment.warmup_tokens=0",
+            "+experiment.cases.mo=['method=mixtral_offloading']", f"hydra.run.dir={tmp_path}")
+    assert run_py(*args, "method.num_slots=3").returncode == 2
+    assert (tmp_path / "mo" / "error.json").is_file()
+    proc = run_py(*args, "method.num_slots=8")  # 2 slots per MoE layer: it fits now
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "mo" / "summary.json").is_file() and not (tmp_path / "mo" / "error.json").exists()
