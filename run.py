@@ -76,6 +76,17 @@ def _cases(dcfg: DictConfig, overrides: list[str], out_dir: Path):
     return cases
 
 
+def _write_hydra_files(out_dir: Path, dcfg: DictConfig, hc) -> None:
+    """`.hydra/{config,overrides,hydra}.yaml`, written under the lock (Hydra's own copy would be
+    written before it, so a rejected second run would overwrite the first run's record)."""
+    from spmoe.io import write_text_atomic
+
+    record = {"config.yaml": OmegaConf.to_yaml(dcfg), "overrides.yaml": OmegaConf.to_yaml(hc.overrides.task),
+              "hydra.yaml": OmegaConf.to_yaml({"hydra": hc})}
+    for name, text in record.items():
+        write_text_atomic(out_dir / ".hydra" / name, text)
+
+
 def _progress(setting: str, multirun: bool) -> bool:
     setting = str(setting).lower()
     if setting not in ("auto", "true", "false"):
@@ -108,6 +119,7 @@ def _main(dcfg: DictConfig) -> float:
     out_dir = Path(hc.runtime.output_dir)
     overrides = [o for o in hc.overrides.task if not _key(o).startswith("hydra.")]
     with RunDirLock(out_dir):
+        _write_hydra_files(out_dir, dcfg, hc)
         cases = _cases(dcfg, overrides, out_dir)
         exp = dcfg.experiment
         summaries = run_cases(cases, rounds=exp.rounds, warmup_tokens=exp.warmup_tokens if exp.name else 0,

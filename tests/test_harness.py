@@ -171,10 +171,13 @@ def test_sweep_resume_follows_values_not_job_order(tmp_path):
 
 def test_a_locked_run_dir_fails_at_once(tmp_path):
     out = tmp_path / "busy"
+    (out / ".hydra").mkdir(parents=True)
+    (out / ".hydra" / "config.yaml").write_text("the first run's record\n")
     with RunDirLock(out):
         proc = run_py("method=lru_nosd", "hardware=cpu", f"hydra.run.dir={out}", timeout=120)
     assert proc.returncode == 2 and "is in use by pid" in proc.stderr, proc.stderr[-3000:]
     assert not (out / "summary.json").exists()
+    assert (out / ".hydra" / "config.yaml").read_text() == "the first run's record\n"  # not overwritten
 
 
 def test_config_hash_ignores_only_bookkeeping_keys():
