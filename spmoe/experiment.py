@@ -192,7 +192,8 @@ def run_cases(cases: list[Case], rounds: int = 1, warmup_tokens: int = 0, experi
     With several cases, a case that fails while running (e.g. a method whose caches cannot fit the
     card) is dropped from the later rounds and returned as `{"case", "experiment", "error"}` with the
     same in `<case dir>/error.json` (no summary.json: a resumed experiment retries it); the others
-    go on. A single run's error propagates. Planning errors are raised before anything is loaded."""
+    go on; a case whose memory plan does not fit its card is recorded the same way before anything is
+    loaded. A single run's error propagates, as does any other planning error."""
     if rounds < 1:
         raise ValueError(f"experiment.rounds must be >= 1, got {rounds}")
     if not cases:
@@ -206,11 +207,14 @@ def run_cases(cases: list[Case], rounds: int = 1, warmup_tokens: int = 0, experi
     if todo:
         if len(todo) < len(cases):
             log.info("running %d of %d cases; the others were measured in an earlier process", len(todo), len(cases))
-        session = open_session(todo[0].cfg, [c.cfg for c in todo[1:]])
         isolate = len(cases) > 1
+        budget_errors: dict[int, BudgetError] | None = {} if isolate else None
+        session = open_session(todo[0].cfg, [c.cfg for c in todo[1:]], budget_errors)
         try:
+            for i, exc in (budget_errors or {}).items():  # cases that do not fit their card
+                _attempt(isolate, done, todo[i], experiment, lambda e=exc: _raise(e))
             if warmup_tokens > 0:
-                for case in todo:
+                for case in [c for c in todo if done[id(c)] is None]:
                     _attempt(isolate, done, case, experiment, lambda c=case: _warm_up(session, c, warmup_tokens))
             for r in range(rounds):
                 for case in (todo if r % 2 == 0 else todo[::-1]):
@@ -233,6 +237,10 @@ def run_cases(cases: list[Case], rounds: int = 1, warmup_tokens: int = 0, experi
         finally:
             session.close()
     return [done[id(c)] for c in cases]
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
 
 
 def _attempt(isolate: bool, done: dict, case: Case, experiment: str | None, fn) -> None:

@@ -241,9 +241,13 @@ def _draft_names() -> list[str]:
     return [n for n in preset_names("draft") if n not in ("none", "auto")]
 
 
-def open_session(cfg: RunConfig, cases: Sequence[RunConfig] = ()) -> Session:
+def open_session(cfg: RunConfig, cases: Sequence[RunConfig] = (),
+                 budget_errors: dict[int, BudgetError] | None = None) -> Session:
     """Validate names, plan memory for cfg's method and hardware and for every other case's (failing
-    before any large allocation, host memory included), then load the draft (if any) and the target."""
+    before any large allocation, host memory included), then load the draft (if any) and the target.
+
+    With `budget_errors` (a dict), a case whose plan does not fit its card is recorded there by its
+    index in `(cfg, *cases)` instead of raising, unless no case fits."""
     for case in (cfg, *cases):
         unresolved = [g for g in ("draft", "hardware", "routing") if getattr(case, g).name == "auto"]
         if unresolved:
@@ -296,10 +300,19 @@ def open_session(cfg: RunConfig, cases: Sequence[RunConfig] = ()) -> Session:
     if draft_cfg is not None:
         with torch.device("meta"):
             session.draft = AutoModelForCausalLM.from_config(draft_cfg, dtype=parse_dtype(cfg.draft.dtype))  # sizes only
-    for case in (cfg, *cases):
-        plan = session.plan(case.hardware, case.method.name)
+    for i, case in enumerate((cfg, *cases)):
+        try:
+            plan = session.plan(case.hardware, case.method.name)
+        except BudgetError as exc:
+            if budget_errors is None:
+                raise
+            log.error("case %d (%s on %s) does not fit: %s", i, case.method.name, case.hardware.name, exc)
+            budget_errors[i] = exc
+            continue
         log.info("memory plan (%s on %s): %s", case.method.name, case.hardware.name, plan)
         check_host_memory(plan, device.type, cfg.hardware.host_memory_gib, _runs_here_hint(cfg, device))
+    if budget_errors is not None and len(budget_errors) == 1 + len(cases):
+        raise budget_errors[0]
     if draft_cfg is not None:
         session.draft = build_draft(cfg.draft, draft_cfg, device, cfg.seed + 7)
     if cfg.model.weights == "checkpoint":

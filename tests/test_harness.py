@@ -348,3 +348,14 @@ def test_a_retried_case_leaves_no_stale_error(tmp_path):
     proc = run_py(*args, "method.num_slots=8")  # 2 slots per MoE layer: it fits now
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "mo" / "summary.json").is_file() and not (tmp_path / "mo" / "error.json").exists()
+
+
+def test_a_case_that_does_not_fit_its_card_is_recorded_before_loading(tmp_path):
+    """gpu_resident keeps every expert on the device: on the tiny card it cannot fit, the others run."""
+    proc = run_py("experiment=cpu/harness_check", "experiment.rounds=1", "experiment.warmup_tokens=0",
+                  "+experiment.cases.resident_on_card=['method=gpu_resident','hardware=tiny_card','hardware.gpu_budget_gib=0.004']",
+                  f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    error = json.loads((tmp_path / "resident_on_card" / "error.json").read_text())
+    assert error["error"].startswith("BudgetError") and "use an offloading method" in error["error"]
+    assert (tmp_path / "spmoe" / "summary.json").is_file()
