@@ -122,7 +122,7 @@ def _main(dcfg: DictConfig) -> float:
         _write_hydra_files(out_dir, dcfg, hc)
         cases = _cases(dcfg, overrides, out_dir)
         exp = dcfg.experiment
-        summaries = run_cases(cases, rounds=exp.rounds, warmup_tokens=exp.warmup_tokens if exp.name else 0,
+        summaries = run_cases(cases, rounds=exp.rounds, warmup_tokens=exp.warmup_tokens,
                               experiment=exp.name, resume=dcfg.resume, profile=exp.profile,
                               progress=_progress(dcfg.progress, hc.mode == RunMode.MULTIRUN))
     for case, summary in zip(cases, summaries):
