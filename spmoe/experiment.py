@@ -35,6 +35,7 @@ from spmoe.rundir import config_hash, discard_summary, finished_summary
 from spmoe.session import GIB, Session, open_session
 from spmoe.summary import summarize_run, write_partial, write_run
 from spmoe.trace.lossless import check_lossless
+from spmoe.trace.metrics import summarize
 from spmoe.trace.oracle import runtime_efficiency
 
 log = logging.getLogger(__name__)
@@ -105,9 +106,7 @@ def _warm_up(session: Session, case: Case, num_tokens: int) -> None:
     session.generate(cfg.method, cfg.hardware, min(num_tokens, cfg.max_new_tokens), num_prompts=1, spec_cfg=cfg.spec)
 
 
-def _tpot_ms(gens) -> float:
-    from spmoe.trace.metrics import summarize
-
+def _tpot_ms(gens) -> float | None:
     return summarize([g.records for g in gens])["tpot_ms"]
 
 
