@@ -98,7 +98,7 @@ def groups(df: pd.DataFrame, keys=GROUP_KEYS) -> list[tuple[str, pd.DataFrame]]:
 
 def wrap(text: str, inches: float, points: float = 9) -> str:
     """`text` broken into lines that fit `inches` at a font of `points`."""
-    return "\n".join(textwrap.wrap(text, max(20, int(inches * 144 / points))))
+    return "\n".join(textwrap.wrap(text, max(20, int(inches * 90 / points))))  # ~0.9 em per character, margins
 
 
 def title(fig: Figure, text: str) -> None:
