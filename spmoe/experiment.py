@@ -213,6 +213,7 @@ def run_cases(cases: list[Case], rounds: int = 1, warmup_tokens: int = 0, experi
             for i, exc in (budget_errors or {}).items():  # cases that do not fit their card
                 _attempt(isolate, done, todo[i], experiment, lambda e=exc: _raise(e))
             if warmup_tokens > 0:
+                session.touch_store()
                 for case in [c for c in todo if done[id(c)] is None]:
                     _attempt(isolate, done, case, experiment, lambda c=case: _warm_up(session, c, warmup_tokens))
             for r in range(rounds):
