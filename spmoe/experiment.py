@@ -34,7 +34,7 @@ from spmoe.policy.profile import measure_bandwidth_gb_per_s
 from spmoe.rundir import config_hash, discard_summary, finished_summary
 from spmoe.session import GIB, Session, open_session
 from spmoe.summary import summarize_run, write_partial, write_run
-from spmoe.trace.lossless import check_lossless
+from spmoe.trace.lossless import ReferenceRuntime, check_lossless
 from spmoe.trace.metrics import summarize
 from spmoe.trace.oracle import runtime_efficiency
 
@@ -110,14 +110,15 @@ def _tpot_ms(gens) -> float | None:
     return summarize([g.records for g in gens])["tpot_ms"]
 
 
-def _summarize(session: Session, case: Case, experiment: str | None) -> tuple[dict, list, object]:
+def _summarize(session: Session, case: Case, experiment: str | None,
+               reference: ReferenceRuntime) -> tuple[dict, list, object]:
     """The case's summary from its median-TPOT round, with that round's generations and routing trace."""
     tpots = [_tpot_ms(r[0]) for r in case.rounds]  # None when no token was decoded (max_new_tokens=1)
     timed = None not in tpots
     median_round = sorted(range(len(tpots)), key=tpots.__getitem__)[(len(tpots) - 1) // 2] if timed else 0
     gens, plan, peak, extra, routing = case.rounds[median_round]
     session.last_extra, session.last_routing = extra, routing
-    check = (check_lossless(session, gens, temperature=case.cfg.spec.temperature)
+    check = (check_lossless(session, gens, temperature=case.cfg.spec.temperature, reference=reference)
              if _wants_reference(session, case.cfg) else None)
     summary = summarize_run(session, case.cfg.method, case.cfg.hardware, gens, plan, peak, check, spec_cfg=case.cfg.spec)
     median = statistics.median(tpots) if timed else None
@@ -222,9 +223,10 @@ def run_cases(cases: list[Case], rounds: int = 1, warmup_tokens: int = 0, experi
                         _attempt(isolate, done, case, experiment,
                                  lambda c=case: _run_round(session, c, r, progress, profile and r == rounds - 1))
             results = {}
-            for case in [c for c in todo if done[id(c)] is None]:
-                _attempt(isolate, done, case, experiment,
-                         lambda c=case: results.__setitem__(id(c), _summarize(session, c, experiment)))
+            with ReferenceRuntime(session) as reference:  # every expert preloaded once for all the checks
+                for case in [c for c in todo if done[id(c)] is None]:
+                    _attempt(isolate, done, case, experiment, lambda c=case: results.__setitem__(
+                        id(c), _summarize(session, c, experiment, reference)))
             running = [c for c in todo if id(c) in results and done[id(c)] is None]
             resumed = [done[id(c)] for c in cases if c not in todo]
             add_runtime_efficiency(session, [results[id(c)][0] for c in running], floor=resumed)

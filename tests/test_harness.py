@@ -285,8 +285,8 @@ def test_a_case_over_its_budget_fails_after_every_case_is_written(tmp_path, monk
              for m in ("gpu_resident", "lru_nosd")]
     summarize = experiment._summarize
 
-    def over_budget_first(session, case, name):
-        summary, gens, routing = summarize(session, case, name)
+    def over_budget_first(session, case, name, *rest):
+        summary, gens, routing = summarize(session, case, name, *rest)
         if case is cases[0]:
             summary.update(within_budget=False, peak_gpu_bytes=2 * 2**30, gpu_budget_bytes=2**30)
         return summary, gens, routing
@@ -359,3 +359,25 @@ def test_a_case_that_does_not_fit_its_card_is_recorded_before_loading(tmp_path):
     error = json.loads((tmp_path / "resident_on_card" / "error.json").read_text())
     assert error["error"].startswith("BudgetError") and "use an offloading method" in error["error"]
     assert (tmp_path / "spmoe" / "summary.json").is_file()
+
+
+def test_the_lossless_reference_is_built_once_for_every_case(tmp_path, monkeypatch):
+    import spmoe.trace.lossless as lossless
+
+    builds = []
+    original = lossless.ReferenceRuntime.get
+
+    def counting_get(self):
+        if self._runtime is None:
+            builds.append(1)
+        return original(self)
+
+    monkeypatch.setattr(lossless.ReferenceRuntime, "get", counting_get)
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        dcfg = compose(config_name="config", overrides=["experiment=cpu/harness_check"])
+        cases = entry._cases(dcfg, ["experiment=cpu/harness_check"], tmp_path)
+    from spmoe.experiment import run_cases
+
+    summaries = run_cases(cases, rounds=1, warmup_tokens=0)
+    assert all(s["lossless"] is True for s in summaries) and len(summaries) == 6
+    assert builds == [1]

@@ -201,38 +201,72 @@ def not_checked(reason: str) -> LosslessCheck:
     return LosslessCheck(None, reason)
 
 
-def check_lossless(session, gens: list, tolerance: float | None = None, temperature: float | None = None,
-                   ) -> LosslessCheck:
-    """Teacher-force the GPU-resident reference on the run's outputs (`gens`, one per prompt in order)."""
-    from spmoe.methods import get_strategy
-    from spmoe.strategy import MethodContext
-    from spmoe.trace.attach import attach_replay
+class ReferenceRuntime:
+    """The GPU-resident reference (every expert on the device, under the session's replayed routing
+    when there is one), built on first use and shared by every check of a session until `close`:
+    preloading every expert is paid once, not once per checked case."""
 
+    def __init__(self, session):
+        self.session = session
+        self._runtime = None
+
+    def get(self):
+        if self._runtime is None:
+            from spmoe.methods import get_strategy
+            from spmoe.strategy import MethodContext
+            from spmoe.trace.attach import attach_replay
+
+            session, cfg = self.session, self.session.cfg
+            hw = replace(cfg.hardware, gpu_budget_gib=None)
+            ref_cfg = replace(cfg, method=MethodConfig(name="gpu_resident"), hardware=hw)
+            ctx = MethodContext(ref_cfg, session.target, session.device, session.plan(hw, "gpu_resident"))
+            runtime = get_strategy("gpu_resident").build(ctx)
+            if session.routing_trace is not None:
+                try:
+                    attach_replay(runtime, session.routing_trace, session.target.layout, False,
+                                  cfg.spec.num_draft_tokens)
+                except BaseException:
+                    runtime.close()
+                    raise
+            self._runtime = runtime
+        return self._runtime
+
+    def close(self) -> None:
+        if self._runtime is not None:
+            self._runtime.close()
+            self._runtime = None
+
+    def __enter__(self) -> "ReferenceRuntime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def check_lossless(session, gens: list, tolerance: float | None = None, temperature: float | None = None,
+                   reference: ReferenceRuntime | None = None) -> LosslessCheck:
+    """Teacher-force the GPU-resident reference on the run's outputs (`gens`, one per prompt in order).
+    `reference`: a shared `ReferenceRuntime` of this session (default: one built and closed here)."""
     cfg = session.cfg
     temperature = cfg.spec.temperature if temperature is None else temperature
     if temperature > 0:
         return not_checked(f"sampled run (temperature {temperature}): SD and plain decoding consume the random"
                            " stream differently, so tokens are not comparable; the rejection sampler's"
                            " distribution tests are the check")
+    if reference is None:
+        with ReferenceRuntime(session) as own:
+            return check_lossless(session, gens, tolerance, temperature, own)
     relative_eps = relative_eps_for(session.target.layout.dtype) if tolerance is None else 0.0
     tolerance = tolerance_for(session.target.layout.dtype) if tolerance is None else tolerance
     replay = session.routing_trace is not None
-    hw = replace(cfg.hardware, gpu_budget_gib=None)
-    ref_cfg = replace(cfg, method=MethodConfig(name="gpu_resident"), hardware=hw)
-    ctx = MethodContext(ref_cfg, session.target, session.device, session.plan(hw, "gpu_resident"))
-    runtime = get_strategy("gpu_resident").build(ctx)
+    runtime = reference.get()
     check = LosslessCheck(None, "", tolerance, tolerance_ulps=HALF_ULPS if relative_eps else None)
-    try:
-        if replay:
-            attach_replay(runtime, session.routing_trace, session.target.layout, False, cfg.spec.num_draft_tokens)
-        for i, (prompt, gen) in enumerate(zip(session.prompts, gens)):
-            tokens = gen.token_ids
-            steps = [ForcedStep([t], 1) for t in tokens[:-1]] if replay else mirror_steps(gen)
-            logits = forced_logits(runtime, session.device, prompt.token_ids, tokens, steps)  # [N, V]
-            positions = verified_positions(gen) if replay else list(range(len(tokens)))
-            compare(tokens, logits, positions, step_of_positions(gen), tolerance, i, check, relative_eps)
-    finally:
-        runtime.close()
+    for i, (prompt, gen) in enumerate(zip(session.prompts, gens)):
+        tokens = gen.token_ids
+        steps = [ForcedStep([t], 1) for t in tokens[:-1]] if replay else mirror_steps(gen)
+        logits = forced_logits(runtime, session.device, prompt.token_ids, tokens, steps)  # [N, V]
+        positions = verified_positions(gen) if replay else list(range(len(tokens)))
+        compare(tokens, logits, positions, step_of_positions(gen), tolerance, i, check, relative_eps)
     return _conclude(check, replay)
 
 
