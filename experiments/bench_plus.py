@@ -3,15 +3,12 @@ The measurements behind spmoe_plus's parts that are not runs (the runs themselve
 the baselines and its ablations, are `python run.py -m experiment=spmoe_plus`):
 
     python -m experiments.bench_plus --host --model mixtral --device cuda --out results/spmoe_plus    # GPU
-    python -m experiments.bench_plus --sim --out results/spmoe_plus/eviction_sim                      # CPU
     python -m experiments.bench_plus --acceptance --model smollm2_moe --draft smollm2 --device cpu \
         --num-prompts 3 --max-new-tokens 48 --out results/spmoe_plus                                  # CPU
 
 `--host`: the host's expert compute time (1, 2, 4 tokens) and the pinned copy bandwidth alone and while
-the host computes (does host compute slow the copies?), `<out>/host.json`. `--sim`: eviction policies
-against Belady offline on recorded routing, sd_lookahead also seeing the draft's predictions,
-`<out>/eviction.{csv,md}`. `--acceptance`: acceptance of the bf16 / int8 / int4 / auto drafts on a real
-pair and losslessness against the GPU-resident reference, `<out>/draft_acceptance.{csv,md}`.
+the host computes (does host compute slow the copies?), `<out>/host.json`. `--acceptance`:
+acceptance of the bf16 / int8 / int4 / auto drafts on a real pair and losslessness against the GPU-resident reference, `<out>/draft_acceptance.{csv,md}`.
 """
 
 from __future__ import annotations
@@ -30,13 +27,8 @@ from experiments.presets import load_preset
 from spmoe.config import CutoffConfig, MethodConfig, PlusConfig, RunConfig, SpecConfig
 from spmoe.io import write_json_atomic, write_text_atomic
 from spmoe.models.experts import expert_mlp
-from spmoe.offload.cache import ExpertCache
-from spmoe.offload.eviction import make_policy
 from spmoe.session import open_session
 from spmoe.trace.metrics import summarize
-from spmoe.trace.oracle import belady_misses
-from spmoe.trace.replay import map_layer
-from spmoe.trace.routing import RoutingTrace, load_trace
 
 log = logging.getLogger("bench_plus")
 def host_profile(session, num_experts: int = 8) -> dict:
@@ -83,64 +75,6 @@ def host_profile(session, num_experts: int = 8) -> dict:
     worker.join()
     out["host_experts_during_copies"] = len(done)
     return out
-
-
-# -- eviction offline ----------------------------------------------------------------------------
-
-def hinted_accesses(trace: RoutingTrace, num_layers: int) -> list[tuple]:
-    """Run order of ('hint', row, layer, predicted ids) and ('access', key, counted): per verify row,
-    the draft's predictions at every layer (as the draft runs), then the row's demand accesses (the
-    sorted union per layer, as `experiments.eviction_sim.demand_accesses` with SD)."""
-    pos, draft0 = trace.row_starts()
-    layer_of = [map_layer(l, num_layers, trace.num_layers) for l in range(num_layers)]
-    out = []
-    for row in range(len(trace.row_step)):
-        start, counted = int(pos[row]), bool(trace.row_step[row] > 0)
-        for j in range(int(trace.row_drafted[row])):
-            for l, src in enumerate(layer_of):
-                out.append(("hint", row, l, [int(e) for e in trace.predicted[draft0[row] + j, src] if e >= 0]))
-        routes = trace.routes[start:start + int(trace.row_positions[row])]  # [T, L_t, A]
-        for l, src in enumerate(layer_of):
-            ids = sorted({int(e) for e in routes[:, src].flatten() if 0 <= e < trace.num_experts})
-            out.extend(("access", (l, e), counted) for e in ids)
-    return out
-
-
-def simulate(items: list[tuple], num_slots: int, policy: str, num_layers: int) -> int:
-    cache = ExpertCache(num_slots, 1, torch.float32, "cpu", make_policy(policy, range(num_layers)))
-    predict = getattr(cache.policy, "predict", None)
-    misses = 0
-    for item in items:
-        if item[0] == "hint":
-            if predict is not None:
-                predict(item[1], item[2], item[3])
-        elif cache.lookup(item[1]) is None:
-            cache.admit(item[1])
-            misses += item[2]
-    return misses
-
-
-def eviction_sim(args: argparse.Namespace) -> None:
-    trace = load_trace(args.trace)
-    items = hinted_accesses(trace, args.layers)
-    accesses = [(it[1], it[2]) for it in items if it[0] == "access"]
-    rows = []
-    for slots in [int(s) for s in args.sim_slots.split(",")]:
-        oracle = belady_misses(accesses, slots)
-        for policy in args.sim_policies.split(","):
-            misses = simulate(items, slots, policy, args.layers)
-            rows.append({"slots": slots, "policy": policy, "misses": misses, "oracle": oracle,
-                         "policy_eff": misses / oracle})
-    df = pd.DataFrame(rows)
-    wide = df.pivot(index="policy", columns="slots", values="policy_eff").reindex(args.sim_policies.split(","))
-    out = Path(args.out)
-    write_text_atomic(out / "eviction.csv", df.to_csv(index=False, float_format="%.4g"))
-    head = (f"- trace: {args.trace} (k={trace.meta.get('spec_k')}, {trace.num_prompts} prompts) on {args.layers} MoE"
-            f" layers; SD demand accesses, sd_lookahead also sees the draft's predictions of each verify row\n"
-            f"- cells: policy efficiency = misses / Belady misses; columns: expert slots (24 GiB: bf16 draft 21, int8"
-            f" 40, int4 49; 40 GiB: bf16 69, int8 88)\n\n")
-    write_text_atomic(out / "eviction.md", head + wide.to_markdown(floatfmt=".3f") + "\n")
-    print(wide.to_string(float_format=lambda x: f"{x:.3f}"))
 
 
 def draft_acceptance(args: argparse.Namespace) -> None:
@@ -199,7 +133,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--host", action="store_true", help="host expert time and copies with host compute")
-    mode.add_argument("--sim", action="store_true", help="the offline eviction simulation (CPU)")
     mode.add_argument("--acceptance", action="store_true", help="the quantized drafts' acceptance (CPU)")
     ap.add_argument("--model", default="mixtral")
     ap.add_argument("--draft", default="mistral_7b")
@@ -207,7 +140,6 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--num-prompts", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--trace", default="results/real_pair/traces/humaneval_k1.npz", help="--sim: the routing trace")
     ap.add_argument("--layers", type=int, default=32, help="--sim: MoE layers the trace is mapped onto")
     ap.add_argument("--sim-slots", default="21,40,49,69,88")
     ap.add_argument("--sim-policies", default="lru,layer_distance,expected_reuse,sd_lookahead")
@@ -216,8 +148,6 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.host:
         host(args)
-    elif args.sim:
-        eviction_sim(args)
     else:
         draft_acceptance(args)
 

@@ -52,13 +52,13 @@ def validate_spec(spec: SpecConfig, speculative: bool) -> None:
 def validate_method(method: MethodConfig) -> None:
     """A method's knobs that need no model: name, eviction, slots, predictor, cutoff, runtime."""
     from spmoe.methods import get_strategy
-    from spmoe.offload.eviction import POLICIES
+    from spmoe.offload.eviction import policy_names
     from spmoe.policy.cutoff import MODES
     from spmoe.predict.capture import CAPTURE_POINTS
 
     spec = get_strategy(method.name)  # unknown names list the registered methods
-    if spec.offloads and method.eviction not in POLICIES:
-        _fail("method.eviction", method.eviction, f"valid: {sorted(POLICIES)}")
+    if spec.offloads and method.eviction not in policy_names():
+        _fail("method.eviction", method.eviction, f"valid: {policy_names()}")
     if method.num_slots is not None and (not isinstance(method.num_slots, int) or method.num_slots < 1):
         _fail("method.num_slots", method.num_slots, "valid: an integer >= 1, or null for all the budget allows")
     if method.predict_top_k is not None and (not isinstance(method.predict_top_k, int) or method.predict_top_k < 1):

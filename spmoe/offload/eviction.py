@@ -29,6 +29,8 @@ Invariant: `victim(candidates)` returns one of `candidates` and never mutates st
 
 from __future__ import annotations
 
+import importlib
+
 from collections import Counter
 from typing import Iterable, Protocol
 
@@ -144,7 +146,18 @@ def register_policy(name: str, cls: type, layer_aware: bool = False) -> None:
         LAYER_AWARE = (*LAYER_AWARE, name)
 
 
+_OWN_MODULES = ("spmoe.offload.eviction_lookahead",)  # policies that register themselves from their own module
+
+
+def policy_names() -> list[str]:
+    """Every eviction policy, including those registered from their own modules (imported here, so
+    the set never depends on what the caller happened to import first)."""
+    for module in _OWN_MODULES:
+        importlib.import_module(module)
+    return sorted(POLICIES)
+
+
 def make_policy(name: str, moe_layers: Iterable[int] = ()) -> EvictionPolicy:
-    if name not in POLICIES:
-        raise ValueError(f"unknown eviction policy {name!r}; valid: {sorted(POLICIES)}")
+    if name not in policy_names():
+        raise ValueError(f"unknown eviction policy {name!r}; valid: {policy_names()}")
     return POLICIES[name](moe_layers) if name in LAYER_AWARE else POLICIES[name]()

@@ -1,5 +1,5 @@
-"""experiments/bench_plus on the tiny CPU model: the host expert profile, and the offline eviction
-simulation (the same demand accesses as experiments.eviction_sim)."""
+"""experiments/bench_plus's host expert profile on the tiny CPU model, and experiments.eviction_sim's
+hinted access sequence (the same demand accesses plus the draft's predictions)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 
 from experiments import bench_plus
-from experiments.eviction_sim import demand_accesses
+from experiments.eviction_sim import demand_accesses, hinted_accesses, policy_misses
 from spmoe.trace.oracle import belady_misses
 from spmoe.trace.routing import load_trace
 
@@ -24,10 +24,10 @@ def test_host_profile_times_host_experts(tmp_path, monkeypatch):
 
 def test_eviction_sim_sees_the_same_accesses_plus_hints():
     trace = load_trace(TRACE)
-    items = bench_plus.hinted_accesses(trace, 8)
+    items = hinted_accesses(trace, 8)
     accesses = [(it[1], it[2]) for it in items if it[0] == "access"]
     assert accesses == demand_accesses(trace, 8, speculative=True)
     assert any(it[0] == "hint" for it in items)
     oracle = belady_misses(accesses, 12)
     for policy in ("layer_distance", "sd_lookahead"):
-        assert bench_plus.simulate(items, 12, policy, 8) >= oracle
+        assert policy_misses(items, 12, policy, 8) >= oracle
