@@ -133,7 +133,3 @@ def save(fig: Figure, out_dir: Path, name: str, source: str) -> list[Path]:
                 tmp.unlink(missing_ok=True)
             paths.append(path)
     return paths
-
-
-def note_empty(ax, text: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="#777777")

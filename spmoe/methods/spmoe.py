@@ -62,10 +62,6 @@ def profile_record(ctx: MethodContext, slots: int, maps: dict[int, torch.Tensor]
     return load_or_measure(ctx, context_fields(ctx, slots, maps is not None), measure)
 
 
-def _profile(ctx: MethodContext, slots: int, maps: dict[int, torch.Tensor] | None) -> Profile:
-    return profile_record(ctx, slots, maps).profile
-
-
 def _hidden_maps(ctx: MethodContext, slots: int) -> dict[int, torch.Tensor]:
     """Fit (or load) the draft->target maps, serving experts from a temporary on-demand cache."""
     cfg = ctx.cfg
