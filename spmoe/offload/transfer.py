@@ -15,6 +15,10 @@ On CPU, copies are synchronous; the whole copy is stall.
 With `pace_gb_per_s`, every copy is stretched to bytes / that bandwidth and all copies share one
 emulated link (`spmoe.offload.pacing`); copy and stall times then include the padding.
 
+A `load` may carry `finish`, work that turns the copied bytes into the slot's weights (e.g.
+dequantizing a low-precision copy staged in another buffer): it runs on the same copy stream after
+the copy and before the slot's ready event (on CPU, right after the copy), so `wait_ready` covers it.
+
 Invariant: every `load` is followed by `wait_ready` before the slot is read, and every read
 is followed by `release` before the slot can be reloaded. `load` and `collect` may be called
 from two threads (main and prefetch worker); the stats are guarded by a lock.
@@ -26,6 +30,7 @@ import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -61,10 +66,13 @@ class TransferEngine:
             self.free = [torch.cuda.Event() for _ in range(num_slots)]
             self._freed = [False] * num_slots
 
-    def load(self, slot: int, dst: torch.Tensor, src: torch.Tensor, prefetch: bool = False) -> None:
-        """Copy `src` (host) into slot `slot`'s buffer `dst`, ordered after the slot's last reader.
+    def load(self, slot: int, dst: torch.Tensor, src: torch.Tensor, prefetch: bool = False,
+             finish: Callable[[], None] | None = None) -> None:
+        """Copy `src` (host) into `dst` (slot `slot`'s buffer, or a staging buffer that `finish`
+        turns into the slot's weights), ordered after the slot's last reader.
 
-        On CPU the copy is synchronous; it counts as stall only when it is not a prefetch."""
+        On CPU the copy is synchronous; it counts as stall only when it is not a prefetch. Copy and
+        stall times exclude `finish`."""
         nbytes = src.numel() * src.element_size()
         if not self.cuda:
             t0 = time.perf_counter()
@@ -76,6 +84,8 @@ class TransferEngine:
                 self._pending.h2d_bytes += nbytes
                 self._pending.copy_ms += ms
                 self._pending.stall_ms += 0.0 if prefetch else ms
+            if finish is not None:
+                finish()
             return
         stream = self.prefetch_stream if prefetch else self.copy_stream
         with torch.cuda.stream(stream), self._issue_lock:
@@ -89,6 +99,8 @@ class TransferEngine:
             if self.pacer:
                 self.pacer.pad(nbytes)  # the slot is "ready" when the emulated link would deliver it
             end.record()
+            if finish is not None:
+                finish()
             self.ready[slot].record()
             if self.pacer:
                 self.pacer.mark(end)
