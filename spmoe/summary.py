@@ -21,7 +21,7 @@ from spmoe.engine import Generation
 from spmoe.io import write_json_atomic, write_jsonl_atomic
 from spmoe.methods import get_strategy
 from spmoe.offload.budget import MemoryPlan
-from spmoe.trace.lossless import summary_block
+from spmoe.trace.lossless import declare_lossy, summary_block
 from spmoe.trace.metrics import summarize
 from spmoe.trace.oracle import access_sequence, belady_misses
 
@@ -82,7 +82,7 @@ def summarize_run(session, method: MethodConfig, hardware: HardwareConfig, gens:
         "peak_gpu_bytes": peak,
         "gpu_budget_bytes": plan.budget_bytes,
         "within_budget": within_budget,
-        **summary_block(reference, gens, spec_cfg.temperature),
+        **declare_lossy(summary_block(reference, gens, spec_cfg.temperature), session.last_extra.get("lossy_reason")),
         "device": _device_name(session.device),
         "git_sha": git_sha(),
         "torch_version": torch.__version__,

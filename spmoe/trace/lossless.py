@@ -33,6 +33,10 @@ Which positions are checked:
   differently from plain decoding); `lossless` is null with the reason, and the distribution
   tests (tests/spec) are the check.
 
+Methods that change the computed function by design (spmoe_plus's `lossy_misses`) put a
+`lossy_reason` in their summary totals: `declare_lossy` then reports `lossless = false` with that
+reason, whatever the tokens show, and keeps the token check's agreement.
+
 Invariants: the reference never runs the method under test (its own runtime, its own cache of
 every expert); the check reads only token ids and step records, so it applies to every method.
 """
@@ -304,6 +308,15 @@ def summary_block(reference, gens: list, temperature: float) -> dict:
         return not_checked(f"sampled run (temperature {temperature}): tokens are not comparable with a"
                            " reference generation").summary()
     return exact_check(gens, reference).summary()
+
+
+def declare_lossy(block: dict, reason: str | None) -> dict:
+    """summary.json's lossless keys for a run that computes another function by design (`reason`, e.g.
+    spmoe_plus's low-precision misses): `lossless` false whatever the token check found, whose
+    reason and token agreement are kept. Unchanged when `reason` is None."""
+    if reason is None:
+        return block
+    return {**block, "lossless": False, "lossless_reason": f"{reason}; token check: {block['lossless_reason']}"}
 
 
 def exact_check(gens: list, reference: list[list[int]]) -> LosslessCheck:
