@@ -119,7 +119,8 @@ class PlusConfig:
     greedy agreement with the unquantized draft on seeded calibration sequences is at least
     `draft_min_agreement`. Host compute: off | auto (per missing expert, host vs copy from the cost
     model) | all (every missing expert on the host). Adaptive k: choose k per step in
-    [k_min, spec.num_draft_tokens]."""
+    [k_min, spec.num_draft_tokens]. Lossy misses (off by default, labelled lossless=false): demand
+    misses past the cutoff copy an int8 / int4 weight-only copy of the expert, dequantized on the device."""
 
     draft_precision: str = "int8"  # bf16 | int8 | int4 | auto
     draft_min_agreement: float = 0.95  # auto: calibration agreement a quantized draft needs
@@ -130,8 +131,12 @@ class PlusConfig:
     adaptive_k: bool = False  # union-aware draft length per step (off: spec.num_draft_tokens every step)
     k_min: int = 0  # adaptive_k: the smallest k it may choose
     accept_prior: float = 0.8  # adaptive_k: acceptance assumed before any step is measured
+    lossy_misses: str = "off"  # off | int8 | int4: demand misses past the cutoff load a quantized copy (lossless=false)
+    lossy_group_size: int = 128  # lossy_misses=int4: input columns per scale and offset
 
     def __post_init__(self) -> None:
+        if self.lossy_misses not in ("off", "int8", "int4"):
+            raise ValueError(f"method.plus.lossy_misses={self.lossy_misses!r}; valid: off, int8, int4")
         if self.draft_precision not in ("bf16", "int8", "int4", "auto"):
             raise ValueError(f"method.plus.draft_precision={self.draft_precision!r}; valid: bf16, int8, int4, auto")
         if self.host_compute not in ("off", "auto", "all"):
