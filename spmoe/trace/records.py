@@ -76,6 +76,15 @@ class ExpertEventLog:
         """A layer whose routed experts [T, A] were all resident; ids outside [0, num_experts) are no expert."""
         self._events.append((layer, top_k_index, num_experts))
 
+    def take(self) -> list:
+        """Remove and return the entries recorded since the last drain, unresolved (a CUDA graph keeps
+        its captured forward's route entries and `extend`s the log with them after each replay)."""
+        out, self._events = self._events, []
+        return out
+
+    def extend(self, entries: list) -> None:
+        self._events.extend(entries)
+
     def drain(self) -> list[LayerEvents]:
         out, self._events = self._events, []
         deferred = [ev for ev in out if isinstance(ev, tuple)]
