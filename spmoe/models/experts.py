@@ -133,6 +133,15 @@ class OffloadedExperts(nn.Module):
         out = (ys.float() * top_k_weights.float()[..., None]).sum(dim=1)  # [T, H], fixed summation order
         return out.to(hidden_states.dtype)
 
+    def sync_free(self, device: torch.device) -> bool:
+        """Whether `forward` on `device` runs without a device->host sync: the grouped path over the slot
+        table of a provider whose cache can no longer change (providers with `serve_resident` keep
+        it as `resident`, a `spmoe.runtime.resident.ResidentTable`), so a CUDA graph can capture it."""
+        resident = getattr(self.provider, "resident", None)
+        probe = torch.empty(0, dtype=self.layout.dtype, device=device)
+        return (self.grouped and resident is not None and getattr(self.provider, "serve_resident", None) is not None
+                and grouped_supported(probe) and resident.get(self.layer_idx) is not None)
+
     def _per_expert(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
         """[T, A, H]: each route's expert output, the provider's experts computed one at a time."""
         num_tokens, top_k = top_k_index.shape  # R = T * A routes
