@@ -8,7 +8,9 @@ Token bookkeeping: `seq` = prompt + emitted tokens. The target KV cache always h
 n drafts, emits n+1 tokens (accepted drafts + the recovered or bonus token), and crops the
 target cache back to `len(seq) - 1` of the new sequence (the drafter likewise, see
 `spmoe.spec.drafter`). Greedy (temperature 0) is exact; sampling uses rejection sampling, so
-the output distribution is the target's.
+the output distribution is the target's. The target's forward and cache are a decoder
+(`spmoe.runtime.decoder`, picked by `hardware.decode`: a dynamic cache, a static one, or a static
+one with CUDA graphs); the loop is the same for every choice.
 
 Each step ends with its tokens on the host; then the step's transfer totals and per-layer
 expert events are collected into a `StepRecord`. Methods differ only in the `Runtime` they plug
@@ -23,11 +25,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 from spmoe.config import SpecConfig
+from spmoe.runtime.decoder import make_decoder
 from spmoe.spec.drafter import ModelDrafter
-from spmoe.spec.kv import cache_kwarg, crop_to
 from spmoe.spec.verify import (
     AcceptResult,
     probs_from_logits,
@@ -55,7 +56,7 @@ class Generation:
 
 class Engine:
     def __init__(self, runtime: Runtime, device: torch.device, drafter: ModelDrafter | None = None,
-                 spec: SpecConfig | None = None, seed: int = 0):
+                 spec: SpecConfig | None = None, seed: int = 0, decode: str = "eager"):
         self.runtime = runtime
         self.device = device
         self.drafter = drafter
@@ -63,14 +64,12 @@ class Engine:
         self.seed = seed
         if drafter is not None and self.spec.num_draft_tokens < 1:
             raise ValueError(f"spec.num_draft_tokens must be >= 1 with a draft model, got {self.spec.num_draft_tokens}")
-        self._kv_kwarg = cache_kwarg(runtime.model)
+        max_tokens = self.spec.num_draft_tokens + 1 if drafter is not None else 1  # positions a decode step feeds
+        self.decoder = make_decoder(runtime.model, device, decode, max_graph_tokens=max_tokens, events=runtime.events)
         self._sync_wait_ms = 0.0  # host time blocked on the device at the end of target forwards, this step
 
-    def _target(self, ids: list[int], kv: DynamicCache, num_logits: int) -> torch.Tensor:
-        input_ids = torch.tensor([ids], device=self.device)  # [1, T]
-        out = self.runtime.model(input_ids=input_ids, use_cache=True, logits_to_keep=num_logits,
-                                 **{self._kv_kwarg: kv})
-        logits = out.logits[0].float()
+    def _target(self, ids: list[int], num_logits: int) -> torch.Tensor:
+        logits = self.decoder.forward(ids, num_logits).float()  # [num_logits, V]
         t_wait = time.perf_counter()
         logits = logits.cpu()  # [num_logits, V]; the host copy syncs the step
         self._sync_wait_ms += (time.perf_counter() - t_wait) * 1e3
@@ -110,13 +109,14 @@ class Engine:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + prompt_idx)
         self.runtime.collect()
         self.runtime.events.drain()
-        kv = DynamicCache(config=self.runtime.model.config)
+        max_len = len(prompt_ids) + max_new_tokens + self.spec.num_draft_tokens + 1
+        self.decoder.begin(max_len)
         t_start = time.perf_counter()
         self.runtime.begin_step(0)
-        first = self._accept([], None, self._target(prompt_ids, kv, 1), gen).token_ids
+        first = self._accept([], None, self._target(prompt_ids, 1), gen).token_ids
         self.runtime.end_step()
         if self.drafter is not None:
-            self.drafter.begin(prompt_ids)
+            self.drafter.begin(prompt_ids, max_len)
         seq = prompt_ids + first
         records = [self._record(prompt_idx, 0, "prefill", 0, 1, t_start, t_start)]
         while len(seq) - len(prompt_ids) < max_new_tokens:
@@ -129,11 +129,11 @@ class Engine:
             self.runtime.begin_step(len(records))
             drafts, draft_probs = self.drafter.propose(seq, k, gen) if k > 0 else ([], None)
             t_verify = time.perf_counter()
-            logits = self._target([seq[-1]] + drafts, kv, k + 1)  # [k+1, V]
+            logits = self._target([seq[-1]] + drafts, k + 1)  # [k+1, V]
             self.runtime.end_step()
             result = self._accept(drafts, draft_probs, logits, gen)
             pos = len(seq) - 1
-            crop_to(kv, pos + 1 + result.num_accepted)
+            self.decoder.crop(pos + 1 + result.num_accepted)
             if self.drafter is not None:
                 self.drafter.rollback(len(seq) + min(result.num_accepted, max(k - 1, 0)))
             seq = seq + result.token_ids

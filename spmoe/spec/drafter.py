@@ -6,6 +6,9 @@ feeds `seq[num_cached:]` (at least the last emitted token) and then each new dra
 the last, so afterwards the cache holds `seq + drafts[:-1]`. `rollback(n)` crops it to the first
 n tokens, which the engine calls with the number still valid after acceptance.
 
+The forward and its cache are a decoder (`spmoe.runtime.decoder`, `decode` as the target's); a
+draft step feeds one token, or two after a fully accepted step (the last draft and the bonus).
+
 Greedy drafting (temperature 0) returns no probabilities; sampling returns the draft
 distribution q [K, V] the tokens were drawn from (needed by rejection sampling), computed on the
 host with the engine's generator so runs are seeded-deterministic.
@@ -14,30 +17,30 @@ host with the engine's generator so runs are seeded-deterministic.
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
-from spmoe.spec.kv import cache_kwarg, crop_to
+from spmoe.runtime.decoder import make_decoder
 from spmoe.spec.verify import probs_from_logits, sample
 
 
 class ModelDrafter:
-    def __init__(self, model: PreTrainedModel, device: torch.device, temperature: float, top_p: float):
+    def __init__(self, model: PreTrainedModel, device: torch.device, temperature: float, top_p: float,
+                 decode: str = "eager"):
         self.model = model
         self.device = device
         self.temperature = temperature
         self.top_p = top_p
-        self._kv_kwarg = cache_kwarg(model)
-        self.kv: DynamicCache | None = None
+        self.decoder = make_decoder(model, device, decode, max_graph_tokens=2)
         self.num_cached = 0
 
     def _feed(self, ids: list[int]) -> torch.Tensor:
-        out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True, logits_to_keep=1,
-                         **{self._kv_kwarg: self.kv})
+        logits = self.decoder.forward(ids, 1)[-1]  # [V]
         self.num_cached += len(ids)
-        return out.logits[0, -1]  # [V]
+        return logits
 
-    def begin(self, prompt_ids: list[int]) -> None:
-        self.kv = DynamicCache(config=self.model.config)
+    def begin(self, prompt_ids: list[int], max_len: int | None = None) -> None:
+        """Start a sequence of at most `max_len` positions (default: the prompt + 256)."""
+        self.decoder.begin(max_len or len(prompt_ids) + 256)
         self.num_cached = 0
         self._feed(prompt_ids)
 
@@ -59,5 +62,5 @@ class ModelDrafter:
 
     def rollback(self, num_valid: int) -> None:
         if num_valid < self.num_cached:
-            crop_to(self.kv, num_valid)
+            self.decoder.crop(num_valid)
             self.num_cached = num_valid

@@ -1,0 +1,87 @@
+"""
+CUDA graphs of one decode step: a static-shape forward captured once and replayed.
+
+A `StepGraph` holds one captured forward for T tokens and `num_logits` logits, over a static KV cache
+(`spmoe.runtime.static_cache`). Its only input is a device buffer [T + 1] long: the T token ids,
+then the start position; replay copies the step's ids and start into it, replays, and returns the
+static output logits [num_logits, V], valid until the next replay of any graph sharing the pool.
+
+Which forwards can be captured (`capturable`): on CUDA, with no forward hooks anywhere in the
+model (hooks run host code: predictors, routing recorders and replays), and every engine experts
+module sync-free (`OffloadedExperts.sync_free`: the grouped path over a slot table that can no
+longer change). Offloaded methods fail that test and run eagerly; a miss never forces a rebuild.
+
+Capture protocol: two warm-up forwards on a side stream, then the capture. Warm-up executes: it
+writes the KV cache, so it writes at the cache's last T positions (never attended before the
+sequence reaches them, and overwritten then by the step that reaches them), so a graph can be
+captured mid-sequence without disturbing the cache. Expert events: a resident experts module
+records each layer's routes as a device tensor (`ExpertEventLog.record_routes`); the captured
+forward's route tensors are kept by the graph (so the pool keeps their memory) and handed to the
+event log again after every replay, where they hold that replay's routes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+from torch import nn
+
+from spmoe.models.experts import OffloadedExperts
+from spmoe.trace.records import ExpertEventLog
+
+log = logging.getLogger(__name__)
+WARMUP_FORWARDS = 2
+
+StepFn = Callable[[torch.Tensor, int, int], torch.Tensor]  # (inputs [T + 1], T, num_logits) -> logits [num_logits, V]
+
+
+def capturable(model: nn.Module, device: torch.device) -> bool:
+    """Whether a forward of `model` runs without host code or device->host syncs that a graph would drop."""
+    if device.type != "cuda":
+        return False
+    from torch.nn.modules import module as nn_module
+
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return False
+    for m in model.modules():
+        if m._forward_hooks or m._forward_pre_hooks:
+            return False
+        if isinstance(m, OffloadedExperts) and not m.sync_free(device):
+            return False
+    return True
+
+
+class StepGraph:
+    def __init__(self, step: StepFn, num_tokens: int, num_logits: int, device: torch.device, capacity: int,
+                 pool, events: ExpertEventLog | None):
+        self.num_tokens = num_tokens
+        self.events = events
+        self.inputs = torch.zeros(num_tokens + 1, dtype=torch.long, device=device)  # [T + 1]: ids, start
+        self.inputs[num_tokens] = capacity - num_tokens  # warm-up writes the cache's last T positions
+        held = events.take() if events is not None else []
+        try:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(WARMUP_FORWARDS):
+                    step(self.inputs, num_tokens, num_logits)
+            torch.cuda.current_stream(device).wait_stream(side)
+            if events is not None:
+                events.take()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.logits = step(self.inputs, num_tokens, num_logits)  # [num_logits, V], static
+            self.routes = events.take() if events is not None else []
+        finally:
+            if events is not None:
+                events.extend(held)
+
+    def replay(self, ids: list[int], start: int) -> torch.Tensor:
+        """Logits [num_logits, V] of feeding `ids` (T of them) at positions [start, start + T)."""
+        self.inputs.copy_(torch.tensor(ids + [start], dtype=torch.long))
+        self.graph.replay()
+        if self.events is not None:
+            self.events.extend(self.routes)
+        return self.logits
