@@ -180,6 +180,13 @@ class HardwareConfig:
     reserve_mib: float = 512.0  # CUDA workspaces, allocator fragmentation and temporaries
     emulated: bool = False
     host_memory_gib: float | None = None  # host RAM the run may use (None: detected, see spmoe.offload.host_memory)
+    # how target and draft forwards run (spmoe.runtime.decoder): eager (a dynamic KV cache) | static (a static
+    # KV cache) | graphs (static, decode steps replayed as CUDA graphs where the forward has no host sync)
+    decode: str = "eager"
+
+    def __post_init__(self) -> None:
+        if self.decode not in ("eager", "static", "graphs"):
+            raise ValueError(f"hardware.decode={self.decode!r}; valid: eager, static, graphs")
 
 
 @dataclass

@@ -190,8 +190,9 @@ class Session:
                 recorder = attach_recorder(runtime, self.target.layout, cfg.trace.lookahead_depth)
             drafter = None
             if spec.speculative:
-                drafter = ModelDrafter(self.draft, self.device, cfg.spec.temperature, cfg.spec.top_p)
-            engine = Engine(runtime, self.device, drafter, cfg.spec, cfg.seed)
+                drafter = ModelDrafter(self.draft, self.device, cfg.spec.temperature, cfg.spec.top_p,
+                                       cfg.hardware.decode)
+            engine = Engine(runtime, self.device, drafter, cfg.spec, cfg.seed, cfg.hardware.decode)
             gens = []
             for i, p in enumerate(self.prompts[:num_prompts]):
                 try:
