@@ -10,17 +10,20 @@ parts, each a `method.plus.*` switch (`spmoe.config.PlusConfig`) so its gain is 
    `spmoe.offload.eviction_lookahead`): the draft's predictions for the coming verify step, at
    every layer (a second, prefetch-free predictor covers the layers past the cutoff), keep the
    experts about to be used;
-4. union-aware adaptive draft length (`spmoe.plus.k_chooser`) through `Runtime.choose_k`.
+4. union-aware adaptive draft length (`spmoe.plus.k_chooser`) through `Runtime.choose_k`;
+5. optional, labelled lossy: low-precision misses (`spmoe.plus.lossy_misses`, off by default): demand
+   misses past the cutoff load an int8 / int4 copy, dequantized on the device; the staging buffer
+   takes its slots from the plan, and the run reports lossless=false with the reason.
 The cutoff's auto profile is measured with the full-precision draft swapped back in (the profiler
 scales verify time by the draft's parameter counts, which quantized sites do not have), so t_d is the
 bf16 draft's; the profile is keyed on the quantized draft's name and reused by `spmoe`'s build.
-Slots = the plan's + saved draft bytes // expert bytes (at most every expert).
+Slots = the plan's + saved draft bytes // expert bytes (at most every expert) - lossy staging slots.
 Lossless: the draft only proposes (any precision); host experts compute the same function (CPU
 float32 bit-identical; on CUDA within bf16 rounding of host vs GPU accumulation); eviction and k
-change what is moved and when, never what is computed.
+change what is moved and when, never what is computed. Lossy misses are the one exception (labelled).
 Extra summary keys: draft_precision, draft_saved_bytes, extra_slots, draft_agreement, host_* (host
-vs GPU expert split and times), host_cost_*, chosen_k_mean / chosen_k_counts; the per-step k is
-the trace's num_drafted.
+vs GPU expert split and times), host_cost_* (profiled), host_ms_in_run / host_start_ms (the planner's in-run
+cost), chosen_k_mean / chosen_k_counts (the per-step k is the trace's num_drafted), lossy_* (part 5).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from spmoe.plus.host_experts import (
     measure_host_cost,
 )
 from spmoe.plus.k_chooser import KChooser
+from spmoe.plus.lossy_misses import LossyMissTransfer, install_lossy_misses, lossy_reason, staging_slots
 from spmoe.predict.draft_router import DraftRouterPredictor, is_twin
 from spmoe.strategy import MethodContext, Runtime, register_strategy
 
@@ -94,9 +98,22 @@ def _lookahead_hints(ctx: MethodContext, runtime: Runtime, policy: SdLookaheadPo
     runtime.closers.append(hints.remove)
 
 
-def _summary(precision: DraftPrecision, extra_slots: int, stats: HostStats, cost: HostCost | None,
-             chooser: KChooser | None, inner) -> dict:
+def _lossy_summary(ctx: MethodContext, lossy: LossyMissTransfer | None, staging: int, cutoff: int) -> dict:
+    pcfg = ctx.cfg.method.plus
+    if lossy is None:
+        return {"lossy_misses": pcfg.lossy_misses}
+    layers = [k[0] for k in lossy.lowp.keys]
+    return {"lossy_misses": pcfg.lossy_misses, "lossy_reason": lossy_reason(pcfg.lossy_misses, pcfg.lossy_group_size, cutoff),
+            "lossy_first_layer": min(layers) if layers else None, "lossy_bytes_per_expert": lossy.lowp.bytes_per_expert,
+            "lossy_host_bytes": lossy.lowp.nbytes, "lossy_staging_slots": staging,
+            "lossy_loads": lossy.stats.num_lossy_loads, "lossy_load_bytes": lossy.stats.lossy_load_bytes,
+            "lossy_expert_computes": lossy.stats.num_lossy_computes}
+
+
+def _summary(precision: DraftPrecision, extra_slots: int, stats: HostStats, planner: HostPlanner | None,
+             chooser: KChooser | None, lossy: dict, inner) -> dict:
     total = stats.num_host_experts + stats.num_gpu_experts
+    cost, times = (planner.cost, planner.times) if planner else (None, None)
     out = dict(inner() if inner else {})
     out.update({
         "draft_precision": precision.precision, "draft_saved_bytes": precision.saved_bytes,
@@ -108,6 +125,9 @@ def _summary(precision: DraftPrecision, extra_slots: int, stats: HostStats, cost
         "host_cost_fixed_ms": cost.fixed_ms if cost else None,
         "host_cost_per_token_ms": cost.per_token_ms if cost else None,
         "host_cost_copy_ms": cost.copy_ms if cost else None,
+        "host_ms_in_run": dict(sorted(times.ms_at.items())) if times else None,
+        "host_start_ms": times.start_ms if times else None,
+        **lossy,
     })
     if chooser is not None and chooser.chosen:
         out["chosen_k_mean"] = sum(chooser.chosen) / len(chooser.chosen)
@@ -122,7 +142,11 @@ def build(ctx: MethodContext) -> Runtime:
     precision = _apply_draft_precision(ctx)
     try:
         gained = precision.saved_bytes // layout.expert_bytes
-        plan = replace(ctx.plan, num_slots=min(ctx.plan.num_experts_total, ctx.plan.num_slots + gained))
+        staging = 0 if pcfg.lossy_misses == "off" else staging_slots(layout, pcfg.lossy_misses, pcfg.lossy_group_size)
+        slots = min(ctx.plan.num_experts_total, ctx.plan.num_slots + gained) - staging
+        if slots < 1:
+            raise ValueError(f"lossy misses' staging buffer takes {staging} slot(s) of the {slots + staging} the budget leaves")
+        plan = replace(ctx.plan, num_slots=slots)
         cfg = ctx.cfg
         if precision.precision not in ("bf16", "as_configured"):  # profiles and maps are keyed on the draft
             cfg = replace(cfg, draft=replace(cfg.draft, name=f"{cfg.draft.name}-{precision.precision}"))
@@ -140,10 +164,17 @@ def build(ctx: MethodContext) -> Runtime:
     try:
         provider = next(l for l in runtime.listeners if isinstance(l, PrefetchProvider))
         base_slots = ctx.plan.num_slots if mcfg.num_slots is None else min(ctx.plan.num_slots, mcfg.num_slots)
-        extra_slots = provider.cache.num_slots - base_slots  # what the draft's saved bytes added (0 under a num_slots cap)
+        unstaged = plan.num_slots + staging if mcfg.num_slots is None else min(plan.num_slots + staging, mcfg.num_slots)
+        extra_slots = unstaged - base_slots  # what the draft's saved bytes added (0 under a num_slots cap)
         if isinstance(provider.cache.policy, SdLookaheadPolicy):
             _lookahead_hints(sub, runtime, provider.cache.policy, runtime.cutoff_layer, provider.cache.num_slots)
-        stats, cost, chooser = HostStats(), None, None
+        lossy = None
+        if pcfg.lossy_misses != "off":
+            lossy = install_lossy_misses(provider, ctx.target.store, list(layout.moe_layers[runtime.cutoff_layer + 1:]),
+                                         pcfg.lossy_misses, pcfg.lossy_group_size, ctx.device,
+                                         ctx.cfg.hardware.host_memory_gib)
+            runtime.closers.append(lossy.close)
+        stats, cost, chooser, planner = HostStats(), None, None, None
         if pcfg.host_compute != "off" or pcfg.adaptive_k:
             copy_ms = _copy_ms(runtime, ctx)
             act_fn = runtime.model.model.layers[layout.moe_layers[0]].mlp.experts.act_fn
@@ -152,7 +183,11 @@ def build(ctx: MethodContext) -> Runtime:
             if pcfg.host_compute == "auto":  # measured on the host worker, with its threads
                 cost = pool.submit(measure_host_cost, ctx.target.store, act_fn, copy_ms).result()
                 log.info("spmoe_plus host cost: %s", cost)
-            planner = HostPlanner(provider, pcfg.host_compute, cost, pcfg.host_max_per_layer)
+            fraction = None
+            if lossy is not None:
+                lossy_layers, lossy_fraction = {k[0] for k in lossy.lowp.keys}, lossy.lowp.bytes_per_expert / layout.expert_bytes
+                fraction = lambda layer: lossy_fraction if layer in lossy_layers else 1.0  # noqa: E731
+            planner = HostPlanner(provider, pcfg.host_compute, cost, pcfg.host_max_per_layer, copy_fraction=fraction)
             if pcfg.adaptive_k:
                 miss_ms = min(copy_ms, cost.host_ms(2)) if cost else copy_ms
                 chooser = KChooser(pcfg.k_min, len(layout.moe_layers), layout.num_experts, layout.top_k, miss_ms,
@@ -162,10 +197,11 @@ def build(ctx: MethodContext) -> Runtime:
             install_host_experts(runtime.model, layout.moe_layers, planner, ctx.target.store, pool, stats,
                                  chooser.on_layer if chooser else None)
         runtime.extra_summary = lambda inner=runtime.extra_summary: _summary(
-            precision, extra_slots, stats, cost, chooser, inner)
-        log.info("spmoe_plus: draft %s (+%d slots = %d), host compute %s, eviction %s, adaptive k %s",
+            precision, extra_slots, stats, planner, chooser, _lossy_summary(ctx, lossy, staging, runtime.cutoff_layer),
+            inner)
+        log.info("spmoe_plus: draft %s (+%d slots = %d), host compute %s, eviction %s, adaptive k %s, lossy misses %s",
                  precision.precision, extra_slots, provider.cache.num_slots, pcfg.host_compute, mcfg.eviction,
-                 pcfg.adaptive_k)
+                 pcfg.adaptive_k, pcfg.lossy_misses)
     except BaseException:  # the session only closes runtimes that were returned
         runtime.close()
         raise

@@ -12,11 +12,16 @@ so they move no bytes and are not in the provider's expert events (hits/misses c
 experts only); `HostStats` counts them.
 
 Cost model (per missing expert e with n_e routed tokens, greedy, most tokens first): GPU finish =
-(copies already queued + GPU experts so far + 1) x copy_ms; host finish = host experts so far'
-time + host_ms(n_e); e goes where it finishes first. host_ms(n) = a + b n is fitted on the host's
-measured time per expert at 1 and 4 tokens, then a follows the host's in-run times (`observe`);
-copy_ms is measured on the run's own link (paced when pacing is on); the queue is the provider's
-prefetch copies still in flight.
+(copies already queued + GPU experts so far + 1) x copy_ms x f(layer); host finish = the k-th host
+expert's finish on the one host worker = start_ms + the sum of expert_ms(n) over the host experts so
+far, e included; e goes where it finishes first (ties stay on the link). `HostTimes` holds the
+in-run host cost: expert_ms(n) is an EWMA of the measured time of one host expert with n routed
+tokens, per n (a count not yet observed scales the profiled line a + b n, fitted on the host's
+time per expert at 1 and 4 tokens, by the in-run/profiled ratio of the nearest observed count);
+start_ms is an EWMA of the delay from submitting a layer's host experts to the worker starting
+them. copy_ms is measured on the run's own link (paced when pacing is on); f(layer) is the fraction
+of an expert's bytes a demand copy moves there (1, or a low-precision copy's fraction past the
+cutoff with lossy misses); the queue is the provider's prefetch copies still in flight.
 Numerics: on a CPU device both paths run the same float32 kernels on the same inputs, so outputs
 are bit-identical; on CUDA the host computes in the store's dtype (bf16) with the host's
 accumulation order, which differs from the GPU's within bf16 rounding.
@@ -83,25 +88,54 @@ def measure_host_cost(store: ExpertStore, act_fn: torch.nn.Module, copy_ms: floa
     return HostCost(max(0.0, one - per_token), per_token, copy_ms)
 
 
+class HostTimes:
+    """The in-run host cost (module docstring). `ema` weighs each new observation; the first
+    observation at a count (and of the start delay) is taken as it is."""
+
+    def __init__(self, profiled: HostCost, ema: float = 0.2):
+        self.profiled, self.ema = profiled, ema
+        self.ms_at: dict[int, float] = {}  # routed tokens -> EWMA of ms per host expert
+        self.start_ms: float | None = None
+
+    def expert_ms(self, num_tokens: int) -> float:
+        seen = list(self.ms_at.items())
+        if num_tokens in self.ms_at:
+            return self.ms_at[num_tokens]
+        modelled = self.profiled.host_ms(num_tokens)
+        if not seen:
+            return modelled
+        n, ms = min(seen, key=lambda item: (abs(item[0] - num_tokens), item[0]))
+        base = self.profiled.host_ms(n)
+        return ms if base <= 0 else modelled * ms / base
+
+    def observe_expert(self, num_tokens: int, ms: float) -> None:
+        old = self.ms_at.get(num_tokens)
+        self.ms_at[num_tokens] = ms if old is None else (1 - self.ema) * old + self.ema * ms
+
+    def observe_start(self, ms: float) -> None:
+        self.start_ms = ms if self.start_ms is None else (1 - self.ema) * self.start_ms + self.ema * ms
+
+
 class HostPlanner:
     """Which missing experts of a layer forward go to the host (`mode` off | auto | all).
-
-    `observe` feeds the host's in-run time per expert back into the cost model (an exponential
-    moving average of weight `ema` on fixed_ms): during decoding the host computes beside the copy
-    engine, the decode thread and the prefetch worker, and is slower than when profiled alone."""
+    `copy_fraction(layer)`: the fraction of an expert's bytes a demand copy moves at that layer."""
 
     def __init__(self, provider: PrefetchProvider, mode: str, cost: HostCost | None, max_per_layer: int | None,
-                 ema: float = 0.1):
+                 ema: float = 0.2, copy_fraction=None):
         if mode == "auto" and cost is None:
             raise ValueError("host_compute=auto needs a measured HostCost")
-        self.provider, self.mode, self.cost, self.max_per_layer, self.ema = provider, mode, cost, max_per_layer, ema
+        self.provider, self.mode, self.cost, self.max_per_layer = provider, mode, cost, max_per_layer
+        self.times = HostTimes(cost, ema) if cost is not None else None
+        self.copy_fraction = copy_fraction or (lambda layer: 1.0)
 
-    def observe(self, ms: float, tokens: list[int]) -> None:
-        """The host took `ms` for experts with these routed token counts (called from the host worker)."""
-        if self.cost is None or not tokens:
+    def observe(self, start_ms: float, expert_ms: list[tuple[int, float]]) -> None:
+        """The host worker started `start_ms` after the submit and took these (routed tokens, ms) per
+        expert (called from the host worker)."""
+        if self.times is None:
             return
-        per_expert = ms / len(tokens) - self.cost.per_token_ms * sum(tokens) / len(tokens)
-        self.cost.fixed_ms = (1 - self.ema) * self.cost.fixed_ms + self.ema * max(0.0, per_expert)
+        self.times.observe_start(start_ms)
+        for n, ms in expert_ms:
+            self.times.observe_expert(n, ms)
 
     def split(self, layer: int, tokens_of: dict[int, int]) -> list[int]:
         """Host set among `tokens_of` (expert -> routed tokens), most tokens first."""
@@ -114,10 +148,11 @@ class HostPlanner:
         cap = len(missing) if self.max_per_layer is None else self.max_per_layer
         if self.mode == "all":
             return missing[:cap]
-        host, host_t = [], 0.0
-        gpu_t = self.provider.num_in_flight() * self.cost.copy_ms
+        copy_ms = self.cost.copy_ms * self.copy_fraction(layer)
+        host, host_t = [], self.times.start_ms or 0.0
+        gpu_t = self.provider.num_in_flight() * copy_ms
         for e in missing:
-            g, h = gpu_t + self.cost.copy_ms, host_t + self.cost.host_ms(tokens_of[e])
+            g, h = gpu_t + copy_ms, host_t + self.times.expert_ms(tokens_of[e])
             if h < g and len(host) < cap:
                 host.append(e)
                 host_t = h
@@ -135,15 +170,17 @@ class HostAssistedExperts(OffloadedExperts):
         self.planner, self.store, self.pool, self.stats = planner, store, pool, stats
         self.on_layer = on_layer  # (layer, num_tokens, num_unique, num_missing) -> None, e.g. the k chooser
 
-    def _host(self, x: torch.Tensor, jobs: list[tuple[int, torch.Tensor]]) -> list[tuple[int, torch.Tensor]]:
+    def _host(self, x: torch.Tensor, jobs: list[tuple[int, torch.Tensor]], submitted: float,
+              ) -> list[tuple[int, torch.Tensor]]:
         t0 = time.perf_counter()
-        out = []
+        out, times = [], []
         for e, rows in jobs:
+            t = time.perf_counter()
             gate_up, down = self.layout.split(self.store.flat((self.layer_idx, e)))
             out.append((e, expert_mlp(x[rows], gate_up, down, self.act_fn)))  # [n_e, H]
-        ms = (time.perf_counter() - t0) * 1e3
-        self.stats.host_ms += ms
-        self.planner.observe(ms, [len(rows) for _, rows in jobs])
+            times.append((len(rows), (time.perf_counter() - t) * 1e3))
+        self.stats.host_ms += (time.perf_counter() - t0) * 1e3
+        self.planner.observe((t0 - submitted) * 1e3, times)
         return out
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -164,7 +201,8 @@ class HostAssistedExperts(OffloadedExperts):
         future: Future | None = None
         if host_ids:
             x_host = hidden_states.to("cpu")  # [T, H]
-            future = self.pool.submit(self._host, x_host, [(e, rows_cpu[span[e][0]:span[e][1]]) for e in host_ids])
+            future = self.pool.submit(self._host, x_host, [(e, rows_cpu[span[e][0]:span[e][1]]) for e in host_ids],
+                                      time.perf_counter())
         ys = hidden_states.new_zeros(num_tokens, top_k, hidden_states.shape[-1])  # [T, A, H]
         rows_all, pos_all = rows_cpu.to(hidden_states.device), pos_cpu.to(hidden_states.device)
         on_host = set(host_ids)

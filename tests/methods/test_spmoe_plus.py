@@ -177,3 +177,53 @@ def test_a_failing_quantization_or_calibration_restores_the_draft(twin, monkeypa
     with pytest.raises(RuntimeError, match="quantization failed"):
         dp.quantize_draft(twin.draft, "int8", 16)
     assert not any(isinstance(m, original) for m in twin.draft.modules())
+
+
+def _lossy(s, lossy: str, hardware=None, num_slots: int | None = 10):
+    method = MethodConfig(name="spmoe_plus", num_slots=num_slots, eviction="layer_distance",
+                          cutoff=CutoffConfig(mode="fixed", layer=1), plus=PlusConfig(**OFF, lossy_misses=lossy))
+    hw = hardware or s.cfg.hardware
+    gens, plan, _ = s.generate(method, hw, 20, spec_cfg=SpecConfig(num_draft_tokens=2))
+    return method, hw, gens, plan
+
+
+def test_lossy_misses_off_is_todays_spmoe_plus(twin):
+    _, _, gens, _ = _lossy(twin, "off")
+    assert [g.token_ids for g in gens] == twin.reference
+    assert twin.last_extra["lossy_misses"] == "off"
+    assert not any(k.startswith("lossy_") and k != "lossy_misses" for k in twin.last_extra)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_lossy_misses_move_quantized_bytes_past_the_cutoff_and_report_lossless_false(twin, precision):
+    from spmoe.models import int4
+    from spmoe.summary import summarize_run
+    from spmoe.trace.lossless import check_lossless
+
+    method, hw, gens, plan = _lossy(twin, precision)
+    extra, layout = twin.last_extra, twin.target.layout
+    h, inter, dsize = layout.hidden_size, layout.intermediate_size, 4  # tiny twin: float32
+    lossy_bytes = (3 * inter * h + (2 * inter + h) * dsize if precision == "int8" else
+                   int4.int4_bytes(2 * inter, h, 128, dsize) + int4.int4_bytes(h, inter, 128, dsize))
+    records = [r for g in gens for r in g.records]
+    misses = {layer: sum(len(ev.misses) for r in records for ev in r.layers if ev.layer == layer)
+              for layer in layout.moe_layers}
+    lossy_layers = layout.moe_layers[2:]  # cutoff index 1: MoE layers 2 and 3 load low-precision copies
+    assert extra["lossy_first_layer"] == lossy_layers[0] and extra["lossy_bytes_per_expert"] == lossy_bytes
+    assert extra["lossy_loads"] == sum(misses[l] for l in lossy_layers) > 0
+    assert extra["lossy_load_bytes"] == extra["lossy_loads"] * lossy_bytes
+    exact_loads = sum(misses[l] for l in layout.moe_layers[:2]) + sum(r.num_prefetched for r in records)
+    assert sum(r.h2d_bytes for r in records) == exact_loads * plan.expert_bytes + extra["lossy_loads"] * lossy_bytes
+    assert extra["lossy_expert_computes"] > extra["lossy_loads"]  # later hits reuse the lossy copies (counted)
+    check = check_lossless(twin, gens)
+    summary = summarize_run(twin, method, hw, gens, plan, None, check, spec_cfg=SpecConfig(num_draft_tokens=2))
+    assert summary["lossless"] is False and summary["lossless_reason"].startswith("lossy by design")
+    assert f"lossy_misses={precision}" in summary["lossless_reason"]
+    assert summary["token_agreement"] >= (0.95 if precision == "int8" else 0.9)
+
+
+def test_lossy_staging_buffer_takes_a_slot_of_the_budget(twin):
+    hw = _budget_for_slots(twin, 6)
+    _, _, _, plan = _lossy(twin, "int8", hardware=hw, num_slots=None)
+    assert plan.num_slots == 5 and twin.last_extra["lossy_staging_slots"] == 1
+    assert twin.last_extra["extra_slots"] == 0

@@ -164,11 +164,91 @@ def test_host_planner_balances_host_against_the_copy_queue():
     assert HostPlanner(_Provider([], 0), "off", None, None).split(0, tokens) == []
 
 
-def test_host_planner_learns_the_in_run_host_time():
+def test_host_times_follow_in_run_measurements():
     cost = HostCost(fixed_ms=4.0, per_token_ms=1.0, copy_ms=6.0)
-    planner = HostPlanner(_Provider([], 0), "auto", cost, None, ema=0.1)
-    planner.observe(20.0, [1, 1])  # 10 ms per expert of one token: fixed part 9 ms
-    assert abs(cost.fixed_ms - (0.9 * 4.0 + 0.1 * 9.0)) < 1e-12
-    for _ in range(200):
-        planner.observe(20.0, [1, 1])
-    assert planner.split(0, {0: 1, 1: 1}) == [1]  # host 10 ms: the first miss copies (6), the second computes
+    planner = HostPlanner(_Provider([], 0), "auto", cost, None, ema=0.5)
+    times = planner.times
+    assert times.expert_ms(2) == 6.0 and times.start_ms is None  # the profiled line before any observation
+    planner.observe(0.0, [(1, 10.0)])  # the first observation at a count is taken as it is
+    assert times.expert_ms(1) == 10.0
+    assert times.expert_ms(2) == 12.0  # unobserved: profiled 6 x (10 / 5), the nearest observed count's ratio
+    planner.observe(0.0, [(1, 20.0), (3, 7.0)])  # EWMA at n = 1: 0.5 x 10 + 0.5 x 20
+    assert times.expert_ms(1) == 15.0 and times.expert_ms(3) == 7.0
+    assert times.expert_ms(2) == 6.0 * 15.0 / 5.0  # equidistant from 1 and 3: the smaller count's ratio
+    assert times.expert_ms(4) == 8.0 * 7.0 / 7.0
+    assert cost.fixed_ms == 4.0  # the profile stays as measured (reported as such)
+
+
+def test_host_planner_schedules_the_host_queue_with_in_run_times():
+    cost = HostCost(fixed_ms=4.0, per_token_ms=1.0, copy_ms=6.0)
+    tokens = {0: 1, 1: 1, 2: 1}
+    planner = HostPlanner(_Provider([], 0), "auto", cost, None, ema=0.5)
+    # GPU finish = (queued copies + GPU experts so far + 1) x 6; host finish = start + host experts so far x ms.
+    # profiled 5 ms: e0 host 5 < GPU 6 -> host; e1 host 10 > GPU 6 -> GPU; e2 host 10 < GPU 12 -> host
+    assert planner.split(0, tokens) == [0, 2]
+    planner.observe(0.0, [(1, 8.0)])  # in-run 8 ms: e0 8 > 6 -> GPU; e1 8 < 12 -> host; e2 16 > 12 -> GPU
+    assert planner.split(0, tokens) == [1]
+    planner.observe(10.0, [])  # start delay EWMA 0.5 x 0 + 0.5 x 10 = 5 ms: e0 13 > 6; e1 13 > 12; e2 13 < 18 -> host
+    assert planner.split(0, tokens) == [2]
+    queued = HostPlanner(_Provider([], 2), "auto", cost, None)  # two copies ahead: the first GPU expert at 18
+    queued.observe(3.0, [(1, 8.0)])  # e0 host 11 < 18 -> host; e1 host 19 > 18 -> GPU; e2 host 19 < 24 -> host
+    assert queued.split(0, tokens) == [0, 2]
+    # a demand copy moving a quarter of the bytes (int4 lossy misses) at layer 1: GPU 1.5, 3, 4.5 ms < host 5
+    lossy = HostPlanner(_Provider([], 0), "auto", cost, None, copy_fraction=lambda layer: 0.25 if layer == 1 else 1.0)
+    assert lossy.split(1, tokens) == [] and lossy.split(0, tokens) == [0, 2]
+
+
+def _lossy_setup(precision: str):
+    from spmoe.models.experts import ExpertLayout
+    from spmoe.offload.store import ExpertStore
+    from spmoe.offload.transfer import TransferEngine
+    from spmoe.plus.lossy_misses import LossyMissTransfer, LowPrecisionExperts
+
+    layout = ExpertLayout((0, 1), 4, 2, 64, 40, torch.float32)  # H = 64, I = 40: int4 groups of 16 pad 40 to 42
+    store = ExpertStore(layout, pin=False)
+    store.fill_random(0, 0.1, torch.device("cpu"))
+    lowp = LowPrecisionExperts(store, [1], precision, 16, torch.device("cpu"))
+    transfer = LossyMissTransfer(TransferEngine(torch.device("cpu"), 3), store, lowp, torch.device("cpu"))
+    return layout, store, transfer
+
+
+def test_lossy_miss_moves_exactly_the_quantized_bytes_and_dequantizes_as_the_draft_quantizers():
+    from spmoe.models import int4
+    from spmoe.models.quantized_draft import quantize_rows
+
+    h, inter = 64, 40
+    expected_bytes = {"int8": 3 * inter * h + (2 * inter + h) * 4,  # int8 values + a float32 scale per row
+                      "int4": int4.int4_bytes(2 * inter, h, 16, 4) + int4.int4_bytes(h, inter, 16, 4)}
+    assert expected_bytes["int4"] == 80 * (4 * 16 // 2 + 2 * 4 * 4) + 64 * (3 * 14 // 2 + 2 * 3 * 4)
+    for precision, nbytes in expected_bytes.items():
+        layout, store, transfer = _lossy_setup(precision)
+        assert transfer.lowp.bytes_per_expert == nbytes
+        slots = torch.zeros(3, layout.expert_numel)  # [S, N]
+        transfer.load(0, slots[0], store.flat((1, 2)))  # layer 1 is lossy
+        assert transfer.collect().h2d_bytes == nbytes
+        for got, w in zip(layout.split(slots[0]), layout.split(store.flat((1, 2)))):
+            if precision == "int8":
+                q, s = quantize_rows(w)
+                want = q.to(w.dtype) * s[:, None]
+            else:
+                want = int4.dequantize(*int4.quantize(w, 16), w.shape[1], w.dtype)
+            assert torch.equal(got, want) and not torch.equal(got, w)
+        transfer.load(1, slots[1], store.flat((0, 2)))  # layer 0 (up to the cutoff) stays exact
+        assert transfer.collect().h2d_bytes == layout.expert_bytes and torch.equal(slots[1], store.flat((0, 2)))
+
+
+def test_lossy_slot_bookkeeping_counts_reuse_until_an_exact_load_replaces_it():
+    layout, store, transfer = _lossy_setup("int8")
+    slot = torch.empty(layout.expert_numel)
+    transfer.load(2, slot, store.flat((1, 0)))
+    transfer.wait_ready(2)  # the miss's own computation
+    transfer.wait_ready(2)  # a later hit reuses the lossy copy: accepted and counted
+    transfer.wait_ready(0)  # another slot: exact
+    assert transfer.lossy_slots == {2}
+    transfer.load(2, slot, store.flat((1, 1)), prefetch=True)  # a prefetch of a lossy layer is exact
+    transfer.wait_ready(2)
+    assert transfer.lossy_slots == set() and torch.equal(slot, store.flat((1, 1)))
+    stats = transfer.stats
+    assert (stats.num_lossy_loads, stats.lossy_load_bytes, stats.num_lossy_computes) == (
+        1, transfer.lowp.bytes_per_expert, 2)
+    assert transfer.collect().h2d_bytes == transfer.lowp.bytes_per_expert + layout.expert_bytes
