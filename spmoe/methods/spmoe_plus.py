@@ -102,8 +102,9 @@ def _lossy_summary(ctx: MethodContext, lossy: LossyMissTransfer | None, staging:
     pcfg = ctx.cfg.method.plus
     if lossy is None:
         return {"lossy_misses": pcfg.lossy_misses}
-    layers = [k[0] for k in lossy.lowp.keys]
-    return {"lossy_misses": pcfg.lossy_misses, "lossy_reason": lossy_reason(pcfg.lossy_misses, pcfg.lossy_group_size, cutoff),
+    layers, computes = [k[0] for k in lossy.lowp.keys], lossy.stats.num_lossy_computes
+    reason = lossy_reason(pcfg.lossy_misses, pcfg.lossy_group_size, cutoff, computes) if computes else None
+    return {"lossy_misses": pcfg.lossy_misses, "lossy_reason": reason,
             "lossy_first_layer": min(layers) if layers else None, "lossy_bytes_per_expert": lossy.lowp.bytes_per_expert,
             "lossy_host_bytes": lossy.lowp.nbytes, "lossy_staging_slots": staging,
             "lossy_loads": lossy.stats.num_lossy_loads, "lossy_load_bytes": lossy.stats.lossy_load_bytes,

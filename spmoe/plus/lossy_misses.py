@@ -28,8 +28,10 @@ on it is **accepted and counted**: the dequantized copy keeps serving (it is not
 expert computation served from a lossy slot counts in `LossyStats.num_lossy_computes` (the load's
 own use plus later hits).
 
-Such runs are not lossless by construction. The summary says `lossless: false` with the reason
-(`lossy_reason`, see `spmoe.trace.lossless.declare_lossy`) and keeps the self-check's token agreement.
+A run in which any expert computation used a lossy copy is not lossless by construction: its summary
+says `lossless: false` with the reason (`lossy_reason`, see `spmoe.trace.lossless.declare_lossy`) and
+keeps the self-check's token agreement. A run that never used one (every lossy-layer expert was
+prefetched, resident or computed on the host) is judged by its tokens like any other.
 """
 
 from __future__ import annotations
@@ -241,8 +243,10 @@ def install_lossy_misses(provider, store: ExpertStore, layers: list[int], precis
     return transfer
 
 
-def lossy_reason(precision: str, group_size: int, cutoff: int) -> str:
+def lossy_reason(precision: str, group_size: int, cutoff: int, num_computes: int) -> str:
+    """The summary's reason for lossless=false, given for runs where a lossy copy was used at all."""
     detail = "int8 with one scale per output row" if precision == "int8" else (
         f"int4 with a scale and offset per {group_size} input columns")
     return (f"lossy by design: method.plus.lossy_misses={precision}: demand misses past the cutoff (MoE layer"
-            f" index > {cutoff}) load a weight-only quantized copy ({detail}), and later hits reuse it")
+            f" index > {cutoff}) load a weight-only quantized copy ({detail}), and later hits reuse it"
+            f" ({num_computes} expert computations used such a copy)")

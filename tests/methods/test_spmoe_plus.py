@@ -179,9 +179,9 @@ def test_a_failing_quantization_or_calibration_restores_the_draft(twin, monkeypa
     assert not any(isinstance(m, original) for m in twin.draft.modules())
 
 
-def _lossy(s, lossy: str, hardware=None, num_slots: int | None = 10):
+def _lossy(s, lossy: str, hardware=None, num_slots: int | None = 10, cutoff: int = 1):
     method = MethodConfig(name="spmoe_plus", num_slots=num_slots, eviction="layer_distance",
-                          cutoff=CutoffConfig(mode="fixed", layer=1), plus=PlusConfig(**OFF, lossy_misses=lossy))
+                          cutoff=CutoffConfig(mode="fixed", layer=cutoff), plus=PlusConfig(**OFF, lossy_misses=lossy))
     hw = hardware or s.cfg.hardware
     gens, plan, _ = s.generate(method, hw, 20, spec_cfg=SpecConfig(num_draft_tokens=2))
     return method, hw, gens, plan
@@ -227,3 +227,11 @@ def test_lossy_staging_buffer_takes_a_slot_of_the_budget(twin):
     _, _, _, plan = _lossy(twin, "int8", hardware=hw, num_slots=None)
     assert plan.num_slots == 5 and twin.last_extra["lossy_staging_slots"] == 1
     assert twin.last_extra["extra_slots"] == 0
+
+
+def test_lossy_misses_never_used_leave_the_run_judged_by_its_tokens(twin):
+    _, _, gens, _ = _lossy(twin, "int4", cutoff=3)  # every MoE layer prefetched: no lossy layer
+    assert [g.token_ids for g in gens] == twin.reference
+    extra = twin.last_extra
+    assert extra["lossy_first_layer"] is None and extra["lossy_loads"] == extra["lossy_expert_computes"] == 0
+    assert extra["lossy_reason"] is None
