@@ -41,7 +41,6 @@ from spmoe.offload.eviction_lookahead import PredictionSink, SdLookaheadPolicy
 from spmoe.offload.prefetch import PrefetchProvider
 from spmoe.plus.draft_precision import DraftPrecision, choose_precision, quantize_draft
 from spmoe.plus.host_experts import (
-    HostCost,
     HostPlanner,
     HostStats,
     host_pool,
@@ -49,7 +48,12 @@ from spmoe.plus.host_experts import (
     measure_host_cost,
 )
 from spmoe.plus.k_chooser import KChooser
-from spmoe.plus.lossy_misses import LossyMissTransfer, install_lossy_misses, lossy_reason, staging_slots
+from spmoe.plus.lossy_misses import (
+    LossyMissTransfer,
+    install_lossy_misses,
+    lossy_reason,
+    staging_slots,
+)
 from spmoe.predict.draft_router import DraftRouterPredictor, is_twin
 from spmoe.strategy import MethodContext, Runtime, register_strategy
 
@@ -184,11 +188,8 @@ def build(ctx: MethodContext) -> Runtime:
             if pcfg.host_compute == "auto":  # measured on the host worker, with its threads
                 cost = pool.submit(measure_host_cost, ctx.target.store, act_fn, copy_ms).result()
                 log.info("spmoe_plus host cost: %s", cost)
-            fraction = None
-            if lossy is not None:
-                lossy_layers, lossy_fraction = {k[0] for k in lossy.lowp.keys}, lossy.lowp.bytes_per_expert / layout.expert_bytes
-                fraction = lambda layer: lossy_fraction if layer in lossy_layers else 1.0  # noqa: E731
-            planner = HostPlanner(provider, pcfg.host_compute, cost, pcfg.host_max_per_layer, copy_fraction=fraction)
+            planner = HostPlanner(provider, pcfg.host_compute, cost, pcfg.host_max_per_layer,
+                                  copy_fraction=lossy.copy_fraction if lossy is not None else None)
             if pcfg.adaptive_k:
                 miss_ms = min(copy_ms, cost.host_ms(2)) if cost else copy_ms
                 chooser = KChooser(pcfg.k_min, len(layout.moe_layers), layout.num_experts, layout.top_k, miss_ms,

@@ -40,7 +40,12 @@ from dataclasses import dataclass
 
 import torch
 
-from spmoe.models.experts import OffloadedExperts, expert_mlp, grouped_supported, slot_expert_mlp
+from spmoe.models.experts import (
+    OffloadedExperts,
+    expert_mlp,
+    grouped_supported,
+    slot_expert_mlp,
+)
 from spmoe.offload.prefetch import PrefetchProvider
 from spmoe.offload.store import ExpertStore
 

@@ -14,7 +14,9 @@ small). Each expert is one contiguous byte range: the scales (and the int4 offse
 the int8 values or the int4 nibbles of gate_up [2I, H] and down [H, I]. On CUDA the range is
 page-locked (registered). A lossy miss moves exactly `bytes_per_expert` bytes, and that is what
 `h2d_bytes` counts. For int8 that is 3IH + (2I + H) x the dtype's bytes; for int4 it is the packed
-nibbles plus a scale and an offset per group.
+nibbles plus a scale and an offset per group. Built only when the host can hold the store, the copy
+and HOST_MARGIN_BYTES for the rest of the process (a Mixtral store of 84 GiB plus an int8 copy of 26
+layers, 34 GiB, does not fit 128 GiB with that margin; int4's 18 GiB does).
 
 Device path (`LossyMissTransfer`, a decorator of the provider's `TransferEngine`): a demand load
 whose source is an expert of a lossy layer copies its low-precision bytes into one device staging
@@ -45,7 +47,12 @@ import torch
 from spmoe.models import int4
 from spmoe.models.experts import ExpertLayout
 from spmoe.models.quantized_draft import quantize_rows
-from spmoe.offload.host_memory import PROCESS_ALLOWANCE_BYTES, HostMemoryError, host_bytes_available
+from spmoe.offload.host_memory import (
+    PROCESS_ALLOWANCE_BYTES,
+    HostMemoryError,
+    _meminfo_bytes,
+    host_bytes_available,
+)
 from spmoe.offload.store import ExpertStore, _register
 from spmoe.offload.transfer import TransferEngine
 from spmoe.types import ExpertKey
@@ -54,6 +61,7 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("int8", "int4")
 CHUNK_NUMEL = 8 * 2**20  # weights quantized per device chunk (float32 transients of ~100 MB)
 ALIGN_BYTES = 16  # each expert's byte range starts at a multiple of this
+HOST_MARGIN_BYTES = 8 * 2**30  # beside store and copy: CUDA context, model skeletons, allocator slack
 
 
 @dataclass(frozen=True)
@@ -133,13 +141,17 @@ class LowPrecisionExperts:
         self.regions = regions(layout, precision, group_size)
         self.bytes_per_expert = bytes_per_expert(layout, precision, group_size)
         stride = -(-self.bytes_per_expert // ALIGN_BYTES) * ALIGN_BYTES
+        self.layers = set(layers)
         self.keys = [(layer, e) for layer in layers for e in range(layout.num_experts)]
-        need = store.nbytes + len(self.keys) * stride + PROCESS_ALLOWANCE_BYTES
+        need = store.nbytes + len(self.keys) * stride + PROCESS_ALLOWANCE_BYTES + HOST_MARGIN_BYTES
         have = host_bytes_available(host_memory_gib)
+        log.info("lossy misses: %.1f GiB host copy; MemAvailable %.1f GiB before allocating it",
+                 len(self.keys) * stride / 2**30, (_meminfo_bytes("MemAvailable") or 0) / 2**30)
         if have is not None and need > have:
-            raise HostMemoryError(f"lossy misses ({precision}) need {need / 2**30:.1f} GiB of host memory for the store"
-                                  f" and its low-precision copy of {len(self.keys)} experts; this machine has"
-                                  f" {have / 2**30:.1f} GiB")
+            raise HostMemoryError(f"lossy misses ({precision}) need {need / 2**30:.1f} GiB of host memory: the store, its"
+                                  f" low-precision copy of {len(self.keys)} experts and {HOST_MARGIN_BYTES / 2**30:.0f}"
+                                  f" GiB for the rest of the process; this machine has {have / 2**30:.1f} GiB (use"
+                                  " lossy_misses=int4, or set hardware.host_memory_gib if that is wrong)")
         self._slab = torch.zeros(len(self.keys) * stride, dtype=torch.uint8)  # [K x stride], touched before pinning
         self._index = {key: i * stride for i, key in enumerate(self.keys)}
         self.pinned = device.type == "cuda"
@@ -217,6 +229,10 @@ class LossyMissTransfer:
         self.lossy_slots.add(slot)
         self.stats.num_lossy_loads += 1
         self.stats.lossy_load_bytes += lowp.bytes_per_expert
+
+    def copy_fraction(self, layer: int) -> float:
+        """The fraction of an expert's bytes a demand copy at `layer` moves (for host-compute cost models)."""
+        return self.lowp.bytes_per_expert / self.lowp.layout.expert_bytes if layer in self.lowp.layers else 1.0
 
     def wait_ready(self, slot: int) -> None:
         """The provider waits once for every expert it serves: a lossy slot's wait is a lossy computation."""

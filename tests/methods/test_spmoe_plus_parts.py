@@ -252,3 +252,16 @@ def test_lossy_slot_bookkeeping_counts_reuse_until_an_exact_load_replaces_it():
     assert (stats.num_lossy_loads, stats.lossy_load_bytes, stats.num_lossy_computes) == (
         1, transfer.lowp.bytes_per_expert, 2)
     assert transfer.collect().h2d_bytes == transfer.lowp.bytes_per_expert + layout.expert_bytes
+
+
+def test_lossy_copy_is_refused_when_the_host_cannot_hold_it():
+    import pytest
+
+    from spmoe.models.experts import ExpertLayout
+    from spmoe.offload.host_memory import HostMemoryError
+    from spmoe.offload.store import ExpertStore
+    from spmoe.plus.lossy_misses import HOST_MARGIN_BYTES, LowPrecisionExperts
+
+    store = ExpertStore(ExpertLayout((0, 1), 4, 2, 64, 40, torch.float32), pin=False)
+    with pytest.raises(HostMemoryError, match="lossy misses"):
+        LowPrecisionExperts(store, [1], "int8", 16, torch.device("cpu"), host_memory_gib=HOST_MARGIN_BYTES / 2**30)
