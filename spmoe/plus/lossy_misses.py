@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -145,8 +146,10 @@ class LowPrecisionExperts:
         self.keys = [(layer, e) for layer in layers for e in range(layout.num_experts)]
         need = store.nbytes + len(self.keys) * stride + PROCESS_ALLOWANCE_BYTES + HOST_MARGIN_BYTES
         have = host_bytes_available(host_memory_gib)
-        log.info("lossy misses: %.1f GiB host copy; MemAvailable %.1f GiB before allocating it",
-                 len(self.keys) * stride / 2**30, (_meminfo_bytes("MemAvailable") or 0) / 2**30)
+        log.info("lossy misses: %.1f GiB host copy; before allocating it: process RSS %.1f GiB, MemAvailable %.1f GiB,"
+                 " host %.1f GiB", len(self.keys) * stride / 2**30,
+                 (_meminfo_bytes("VmRSS", Path("/proc/self/status")) or 0) / 2**30,
+                 (_meminfo_bytes("MemAvailable") or 0) / 2**30, (have or 0) / 2**30)
         if have is not None and need > have:
             raise HostMemoryError(f"lossy misses ({precision}) need {need / 2**30:.1f} GiB of host memory: the store, its"
                                   f" low-precision copy of {len(self.keys)} experts and {HOST_MARGIN_BYTES / 2**30:.0f}"
