@@ -160,8 +160,12 @@ class LowPrecisionExperts:
         self.pinned = device.type == "cuda"
         if self.pinned and self.keys:
             _register(self._slab)
-        for key in self.keys:
-            self._quantize(store.flat(key), self.flat(key), device)
+        try:
+            for key in self.keys:
+                self._quantize(store.flat(key), self.flat(key), device)
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def nbytes(self) -> int:
