@@ -10,7 +10,8 @@ once over all prompts; round r runs the cases in order for even r and reversed f
 Invariants: every case is planned (device and host memory) before anything is loaded; a case whose
 run directory already holds a summary of its exact config is not rerun; each case's summary is the
 round with the median TPOT plus every round's TPOT and their spread, written atomically and last;
-a case that fails leaves `partial/`, never a summary.
+a case that fails leaves `partial/`, never a summary. Before round 0 every case decodes a warm-up
+(`warmup_plan`): the first case of each step shape a whole round's length, the others a few tokens.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from spmoe.offload.budget import BudgetError
 from spmoe.policy.profile import measure_bandwidth_gb_per_s
 from spmoe.rundir import config_hash, discard_summary, finished_summary
 from spmoe.session import GIB, Session, open_session
+from spmoe.strategy import get_strategy
 from spmoe.summary import summarize_run, write_partial, write_run
 from spmoe.trace.lossless import ReferenceRuntime, check_lossless
 from spmoe.trace.metrics import summarize
@@ -104,6 +106,20 @@ def _warm_up(session: Session, case: Case, num_tokens: int) -> None:
     """Decode `num_tokens` of the first prompt (not recorded): kernels, allocator and caches warm."""
     cfg = case.cfg
     session.generate(cfg.method, cfg.hardware, min(num_tokens, cfg.max_new_tokens), num_prompts=1, spec_cfg=cfg.spec)
+
+
+def warmup_plan(cases: list[Case], warmup_tokens: int) -> list[int]:
+    """Tokens each case decodes before round 0. The first case of each step shape (positions per verify
+    step: 1 without SD, k + 1 with it) decodes a whole round's length, so every KV length and step shape
+    the timed rounds reach has run once in the process; the others decode `warmup_tokens`."""
+    seen: set[int] = set()
+    plan = []
+    for case in cases:
+        spec = get_strategy(case.cfg.method.name).speculative
+        shape = case.cfg.spec.num_draft_tokens + 1 if spec else 1
+        plan.append(case.cfg.max_new_tokens if shape not in seen else warmup_tokens)
+        seen.add(shape)
+    return plan
 
 
 def _tpot_ms(gens) -> float | None:
@@ -215,8 +231,9 @@ def run_cases(cases: list[Case], rounds: int = 1, warmup_tokens: int = 0, experi
                 _attempt(isolate, done, todo[i], experiment, lambda e=exc: _raise(e))
             if warmup_tokens > 0:
                 session.touch_store()
-                for case in [c for c in todo if done[id(c)] is None]:
-                    _attempt(isolate, done, case, experiment, lambda c=case: _warm_up(session, c, warmup_tokens))
+                warm = [c for c in todo if done[id(c)] is None]
+                for case, num_tokens in zip(warm, warmup_plan(warm, warmup_tokens)):
+                    _attempt(isolate, done, case, experiment, lambda c=case, n=num_tokens: _warm_up(session, c, n))
             for r in range(rounds):
                 for case in (todo if r % 2 == 0 else todo[::-1]):
                     if done[id(case)] is None:

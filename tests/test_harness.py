@@ -145,6 +145,21 @@ def test_rounds_interleave_and_each_case_writes_its_own_dir(tmp_path):
         assert json.loads((tmp_path / case.name / "summary.json").read_text())["case"] == case.name
 
 
+def test_warm_up_covers_a_whole_round_once_per_step_shape(tmp_path):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        dcfg = compose(config_name="config", overrides=["experiment=cpu/harness_check"])
+        cases = entry._cases(dcfg, ["experiment=cpu/harness_check", "max_new_tokens=9"], tmp_path)
+        k3 = entry._cases(dcfg, ["experiment=cpu/harness_check", "max_new_tokens=9", "spec.num_draft_tokens=3"],
+                          tmp_path / "k3")
+    from spmoe.experiment import warmup_plan
+
+    by_name = {c.name: c for c in cases}
+    order = [by_name[n] for n in ("lru_nosd", "lru", "spmoe", "moe_infinity_nosd")]
+    assert warmup_plan(order, 3) == [9, 9, 3, 3]  # no SD: 1 position per step; SD k=1: 2 positions
+    lru_k3 = next(c for c in k3 if c.name == "lru")
+    assert warmup_plan([*order, lru_k3], 3) == [9, 9, 3, 3, 9]  # k = 3: a new shape (4 positions)
+
+
 def test_resume_reruns_when_the_config_changed(tmp_path):
     out = tmp_path / "run"
     args = ("method=lru_nosd", "hardware=cpu", "num_prompts=1", f"hydra.run.dir={out}")
