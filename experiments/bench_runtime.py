@@ -200,9 +200,12 @@ def engine_cases(session, runtime, args) -> dict:
             return hf_generate(session, ps, n)
 
     run["hf_eager"] = hf
-    wanted = list(args.cases) + ([c for c in ("engine_eager_sd", "engine_graphs_sd") if c in run]
-                                 if args.sd else [])
-    return {c: run[c] for c in wanted if c in run}
+    return run
+
+
+def timed_cases(run: dict, args) -> list[str]:
+    extra = [c for c in ("engine_eager_sd", "engine_graphs_sd") if c in run] if args.sd else []
+    return [c for c in list(args.cases) + extra if c in run]
 
 
 def resident_phase(session, args, rows: list[dict], model: str) -> dict:
@@ -219,7 +222,7 @@ def resident_phase(session, args, rows: list[dict], model: str) -> dict:
         run = engine_cases(session, runtime, args)
         ops = {"engine_eager": ops_per_decode_step(session, prompts[0])}
         log.info("%s: aten operators per eager decode step: %s", model, ops)
-        cases = list(run)
+        cases = timed_cases(run, args)
         for case in list(cases):  # warm-up: kernels, allocator, autotuning, graph capture
             try:
                 run[case](min(8, args.tokens), prompts[:1])
@@ -241,8 +244,9 @@ def resident_phase(session, args, rows: list[dict], model: str) -> dict:
                          res.get("graph_replays"))
         forward_phase(session, runtime, args, rows, model)
         if args.lossless_prompts:
-            outputs = {case: run[case](args.lossless_tokens, lossless_prompts)
-                       for case in cases if case.startswith("engine") or case == "hf_eager"}
+            checked = [c for c in cases if c.startswith("engine")] + (["engine_static"] if "engine_graphs" in cases
+                                                                      and "engine_static" not in cases else [])
+            outputs = {case: run[case](args.lossless_tokens, lossless_prompts) for case in checked}
     finally:
         runtime.close()
     lossless = {}
@@ -252,7 +256,7 @@ def resident_phase(session, args, rows: list[dict], model: str) -> dict:
             lossless[case] = {**check.summary(), "max_tie_gap": max((t.gap for t in check.ties), default=None),
                               "loss_gaps": sorted(t.gap for t in check.losses)[:20],
                               **{f"same_tokens_as_{o}": outputs[case]["tokens"] == outputs[o]["tokens"]
-                                 for o in ("engine_eager", "hf_eager") if o in outputs and o != case}}
+                                 for o in ("engine_eager", "engine_static") if o in outputs and o != case}}
             log.info("%s lossless %s: %s (%s)", model, case, check.lossless, check.reason)
     return lossless
 
@@ -428,7 +432,8 @@ def main() -> None:
             "forward_reps": args.forward_reps, "dataset": args.dataset}
     md = table(rows)
     (out / "table.md").write_text(f"{json.dumps(meta)}\n\n{md}\n")
-    print(json.dumps({m: {c: {k: v for k, v in r.items() if k in ("lossless", "token_agreement", "same_tokens_as_engine_eager")}
+    keep = ("lossless", "token_agreement", "same_tokens_as_engine_eager", "same_tokens_as_engine_static")
+    print(json.dumps({m: {c: {k: v for k, v in r.items() if k in keep}
                           for c, r in cases.items()} for m, cases in lossless.items()}))
     print(md)
 

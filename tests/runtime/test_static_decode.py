@@ -139,3 +139,21 @@ def test_capturable_needs_hookless_sync_free_forward(gpu):
             runtime.close()
     finally:
         s.close()
+
+
+def test_graph_replay_gives_the_static_decoders_tokens(gpu):
+    """On CUDA (bf16 tiny twin): target and draft steps are replayed from graphs, and the tokens and
+    expert events equal the static decoder's, which runs the same step eagerly."""
+    cfg = tiny_run_config("tiny", weights="twin", hardware=load_preset("hardware", "h200"), num_prompts=2)
+    cfg.model.dtype = "bfloat16"
+    cfg.model.twin.expert_noise = 0.5
+    cfg.draft = load_preset("draft", "tiny", dtype="bfloat16")
+    s = open_session(cfg)
+    try:
+        for method in ("gpu_resident", "gpu_resident_sd"):
+            static, graphs = _tokens(s, method, "static"), _tokens(s, method, "graphs")
+            assert [g.token_ids for g in graphs] == [g.token_ids for g in static]
+            assert [[ev.needed for r in g.records for ev in r.layers] for g in graphs] == \
+                   [[ev.needed for r in g.records for ev in r.layers] for g in static]
+    finally:
+        s.close()
