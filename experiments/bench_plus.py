@@ -6,9 +6,17 @@ the baselines and its ablations, are `python run.py -m experiment=spmoe_plus`):
     python -m experiments.bench_plus --acceptance --model smollm2_moe --draft smollm2 --device cpu \
         --num-prompts 3 --max-new-tokens 48 --out results/spmoe_plus                                  # CPU
 
+    python -m experiments.bench_plus --table <experiment run dir> --out results/spmoe_plus/<name>     # any
+
 `--host`: the host's expert compute time (1, 2, 4 tokens) and the pinned copy bandwidth alone and while
 the host computes (does host compute slow the copies?), `<out>/host.json`. `--acceptance`:
 acceptance of the bf16 / int8 / int4 / auto drafts on a real pair and losslessness against the GPU-resident reference, `<out>/draft_acceptance.{csv,md}`.
+`--table`: spmoe_plus's columns from a finished experiment's case summaries, `<out>/table.{csv,md}`:
+TPOT (median over rounds) and its ratio to the best case of another method, GB and stall per
+generated token, the host's share of expert computations and its in-run ms per expert, lossy loads,
+the lossless verdict with its token agreement, and `agree_plus` = agreement of the case's tokens
+with the `spmoe_plus` case's (under replay both draft with the int8 draft at fixed k, so tokens
+differ only where the target's verified token does).
 """
 
 from __future__ import annotations
@@ -129,11 +137,55 @@ def host(args: argparse.Namespace) -> None:
     print(json.dumps(out))
 
 
+def _agreement(a: list[int], b: list[int]) -> float:
+    return sum(x == y for x, y in zip(a, b)) / max(1, len(b))
+
+
+def table(args: argparse.Namespace) -> None:
+    root, rows = Path(args.table), []
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in sorted(root.glob("*/summary.json"))}
+    tokens = {name: [json.loads(line)["token_ids"] for line in (root / name / "generations.jsonl").read_text().splitlines()]
+              for name in summaries if (root / name / "generations.jsonl").is_file()}
+    others = [s["tpot_ms_median"] for s in summaries.values() if s["method"] != "spmoe_plus"]
+    best = min(others) if others else None
+    for name, s in summaries.items():
+        gen = max(1, s["num_generated_tokens"])
+        ref = tokens.get("spmoe_plus")
+        rows.append({
+            "case": name, "method": s["method"], "tpot_ms": s["tpot_ms_median"],
+            "rounds": " ".join(f"{t:.1f}" for t in s["tpot_ms_rounds"]), "spread": s["tpot_spread"],
+            "vs_best_other": s["tpot_ms_median"] / best if best else None,
+            "gb_per_token": s["h2d_bytes"] / gen / 1e9, "slots": s["num_slots"], "hit_rate": s["expert_hit_rate"],
+            "stall_ms_per_token": s["stall_ms"] / gen, "host_frac": s.get("host_expert_fraction"),
+            "host_ms_in_run": " ".join(f"{n}:{ms:.2f}" for n, ms in (s.get("host_ms_in_run") or {}).items()) or None,
+            "host_cost_fixed_ms": s.get("host_cost_fixed_ms"),
+            "lossy_loads": s.get("lossy_loads"), "lossy_gb": (s["lossy_load_bytes"] / 1e9 if s.get("lossy_load_bytes")
+                                                             is not None else None),
+            "lossless": s["lossless"], "token_agreement": s.get("token_agreement"),
+            "agree_plus": (sum(_agreement(a, b) for a, b in zip(tokens[name], ref)) / len(ref)
+                           if ref and name in tokens else None),
+            "peak_gib": s["peak_gpu_bytes"] / 2**30 if s.get("peak_gpu_bytes") else None,
+            "within_budget": s.get("within_budget"),
+        })
+    errors = {p.parent.name: json.loads(p.read_text())["error"] for p in sorted(root.glob("*/error.json"))}
+    df = pd.DataFrame(rows).sort_values("tpot_ms")
+    out = Path(args.out)
+    first = summaries.get("spmoe_plus") or next(iter(summaries.values()))
+    head = "".join(f"- {k}: {first.get(k)}\n" for k in ("model", "draft", "routing", "hardware", "hardware_emulated",
+                                                        "gpu_budget_bytes", "pcie_paced_gb_per_s", "device",
+                                                        "num_draft_tokens", "max_new_tokens", "num_prompts", "rounds"))
+    head += "".join(f"- failed case {k}: {v}\n" for k, v in errors.items())
+    write_text_atomic(out / "table.csv", df.to_csv(index=False, float_format="%.4g"))
+    write_text_atomic(out / "table.md", head + "\n" + df.to_markdown(index=False, floatfmt=".4g") + "\n")
+    print(df.to_string(index=False))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--host", action="store_true", help="host expert time and copies with host compute")
     mode.add_argument("--acceptance", action="store_true", help="the quantized drafts' acceptance (CPU)")
+    mode.add_argument("--table", metavar="RUN_DIR", help="spmoe_plus's table from a finished experiment's run dir")
     ap.add_argument("--model", default="mixtral")
     ap.add_argument("--draft", default="mistral_7b")
     ap.add_argument("--dataset", default="humaneval")
@@ -148,6 +200,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.host:
         host(args)
+    elif args.table:
+        table(args)
     else:
         draft_acceptance(args)
 

@@ -31,3 +31,27 @@ def test_eviction_sim_sees_the_same_accesses_plus_hints():
     oracle = belady_misses(accesses, 12)
     for policy in ("layer_distance", "sd_lookahead"):
         assert policy_misses(items, 12, policy, 8) >= oracle
+
+
+def test_table_reads_case_summaries(tmp_path, monkeypatch):
+    import pandas as pd
+
+    base = {"tpot_spread": 0.0, "num_generated_tokens": 4, "h2d_bytes": 8e9, "num_slots": 10, "expert_hit_rate": 0.5,
+            "stall_ms": 40.0, "lossless": None, "peak_gpu_bytes": 2**30, "within_budget": True}
+    cases = {"moe_infinity_nosd": ({"method": "moe_infinity_nosd", "tpot_ms_median": 200.0, "tpot_ms_rounds": [200.0]},
+                                   [1, 2, 3, 4]),
+             "spmoe_plus": ({"method": "spmoe_plus", "tpot_ms_median": 150.0, "tpot_ms_rounds": [150.0]}, [1, 2, 3, 4]),
+             "plus_lossy_int4": ({"method": "spmoe_plus", "tpot_ms_median": 100.0, "tpot_ms_rounds": [100.0],
+                                  "lossy_loads": 3, "lossy_load_bytes": 2e9, "host_ms_in_run": {"2": 7.5}},
+                                 [1, 2, 9, 4])}
+    for name, (summary, tokens) in cases.items():
+        (tmp_path / "run" / name).mkdir(parents=True)
+        (tmp_path / "run" / name / "summary.json").write_text(json.dumps({**base, **summary}))
+        (tmp_path / "run" / name / "generations.jsonl").write_text(json.dumps({"token_ids": tokens}) + "\n")
+    monkeypatch.setattr(sys, "argv", ["bench_plus", "--table", str(tmp_path / "run"), "--out", str(tmp_path / "out")])
+    bench_plus.main()
+    df = pd.read_csv(tmp_path / "out" / "table.csv").set_index("case")
+    assert df.loc["plus_lossy_int4", "vs_best_other"] == 0.5 and df.loc["spmoe_plus", "vs_best_other"] == 0.75
+    assert df.loc["plus_lossy_int4", "agree_plus"] == 0.75 and df.loc["plus_lossy_int4", "lossy_gb"] == 2
+    assert df.loc["spmoe_plus", "gb_per_token"] == 2 and df.loc["spmoe_plus", "stall_ms_per_token"] == 10
+    assert df.loc["plus_lossy_int4", "host_ms_in_run"] == "2:7.50"
