@@ -63,8 +63,15 @@ def _cases(dcfg: DictConfig, overrides: list[str], out_dir: Path):
     if dcfg.experiment.name is None:
         cfg, plain = _compose(overrides)
         return [Case(None, cfg, out_dir, plain)]
+    only = list(dcfg.experiment.get("only") or [])
+    unknown = sorted(set(only) - set(dcfg.experiment.cases))
+    if unknown:
+        raise ValueError(f"experiment.only names cases that {dcfg.experiment.name!r} does not define: {unknown}"
+                         f" (valid: {sorted(dcfg.experiment.cases)})")
     cases = []
     for name, case_overrides in dcfg.experiment.cases.items():
+        if only and name not in only:
+            continue
         if not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
             raise ValueError(f"experiment case name {name!r}: use letters, digits, '_', '-' and '.' only")
         keys = {_key(o) for o in case_overrides}

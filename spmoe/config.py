@@ -226,6 +226,7 @@ class ExperimentConfig:
     warmup_tokens: int = 8  # each case decodes this many tokens of the first prompt before round 0 (0: none)
     profile: bool = False  # cProfile each case's last round into <case dir>/profile.txt (host time by function)
     cases: dict[str, list[str]] = field(default_factory=dict)
+    only: list[str] = field(default_factory=list)  # run just these cases (empty: all), e.g. experiment.only=[spmoe]
 
 
 @dataclass

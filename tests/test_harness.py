@@ -160,6 +160,17 @@ def test_warm_up_covers_a_whole_round_once_per_step_shape(tmp_path):
     assert warmup_plan([*order, lru_k3], 3) == [9, 9, 3, 3, 9]  # k = 3: a new shape (4 positions)
 
 
+def test_experiment_only_runs_a_subset_and_rejects_unknown_case_names(tmp_path):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        overrides = ["experiment=cpu/harness_check", "experiment.only=[spmoe,lru]"]
+        dcfg = compose(config_name="config", overrides=overrides)
+        cases = entry._cases(dcfg, overrides, tmp_path)
+        assert [c.name for c in cases] == ["lru", "spmoe"]  # the experiment's order, not the list's
+        bad = ["experiment=cpu/harness_check", "experiment.only=[spmoe,nope]"]
+        with pytest.raises(ValueError, match=r"does not define: \['nope'\].*valid: .*'spmoe'"):
+            entry._cases(compose(config_name="config", overrides=bad), bad, tmp_path)
+
+
 def test_resume_reruns_when_the_config_changed(tmp_path):
     out = tmp_path / "run"
     args = ("method=lru_nosd", "hardware=cpu", "num_prompts=1", f"hydra.run.dir={out}")
