@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 
 from spmoe.engine import StepState
@@ -255,8 +256,6 @@ def test_lossy_slot_bookkeeping_counts_reuse_until_an_exact_load_replaces_it():
 
 
 def test_lossy_copy_is_refused_when_the_host_cannot_hold_it():
-    import pytest
-
     from spmoe.models.experts import ExpertLayout
     from spmoe.offload.host_memory import HostMemoryError
     from spmoe.offload.store import ExpertStore
@@ -265,3 +264,38 @@ def test_lossy_copy_is_refused_when_the_host_cannot_hold_it():
     store = ExpertStore(ExpertLayout((0, 1), 4, 2, 64, 40, torch.float32), pin=False)
     with pytest.raises(HostMemoryError, match="lossy misses"):
         LowPrecisionExperts(store, [1], "int8", 16, torch.device("cpu"), host_memory_gib=HOST_MARGIN_BYTES / 2**30)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_lossy_misses_dequantize_on_the_copy_stream(gpu, precision):
+    """Two slots, eight lossy loads through one staging buffer: each load overwrites a slot a
+    compute-stream read used moments before and refills the staging buffer the previous dequantization
+    read; the slots must hold exactly the host-side dequantization."""
+    from spmoe.models.experts import ExpertLayout
+    from spmoe.offload.store import ExpertStore
+    from spmoe.offload.transfer import TransferEngine
+    from spmoe.plus.lossy_misses import LossyMissTransfer, LowPrecisionExperts, dequantize_into
+
+    layout = ExpertLayout((0, 1), 6, 2, 512, 1024, torch.bfloat16)
+    store = ExpertStore(layout, pin=True)
+    store.fill_random(0, 0.02, gpu)
+    transfer = LossyMissTransfer(TransferEngine(gpu, 2), store, LowPrecisionExperts(store, [1], precision, 128, gpu), gpu)
+    slots = torch.empty(2, layout.expert_numel, dtype=layout.dtype, device=gpu)  # [S, N]
+    experts, outs = [0, 1, 2, 3, 4, 5, 0, 1], []
+    try:
+        for i, e in enumerate(experts):
+            transfer.load(i % 2, slots[i % 2], store.flat((1, e)))
+            transfer.wait_ready(i % 2)
+            outs.append(slots[i % 2] * 1)  # a compute-stream read of the slot
+            transfer.release(i % 2)
+        torch.cuda.synchronize(gpu)
+        for e, got in zip(experts, outs):
+            want = torch.empty(layout.expert_numel, dtype=layout.dtype)  # [N]
+            dequantize_into(transfer.lowp.flat((1, e)), want, layout, precision, 128)
+            assert torch.equal(got.cpu(), want)
+        assert transfer.stats.num_lossy_computes == 8
+        assert transfer.collect().h2d_bytes == 8 * transfer.lowp.bytes_per_expert
+    finally:
+        transfer.close()
+        store.close()
