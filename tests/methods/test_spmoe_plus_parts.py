@@ -275,7 +275,11 @@ def test_lossy_misses_dequantize_on_the_copy_stream(gpu, precision):
     from spmoe.models.experts import ExpertLayout
     from spmoe.offload.store import ExpertStore
     from spmoe.offload.transfer import TransferEngine
-    from spmoe.plus.lossy_misses import LossyMissTransfer, LowPrecisionExperts, dequantize_into
+    from spmoe.plus.lossy_misses import (
+        LossyMissTransfer,
+        LowPrecisionExperts,
+        dequantize_into,
+    )
 
     layout = ExpertLayout((0, 1), 6, 2, 512, 1024, torch.bfloat16)
     store = ExpertStore(layout, pin=True)
