@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -119,8 +119,17 @@ class OffloadedExperts(nn.Module):
         self.provider = provider
 
     grouped: bool = True  # use the grouped path when the provider offers it (a switch for A/B timing)
+    # set on instances only while a piecewise CUDA graph is captured (spmoe.runtime.piecewise): forward hands
+    # the call to it, which ends the captured segment and runs `compute` eagerly
+    segment: Callable | None = None
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.segment is not None:
+            return self.segment(self, hidden_states, top_k_index, top_k_weights)
+        return self.compute(hidden_states, top_k_index, top_k_weights)
+
+    def compute(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """[T, H]: the routed experts' weighted sum for hidden_states [T, H] and routes [T, A]."""
         # T = tokens, A = experts per token, H = hidden
         table = None
         serve = getattr(self.provider, "serve_resident", None)
