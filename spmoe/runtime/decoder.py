@@ -5,9 +5,11 @@ drafter) and the cache. `hardware.decode` picks one for the target and the draft
 - `eager`: transformers' `DynamicCache`, grown per step and cropped after a rejection;
 - `static`: a `PositionedCache` of fixed capacity (`spmoe.runtime.static_cache`); every forward
   has static shapes for its T, and rollback moves the host length pointer;
-- `graphs`: `static`, and each decode forward of T <= `max_graph_tokens` tokens is replayed from a
-  CUDA graph captured at its first use (`spmoe.runtime.graphs`), where the model is capturable
-  (on CUDA, no hooks, experts served without a host sync); elsewhere it runs as `static`.
+- `graphs`: `static`, and each decode forward of T <= `max_graph_tokens` tokens is replayed from CUDA
+  graphs: the whole forward as one graph captured at its first use (`spmoe.runtime.graphs`) where
+  it is capturable (on CUDA, no hooks, experts served without a host sync); else, on CUDA without
+  hooks, the forward cut at every experts call into graphs with the experts run eagerly between
+  them (`spmoe.runtime.piecewise`), captured at a shape's second step; elsewhere as `static`.
 
 Interface (both classes): `begin(max_len)` starts a sequence that will hold at most `max_len`
 positions; `forward(ids, num_logits)` feeds `ids` after the cached positions and returns the logits of
@@ -25,6 +27,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from spmoe.runtime.graphs import StepGraph, capturable
+from spmoe.runtime.piecewise import PiecewiseGraph, piecewise_capturable
 from spmoe.runtime.static_cache import PositionedCache, causal_mask
 from spmoe.spec.kv import cache_kwarg, crop_to
 from spmoe.trace.records import ExpertEventLog
@@ -69,9 +72,10 @@ class StaticDecoder:
         self._attn = model.config._attn_implementation
         self.kv: PositionedCache | None = None
         self._key_idx: torch.Tensor | None = None  # [C] arange
-        self._graphs: dict[tuple[int, int], StepGraph] = {}
+        self._graphs: dict[tuple[int, int], StepGraph | PiecewiseGraph] = {}  # (T, num_logits) -> graph
+        self._warm: set[tuple[int, int]] = set()  # shapes whose first step ran (piecewise capture waits for it)
         self._pool = None
-        self._capturable: bool | None = None  # decided at the first decode forward after each allocation
+        self._kind: str | None = None  # whole | piecewise | none, decided at the first graphed step after allocation
         self.num_replays = 0
 
     @property
@@ -90,7 +94,8 @@ class StaticDecoder:
         self.kv = PositionedCache(self.model.config, capacity)
         self._key_idx = torch.arange(capacity, device=self.device)  # [C]
         self._pool = None
-        self._capturable = None
+        self._kind = None
+        self._warm.clear()
 
     def step(self, inputs: torch.Tensor, num_tokens: int, num_logits: int) -> torch.Tensor:
         """One forward from device inputs [T + 1] (ids, then the start position): logits [num_logits, V].
@@ -106,39 +111,47 @@ class StaticDecoder:
 
     def forward(self, ids: list[int], num_logits: int) -> torch.Tensor:
         num_tokens, start = len(ids), self.kv.length
-        graph = self._graph(num_tokens, num_logits) if start > 0 else None
-        if graph is not None:
-            logits = graph.replay(ids, start)
-            self.num_replays += 1
-        else:
+        logits = None
+        if self.graphs and start > 0 and num_tokens <= self.max_graph_tokens:
+            logits = self._graphed(ids, start, num_logits)
+        if logits is None:
             inputs = torch.tensor(ids + [start], dtype=torch.long, device=self.device)  # [T + 1]
             logits = self.step(inputs, num_tokens, num_logits)
         self.kv.advance(num_tokens)
         return logits
 
-    def _graph(self, num_tokens: int, num_logits: int) -> StepGraph | None:
-        if not self.graphs or num_tokens > self.max_graph_tokens:
+    def _graphed(self, ids: list[int], start: int, num_logits: int) -> torch.Tensor | None:
+        """The step's logits from a graph (replayed, or captured now), or None: run it eagerly."""
+        if self._kind is None:
+            self._kind = ("whole" if capturable(self.model, self.device) else
+                          "piecewise" if piecewise_capturable(self.model, self.device) else "none")
+            log.info("%s on %s: CUDA graphs %s", type(self.model).__name__, self.device.type, self._kind)
+        key = (len(ids), num_logits)
+        graph = self._graphs.get(key)
+        if graph is not None:
+            self.num_replays += 1
+            return graph.replay(ids, start)
+        if self._kind == "none":
             return None
-        if self._capturable is None:
-            self._capturable = capturable(self.model, self.device)
-            if not self._capturable:
-                log.info("%s: forward not capturable here (no CUDA, hooks, or experts that sync); runs eagerly",
-                         type(self.model).__name__)
-        if not self._capturable:
-            return None
-        key = (num_tokens, num_logits)
-        if key not in self._graphs:
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            try:
-                self._graphs[key] = StepGraph(self.step, num_tokens, num_logits, self.device, self.kv.capacity,
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        try:
+            if self._kind == "whole":
+                self._graphs[key] = StepGraph(self.step, len(ids), num_logits, self.device, self.kv.capacity,
                                               self._pool, self.events)
-            except RuntimeError:
-                log.exception("CUDA graph capture of %s at T=%d failed; this decoder runs eagerly",
-                              type(self.model).__name__, num_tokens)
-                self._capturable = False
+                self.num_replays += 1
+                return self._graphs[key].replay(ids, start)
+            if key not in self._warm:  # a shape's first step runs eagerly: lazy initialisation stays out of capture
+                self._warm.add(key)
                 return None
-        return self._graphs[key]
+            graph = PiecewiseGraph(self.step, ids, start, num_logits, self.model, self.device, self._pool)
+        except RuntimeError:
+            log.exception("CUDA graph capture (%s) of %s at T=%d failed; this decoder runs eagerly", self._kind,
+                          type(self.model).__name__, len(ids))
+            self._kind = "none"
+            return None
+        self._graphs[key] = graph
+        return graph.logits
 
     def crop(self, length: int) -> None:
         self.kv.crop(length)

@@ -38,9 +38,14 @@ StepFn = Callable[[torch.Tensor, int, int], torch.Tensor]  # (inputs [T + 1], T,
 
 
 def capturable(model: nn.Module, device: torch.device) -> bool:
-    """Whether a forward of `model` runs without host code or device->host syncs that a graph would drop."""
-    if device.type != "cuda":
-        return False
+    """Whether a forward of `model` can be captured whole: on CUDA, and `graph_safe`."""
+    return device.type == "cuda" and graph_safe(model, device)
+
+
+def graph_safe(model: nn.Module, device: torch.device, experts_run_eagerly: bool = False) -> bool:
+    """Whether a forward of `model` on `device` runs without host code or device->host syncs that a graph
+    would drop (with `experts_run_eagerly`, engine experts modules stay out of the graph: only their hooks
+    matter)."""
     from torch.nn.modules import module as nn_module
 
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
@@ -48,7 +53,7 @@ def capturable(model: nn.Module, device: torch.device) -> bool:
     for m in model.modules():
         if m._forward_hooks or m._forward_pre_hooks:
             return False
-        if isinstance(m, OffloadedExperts) and not m.sync_free(device):
+        if isinstance(m, OffloadedExperts) and not experts_run_eagerly and not m.sync_free(device):
             return False
     return True
 

@@ -1,0 +1,107 @@
+"""
+Piecewise CUDA graphs of one decode step, for forwards whose experts must run eagerly (offloaded
+methods: routes go to the host, copies are issued from the CPU, the cache changes every step).
+
+The step is cut at every engine experts call: segment 0 runs from the step's inputs to layer 0's
+experts (embedding, attention with the KV cache, norms, router), segment i from layer i-1's experts
+output to layer i's experts, the last one to the logits. Segments are CUDA graphs; the experts run
+eagerly between them, exactly as without graphs (same provider, same misses, same events), so a
+miss never forces a rebuild: nothing of the cache's state is captured.
+
+Capture (`PiecewiseGraph.__init__`) is a real step: on a side stream, capture segment 0; at the first
+experts call (`OffloadedExperts.segment`), end the capture, replay it (so its outputs exist), compute
+the experts eagerly, keep their output as the static input of the next segment, and begin capturing
+that one; at the end, capture_end and replay the last. Replay repeats this with `replay` in place of
+capture: graph 0, experts 0 (output copied into its static buffer), graph 1, ... All segments share
+one memory pool and always run in capture order, so a segment may reuse memory an earlier one freed.
+Each experts call's inputs (hidden states, routes, weights: tensors of the pool) stay referenced,
+so no later segment overwrites them before the experts read them.
+
+Which forwards qualify (`piecewise_capturable`): on CUDA, no forward hooks anywhere in the model
+(a hook would run at capture only), at least one engine experts module.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable
+
+import torch
+from torch import nn
+
+from spmoe.models.experts import OffloadedExperts
+from spmoe.runtime.graphs import StepFn, graph_safe
+
+ExpertsCall = tuple[OffloadedExperts, tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def piecewise_capturable(model: nn.Module, device: torch.device) -> bool:
+    has_experts = any(isinstance(m, OffloadedExperts) for m in model.modules())
+    return device.type == "cuda" and has_experts and graph_safe(model, device, experts_run_eagerly=True)
+
+
+class PiecewiseGraph:
+    def __init__(self, step: StepFn, ids: list[int], start: int, num_logits: int, model: nn.Module,
+                 device: torch.device, pool, graph_factory: Callable = torch.cuda.CUDAGraph):
+        """Capture the step for `ids` at `start` while computing it: `self.logits` are its logits."""
+        self.num_tokens = len(ids)
+        self._pool = pool
+        self._new_graph = graph_factory
+        self.graphs: list = []
+        self.calls: list[ExpertsCall] = []
+        self.inputs = torch.zeros(self.num_tokens + 1, dtype=torch.long, device=device)  # [T + 1]: ids, start
+        experts = [m for m in model.modules() if isinstance(m, OffloadedExperts)]
+        side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side) if side is not None else nullcontext():
+            self.inputs.copy_(torch.tensor(ids + [start], dtype=torch.long))
+            for m in experts:
+                m.segment = self._split
+            capturing = False
+            try:
+                self._begin()
+                capturing = True
+                self.logits = step(self.inputs, self.num_tokens, num_logits)  # [num_logits, V], static
+                capturing = False
+                self._end_and_run()
+            finally:
+                for m in experts:
+                    m.segment = None
+                if capturing:
+                    self._abandon()
+        if side is not None:
+            torch.cuda.current_stream(device).wait_stream(side)
+
+    def _begin(self) -> None:
+        graph = self._new_graph()
+        graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+        self.graphs.append(graph)
+
+    def _end_and_run(self) -> None:
+        self.graphs[-1].capture_end()
+        self.graphs[-1].replay()
+
+    def _abandon(self) -> None:
+        try:
+            self.graphs[-1].capture_end()
+        except RuntimeError:
+            pass
+
+    def _split(self, module: OffloadedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+               top_k_weights: torch.Tensor) -> torch.Tensor:
+        self._end_and_run()
+        out = module.compute(hidden_states, top_k_index, top_k_weights)  # [T, H], outside the pool
+        self.calls.append((module, (hidden_states, top_k_index, top_k_weights), out))
+        self._begin()
+        return out
+
+    def replay(self, ids: list[int], start: int) -> torch.Tensor:
+        """Logits [num_logits, V] of feeding `ids` at positions [start, start + T); experts run eagerly."""
+        self.inputs.copy_(torch.tensor(ids + [start], dtype=torch.long))
+        for i, graph in enumerate(self.graphs):
+            graph.replay()
+            if i < len(self.calls):
+                module, args, out = self.calls[i]
+                out.copy_(module.compute(*args))
+        return self.logits

@@ -1,0 +1,112 @@
+"""Piecewise graphs: the step is cut at every experts call, the experts run eagerly between segments.
+
+Capture itself needs CUDA; on the CPU a stand-in graph records the protocol (capture begins and ends,
+replays) while the ops run eagerly, which checks the cutting: one segment per experts call plus one,
+the capture pass computes the real step, and a replay runs every layer's experts once, in order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_run_config
+
+from spmoe.methods import get_strategy
+from spmoe.models.experts import OffloadedExperts
+from spmoe.runtime.decoder import StaticDecoder
+from spmoe.runtime.graphs import capturable, graph_safe
+from spmoe.runtime.piecewise import PiecewiseGraph, piecewise_capturable
+from spmoe.session import open_session
+from spmoe.strategy import MethodContext
+
+
+class _Graph:
+    """Stands in for torch.cuda.CUDAGraph; `log` gets ("begin" | "end" | "replay", graph index)."""
+
+    log: list[tuple[str, int]] = []
+    count = 0
+
+    def __init__(self):
+        self.idx = _Graph.count
+        _Graph.count += 1
+
+    def capture_begin(self, pool=None, capture_error_mode="global"):
+        _Graph.log.append(("begin", self.idx))
+
+    def capture_end(self):
+        _Graph.log.append(("end", self.idx))
+
+    def replay(self):
+        _Graph.log.append(("replay", self.idx))
+
+
+@pytest.fixture(scope="module")
+def lru_runtime():
+    cfg = tiny_run_config("tiny", num_prompts=1)
+    s = open_session(cfg)
+    ctx = MethodContext(s.cfg, s.target, s.device, s.plan(s.cfg.hardware, "lru_nosd"))
+    runtime = get_strategy("lru_nosd").build(ctx)
+    yield s, runtime
+    runtime.close()
+    s.close()
+
+
+@torch.inference_mode()
+def test_segments_are_cut_at_every_experts_call(lru_runtime, monkeypatch):
+    session, runtime = lru_runtime
+    model, prompt = runtime.model, session.prompts[0].token_ids
+    decoder = StaticDecoder(model, session.device)
+    decoder.begin(len(prompt) + 8)
+    decoder.forward(prompt, 1)
+    num_layers = len(session.target.layout.moe_layers)
+    inputs = torch.tensor(prompt[-2:] + [decoder.length])
+    want = decoder.step(inputs, 2, 2).clone()  # [2, V]: the eager step at the same positions
+    _Graph.log, _Graph.count = [], 0
+    graph = PiecewiseGraph(decoder.step, prompt[-2:], decoder.length, 2, model, session.device, None,
+                           graph_factory=_Graph)
+    torch.testing.assert_close(graph.logits, want, rtol=0, atol=0)
+    assert len(graph.graphs) == num_layers + 1 and len(graph.calls) == num_layers
+    assert _Graph.log == [e for i in range(num_layers + 1) for e in (("begin", i), ("end", i), ("replay", i))]
+    assert all(m.segment is None for m in model.modules() if isinstance(m, OffloadedExperts))
+
+    computed = []
+    original = OffloadedExperts.compute
+
+    def spy(self, *args):
+        computed.append(self.layer_idx)
+        return original(self, *args)
+
+    monkeypatch.setattr(OffloadedExperts, "compute", spy)
+    _Graph.log = []
+    graph.replay(prompt[-2:], decoder.length)
+    assert computed == list(session.target.layout.moe_layers)
+    assert _Graph.log == [("replay", i) for i in range(num_layers + 1)]
+
+
+def test_a_failed_capture_restores_the_experts(lru_runtime):
+    session, runtime = lru_runtime
+
+    def broken(inputs, num_tokens, num_logits):
+        raise RuntimeError("capture failed")
+
+    with pytest.raises(RuntimeError, match="capture failed"):
+        PiecewiseGraph(broken, [1], 3, 1, runtime.model, session.device, None, graph_factory=_Graph)
+    assert all(m.segment is None for m in runtime.model.modules() if isinstance(m, OffloadedExperts))
+
+
+def test_which_forwards_graphs_may_capture(lru_runtime):
+    """A resident cache's forward is safe whole; an offloaded one only with its experts left out; a hook
+    anywhere (experts modules included) makes neither safe; nothing is captured off CUDA."""
+    session, lru = lru_runtime
+    cpu = torch.device("cpu")
+    assert not graph_safe(lru.model, cpu) and graph_safe(lru.model, cpu, experts_run_eagerly=True)
+    for module in (lru.model.model.layers[1].self_attn, lru.model.model.layers[1].mlp.experts):
+        handle = module.register_forward_pre_hook(lambda *a: None)
+        assert not graph_safe(lru.model, cpu, experts_run_eagerly=True)
+        handle.remove()
+    ctx = MethodContext(session.cfg, session.target, cpu, session.plan(session.cfg.hardware, "gpu_resident"))
+    resident = get_strategy("gpu_resident").build(ctx)  # installs its own experts in the shared model
+    try:
+        assert graph_safe(resident.model, cpu)
+        assert not capturable(resident.model, cpu) and not piecewise_capturable(resident.model, cpu)
+    finally:
+        resident.close()
