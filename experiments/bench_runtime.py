@@ -4,8 +4,8 @@ transformers' own `generate` on the same weights, eager against CUDA-graph decod
 (`hardware.decode`), offloaded methods at an emulated card, and the tie-aware lossless check.
 
     python -m experiments.bench_runtime --models mixtral deepseek_v2_lite --drafts mistral_7b none \
-        --card none --out results/runtime/graphs                       # H200
-    python -m experiments.bench_runtime --models tiny --drafts tiny --hardware cpu --card tiny_card \
+        --cards none --out results/runtime/graphs                       # H200
+    python -m experiments.bench_runtime --models tiny --drafts tiny --hardware cpu --cards tiny_card \
         --tokens 6 --offload-tokens 4 --lossless-tokens 8 --out /tmp/bench   # CPU smoke run
 
 One process; per model one session (random weights), closed before the next. Phase 1, every
@@ -13,15 +13,17 @@ expert resident (one gpu_resident runtime held for the phase), cases in interlea
 (A B C C B A ...) after one warm-up generation each (which also captures the graphs):
 `engine_eager` (the engine, dynamic KV cache; experts as one grouped matmul per layer, no host
 sync), `engine_graphs` (the same over a static KV cache, each decode step a CUDA graph replay),
-`hf_eager` (transformers' generate with its eager experts module on the same device slots), and
+`hf_eager` (transformers' generate with its eager experts module on the same device slots,
+`experiments.hf_anchor`), and
 with a draft `engine_eager_sd` / `engine_graphs_sd` (k = --k; draft and target both graphed);
 optional `engine_static` and `engine_loop` (experts one at a time). Then the forward phase: one
 target forward of T = --forward-tokens positions (a verify of T - 1 drafts) after the first
 prompt, per decoder (eager, static, graphs) in interleaved rounds, with the graphs' logits compared
 bit for bit with the static decoder's. Then the lossless check (`spmoe.trace.lossless`, one
-reference per model) of the engine cases. Phase 2 (`--card`, a GPU budget emulating a smaller
-card): `lru_nosd`, `lru`, `spmoe` in interleaved rounds with runtime efficiency = TPOT / (H2D
-bytes per token / link bandwidth + the resident engine's TPOT). Writes `runtime.csv` (one row per
+reference per model) of the engine cases. Phase 2 (`--cards`, a GPU budget emulating a smaller
+card): `lru_nosd`, `lru`, `spmoe` (or `method:decode` cases, e.g. `lru_nosd:graphs`) in
+interleaved rounds with runtime efficiency = TPOT / (H2D bytes per token / link bandwidth + the
+resident engine's TPOT, the graphed one's when it ran). Writes `runtime.csv` (one row per
 model, case and round), `table.md` and `lossless.json` under --out, and prints the table last.
 Budgets emulate smaller cards: reported as such.
 """
@@ -29,7 +31,6 @@ Budgets emulate smaller cards: reported as such.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import logging
@@ -40,116 +41,21 @@ from pathlib import Path
 
 import torch
 import transformers
-from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import AutoModelForCausalLM, DynamicCache
-from transformers.generation.streamers import BaseStreamer
 
+from experiments.hf_anchor import HFExperts, hf_generate, ops_per_decode_step
 from experiments.presets import load_preset
 from spmoe.config import MethodConfig, RoutingConfig, RunConfig, SpecConfig
 from spmoe.engine import Engine
 from spmoe.methods import get_strategy
-from spmoe.models.experts import OffloadedExperts, find_experts
+from spmoe.models.experts import OffloadedExperts
 from spmoe.runtime.decoder import make_decoder
 from spmoe.session import open_session
 from spmoe.spec.drafter import ModelDrafter
-from spmoe.spec.kv import cache_kwarg
 from spmoe.strategy import MethodContext
 from spmoe.trace.lossless import ReferenceRuntime, check_lossless
 from spmoe.trace.metrics import summarize
 
 log = logging.getLogger("bench_runtime")
-
-
-class _TokenClock(BaseStreamer):
-    """Wall time of every `put`: the prompt first, then one per generated token."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def put(self, value) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
-class HFExperts:
-    """Context: transformers' own experts modules (implementation `impl`) in place of the engine's,
-    their fused weights strided views of the resident cache's slots (no copy)."""
-
-    def __init__(self, session, cache, impl: str = "eager"):
-        self.session, self.cache, self.impl = session, cache, impl
-        self.ours: dict[int, nn.Module] = {}
-
-    def __enter__(self):
-        model, layout = self.session.target.model, self.session.target.layout
-        cfg = copy.copy(model.config)
-        cfg._experts_implementation = self.impl
-        with torch.device("meta"):
-            classes = {i: type(m) for i, m in find_experts(AutoModelForCausalLM.from_config(cfg)).items()}
-        h, inter, numel, e_count = layout.hidden_size, layout.intermediate_size, layout.expert_numel, layout.num_experts
-        built = {}  # every module is built before any is installed: a failure leaves the model as it was
-        for layer in layout.moe_layers:
-            slots = [self.cache.slot_of((layer, e)) for e in range(e_count)]
-            if slots != list(range(slots[0], slots[0] + e_count)):
-                raise RuntimeError(f"layer {layer}'s experts are not in consecutive slots: {slots}")
-            storage = self.cache.storage
-            base = storage.storage_offset() + slots[0] * numel
-            with torch.device("meta"):
-                hf = classes[layer](cfg)
-            hf.gate_up_proj = nn.Parameter(storage.as_strided((e_count, 2 * inter, h), (numel, h, 1), base),
-                                           requires_grad=False)  # [E, 2I, H]
-            hf.down_proj = nn.Parameter(storage.as_strided((e_count, h, inter), (numel, inter, 1), base + 2 * inter * h),
-                                        requires_grad=False)  # [E, H, I]
-            built[layer] = hf
-        for layer, hf in built.items():
-            mlp = model.model.layers[layer].mlp
-            self.ours[layer], mlp.experts = mlp.experts, hf
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for layer, experts in self.ours.items():
-            self.session.target.model.model.layers[layer].mlp.experts = experts
-
-
-@torch.inference_mode()
-def hf_generate(session, prompts, num_tokens: int) -> dict:
-    model, device = session.target.model, session.device
-    tpots, tokens = [], []
-    for p in prompts:
-        clock = _TokenClock()
-        out = model.generate(torch.tensor([p.token_ids], device=device), max_new_tokens=num_tokens,
-                             min_new_tokens=num_tokens, do_sample=False, streamer=clock, pad_token_id=0, eos_token_id=None)
-        tokens.append(out[0, len(p.token_ids):].tolist())
-        tpots.append((clock.times[-1] - clock.times[1]) / (num_tokens - 1) * 1e3)
-    return {"tpot_ms": statistics.fmean(tpots), "tokens": tokens}
-
-
-class _OpCount(TorchDispatchMode):
-    """Counts the aten operators dispatched (views included: each costs host time)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-@torch.inference_mode()
-def ops_per_decode_step(session, prompt) -> int:
-    """aten operators one one-token decode forward of the target dispatches, after a prefill."""
-    model, device = session.target.model, session.device
-    kv = DynamicCache(config=model.config)
-    kw = cache_kwarg(model)
-    model(input_ids=torch.tensor([prompt.token_ids], device=device), use_cache=True, logits_to_keep=1, **{kw: kv})
-    counter = _OpCount()
-    with counter:
-        model(input_ids=torch.tensor([prompt.token_ids[-1:]], device=device), use_cache=True, logits_to_keep=1,
-              **{kw: kv})
-    return counter.count
 
 
 def engine_generate(engine: Engine, prompts, num_tokens: int, grouped: bool = True) -> dict:
@@ -302,17 +208,20 @@ def forward_phase(session, runtime, args, rows: list[dict], model: str) -> None:
             for m in names})
 
 
-def offload_phase(session, args, rows: list[dict], resident_tpot_ms: float, model: str) -> None:
-    cfg, hw = session.cfg, load_preset("hardware", args.card)
+def offload_phase(session, args, rows: list[dict], resident_tpot_ms: float, model: str, card: str) -> None:
+    """Offloaded methods at `card`; runtime efficiency against the resident TPOT (the compiled engine's
+    where it ran: the compute that cannot overlap)."""
+    hw = load_preset("hardware", card)
     link_gb_per_s = hw.pcie_gb_per_s if hw.pace_pcie and hw.pcie_gb_per_s else args.pinned_gb_per_s
-    methods = {m: load_preset("method", m) for m in args.offload_methods}
+    methods = {name: (load_preset("method", name.split(":")[0]), replace(hw, decode=(name.split(":") + ["eager"])[1]))
+               for name in args.offload_methods}  # "method[:decode]"
     spec = SpecConfig(num_draft_tokens=args.k)
-    for m in methods.values():  # warm-up; spmoe profiles its cutoff here (cached for the rounds)
-        session.generate(m, hw, min(4, args.offload_tokens), num_prompts=1, spec_cfg=spec)
+    for m, case_hw in methods.values():  # warm-up; spmoe profiles its cutoff here (cached for the rounds)
+        session.generate(m, case_hw, min(4, args.offload_tokens), num_prompts=1, spec_cfg=spec)
     names = list(methods)
     for r in range(args.rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
-            gens, plan, peak = session.generate(methods[name], hw, args.offload_tokens,
+            gens, plan, peak = session.generate(*methods[name], args.offload_tokens,
                                                 num_prompts=args.offload_prompts, spec_cfg=spec)
             m = summarize([g.records for g in gens])
             floor_ms = (m["h2d_bytes_per_token"] or 0) / (link_gb_per_s * 1e9) * 1e3 + resident_tpot_ms
@@ -361,25 +270,27 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_model(model: str, draft: str, args, rows: list[dict]) -> dict:
-    """Open one session for `model` (with `draft`, or none), run its phases, close it; the lossless results."""
+def run_model(model: str, draft: str, card: str, args, rows: list[dict]) -> dict:
+    """Open one session for `model` (with `draft`, or none), run its phases (the offloaded one at `card`
+    unless 'none'), close it; the lossless results."""
     num_prompts = max(args.prompts, args.lossless_prompts)
     cfg = RunConfig(model=load_preset("model", model), draft=load_preset("draft", draft),
                     dataset=load_preset("dataset", args.dataset), method=MethodConfig(name="gpu_resident"),
                     hardware=load_preset("hardware", args.hardware), routing=RoutingConfig(name="model"),
                     spec=SpecConfig(num_draft_tokens=args.k), num_prompts=num_prompts, check_lossless="false",
                     max_new_tokens=max(args.tokens, args.offload_tokens, args.lossless_tokens))
-    cases = [] if args.card == "none" else [
-        replace(cfg, method=load_preset("method", m), hardware=load_preset("hardware", args.card))
+    cases = [] if card == "none" else [
+        replace(cfg, method=load_preset("method", m.split(":")[0]), hardware=load_preset("hardware", card))
         for m in args.offload_methods]
     t0 = time.perf_counter()
     session = open_session(cfg, cases)
     log.info("%s session open in %.1f s", model, time.perf_counter() - t0)
     try:
         lossless = resident_phase(session, args, rows, model)
-        resident = [r["tpot_ms"] for r in rows if r["case"] == "engine_eager" and r["model"] == model]
-        if cases and resident:
-            offload_phase(session, args, rows, statistics.median(resident), model)
+        floor = [r["tpot_ms"] for r in rows if r["model"] == model and r["phase"] == "resident"
+                 and r["case"] == ("engine_graphs" if "engine_graphs" in args.cases else "engine_eager")]
+        if cases and floor:
+            offload_phase(session, args, rows, statistics.median(floor), model, card)
     finally:
         session.close()
         del session
@@ -395,8 +306,10 @@ def main() -> None:
     ap.add_argument("--drafts", nargs="+", default=["mistral_7b"], help="one per model ('none': no SD cases)")
     ap.add_argument("--dataset", default="humaneval")
     ap.add_argument("--hardware", default="h200")
-    ap.add_argument("--card", default="rtx4090", help="emulated card for phase 2 ('none' skips it)")
-    ap.add_argument("--offload-methods", nargs="*", default=["lru_nosd", "lru", "spmoe"])
+    ap.add_argument("--cards", nargs="+", default=["rtx4090"],
+                    help="per model, the emulated card of phase 2 ('none' skips it)")
+    ap.add_argument("--offload-methods", nargs="*", default=["lru_nosd", "lru", "spmoe"],
+                    help="method[:decode], e.g. lru_nosd:graphs")
     ap.add_argument("--cases", nargs="*", default=["engine_eager", "engine_graphs", "hf_eager"],
                     help="resident cases (also: engine_static, engine_loop)")
     ap.add_argument("--sd", action=argparse.BooleanOptionalAction, default=True,
@@ -414,18 +327,19 @@ def main() -> None:
     ap.add_argument("--pinned-gb-per-s", type=float, default=53.8, help="link bandwidth when copies are not paced")
     ap.add_argument("--out", default="results/runtime")
     args = ap.parse_args()
-    if len(args.drafts) != len(args.models):
-        ap.error("--drafts needs one draft per model")
+    if len(args.drafts) != len(args.models) or len(args.cards) not in (1, len(args.models)):
+        ap.error("--drafts needs one draft per model, --cards one card per model (or one for all)")
+    cards = args.cards * len(args.models) if len(args.cards) == 1 else args.cards
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     lossless = {}
-    for model, draft in zip(args.models, args.drafts):
-        lossless[model] = run_model(model, draft, args, rows)
+    for model, draft, card in zip(args.models, args.drafts, cards):
+        lossless[model] = run_model(model, draft, card, args, rows)
         (out / "lossless.json").write_text(json.dumps(lossless, indent=1))
     meta = {"models": args.models, "drafts": args.drafts, "weights": "random", "hardware": args.hardware,
-            "card": args.card, "card_emulated": args.card != "none",
+            "cards": cards, "cards_emulated": [c != "none" for c in cards],
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__, "transformers": transformers.__version__, "tokens": args.tokens,
             "prompts": args.prompts, "rounds": args.rounds, "offload_tokens": args.offload_tokens, "k": args.k,
