@@ -245,8 +245,8 @@ def table(rows: list[dict]) -> str:
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for row in rows:
         groups.setdefault((row["model"], row["phase"], row["case"]), []).append(row)
-    lines = ["| model | phase | case | TPOT ms (median) | spread | host ms/step | sync wait ms/step | vs hf_eager |"
-             " efficiency | aten ops/step | graph replays |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| model | phase | case | TPOT ms (median) | spread | host ms/step | sync wait ms/step | vs hf_eager |"
+              " efficiency | aten ops/step | graph replays |"), "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (model, phase, case), rs in groups.items():
         if "tpot_ms" not in rs[0]:
             continue
@@ -258,8 +258,8 @@ def table(rows: list[dict]) -> str:
                      f"{statistics.median(hf) / med if hf else float('nan'):.2f}x | "
                      f"{_median(rs, 'runtime_efficiency'):.2f} | {rs[0].get('ops_per_step') or ''} | "
                      f"{rs[-1].get('graph_replays', '')} |")
-    lines += ["", "| model | forward | decoder | ms (median of rounds' medians) | min ms | vs eager |"
-              " graphs == static (bits) | max abs diff vs eager |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["", ("| model | forward | decoder | ms (median of rounds' medians) | min ms | vs eager |"
+                   " graphs == static (bits) | max abs diff vs eager |"), "|---|---|---|---|---|---|---|---|"]
     for (model, phase, case), rs in groups.items():
         if "forward_ms" not in rs[0]:
             continue

@@ -23,7 +23,7 @@ event log again after every replay, where they hold that replay's routes.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -23,8 +23,8 @@ Which forwards qualify (`piecewise_capturable`): on CUDA, no forward hooks anywh
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Callable
 
 import torch
 from torch import nn

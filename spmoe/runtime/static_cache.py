@@ -28,7 +28,7 @@ from transformers.cache_utils import StaticLayer
 class _PositionedLayer(StaticLayer):
     """One layer's static keys/values [1, H_kv, C, D], written at the owner's `write_positions`."""
 
-    def __init__(self, capacity: int, owner: "PositionedCache"):
+    def __init__(self, capacity: int, owner: PositionedCache):
         super().__init__(max_cache_len=capacity)
         self._owner = owner
 

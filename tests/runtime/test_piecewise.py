@@ -6,6 +6,8 @@ the capture pass computes the real step, and a replay runs every layer's experts
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 import torch
 from conftest import tiny_run_config
@@ -22,7 +24,7 @@ from spmoe.strategy import MethodContext
 class _Graph:
     """Stands in for torch.cuda.CUDAGraph; `log` gets ("begin" | "end" | "replay", graph index)."""
 
-    log: list[tuple[str, int]] = []
+    log: ClassVar[list[tuple[str, int]]] = []
     count = 0
 
     def __init__(self):
