@@ -98,6 +98,9 @@ def engine_cases(session, runtime, args) -> dict:
         for mode in ("eager", "graphs"):
             drafter = ModelDrafter(session.draft, device, 0.0, 1.0, decode=mode)
             engines[f"engine_{mode}_sd"] = Engine(runtime, device, drafter, spec, decode=mode)
+    longest = max(len(p.token_ids) for p in session.prompts)
+    for e in engines.values():  # one cache size for every prompt and length: graphs are captured once
+        e.reserve(longest, max(args.tokens, args.lossless_tokens))
     run = {name: (lambda n, ps, e=e, g=name != "engine_loop": engine_generate(e, ps, n, g))
            for name, e in engines.items()}
 

@@ -68,6 +68,13 @@ class Engine:
         self.decoder = make_decoder(runtime.model, device, decode, max_graph_tokens=max_tokens, events=runtime.events)
         self._sync_wait_ms = 0.0  # host time blocked on the device at the end of target forwards, this step
 
+    def reserve(self, max_prompt_len: int, max_new_tokens: int) -> None:
+        """Size the target's and the draft's KV caches once for the longest sequence of a run."""
+        max_len = max_prompt_len + max_new_tokens + self.spec.num_draft_tokens + 1
+        self.decoder.reserve(max_len)
+        if self.drafter is not None:
+            self.drafter.decoder.reserve(max_len)
+
     def _target(self, ids: list[int], num_logits: int) -> torch.Tensor:
         logits = self.decoder.forward(ids, num_logits).float()  # [num_logits, V]
         t_wait = time.perf_counter()

@@ -193,6 +193,7 @@ class Session:
                 drafter = ModelDrafter(self.draft, self.device, cfg.spec.temperature, cfg.spec.top_p,
                                        cfg.hardware.decode)
             engine = Engine(runtime, self.device, drafter, cfg.spec, cfg.seed, cfg.hardware.decode)
+            engine.reserve(max(len(p.token_ids) for p in self.prompts[:num_prompts]), max_new_tokens)
             gens = []
             for i, p in enumerate(self.prompts[:num_prompts]):
                 try:

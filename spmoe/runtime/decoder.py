@@ -11,8 +11,9 @@ drafter) and the cache. `hardware.decode` picks one for the target and the draft
   hooks, the forward cut at every experts call into graphs with the experts run eagerly between
   them (`spmoe.runtime.piecewise`), captured at a shape's second step; elsewhere as `static`.
 
-Interface (both classes): `begin(max_len)` starts a sequence that will hold at most `max_len`
-positions; `forward(ids, num_logits)` feeds `ids` after the cached positions and returns the logits of
+Interface (both classes): `reserve(max_len)` sizes the cache once for a run's longest sequence (so
+graphs are captured once per shape); `begin(max_len)` starts a sequence that will hold at most
+`max_len` positions; `forward(ids, num_logits)` feeds `ids` after the cached positions and returns the logits of
 the last `num_logits` [num_logits, V] (on the device, the model's dtype; a graph's output stays
 valid until the decoder's next forward); `crop(n)` keeps the first n positions; `length` is the
 number of cached positions. Prefill (the first forward of a sequence) always runs eagerly.
@@ -49,6 +50,9 @@ class DynamicDecoder:
         self.kv = DynamicCache(config=self.model.config)
         self.length = 0
 
+    def reserve(self, max_len: int) -> None:
+        """Nothing to reserve: the cache grows."""
+
     def forward(self, ids: list[int], num_logits: int) -> torch.Tensor:
         out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True, logits_to_keep=num_logits,
                          **{self._kv_kwarg: self.kv})
@@ -83,10 +87,14 @@ class StaticDecoder:
         return self.kv.length
 
     def begin(self, max_len: int) -> None:
+        self.reserve(max_len)
+        self.kv.crop(0)
+
+    def reserve(self, max_len: int) -> None:
+        """Make room for sequences of `max_len` positions (a larger cache drops the captured graphs)."""
         need = max_len + self.max_graph_tokens  # the tail that graph warm-ups write (see spmoe.runtime.graphs)
         if self.kv is None or self.kv.capacity < need:
             self._allocate(-(-need // CAPACITY_QUANTUM) * CAPACITY_QUANTUM)
-        self.kv.crop(0)
 
     def _allocate(self, capacity: int) -> None:
         self._graphs.clear()  # they hold the old cache's addresses
