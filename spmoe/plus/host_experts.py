@@ -12,7 +12,7 @@ so they move no bytes and are not in the provider's expert events (hits/misses c
 experts only); `HostStats` counts them.
 
 Cost model (per missing expert e with n_e routed tokens, greedy, most tokens first): GPU finish =
-(copies already queued + GPU experts so far + 1) x copy_ms x f(layer); host finish = the k-th host
+copies already queued x copy_ms + (GPU experts so far + 1) x copy_ms x f(layer); host finish = the k-th host
 expert's finish on the one host worker = start_ms + the sum of expert_ms(n) over the host experts so
 far, e included; e goes where it finishes first (ties stay on the link). `HostTimes` holds the
 in-run host cost: expert_ms(n) is an EWMA of the measured time of one host expert with n routed
@@ -155,7 +155,7 @@ class HostPlanner:
             return missing[:cap]
         copy_ms = self.cost.copy_ms * self.copy_fraction(layer)
         host, host_t = [], self.times.start_ms or 0.0
-        gpu_t = self.provider.num_in_flight() * copy_ms
+        gpu_t = self.provider.num_in_flight() * self.cost.copy_ms  # prefetch copies move whole experts
         for e in missing:
             g, h = gpu_t + copy_ms, host_t + self.times.expert_ms(tokens_of[e])
             if h < g and len(host) < cap:

@@ -197,6 +197,9 @@ def test_host_planner_schedules_the_host_queue_with_in_run_times():
     # a demand copy moving a quarter of the bytes (int4 lossy misses) at layer 1: GPU 1.5, 3, 4.5 ms < host 5
     lossy = HostPlanner(_Provider([], 0), "auto", cost, None, copy_fraction=lambda layer: 0.25 if layer == 1 else 1.0)
     assert lossy.split(1, tokens) == [] and lossy.split(0, tokens) == [0, 2]
+    # a queued prefetch copy moves a whole expert (6 ms): GPU 7.5, 9, 10.5 at layer 1; host 5 -> e0 host, then 10 > 7.5
+    queued = HostPlanner(_Provider([], 1), "auto", cost, None, copy_fraction=lambda layer: 0.25)
+    assert queued.split(1, tokens) == [0]
 
 
 def _lossy_setup(precision: str):
