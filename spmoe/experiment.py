@@ -136,6 +136,8 @@ def _summarize(session: Session, case: Case, experiment: str | None,
     session.last_extra, session.last_routing = extra, routing
     check = (check_lossless(session, gens, temperature=case.cfg.spec.temperature, reference=reference)
              if _wants_reference(session, case.cfg) else None)
+    if check is not None and case.name is not None:  # a plain run's digest says it; an experiment's log names the case
+        log.info("%s: lossless %s (%s)", case.name, check.lossless, check.reason)
     summary = summarize_run(session, case.cfg.method, case.cfg.hardware, gens, plan, peak, check, spec_cfg=case.cfg.spec)
     median = statistics.median(tpots) if timed else None
     summary.update({
