@@ -120,8 +120,10 @@ def _main(dcfg: DictConfig) -> float:
     from spmoe.digest import digest
     from spmoe.experiment import run_cases
     from spmoe.rundir import RunDirLock
+    from spmoe.time_limit import TimeLimit
     from spmoe.tracking import log_run
 
+    time_limit = TimeLimit(dcfg.experiment.get("time_limit_s"))  # from here: the build counts against it
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)
     overrides = [o for o in hc.overrides.task if not _key(o).startswith("hydra.")]
@@ -131,7 +133,7 @@ def _main(dcfg: DictConfig) -> float:
         exp = dcfg.experiment
         summaries = run_cases(cases, rounds=exp.rounds, warmup_tokens=exp.warmup_tokens,
                               experiment=exp.name, resume=dcfg.resume, profile=exp.profile,
-                              progress=_progress(dcfg.progress, hc.mode == RunMode.MULTIRUN))
+                              progress=_progress(dcfg.progress, hc.mode == RunMode.MULTIRUN), time_limit=time_limit)
     for case, summary in zip(cases, summaries):
         if "error" not in summary:
             log_run(case.cfg.logger, case.out_dir, group=exp.name)

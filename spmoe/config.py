@@ -227,6 +227,7 @@ class ExperimentConfig:
     profile: bool = False  # cProfile each case's last round into <case dir>/profile.txt (host time by function)
     cases: dict[str, list[str]] = field(default_factory=dict)
     only: list[str] = field(default_factory=list)  # run just these cases (empty: all), e.g. experiment.only=[spmoe]
+    time_limit_s: float | None = None  # skip rounds / lossless checks that would end past this (spmoe.time_limit)
 
 
 @dataclass

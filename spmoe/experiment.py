@@ -36,7 +36,8 @@ from spmoe.rundir import config_hash, discard_summary, finished_summary
 from spmoe.session import GIB, Session, open_session
 from spmoe.strategy import get_strategy
 from spmoe.summary import summarize_run, write_partial, write_run
-from spmoe.trace.lossless import ReferenceRuntime, check_lossless
+from spmoe.time_limit import TimeLimit
+from spmoe.trace.lossless import LosslessCheck, ReferenceRuntime, check_lossless
 from spmoe.trace.metrics import summarize
 from spmoe.trace.oracle import runtime_efficiency
 
@@ -126,22 +127,28 @@ def _tpot_ms(gens) -> float | None:
     return summarize([g.records for g in gens])["tpot_ms"]
 
 
-def _summarize(session: Session, case: Case, experiment: str | None,
-               reference: ReferenceRuntime) -> tuple[dict, list, object]:
+def _summarize(session: Session, case: Case, experiment: str | None, reference: ReferenceRuntime,
+               limit: TimeLimit, rounds_planned: int) -> tuple[dict, list, object]:
     """The case's summary from its median-TPOT round, with that round's generations and routing trace."""
     tpots = [_tpot_ms(r[0]) for r in case.rounds]  # None when no token was decoded (max_new_tokens=1)
     timed = None not in tpots
     median_round = sorted(range(len(tpots)), key=tpots.__getitem__)[(len(tpots) - 1) // 2] if timed else 0
     gens, plan, peak, extra, routing = case.rounds[median_round]
     session.last_extra, session.last_routing = extra, routing
-    check = (check_lossless(session, gens, temperature=case.cfg.spec.temperature, reference=reference)
-             if _wants_reference(session, case.cfg) else None)
+    check = None
+    if _wants_reference(session, case.cfg):
+        if limit.allows("check"):
+            with limit.timed("check"):
+                check = check_lossless(session, gens, temperature=case.cfg.spec.temperature, reference=reference)
+        else:
+            check = LosslessCheck(None, f"not checked: experiment.time_limit_s={limit.limit_s} reached")
     if check is not None and case.name is not None:  # a plain run's digest says it; an experiment's log names the case
         log.info("%s: lossless %s (%s)", case.name, check.lossless, check.reason)
     summary = summarize_run(session, case.cfg.method, case.cfg.hardware, gens, plan, peak, check, spec_cfg=case.cfg.spec)
     median = statistics.median(tpots) if timed else None
     summary.update({
-        "experiment": experiment, "case": case.name, "rounds": len(tpots), "tpot_ms_rounds": tpots,
+        "experiment": experiment, "case": case.name, "rounds": len(tpots), "rounds_planned": rounds_planned,
+        "tpot_ms_rounds": tpots,
         "tpot_ms_median": median, "tpot_ms_min": min(tpots) if timed else None,
         "tpot_ms_max": max(tpots) if timed else None,
         "tpot_spread": None if not timed else (max(tpots) - min(tpots)) / median if median else 0.0,
@@ -204,8 +211,13 @@ def _wants_reference(session: Session, cfg: RunConfig) -> bool:
 
 
 def run_cases(cases: list[Case], rounds: int = 1, warmup_tokens: int = 0, experiment: str | None = None,
-              resume: bool = True, progress: bool = False, profile: bool = False) -> list[dict]:
+              resume: bool = True, progress: bool = False, profile: bool = False,
+              time_limit: TimeLimit | None = None) -> list[dict]:
     """Run `cases` in interleaved rounds on one session; return their summaries in case order.
+
+    Under `time_limit`, a round or a case's lossless check that would not end within it is skipped:
+    the summaries then hold the rounds that ran (`rounds` < `rounds_planned`) and `lossless` null with
+    the reason for an unchecked case.
 
     With several cases, a case that fails while running (e.g. a method whose caches cannot fit the
     card) is dropped from the later rounds and returned as `{"case", "experiment", "error"}` with the
@@ -236,16 +248,22 @@ def run_cases(cases: list[Case], rounds: int = 1, warmup_tokens: int = 0, experi
                 warm = [c for c in todo if done[id(c)] is None]
                 for case, num_tokens in zip(warm, warmup_plan(warm, warmup_tokens)):
                     _attempt(isolate, done, case, experiment, lambda c=case, n=num_tokens: _warm_up(session, c, n))
+            limit = time_limit or TimeLimit(None)
             for r in range(rounds):
-                for case in (todo if r % 2 == 0 else todo[::-1]):
-                    if done[id(case)] is None:
-                        _attempt(isolate, done, case, experiment,
-                                 lambda c=case: _run_round(session, c, r, progress, profile and r == rounds - 1))
+                if not limit.allows("round"):
+                    log.warning("experiment.time_limit_s=%s: %d of %d rounds fit (%.0f s elapsed)",
+                                limit.limit_s, r, rounds, limit.elapsed_s())
+                    break
+                with limit.timed("round"):
+                    for case in (todo if r % 2 == 0 else todo[::-1]):
+                        if done[id(case)] is None:
+                            _attempt(isolate, done, case, experiment,
+                                     lambda c=case: _run_round(session, c, r, progress, profile and r == rounds - 1))
             results = {}
             with ReferenceRuntime(session) as reference:  # every expert preloaded once for all the checks
                 for case in [c for c in todo if done[id(c)] is None]:
                     _attempt(isolate, done, case, experiment, lambda c=case: results.__setitem__(
-                        id(c), _summarize(session, c, experiment, reference)))
+                        id(c), _summarize(session, c, experiment, reference, limit, rounds)))
             running = [c for c in todo if id(c) in results and done[id(c)] is None]
             resumed = [done[id(c)] for c in cases if c not in todo]
             add_runtime_efficiency(session, [results[id(c)][0] for c in running], floor=resumed)

@@ -1,0 +1,48 @@
+"""
+A wall-clock allowance for one experiment job (`experiment.time_limit_s`), so a job on a machine lent
+in short calls ends with summaries instead of being killed with none.
+
+Terms: the *allowance* runs from the job's start (`TimeLimit.start`, before the model is built); a
+*stage* is one more round of every case, or one more case's lossless check.
+Invariants: a stage is started only if the slowest stage of its kind so far, run again, would end
+within the allowance (the first of a kind always runs: nothing predicts it); a job without a limit
+never skips anything. What was skipped is returned to the caller, which records it in the summaries.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+class TimeLimit:
+    def __init__(self, limit_s: float | None):
+        if limit_s is not None and limit_s <= 0:
+            raise ValueError(f"experiment.time_limit_s must be > 0 (or null: no limit), got {limit_s}")
+        self.limit_s = limit_s
+        self.start = time.perf_counter()
+        self._slowest_s: dict[str, float] = {}
+
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.start
+
+    def allows(self, kind: str) -> bool:
+        """Whether another stage of `kind` fits, judged by the slowest one so far."""
+        if self.limit_s is None or kind not in self._slowest_s:
+            return True
+        return self.elapsed_s() + self._slowest_s[kind] <= self.limit_s
+
+    def timed(self, kind: str):
+        """Context manager that records how long one stage of `kind` took."""
+        return _Stage(self, kind)
+
+
+class _Stage:
+    def __init__(self, limit: TimeLimit, kind: str):
+        self.limit, self.kind = limit, kind
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        took = time.perf_counter() - self.t0
+        self.limit._slowest_s[self.kind] = max(took, self.limit._slowest_s.get(self.kind, 0.0))
