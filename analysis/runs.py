@@ -16,9 +16,11 @@ Terms:
 - *comparison group* = (experiment, model, dataset, card, routing source): tables and figures compare
   runs within one group only (runs of one experiment share a process and its interleaved rounds;
   runs outside any experiment form the group `-`).
-- *TPOT* of a run = `tpot_ms_median` (median over interleaved rounds); runs written before rounds
-  existed have only `tpot_ms`, which then stands for the median, with `rounds` = 1 and spread 0.
-  `tpot_spread` = (max - min) / median over rounds.
+- *TPOT* of a run = the low median of `tpot_ms_rounds` (the median over interleaved rounds; for an
+  even count the lower middle round, the round the summary describes: summaries written before that
+  rule stored the mean of the middle two as `tpot_ms_median`); runs without rounds have only
+  `tpot_ms`, which then stands for the median, with `rounds` = 1 and spread 0.
+  `tpot_spread` = (max - min) / median over rounds, as the summary states it.
 
 Columns: every scalar summary key as written (lists and dicts such as `tpot_ms_rounds` or
 `predictor_top1_by_layer` are left out: the trace functions and the figures read those), the
@@ -29,6 +31,7 @@ resolved run config flattened under `config.` (`config.method.cutoff.mode`), and
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pandas as pd
@@ -90,9 +93,9 @@ def run_row(run_dir: Path, summary: dict) -> dict:
     row["variant"] = summary.get("case") or summary.get("method")
     row["routing"] = summary.get("routing") or "model"
     row["experiment"] = summary.get("experiment")
-    median = summary.get("tpot_ms_median", summary.get("tpot_ms"))
+    rounds = [t for t in summary.get("tpot_ms_rounds") or [] if t is not None]
+    median = statistics.median_low(rounds) if rounds else summary.get("tpot_ms_median", summary.get("tpot_ms"))
     row["tpot_ms_median"] = median
-    rounds = summary.get("tpot_ms_rounds") or []
     row["rounds"] = summary.get("rounds") or max(len(rounds), 1)
     if "tpot_spread" not in summary:
         spread = (max(rounds) - min(rounds)) / median if len(rounds) > 1 and median else 0.0

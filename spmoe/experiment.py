@@ -9,7 +9,8 @@ once over all prompts; round r runs the cases in order for even r and reversed f
 
 Invariants: every case is planned (device and host memory) before anything is loaded; a case whose
 run directory already holds a summary of its exact config is not rerun; each case's summary is the
-round with the median TPOT plus every round's TPOT and their spread, written atomically and last;
+round with the median TPOT (the lower of the middle two for an even count, so `tpot_ms` ==
+`tpot_ms_median`) plus every round's TPOT and their spread, written atomically and last;
 a case that fails leaves `partial/`, never a summary. Before round 0 every case decodes a warm-up
 (`warmup_plan`): the first case of each step shape a whole round's length, the others a few tokens.
 """
@@ -21,7 +22,6 @@ import io
 import logging
 import pstats
 import shutil
-import statistics
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -145,7 +145,7 @@ def _summarize(session: Session, case: Case, experiment: str | None, reference: 
     if check is not None and case.name is not None:  # a plain run's digest says it; an experiment's log names the case
         log.info("%s: lossless %s (%s)", case.name, check.lossless, check.reason)
     summary = summarize_run(session, case.cfg.method, case.cfg.hardware, gens, plan, peak, check, spec_cfg=case.cfg.spec)
-    median = statistics.median(tpots) if timed else None
+    median = tpots[median_round] if timed else None  # the low median for an even count: the summarized round
     summary.update({
         "experiment": experiment, "case": case.name, "rounds": len(tpots), "rounds_planned": rounds_planned,
         "tpot_ms_rounds": tpots,

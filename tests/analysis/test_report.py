@@ -49,6 +49,9 @@ def test_rounds_spread_and_config_columns(tmp_path):
     assert df.loc["spmoe_L5", "tpot_spread"] == 0.25  # the summary's own value wins
     assert df.loc["spmoe_L3", "config.method.cutoff.layer"] == 3
     assert "tpot_ms_rounds" not in df  # lists are left out of the tidy table
+    write_run(tmp_path, "c", method="lru", case="lru", tpot_ms=118.9, tpot_ms_rounds=[217.8, 118.9],
+              tpot_ms_median=168.35, rounds=2, config=cfg)  # an older summary: the mean of the middle two
+    assert run_table([tmp_path]).set_index("variant").loc["lru", "tpot_ms_median"] == 118.9  # the low median
     assert varying_config(df.reset_index()) == ["config.method.cutoff.layer"]  # seed excluded
 
 
