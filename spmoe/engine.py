@@ -52,6 +52,8 @@ class StepState:
 class Generation:
     token_ids: list[int]
     records: list[StepRecord]
+    decode: str = "eager"  # the target decoder's mode (spmoe.runtime.decoder); the lossless check mirrors it
+    kv_capacity: int | None = None  # a static target cache's positions (its attention spans all of them)
 
 
 class Engine:
@@ -65,6 +67,7 @@ class Engine:
         if drafter is not None and self.spec.num_draft_tokens < 1:
             raise ValueError(f"spec.num_draft_tokens must be >= 1 with a draft model, got {self.spec.num_draft_tokens}")
         max_tokens = self.spec.num_draft_tokens + 1 if drafter is not None else 1  # positions a decode step feeds
+        self.decode = decode
         self.decoder = make_decoder(runtime.model, device, decode, max_graph_tokens=max_tokens, events=runtime.events)
         self._sync_wait_ms = 0.0  # host time blocked on the device at the end of target forwards, this step
 
@@ -150,4 +153,5 @@ class Engine:
                                    draft_ms=(t_verify - t_step) * 1e3, verify_ms=(time.perf_counter() - t_verify) * 1e3)
             records.append(self._record(prompt_idx, len(records), "decode", pos, len(result.token_ids), t_start,
                                         t_step, **spec_fields))
-        return Generation(seq[len(prompt_ids):], records)
+        return Generation(seq[len(prompt_ids):], records, self.decode,
+                          getattr(self.decoder, "capacity", None))
