@@ -86,6 +86,10 @@ class StaticDecoder:
     def length(self) -> int:
         return self.kv.length
 
+    @property
+    def capacity(self) -> int | None:
+        return None if self.kv is None else self.kv.capacity
+
     def begin(self, max_len: int) -> None:
         self.reserve(max_len)
         self.kv.crop(0)
@@ -94,9 +98,10 @@ class StaticDecoder:
         """Make room for sequences of `max_len` positions (a larger cache drops the captured graphs)."""
         need = max_len + self.max_graph_tokens  # the tail that graph warm-ups write (see spmoe.runtime.graphs)
         if self.kv is None or self.kv.capacity < need:
-            self._allocate(-(-need // CAPACITY_QUANTUM) * CAPACITY_QUANTUM)
+            self.allocate(-(-need // CAPACITY_QUANTUM) * CAPACITY_QUANTUM)
 
-    def _allocate(self, capacity: int) -> None:
+    def allocate(self, capacity: int) -> None:
+        """A cache of exactly `capacity` positions (the lossless check mirrors a run's)."""
         self._graphs.clear()  # they hold the old cache's addresses
         self.kv = None
         self.kv = PositionedCache(self.model.config, capacity)

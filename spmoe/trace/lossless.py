@@ -7,7 +7,8 @@ weights) reads the run's own output. Per prompt, one forward over the prompt giv
 logits for output token 0; then each decode step of the run is repeated as the run made it: the
 step's previous token and its drafts (`StepRecord.draft_ids`, rejected ones included; none
 without SD), the logits of the emitted positions kept and the KV cache cropped to them, so the
-reference's forward shapes and cache are the run's. Low-precision results depend on
+reference's forward shapes and cache are the run's (a static cache of the run's capacity when the
+run decoded with `hardware.decode` static or graphs: `Generation.kv_capacity`). Low-precision results depend on
 shapes (a 48-token chunk and 48 one-token steps round differently, and in a random-weight model a
 rounding difference flips routing near-ties and then whole tokens), so a shape-mirroring
 reference agrees bit for bit wherever the run computes what the reference computes. At each *checked* position j the run's token t_j is compared with the
@@ -47,10 +48,9 @@ import logging
 from dataclasses import dataclass, field, replace
 
 import torch
-from transformers import DynamicCache
 
 from spmoe.config import MethodConfig
-from spmoe.spec.kv import cache_kwarg, crop_to
+from spmoe.runtime.decoder import DynamicDecoder, StaticDecoder
 
 log = logging.getLogger(__name__)
 
@@ -138,28 +138,33 @@ class ForcedStep:
 
 @torch.inference_mode()
 def forced_logits(runtime, device: torch.device, prompt_ids: list[int], token_ids: list[int],
-                  steps: list[ForcedStep] | None = None) -> torch.Tensor:
+                  steps: list[ForcedStep] | None = None, kv_capacity: int | None = None) -> torch.Tensor:
     """Reference logits [N, V] (float32, host) for each of the N output tokens given its prefix.
 
     Prefill over the prompt (step 0), then `steps` (default: output[:-1] in one forward), each
-    forward framed by the runtime's begin_step/end_step so step listeners (replay) follow."""
-    model, kw = runtime.model, cache_kwarg(runtime.model)
-    kv = DynamicCache(config=model.config)
+    forward framed by the runtime's begin_step/end_step so step listeners (replay) follow. The KV
+    cache is the run's kind: dynamic, or with `kv_capacity` a static cache of that many positions
+    (a run decoded with `hardware.decode` static or graphs attends over all of them, which rounds
+    differently; its graphs replay the static decoder's step bit for bit)."""
     rest = token_ids[:-1]
     steps = steps if steps is not None else ([ForcedStep(rest, len(rest))] if rest else [])
     if sum(st.used for st in steps) != len(rest):
         raise ValueError(f"steps cover {sum(st.used for st in steps)} tokens, the output has {len(rest)} to feed")
+    if kv_capacity is None:
+        decoder = DynamicDecoder(runtime.model, device)
+    else:
+        decoder = StaticDecoder(runtime.model, device)
+        decoder.allocate(kv_capacity)
+    decoder.begin(len(prompt_ids) + len(rest) + max((len(st.fed_ids) for st in steps), default=0))
     runtime.begin_step(0)
-    out = [model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True, logits_to_keep=1,
-                 **{kw: kv}).logits[0].float().cpu()]  # [1, V]
+    out = [decoder.forward(prompt_ids, 1).float().cpu()]  # [1, V]
     runtime.end_step()
     for i, st in enumerate(steps, start=1):
-        length = kv.get_seq_length()
+        length = decoder.length
         runtime.begin_step(i)
-        logits = model(input_ids=torch.tensor([st.fed_ids], device=device), use_cache=True,
-                       logits_to_keep=len(st.fed_ids), **{kw: kv}).logits[0]  # [fed, V]
+        logits = decoder.forward(st.fed_ids, len(st.fed_ids))  # [fed, V]
         runtime.end_step()
-        crop_to(kv, length + st.used)
+        decoder.crop(length + st.used)
         out.append(logits[: st.used].float().cpu())
     return torch.cat(out)
 
@@ -268,7 +273,8 @@ def check_lossless(session, gens: list, tolerance: float | None = None, temperat
     for i, (prompt, gen) in enumerate(zip(session.prompts, gens)):
         tokens = gen.token_ids
         steps = [ForcedStep([t], 1) for t in tokens[:-1]] if replay else mirror_steps(gen)
-        logits = forced_logits(runtime, session.device, prompt.token_ids, tokens, steps)  # [N, V]
+        logits = forced_logits(runtime, session.device, prompt.token_ids, tokens, steps,
+                               getattr(gen, "kv_capacity", None))  # [N, V]
         positions = verified_positions(gen) if replay else list(range(len(tokens)))
         compare(tokens, logits, positions, step_of_positions(gen), tolerance, i, check, relative_eps)
     return _conclude(check, replay)

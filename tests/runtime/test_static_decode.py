@@ -157,3 +157,16 @@ def test_graph_replay_gives_the_static_decoders_tokens(gpu):
                    [[ev.needed for r in g.records for ev in r.layers] for g in static]
     finally:
         s.close()
+
+
+def test_lossless_reference_mirrors_a_static_run(session):
+    """A static run records its cache's capacity; the check's reference decodes over a static cache of
+    that capacity, and the run is exact against it (CPU float32)."""
+    from spmoe.trace.lossless import check_lossless
+
+    for method in ("gpu_resident", "gpu_resident_sd"):
+        gens = _tokens(session, method, "static")
+        assert all(g.decode == "static" and g.kv_capacity and g.kv_capacity % 64 == 0 for g in gens)
+        check = check_lossless(session, gens, temperature=0.0)
+        assert check.lossless and check.token_agreement == 1.0
+    assert _tokens(session, "gpu_resident", "eager")[0].kv_capacity is None
