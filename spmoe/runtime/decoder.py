@@ -11,12 +11,13 @@ drafter) and the cache. `hardware.decode` picks one for the target and the draft
   hooks, the forward cut at every experts call into graphs with the experts run eagerly between
   them (`spmoe.runtime.piecewise`), captured at a shape's second step; elsewhere as `static`.
 
-Interface (both classes): `reserve(max_len)` sizes the cache once for a run's longest sequence (so
-graphs are captured once per shape); `begin(max_len)` starts a sequence that will hold at most
-`max_len` positions; `forward(ids, num_logits)` feeds `ids` after the cached positions and returns the logits of
-the last `num_logits` [num_logits, V] (on the device, the model's dtype; a graph's output stays
-valid until the decoder's next forward); `crop(n)` keeps the first n positions; `length` is the
-number of cached positions. Prefill (the first forward of a sequence) always runs eagerly.
+Interface (both classes): `reserve(max_len)` sizes the cache once for a run's longest sequence
+(so graphs are captured once per shape); `begin(max_len)` starts a sequence that will hold at
+most `max_len` positions; `forward(ids, num_logits)` feeds `ids` after the cached positions and
+returns the logits of the last `num_logits` [num_logits, V] (on the device, the model's dtype; a
+graph's output stays valid until the decoder's next forward); `crop(n)` keeps the first n
+positions; `length` is the number of cached positions. Prefill (the first forward of a
+sequence) always runs eagerly.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from spmoe.trace.records import ExpertEventLog
 
 log = logging.getLogger(__name__)
 DECODE_MODES = ("eager", "static", "graphs")
-CAPACITY_QUANTUM = 64  # capacities are rounded up to this, so prompts of similar length share graphs
+CAPACITY_QUANTUM = 64  # capacities are rounded up to this (aligned masks for the attention kernels)
 
 
 class DynamicDecoder:
