@@ -45,7 +45,7 @@ log = logging.getLogger("record_traces")
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACE_DIR = ROOT / "results" / "real_pair" / "traces"
-DATASETS = ("humaneval", "gsm8k", "mtbench")
+DATASETS = ("humaneval", "gsm8k", "mtbench", "sharegpt")
 DRAFT_LENGTHS = (1, 3)
 NUM_PROMPTS, MAX_NEW_TOKENS = 10, 100
 MAX_TRACE_BYTES = 1 << 20

