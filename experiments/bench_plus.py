@@ -13,7 +13,8 @@ the host computes (does host compute slow the copies?), `<out>/host.json`. `--ac
 acceptance of the bf16 / int8 / int4 / auto drafts on a real pair and losslessness against the GPU-resident reference, `<out>/draft_acceptance.{csv,md}`.
 `--table`: spmoe_plus's columns from a finished experiment's case summaries, `<out>/table.{csv,md}`:
 TPOT (median over rounds) and its ratio to the best case of another method, GB and stall per
-generated token, the host's share of expert computations and its in-run ms per expert, lossy loads,
+decoded token (prefill excluded, as the summary's keys), the host's share of expert computations and its in-run ms per expert (routed tokens: ms), lossy
+loads and their GB (prefill included),
 the lossless verdict with its token agreement, and `agree_plus` = agreement of the case's tokens
 with the `spmoe_plus` case's (under replay both draft with the int8 draft at fixed k, so tokens
 differ only where the target's verified token does).
@@ -149,14 +150,14 @@ def table(args: argparse.Namespace) -> None:
     others = [s["tpot_ms_median"] for s in summaries.values() if s["method"] != "spmoe_plus"]
     best = min(others) if others else None
     for name, s in summaries.items():
-        gen = max(1, s["num_generated_tokens"])
+        decode_tokens = max(1, s["num_generated_tokens"] - s["num_prompts"])  # the summary's per-token keys' unit
         ref = tokens.get("spmoe_plus")
         rows.append({
             "case": name, "method": s["method"], "tpot_ms": s["tpot_ms_median"],
             "rounds": " ".join(f"{t:.1f}" for t in s["tpot_ms_rounds"]), "spread": s["tpot_spread"],
             "vs_best_other": s["tpot_ms_median"] / best if best else None,
-            "gb_per_token": s["h2d_bytes"] / gen / 1e9, "slots": s["num_slots"], "hit_rate": s["expert_hit_rate"],
-            "stall_ms_per_token": s["stall_ms"] / gen, "host_frac": s.get("host_expert_fraction"),
+            "gb_per_token": s["h2d_bytes_per_token"] / 1e9, "slots": s["num_slots"], "hit_rate": s["expert_hit_rate"],
+            "stall_ms_per_token": s["stall_ms"] / decode_tokens, "host_frac": s.get("host_expert_fraction"),
             "host_ms_in_run": " ".join(f"{n}:{ms:.2f}" for n, ms in (s.get("host_ms_in_run") or {}).items()) or None,
             "host_cost_fixed_ms": s.get("host_cost_fixed_ms"),
             "lossy_loads": s.get("lossy_loads"), "lossy_gb": (s["lossy_load_bytes"] / 1e9 if s.get("lossy_load_bytes")

@@ -36,8 +36,8 @@ def test_eviction_sim_sees_the_same_accesses_plus_hints():
 def test_table_reads_case_summaries(tmp_path, monkeypatch):
     import pandas as pd
 
-    base = {"tpot_spread": 0.0, "num_generated_tokens": 4, "h2d_bytes": 8e9, "num_slots": 10, "expert_hit_rate": 0.5,
-            "stall_ms": 40.0, "lossless": None, "peak_gpu_bytes": 2**30, "within_budget": True}
+    base = {"tpot_spread": 0.0, "num_generated_tokens": 4, "num_prompts": 1, "h2d_bytes_per_token": 2e9, "num_slots": 10,
+            "expert_hit_rate": 0.5, "stall_ms": 30.0, "lossless": None, "peak_gpu_bytes": 2**30, "within_budget": True}
     cases = {"moe_infinity_nosd": ({"method": "moe_infinity_nosd", "tpot_ms_median": 200.0, "tpot_ms_rounds": [200.0]},
                                    [1, 2, 3, 4]),
              "spmoe_plus": ({"method": "spmoe_plus", "tpot_ms_median": 150.0, "tpot_ms_rounds": [150.0]}, [1, 2, 3, 4]),
