@@ -136,7 +136,7 @@ def _summarize(session: Session, case: Case, experiment: str | None, reference: 
     gens, plan, peak, extra, routing = case.rounds[median_round]
     session.last_extra, session.last_routing = extra, routing
     check = None
-    if _wants_reference(session, case.cfg):
+    if _wants_reference(case.cfg, reference):
         if limit.allows("check"):
             with limit.timed("check"):
                 check = check_lossless(session, gens, temperature=case.cfg.spec.temperature, reference=reference)
@@ -205,9 +205,9 @@ def _check_budget(case: Case, summary: dict) -> None:
                           f" {summary['gpu_budget_bytes'] / GIB:.2f} GiB (summary.json records within_budget=false)")
 
 
-def _wants_reference(session: Session, cfg: RunConfig) -> bool:
+def _wants_reference(cfg: RunConfig, reference: ReferenceRuntime) -> bool:
     mode = str(cfg.check_lossless).lower()
-    return mode == "true" or (mode == "auto" and session.reference_fits())
+    return mode == "true" or (mode == "auto" and reference.fits())
 
 
 def run_cases(cases: list[Case], rounds: int = 1, warmup_tokens: int = 0, experiment: str | None = None,

@@ -171,6 +171,24 @@ def test_experiment_only_runs_a_subset_and_rejects_unknown_case_names(tmp_path):
             entry._cases(compose(config_name="config", overrides=bad), bad, tmp_path)
 
 
+def test_every_case_is_checked_after_the_shared_reference_took_its_memory(tmp_path, monkeypatch):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        overrides = ["experiment=cpu/harness_check", "experiment.only=[lru_nosd,lru,spmoe]", "max_new_tokens=4"]
+        cases = entry._cases(compose(config_name="config", overrides=overrides), overrides, tmp_path)
+    from spmoe.experiment import run_cases
+    from spmoe.session import Session
+
+    asked = []
+
+    def fits_until_the_reference_is_built(self):  # a device with room for one reference: free memory is
+        asked.append(1)  # gone once it is built
+        return len(asked) == 1
+
+    monkeypatch.setattr(Session, "reference_fits", fits_until_the_reference_is_built)
+    summaries = run_cases(cases, rounds=1, warmup_tokens=0, experiment="x")
+    assert [s["lossless"] for s in summaries] == [True, True, True] and len(asked) == 1
+
+
 def test_resume_reruns_when_the_config_changed(tmp_path):
     out = tmp_path / "run"
     args = ("method=lru_nosd", "hardware=cpu", "num_prompts=1", f"hydra.run.dir={out}")

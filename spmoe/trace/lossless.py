@@ -218,6 +218,14 @@ class ReferenceRuntime:
     def __init__(self, session):
         self.session = session
         self._runtime = None
+        self._fits: bool | None = None
+
+    def fits(self) -> bool:
+        """Whether the reference can be built on the device, judged once before it is built: once built it
+        holds that memory, so asking the device again would say no for every later check."""
+        if self._fits is None:
+            self._fits = self._runtime is not None or self.session.reference_fits()
+        return self._fits
 
     def get(self):
         if self._runtime is None:
