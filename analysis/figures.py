@@ -32,7 +32,8 @@ import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
 from analysis import plotting
-from analysis.plotting import color, figure, groups, method_rank, panel_title, save, source_of, styled, title
+from analysis.plotting import (color, figure, groups, method_rank, panel_title, save, save_panels, source_of,
+                               styled, title)
 from analysis.report import reference_rows, to_markdown, variant_tpot
 from analysis.runs import run_table
 from analysis.trace import BREAKDOWN, layer_table, per_run, step_table, tpot_breakdown
@@ -65,7 +66,7 @@ def fig10(runs: pd.DataFrame, out: Path, method: str = "spmoe") -> list[Path]:
         ax.set_ylabel("TPOT (ms)")
         panel_title(ax, head)
     title(fig, f"TPOT per method; labels: {method}'s speedup over the bar (hatched: no SD)")
-    return save(fig, out, "fig10", source_of(*(g for _, g in panels)))
+    return save_panels(fig, out, "fig10", panels)
 
 
 def _memory_axis(g: pd.DataFrame) -> str | None:
@@ -95,7 +96,7 @@ def fig11(runs: pd.DataFrame, out: Path) -> list[Path]:
         panel_title(ax, head)
         ax.legend()
     title(fig, "TPOT vs GPU memory")
-    return save(fig, out, "fig11", source_of(*(g for _, g in panels)))
+    return save_panels(fig, out, "fig11", panels)
 
 
 @styled
@@ -131,7 +132,7 @@ def cutoff(runs: pd.DataFrame, out: Path) -> list[Path]:
         panel_title(ax, head)
         ax.legend()
     title(fig, "SP-MoE: TPOT vs prefetch cutoff layer")
-    return save(fig, out, "cutoff", source_of(*(g for _, g in panels)))
+    return save_panels(fig, out, "cutoff", panels)
 
 
 @styled
@@ -154,7 +155,7 @@ def draft_length(runs: pd.DataFrame, out: Path) -> list[Path]:
             panel_title(ax, head)
             ax.legend()
     title(fig, "TPOT and bytes moved vs draft length")
-    return save(fig, out, "draft_length", source_of(*(g for _, g in panels)))
+    return save_panels(fig, out, "draft_length", panels)
 
 
 @styled
@@ -178,7 +179,7 @@ def predictor(runs: pd.DataFrame, out: Path) -> list[Path]:
         panel_title(ax, head)
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncols=2, fontsize=6, frameon=False)
     title(fig, "Expert predictor accuracy per layer (against the experts the target routed)")
-    return save(fig, out, "predictor", source_of(*(g for _, g in panels)))
+    return save_panels(fig, out, "predictor", panels)
 
 
 @styled
@@ -199,7 +200,7 @@ def ablations(runs: pd.DataFrame, out: Path, reference: str = "spmoe") -> list[P
         ax.set_xlabel(f"TPOT (ms); labels: TPOT / TPOT({reference})")
         panel_title(ax, head)
     title(fig, "SP-MoE component ablations")
-    return save(fig, out, "ablations", source_of(*(g for _, g in panels)))
+    return save_panels(fig, out, "ablations", panels)
 
 
 @styled
@@ -224,7 +225,7 @@ def breakdown(runs: pd.DataFrame, out: Path) -> list[Path]:
         panel_title(ax, head)
         ax.legend(ncols=4, loc="upper center")
     title(fig, "TPOT breakdown: draft, verify compute, stall on expert copies, other host time")
-    return save(fig, out, "breakdown", source_of(*(g for _, g in panels)))
+    return save_panels(fig, out, "breakdown", panels)
 
 
 @styled
@@ -244,7 +245,7 @@ def step_latency(runs: pd.DataFrame, out: Path) -> list[Path]:
         panel_title(ax, head)
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncols=2, fontsize=6, frameon=False)
     title(fig, "Distribution of decode step latency")
-    return save(fig, out, "step_latency", source_of(*(g for _, g in panels)))
+    return save_panels(fig, out, "step_latency", panels)
 
 
 def acceptance_table(runs: pd.DataFrame) -> pd.DataFrame:

@@ -133,3 +133,8 @@ def save(fig: Figure, out_dir: Path, name: str, source: str) -> list[Path]:
                 tmp.unlink(missing_ok=True)
             paths.append(path)
     return paths
+
+
+def save_panels(fig: Figure, out_dir: Path, name: str, panels: list) -> list[Path]:
+    """`save`, labelled with the source of every panel's rows (`panels` as `groups` returns them)."""
+    return save(fig, out_dir, name, source_of(*(g for _, g in panels)))

@@ -6,14 +6,7 @@ baselines live in `baselines/`, one file each. Lookups go through `get_strategy(
 fails with the list of valid names.
 """
 
-from baselines import (  # noqa: F401  (registers the baselines)
-    accelerate_offload,
-    adapmoe,
-    gpu_resident,
-    lru,
-    mixtral_offloading,
-    moe_infinity,
-)
+import baselines  # noqa: F401  (the package imports every baseline module, which registers it)
 from spmoe.methods import spmoe, spmoe_plus  # noqa: F401
 from spmoe.strategy import STRATEGIES, StrategySpec, get_strategy
 

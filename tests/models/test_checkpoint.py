@@ -13,26 +13,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from transformers import (AutoModelForCausalLM, DeepseekV2Config, MixtralConfig, OlmoeConfig, PhimoeConfig,
-                          Qwen3MoeConfig)
+from transformers import AutoModelForCausalLM
 
 from spmoe.models.checkpoint import Checkpoint, CheckpointError
+from tiny_families import tiny_hf_config
 
-ATTN = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, tie_word_embeddings=False)
-CONFIGS = {
-    "mixtral": lambda: MixtralConfig(**ATTN, intermediate_size=48, num_key_value_heads=2, num_local_experts=4,
-                                     num_experts_per_tok=2),
-    "phimoe": lambda: PhimoeConfig(**ATTN, intermediate_size=48, num_key_value_heads=2, num_local_experts=4,
-                                   num_experts_per_tok=2),
-    "qwen3_moe": lambda: Qwen3MoeConfig(**ATTN, intermediate_size=64, moe_intermediate_size=24, head_dim=8,
-                                        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2),
-    "olmoe": lambda: OlmoeConfig(**ATTN, intermediate_size=24, num_key_value_heads=4, num_experts=4,
-                                 num_experts_per_tok=2),
-    "deepseek_v2": lambda: DeepseekV2Config(**ATTN, intermediate_size=64, moe_intermediate_size=16,
-                                            num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1,
-                                            num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16,
-                                            q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8),
-}
+CONFIGS = {f: (lambda f=f: tiny_hf_config(f, num_layers=2, num_experts=4))
+           for f in ("mixtral", "phimoe", "qwen3_moe", "olmoe", "deepseek_v2")}
 LEGACY_BLOCK = {"mixtral", "phimoe"}  # hub checkpoints use block_sparse_moe.* and w1/w3/w2
 FUSED_RE = re.compile(r"^(.*layers\.\d+\.)mlp\.experts\.(gate_up_proj|down_proj)$")
 

@@ -23,34 +23,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, DeepseekV2Config, MixtralConfig, OlmoeConfig, PhimoeConfig,
-                          Qwen2MoeConfig, Qwen3MoeConfig)
+from transformers import AutoModelForCausalLM
 
 from conftest import tiny_run_config
+from tiny_families import FAMILIES as TINY_FAMILIES
+from tiny_families import tiny_hf_config
 from spmoe.config import MethodConfig, SpecConfig
 from spmoe.methods import STRATEGIES, get_strategy
 from spmoe.session import open_session
 
 NEW_TOKENS, K = 12, 2
-ATTN = dict(vocab_size=128, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, tie_word_embeddings=False,
-            max_position_embeddings=256)
-FAMILIES = {
-    "mixtral": lambda: MixtralConfig(**ATTN, intermediate_size=48, num_key_value_heads=2, num_local_experts=6,
-                                     num_experts_per_tok=2),
-    "qwen2_moe": lambda: Qwen2MoeConfig(**ATTN, intermediate_size=64, moe_intermediate_size=24,
-                                        shared_expert_intermediate_size=40, num_key_value_heads=2, num_experts=6,
-                                        num_experts_per_tok=2, norm_topk_prob=False),
-    "qwen3_moe": lambda: Qwen3MoeConfig(**ATTN, intermediate_size=64, moe_intermediate_size=24, head_dim=8,
-                                        num_key_value_heads=2, num_experts=6, num_experts_per_tok=2),
-    "olmoe": lambda: OlmoeConfig(**ATTN, intermediate_size=24, num_key_value_heads=4, num_experts=6,
-                                 num_experts_per_tok=2),
-    "deepseek_v2": lambda: DeepseekV2Config(**ATTN, intermediate_size=64, moe_intermediate_size=16,
-                                            num_key_value_heads=4, n_routed_experts=6, n_shared_experts=1,
-                                            num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16,
-                                            q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8),
-    "phimoe": lambda: PhimoeConfig(**ATTN, intermediate_size=48, num_key_value_heads=2, num_local_experts=6,
-                                   num_experts_per_tok=2),
-}
+FAMILIES = {f: (lambda f=f: tiny_hf_config(f, num_layers=3, num_experts=6, max_position_embeddings=256))
+            for f in TINY_FAMILIES}
 get_strategy("gpu_resident")  # populate the registry
 ALL_METHODS = sorted(STRATEGIES)
 
