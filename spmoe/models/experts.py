@@ -21,7 +21,13 @@ Two ways to compute a layer:
   GPU-resident reference): routes are mapped to slots on the device and the layer's experts run
   as two grouped matmuls over the cache's slot storage (`grouped_expert_mlp`), with no host sync,
   so the host can run ahead of the device. Used where `grouped_supported` (CPU; CUDA bf16 on
-  sm90+, torch's grouped GEMM); elsewhere, and when `OffloadedExperts.grouped` is False, per expert.
+  sm90+, torch's grouped GEMM); elsewhere, and when `OffloadedExperts.grouped` is False, per expert;
+- layer-grouped (offloading providers with `serve_layer`): the routes go to the host as per expert,
+  the provider pins every routed expert of the layer at once (issuing the misses' copies) and hands
+  back a slot map; the layer runs as the same grouped matmuls over the cache's whole storage, the
+  compute stream waiting on the copies' events. When the misses outnumber the slots that can be
+  freed at once, the provider hands back its per-expert iterator instead. Where grouped is used,
+  unless `OffloadedExperts.layer_grouped` is False.
 
 Invariant: the output does not depend on the order in which the provider yields experts:
 each expert writes its own (token, slot) rows of a [T, A, H] buffer, and the weighted sum over
@@ -39,6 +45,7 @@ from typing import Callable, Iterator, Protocol
 import torch
 from torch import nn
 
+from spmoe.offload.layer_slots import LayerSlots
 from spmoe.types import ExpertKey
 
 log = logging.getLogger(__name__)
@@ -119,6 +126,7 @@ class OffloadedExperts(nn.Module):
         self.provider = provider
 
     grouped: bool = True  # use the grouped path when the provider offers it (a switch for A/B timing)
+    layer_grouped: bool = True  # offloaded layers too, through `serve_layer` (a switch for A/B timing)
     # set on instances only while a piecewise CUDA graph is captured (spmoe.runtime.piecewise): forward hands
     # the call to it, which ends the captured segment and runs `compute` eagerly
     segment: Callable | None = None
@@ -152,29 +160,50 @@ class OffloadedExperts(nn.Module):
                 and grouped_supported(probe) and resident.get(self.layer_idx) is not None)
 
     def _per_expert(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
-        """[T, A, H]: each route's expert output, the provider's experts computed one at a time."""
-        num_tokens, top_k = top_k_index.shape  # R = T * A routes
+        """[T, A, H]: each route's expert output. The routes go to the host; a provider with `serve_layer`
+        that can pin all of the layer's experts at once gets them computed in one grouped matmul over its
+        cache's slots (`spmoe.offload.layer_slots`), any other case one expert at a time."""
         # NOTE: one device->host sync per layer: the copies are issued from the CPU, so it must know the ids.
         index_cpu = top_k_index.cpu()  # [T, A]
-        sorted_ids, order = torch.sort(index_cpu.flatten(), stable=True)  # [R]: routes grouped by expert, row-major within
-        ids, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
-        ends = counts.cumsum(0).tolist()
         # ids outside [0, E) mean "no expert" (transformers' sentinel is E; adaptive gating uses it)
-        span = {e: (end - n, end) for e, n, end in zip(ids.tolist(), counts.tolist(), ends) if 0 <= e < self.layout.num_experts}
-        ys = hidden_states.new_zeros(num_tokens, top_k, hidden_states.shape[-1])  # [T, A, H]
-        mlp = slot_expert_mlp if grouped_supported(hidden_states) else expert_mlp
-        if num_tokens > 1:
-            order_d = order.to(hidden_states.device)  # one host->device copy per layer, sliced per expert
-            rows_all, pos_all = order_d // top_k, order_d % top_k  # [R] each
-        for e, flat in self.provider.experts_for(self.layer_idx, list(span), index_cpu):
-            gate_up, down = self.layout.split(flat)
-            start, end = span[e]
-            if num_tokens == 1:
-                ys[0, int(order[start])] = mlp(hidden_states, gate_up, down, self.act_fn)[0]
-            else:
-                rows_d, pos_d = rows_all[start:end], pos_all[start:end]
-                ys[rows_d, pos_d] = mlp(hidden_states[rows_d], gate_up, down, self.act_fn)
-        return ys
+        expert_ids = sorted({e for e in index_cpu.flatten().tolist() if 0 <= e < self.layout.num_experts})
+        serve = getattr(self.provider, "serve_layer", None)
+        if serve is not None and self.grouped and self.layer_grouped and grouped_supported(hidden_states):
+            served = serve(self.layer_idx, expert_ids, index_cpu)
+            if isinstance(served, LayerSlots):
+                try:
+                    return grouped_expert_mlp(hidden_states, top_k_index, served.storage, served.slot_of, self.layout,
+                                              self.act_fn)  # [T, A, H]
+                finally:
+                    served.release()
+        else:
+            served = self.provider.experts_for(self.layer_idx, expert_ids, index_cpu)
+        return expert_by_expert(hidden_states, index_cpu, served, self.layout, self.act_fn)
+
+
+def expert_by_expert(hidden_states: torch.Tensor, index_cpu: torch.Tensor, experts: Iterator[tuple[int, torch.Tensor]],
+                     layout: ExpertLayout, act_fn: nn.Module) -> torch.Tensor:
+    """[T, A, H]: each route's expert output, the experts computed one at a time as `experts` yields
+    them (expert id, flat weights valid until the iterator is resumed); routes [T, A] on the host."""
+    num_tokens, top_k = index_cpu.shape  # R = T * A routes
+    sorted_ids, order = torch.sort(index_cpu.flatten(), stable=True)  # [R]: routes grouped by expert, row-major within
+    ids, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    ends = counts.cumsum(0).tolist()
+    span = {e: (end - n, end) for e, n, end in zip(ids.tolist(), counts.tolist(), ends) if 0 <= e < layout.num_experts}
+    ys = hidden_states.new_zeros(num_tokens, top_k, hidden_states.shape[-1])  # [T, A, H]
+    mlp = slot_expert_mlp if grouped_supported(hidden_states) else expert_mlp
+    if num_tokens > 1:
+        order_d = order.to(hidden_states.device)  # one host->device copy per layer, sliced per expert
+        rows_all, pos_all = order_d // top_k, order_d % top_k  # [R] each
+    for e, flat in experts:
+        gate_up, down = layout.split(flat)
+        start, end = span[e]
+        if num_tokens == 1:
+            ys[0, int(order[start])] = mlp(hidden_states, gate_up, down, act_fn)[0]
+        else:
+            rows_d, pos_d = rows_all[start:end], pos_all[start:end]
+            ys[rows_d, pos_d] = mlp(hidden_states[rows_d], gate_up, down, act_fn)
+    return ys
 
 
 def _grouped_mm_fn():

@@ -38,11 +38,12 @@ import threading
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from spmoe.offload.cache import ExpertCache
+from spmoe.offload.layer_slots import LayerSlots
 from spmoe.offload.provider import serve_in_order
 from spmoe.offload.store import ExpertStore
 from spmoe.offload.transfer import TransferEngine
@@ -253,6 +254,29 @@ class PrefetchProvider:
 
     def experts_for(self, layer: int, expert_ids: list[int], token_experts: torch.Tensor | None = None,
                     ) -> Iterator[tuple[int, torch.Tensor]]:
+        ready, pending, issue = self._open(layer, expert_ids, token_experts)
+        yield from self._one_by_one(layer, ready, pending, issue)
+
+    def serve_layer(self, layer: int, expert_ids: list[int], token_experts: torch.Tensor | None = None,
+                    ) -> LayerSlots | Iterator[tuple[int, torch.Tensor]]:
+        """The layer's experts all pinned (`LayerSlots`), or the `experts_for` iterator when the misses
+        outnumber the slots that can be freed at once (see `spmoe.offload.provider.serve_layer`)."""
+        ready, pending, issue = self._open(layer, expert_ids, token_experts)
+        issue()
+        if pending:
+            return self._one_by_one(layer, ready, pending, issue)
+        return LayerSlots(list(ready), self.store.layout.num_experts, self.cache, self.transfer, self._unpin)
+
+    def _one_by_one(self, layer: int, ready: deque[tuple[int, int]], pending: deque[int],
+                    issue: Callable[[], None]) -> Iterator[tuple[int, torch.Tensor]]:
+        yield from serve_in_order(ready, issue, self.cache, self.transfer, self._unpin)
+        if pending:
+            raise RuntimeError(f"layer {layer}: {len(pending)} experts could not get a slot (all pinned)")
+
+    def _open(self, layer: int, expert_ids: list[int], token_experts: torch.Tensor | None,
+              ) -> tuple[deque[tuple[int, int]], deque[int], Callable[[], None]]:
+        """Classify and pin the needed experts, end the layer's protections, record its events:
+        (ready (expert, slot), pending misses, issue)."""
         self._raise_worker_error()
         cache, transfer = self.cache, self.transfer
         ready: deque[tuple[int, int]] = deque()
@@ -300,6 +324,4 @@ class PrefetchProvider:
                     transfer.load(slot, cache.slot(slot), self.store.flat((layer, e)))
                     ready.append((e, slot))
 
-        yield from serve_in_order(ready, issue, cache, transfer, self._unpin)
-        if pending:
-            raise RuntimeError(f"layer {layer}: {len(pending)} experts could not get a slot (all pinned)")
+        return ready, pending, issue

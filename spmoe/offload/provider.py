@@ -8,6 +8,12 @@ each is released (its free event recorded, its pin dropped) when the consumer re
 cache has fewer free slots than misses, the remaining misses are issued as slots are released,
 so any cache with at least one slot makes progress.
 
+`serve_layer` is the same service for one grouped matmul per layer: when every miss got a slot in
+the first issue pass (all of the layer's experts pinned at once), it returns a
+`spmoe.offload.layer_slots.LayerSlots` instead of yielding experts one by one; otherwise the
+per-expert iterator, carrying on from the same state. Either way the lookups, admissions (so the
+victims) and events are those of `experts_for`.
+
 Every layer's needed/hit/miss lists go to the `ExpertEventLog`. When the cache holds every expert
 (nothing can be evicted), `serve_resident` hands the experts module the device slot table instead,
 for one grouped matmul per layer without a host sync.
@@ -21,6 +27,7 @@ from typing import Callable, Iterator
 import torch
 
 from spmoe.offload.cache import ExpertCache
+from spmoe.offload.layer_slots import LayerSlots
 from spmoe.offload.store import ExpertStore
 from spmoe.offload.transfer import TransferEngine
 from spmoe.runtime.resident import ResidentTable
@@ -46,6 +53,19 @@ class OnDemandProvider:
 
     def experts_for(self, layer: int, expert_ids: list[int], token_experts: torch.Tensor | None = None,
                     ) -> Iterator[tuple[int, torch.Tensor]]:
+        ready, _, issue = self._open(layer, expert_ids)
+        yield from serve_in_order(ready, issue, self.cache, self.transfer, self.cache.unpin)
+
+    def serve_layer(self, layer: int, expert_ids: list[int], token_experts: torch.Tensor | None = None,
+                    ) -> LayerSlots | Iterator[tuple[int, torch.Tensor]]:
+        """The layer's experts all pinned (`LayerSlots`), or the `experts_for` iterator when the misses
+        outnumber the slots that can be freed at once."""
+        ready, pending, issue = self._open(layer, expert_ids)
+        return serve_layer(ready, pending, issue, self.cache, self.transfer, self.cache.unpin,
+                           self.store.layout.num_experts)
+
+    def _open(self, layer: int, expert_ids: list[int]) -> tuple[deque[tuple[int, int]], deque[int], Callable[[], None]]:
+        """Look up and pin the hits, record the layer's events: (ready (expert, slot), pending misses, issue)."""
         cache, transfer = self.cache, self.transfer
         ready: deque[tuple[int, int]] = deque()  # (expert, slot), in yield order
         pending: deque[int] = deque()
@@ -69,7 +89,18 @@ class OnDemandProvider:
                 transfer.load(slot, cache.slot(slot), self.store.flat((layer, e)))
                 ready.append((e, slot))
 
-        yield from serve_in_order(ready, issue, cache, transfer, cache.unpin)
+        return ready, pending, issue
+
+
+def serve_layer(ready: deque[tuple[int, int]], pending: deque[int], issue: Callable[[], None], cache: ExpertCache,
+                transfer: TransferEngine, unpin: Callable[[int], None], num_experts: int,
+                ) -> LayerSlots | Iterator[tuple[int, torch.Tensor]]:
+    """Run `issue` once; if every miss got a slot, the layer's `LayerSlots`, else `serve_in_order`'s
+    iterator (its first `issue` finds the same state, so nothing is admitted twice)."""
+    issue()
+    if pending:
+        return serve_in_order(ready, issue, cache, transfer, unpin)
+    return LayerSlots(list(ready), num_experts, cache, transfer, unpin)
 
 
 def serve_in_order(ready: deque[tuple[int, int]], issue: Callable[[], None], cache: ExpertCache,
