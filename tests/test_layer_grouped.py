@@ -173,11 +173,11 @@ def test_a_wrong_slot_in_the_map_is_caught(monkeypatch):
     """Planted bug: the slot map sends one routed expert to another routed expert's slot."""
     right = layer_slots.slot_map
 
-    def swapped(ready, num_experts, num_slots, device):
-        table = right(ready, num_experts, num_slots, device)
+    def swapped(ready, num_experts, num_slots):
+        lo, hi, table = right(ready, num_experts, num_slots)
         if len(ready) > 1:
-            table[ready[0][0]] = ready[1][1]
-        return table
+            table[ready[0][0]] = table[ready[1][0]]
+        return lo, hi, table
 
     x = torch.randn(3, 32)
     index = torch.tensor([[0, 2], [2, 5], [4, 1]])
@@ -187,8 +187,10 @@ def test_a_wrong_slot_in_the_map_is_caught(monkeypatch):
     assert not all(torch.equal(a, b) for a, b in zip(planted, loop))
 
 
-def test_slot_map_sends_unrouted_and_no_expert_to_a_spare_slot():
-    cpu = torch.device("cpu")
-    assert layer_slots.slot_map([(0, 0), (3, 1)], 4, 3, cpu).tolist() == [0, 2, 2, 1, 2]
-    assert layer_slots.slot_map([(1, 2)], 4, 3, cpu).tolist() == [0, 2, 0, 0, 0]
-    assert layer_slots.slot_map([(0, 1), (2, 0)], 4, 2, cpu).tolist() == [1, 0, 0, 0, 0]  # no spare: any slot
+def test_slot_map_spans_the_layers_slots_with_a_spare_for_the_rest():
+    # (lo, hi, map relative to lo); unrouted experts and entry E go to the spare slot
+    assert layer_slots.slot_map([(0, 3), (3, 5)], 4, 8) == (3, 6, [0, 1, 1, 2, 1])  # spare inside the span
+    assert layer_slots.slot_map([(0, 3), (3, 4)], 4, 8) == (3, 6, [0, 2, 2, 1, 2])  # widened up
+    assert layer_slots.slot_map([(0, 3), (3, 4)], 4, 5) == (2, 5, [1, 0, 0, 2, 0])  # widened down at the end
+    assert layer_slots.slot_map([(0, 1), (2, 0)], 4, 2) == (0, 2, [1, 0, 0, 0, 0])  # no spare: shares a group
+    assert layer_slots.slot_map([], 4, 3) == (0, 1, [0, 0, 0, 0, 0])  # nothing routed
