@@ -40,18 +40,19 @@ from spmoe.trace.metrics import summarize
 log = logging.getLogger("bench_layer_grouped")
 
 
-def method_case(spec: str, card, num_slots: int | None) -> tuple[MethodConfig, object]:
+def method_case(spec: str, card, num_slots: int | None, worker_thread: bool) -> tuple[MethodConfig, object]:
     """'method[:decode]' -> (method config, hardware config at the card with that decode)."""
     name, decode = (spec.split(":") + ["eager"])[:2]
-    method = replace(load_preset("method", name), num_slots=num_slots, worker_thread=True)
+    method = replace(load_preset("method", name), num_slots=num_slots, worker_thread=worker_thread)
     return method, replace(card, decode=decode)
 
 
 def ops_per_step(session, method: MethodConfig, hw, layer_grouped: bool) -> int:
     """Aten operators of one eager decode step on `method`'s runtime at `hw` (its evicting cache)."""
+    spec = get_strategy(method.name)
     ctx = MethodContext(replace(session.cfg, method=method, hardware=hw), session.target, session.device,
-                        session.plan(hw, method.name))
-    runtime = get_strategy(method.name).build(ctx)
+                        session.plan(hw, method.name), session.draft if spec.speculative else None)
+    runtime = spec.build(ctx)
     OffloadedExperts.layer_grouped = layer_grouped
     try:
         return ops_per_decode_step(session, session.prompts[0])
@@ -105,6 +106,8 @@ def main() -> None:
     ap.add_argument("--card", default="rtx4080", help="hardware preset of the offloaded cases (its budget)")
     ap.add_argument("--methods", nargs="+", default=["lru_nosd:graphs"], help="method[:decode]")
     ap.add_argument("--num-slots", type=int, default=None, help="cap on expert slots (default: the card's plan)")
+    ap.add_argument("--inline-prefetch", action="store_true",
+                    help="prefetch on the main thread (deterministic counts) instead of the worker thread")
     ap.add_argument("--floor", default=None, help="e.g. graphs: time gpu_resident with that decode, no budget")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--prompts", type=int, default=1)
@@ -125,7 +128,7 @@ def main() -> None:
                     hardware=load_preset("hardware", args.hardware), routing=RoutingConfig(name="model"),
                     spec=SpecConfig(num_draft_tokens=args.k), num_prompts=args.prompts, check_lossless="false",
                     max_new_tokens=args.tokens)
-    cases = {spec: method_case(spec, card, args.num_slots) for spec in args.methods}
+    cases = {spec: method_case(spec, card, args.num_slots, not args.inline_prefetch) for spec in args.methods}
     session = open_session(cfg, [replace(cfg, method=m, hardware=hw) for m, hw in cases.values()])
     rows: list[dict] = []
     try:
