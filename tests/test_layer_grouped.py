@@ -76,11 +76,12 @@ def _generate(s, method: MethodConfig, k: int, layer_grouped: bool, monkeypatch)
     return [g.token_ids for g in gens], _events(gens), spy
 
 
-def _method(name: str, num_slots: int) -> MethodConfig:
+def _method(name: str, num_slots: int, host_compute: str = "off") -> MethodConfig:
     # inline prefetch (no worker thread) and no profiled cutoff: admissions are deterministic, so on and off
     # must match exactly
     return MethodConfig(name=name, num_slots=num_slots, worker_thread=False, adaptive_gating=False,
-                        cutoff=CutoffConfig(mode="all"), plus=PlusConfig(host_compute="off", draft_precision="bf16"))
+                        cutoff=CutoffConfig(mode="all"),
+                        plus=PlusConfig(host_compute=host_compute, draft_precision="bf16"))
 
 
 @pytest.mark.parametrize("name", OFFLOADING)
@@ -100,12 +101,19 @@ def test_agree_exactly_on_deepseek_v2(name, monkeypatch):
         s.close()
 
 
-def _agree_exactly(session, name: str, monkeypatch) -> None:
+def test_host_experts_split_agrees_exactly(session, monkeypatch):
+    """spmoe_plus computing every missing expert on the host: its GPU experts (the hits) run grouped,
+    the host experts' routes as "no expert" rows that the host outputs fill."""
+    _agree_exactly(session, "spmoe_plus", monkeypatch, host_compute="all")
+    assert session.last_extra["host_experts"] > 0 and session.last_extra["gpu_experts"] > 0
+
+
+def _agree_exactly(session, name: str, monkeypatch, host_compute: str = "off") -> None:
     layout = session.target.layout
     slots = 2 * len(layout.moe_layers) + 1  # a few per layer: every method evicts, most layers fit at once
     k = 2 if STRATEGIES[name].speculative else 1
-    tokens, events, spy = _generate(session, _method(name, slots), k, True, monkeypatch)
-    tokens_off, events_off, spy_off = _generate(session, _method(name, slots), k, False, monkeypatch)
+    tokens, events, spy = _generate(session, _method(name, slots, host_compute), k, True, monkeypatch)
+    tokens_off, events_off, spy_off = _generate(session, _method(name, slots, host_compute), k, False, monkeypatch)
     assert tokens == tokens_off == session.reference
     assert events == events_off
     assert spy.admits == spy_off.admits  # same keys, slots and victims, in the same order

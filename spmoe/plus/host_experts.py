@@ -6,10 +6,11 @@ Data flow for one MoE layer forward (T tokens, H hidden): the routed ids reach t
 sync `OffloadedExperts` makes); `HostPlanner.split` picks the host set among the experts that are
 not resident; their token rows of the hidden states go down ([T, H], kilobytes) and one host
 worker thread computes them with torch's CPU kernels on the store's weights, while the main
-thread runs the GPU experts through the provider (hits, landed prefetches, on-demand loads);
-then the host outputs go up and land in their (token, slot) rows. Host experts are never loaded,
-so they move no bytes and are not in the provider's expert events (hits/misses count GPU-served
-experts only); `HostStats` counts them.
+thread runs the GPU experts through the provider (hits, landed prefetches, on-demand loads; in one
+grouped matmul when the provider's `serve_layer` pins them all at once, the host experts' routes
+then computed on a spare slot and overwritten); then the host outputs go up and land in their
+(token, slot) rows. Host experts are never loaded, so they move no bytes and are not in the
+provider's expert events (hits/misses count GPU-served experts only); `HostStats` counts them.
 
 Cost model (per missing expert e with n_e routed tokens, greedy, most tokens first): GPU finish =
 copies already queued x copy_ms + (GPU experts so far + 1) x copy_ms x f(layer); host finish = the k-th host
@@ -43,9 +44,11 @@ import torch
 from spmoe.models.experts import (
     OffloadedExperts,
     expert_mlp,
+    grouped_expert_mlp,
     grouped_supported,
     slot_expert_mlp,
 )
+from spmoe.offload.layer_slots import LayerSlots
 from spmoe.offload.prefetch import PrefetchProvider
 from spmoe.offload.store import ExpertStore
 
@@ -208,16 +211,30 @@ class HostAssistedExperts(OffloadedExperts):
             x_host = hidden_states.to("cpu")  # [T, H]
             future = self.pool.submit(self._host, x_host, [(e, rows_cpu[span[e][0]:span[e][1]]) for e in host_ids],
                                       time.perf_counter())
-        ys = hidden_states.new_zeros(num_tokens, top_k, hidden_states.shape[-1])  # [T, A, H]
         rows_all, pos_all = rows_cpu.to(hidden_states.device), pos_cpu.to(hidden_states.device)
         on_host = set(host_ids)
         gpu_ids = [e for e in span if e not in on_host]
-        mlp = slot_expert_mlp if grouped_supported(hidden_states) else expert_mlp  # rounds as OffloadedExperts does
-        for e, flat in self.provider.experts_for(self.layer_idx, gpu_ids, index_cpu):
-            gate_up, down = self.layout.split(flat)
-            start, end = span[e]
-            rows_d, pos_d = rows_all[start:end], pos_all[start:end]
-            ys[rows_d, pos_d] = mlp(hidden_states[rows_d], gate_up, down, self.act_fn)
+        serve = getattr(self.provider, "serve_layer", None)
+        if serve is not None and self.grouped and self.layer_grouped and grouped_supported(hidden_states):
+            served = serve(self.layer_idx, gpu_ids, index_cpu)  # the GPU experts in one grouped matmul if it can
+        else:
+            served = self.provider.experts_for(self.layer_idx, gpu_ids, index_cpu)
+        if isinstance(served, LayerSlots):
+            # the host experts' routes read the spare slot (the provider did not serve them, see
+            # spmoe.offload.layer_slots): their rows are overwritten by the host outputs below
+            try:
+                ys = grouped_expert_mlp(hidden_states, top_k_index, served.storage, served.slot_of, self.layout,
+                                        self.act_fn)  # [T, A, H]
+            finally:
+                served.release()
+        else:
+            ys = hidden_states.new_zeros(num_tokens, top_k, hidden_states.shape[-1])  # [T, A, H]
+            mlp = slot_expert_mlp if grouped_supported(hidden_states) else expert_mlp  # rounds as OffloadedExperts does
+            for e, flat in served:
+                gate_up, down = self.layout.split(flat)
+                start, end = span[e]
+                rows_d, pos_d = rows_all[start:end], pos_all[start:end]
+                ys[rows_d, pos_d] = mlp(hidden_states[rows_d], gate_up, down, self.act_fn)
         self.stats.num_gpu_experts += len(gpu_ids)
         if future is not None:
             t0 = time.perf_counter()
