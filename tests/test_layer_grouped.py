@@ -150,9 +150,14 @@ def test_fallback_when_a_layer_needs_more_slots_than_it_can_free(session, monkey
 LAYOUT = ExpertLayout((0, 1), 6, 2, 32, 24, torch.float32)
 
 
-def _layer_outputs(x: torch.Tensor, index: torch.Tensor, layer_grouped: bool, slots: int = 5):
-    """One layer computed twice over the same evicting cache (second call: hits, misses and an eviction)."""
-    torch.manual_seed(0)
+# [T, A] routes of three calls of one layer over a 5-slot cache: all misses (slots 0-4); hits in slots 0, 2, 4
+# and a "no expert" route (6), served by the spare slot 1; misses that evict
+CALLS = [torch.tensor([[0, 1], [2, 3], [4, 1]]), torch.tensor([[0, 2], [2, 4], [4, 6]]),
+         torch.tensor([[5, 0], [3, 5], [1, 0]])]
+
+
+def _layer_outputs(x: torch.Tensor, layer_grouped: bool, slots: int = 5) -> list[torch.Tensor]:
+    """One layer computed for each of CALLS over the same evicting cache: [T, A, H] each."""
     store = ExpertStore(LAYOUT, pin=False)
     store.fill_random(0, 0.1, torch.device("cpu"))
     cache = ExpertCache(slots, LAYOUT.expert_numel, torch.float32, "cpu", LruPolicy())
@@ -160,45 +165,40 @@ def _layer_outputs(x: torch.Tensor, index: torch.Tensor, layer_grouped: bool, sl
     experts = OffloadedExperts(0, LAYOUT, nn.SiLU(), provider)
     OffloadedExperts.layer_grouped = layer_grouped
     try:
-        first = experts._per_expert(x, index)  # [T, A, H]
-        second = experts._per_expert(x, (index + 1) % LAYOUT.num_experts)
+        outs = [experts._per_expert(x, index) for index in CALLS]
     finally:
         OffloadedExperts.layer_grouped = True
     assert cache.evictions > 0 and cache.hits > 0
     assert sum(cache._pins.values()) == 0  # every pin dropped
-    return first, second
+    return outs
 
 
 def test_layer_grouped_is_bitwise_the_per_expert_path():
     x = torch.randn(3, 32)
-    index = torch.tensor([[0, 2], [2, 5], [4, 6]])  # [T, A]; 6 = "no expert"
-    grouped, loop = _layer_outputs(x, index, True), _layer_outputs(x, index, False)
+    grouped, loop = _layer_outputs(x, True), _layer_outputs(x, False)
     assert all(torch.equal(a, b) for a, b in zip(grouped, loop))
-    assert torch.all(grouped[0][2, 1] == 0)
+    assert torch.all(grouped[1][2, 1] == 0) and grouped[1][2, 0].abs().sum() > 0
 
 
 def test_a_wrong_slot_in_the_map_is_caught(monkeypatch):
     """Planted bug: the slot map sends one routed expert to another routed expert's slot."""
     right = layer_slots.slot_map
 
-    def swapped(ready, num_experts, num_slots):
-        lo, hi, table = right(ready, num_experts, num_slots)
+    def swapped(ready, num_experts):
+        lo, hi, table = right(ready, num_experts)
         if len(ready) > 1:
             table[ready[0][0]] = table[ready[1][0]]
         return lo, hi, table
 
     x = torch.randn(3, 32)
-    index = torch.tensor([[0, 2], [2, 5], [4, 1]])
-    loop = _layer_outputs(x, index, False)
+    loop = _layer_outputs(x, False)
     monkeypatch.setattr(layer_slots, "slot_map", swapped)
-    planted = _layer_outputs(x, index, True)
+    planted = _layer_outputs(x, True)
     assert not all(torch.equal(a, b) for a, b in zip(planted, loop))
 
 
 def test_slot_map_spans_the_layers_slots_with_a_spare_for_the_rest():
     # (lo, hi, map relative to lo); unrouted experts and entry E go to the spare slot
-    assert layer_slots.slot_map([(0, 3), (3, 5)], 4, 8) == (3, 6, [0, 1, 1, 2, 1])  # spare inside the span
-    assert layer_slots.slot_map([(0, 3), (3, 4)], 4, 8) == (3, 6, [0, 2, 2, 1, 2])  # widened up
-    assert layer_slots.slot_map([(0, 3), (3, 4)], 4, 5) == (2, 5, [1, 0, 0, 2, 0])  # widened down at the end
-    assert layer_slots.slot_map([(0, 1), (2, 0)], 4, 2) == (0, 2, [1, 0, 0, 0, 0])  # no spare: shares a group
-    assert layer_slots.slot_map([], 4, 3) == (0, 1, [0, 0, 0, 0, 0])  # nothing routed
+    assert layer_slots.slot_map([(0, 3), (3, 5)], 4) == (3, 6, [0, 1, 1, 2, 1])  # a spare inside the span
+    assert layer_slots.slot_map([(0, 3), (3, 4)], 4) == (3, 5, [0, 0, 0, 1, 0])  # none: slot lo's group
+    assert layer_slots.slot_map([], 4) == (0, 1, [0, 0, 0, 0, 0])  # nothing routed
