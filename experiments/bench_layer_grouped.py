@@ -26,8 +26,6 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from experiments.hf_anchor import ops_per_decode_step
 from experiments.presets import load_preset
 from spmoe.config import MethodConfig, RoutingConfig, RunConfig, SpecConfig
@@ -76,8 +74,8 @@ def generate(session, method: MethodConfig, hw, tokens: int, prompts: int, k: in
 
 def table(rows: list[dict], card) -> str:
     lines = [f"card: {card.name}{' (emulated budget)' if card.emulated else ''}", "",
-             "| method | case | TPOT ms (median) | spread | host ms/step | sync wait ms/step | stall ms | H2D GB/token |"
-             " efficiency | aten ops/step | hits | misses | tokens == loop |",
+             ("| method | case | TPOT ms (median) | spread | host ms/step | sync wait ms/step | stall ms | H2D GB/token |"
+              " efficiency | aten ops/step | hits | misses | tokens == loop |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:

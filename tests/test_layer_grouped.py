@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_run_config
 from torch import nn
 
-import spmoe.offload.layer_slots as layer_slots
-from conftest import tiny_run_config
 from experiments.presets import load_preset
 from spmoe.config import CutoffConfig, MethodConfig, PlusConfig, SpecConfig
 from spmoe.methods import STRATEGIES, get_strategy
 from spmoe.models.experts import ExpertLayout, OffloadedExperts
+from spmoe.offload import layer_slots
 from spmoe.offload.cache import ExpertCache
 from spmoe.offload.eviction import LruPolicy
 from spmoe.offload.layer_slots import LayerSlots

@@ -31,7 +31,8 @@ slots the provider chose and uploaded with one non-blocking copy from page-locke
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
