@@ -24,8 +24,8 @@ Two ways to compute a layer:
   sm90+, torch's grouped GEMM); elsewhere, and when `OffloadedExperts.grouped` is False, per expert;
 - layer-grouped (offloading providers with `serve_layer`): the routes go to the host as per expert,
   the provider pins every routed expert of the layer at once (issuing the misses' copies) and hands
-  back a slot map; the layer runs as the same grouped matmuls over the cache's whole storage, the
-  compute stream waiting on the copies' events. When the misses outnumber the slots that can be
+  back a slot map; the layer runs as the same grouped matmuls over the span of the cache's slots
+  it uses, the compute stream waiting on the copies' events. When the misses outnumber the slots that can be
   freed at once, the provider hands back its per-expert iterator instead. Where grouped is used,
   unless `OffloadedExperts.layer_grouped` is False.
 
