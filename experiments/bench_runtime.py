@@ -13,7 +13,8 @@ expert resident (one gpu_resident runtime held for the phase), cases in interlea
 (A B C C B A ...) after one warm-up generation each (which also captures the graphs):
 `engine_eager` (the engine, dynamic KV cache; experts as one grouped matmul per layer, no host
 sync), `engine_graphs` (the same over a static KV cache, each decode step a CUDA graph replay),
-`hf_eager` (transformers' generate with its eager experts module on the same device slots,
+`engine_graphs_torch` (the same with torch's grouped GEMM for the experts instead of the Triton
+decode kernels, `hardware.expert_kernel=torch`), `hf_eager` (transformers' generate with its eager experts module on the same device slots,
 `experiments.hf_anchor`), and
 with a draft `engine_eager_sd` / `engine_graphs_sd` (k = --k; draft and target both graphed);
 optional `engine_static` and `engine_loop` (experts one at a time). Then the forward phase: one
@@ -48,6 +49,7 @@ from spmoe.config import MethodConfig, RoutingConfig, RunConfig, SpecConfig
 from spmoe.engine import Engine
 from spmoe.methods import get_strategy
 from spmoe.models.experts import OffloadedExperts
+from spmoe.runtime import moe_gemv
 from spmoe.runtime.decoder import make_decoder
 from spmoe.session import open_session
 from spmoe.spec.drafter import ModelDrafter
@@ -58,13 +60,17 @@ from spmoe.trace.metrics import summarize
 log = logging.getLogger("bench_runtime")
 
 
-def engine_generate(engine: Engine, prompts, num_tokens: int, grouped: bool = True) -> dict:
+def engine_generate(engine: Engine, prompts, num_tokens: int, grouped: bool = True, kernel: str = "auto") -> dict:
+    """`kernel`: the expert kernel (`hardware.expert_kernel`) while this engine decodes; its graphs are captured
+    under it, so an engine keeps one kernel for all its calls."""
     OffloadedExperts.grouped = grouped
+    moe_gemv.use(kernel)
     replays_before = _replays(engine)
     try:
         gens = [engine.generate(p.token_ids, num_tokens, i) for i, p in enumerate(prompts)]
     finally:
         OffloadedExperts.grouped = True
+        moe_gemv.use("auto")
     m = summarize([g.records for g in gens])
     return {"tpot_ms": m["tpot_ms"], "host_ms_per_step": m["host_ms_per_step"],
             "sync_wait_ms_per_step": m["sync_wait_ms_per_step"], "graph_replays": _replays(engine) - replays_before,
@@ -93,7 +99,8 @@ def engine_cases(session, runtime, args) -> dict:
     device, spec = session.device, SpecConfig(num_draft_tokens=args.k)
     engines = {"engine_eager": Engine(runtime, device), "engine_loop": Engine(runtime, device),
                "engine_static": Engine(runtime, device, decode="static"),
-               "engine_graphs": Engine(runtime, device, decode="graphs")}
+               "engine_graphs": Engine(runtime, device, decode="graphs"),
+               "engine_graphs_torch": Engine(runtime, device, decode="graphs")}
     if session.draft is not None:
         for mode in ("eager", "graphs"):
             drafter = ModelDrafter(session.draft, device, 0.0, 1.0, decode=mode)
@@ -101,8 +108,8 @@ def engine_cases(session, runtime, args) -> dict:
     longest = max(len(p.token_ids) for p in session.prompts)
     for e in engines.values():  # one cache size for every prompt and length: graphs are captured once
         e.reserve(longest, max(args.tokens, args.lossless_tokens))
-    run = {name: (lambda n, ps, e=e, g=name != "engine_loop": engine_generate(e, ps, n, g))
-           for name, e in engines.items()}
+    run = {name: (lambda n, ps, e=e, g=name != "engine_loop", k="torch" if name.endswith("_torch") else "auto":
+                  engine_generate(e, ps, n, g, k)) for name, e in engines.items()}
 
     def hf(n, ps):
         with HFExperts(session, runtime.cache, "eager"):
@@ -153,7 +160,7 @@ def resident_phase(session, args, rows: list[dict], model: str) -> dict:
                          res.get("graph_replays"))
         forward_phase(session, runtime, args, rows, model)
         if args.lossless_prompts:
-            checked = [c for c in cases if c.startswith("engine")] + (["engine_static"] if "engine_graphs" in cases
+            checked = [c for c in cases if c.startswith("engine") and not c.endswith("_torch")] + (["engine_static"] if "engine_graphs" in cases
                                                                       and "engine_static" not in cases else [])
             outputs = {case: run[case](args.lossless_tokens, lossless_prompts) for case in checked}
     finally:

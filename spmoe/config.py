@@ -183,10 +183,15 @@ class HardwareConfig:
     # how target and draft forwards run (spmoe.runtime.decoder): eager (a dynamic KV cache) | static (a static
     # KV cache) | graphs (static, decode steps replayed as CUDA graphs where the forward has no host sync)
     decode: str = "eager"
+    # decode-shape expert matmuls (spmoe.runtime.moe_gemv): auto (Triton kernels where they serve: CUDA bf16,
+    # SiLU experts, at most 16 tokens) | torch (torch's grouped GEMM everywhere)
+    expert_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         if self.decode not in ("eager", "static", "graphs"):
             raise ValueError(f"hardware.decode={self.decode!r}; valid: eager, static, graphs")
+        if self.expert_kernel not in ("auto", "torch"):
+            raise ValueError(f"hardware.expert_kernel={self.expert_kernel!r}; valid: auto, torch")
 
 
 @dataclass

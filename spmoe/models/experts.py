@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from spmoe.offload.layer_slots import LayerSlots
+from spmoe.runtime import moe_gemv
 from spmoe.types import ExpertKey
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,11 @@ def slot_expert_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, 
     expert's rows round as they do there (bf16 results of every method agree with the GPU-resident
     reference's). x [M, H] -> [M, H]; gate_up [2I, H] and down [H, I] views of one slot."""
     rows = x.shape[0]
+    if moe_gemv.supports(x, act_fn):
+        (two_i, h), numel = gate_up.shape, gate_up.numel() + down.numel()
+        assert down.storage_offset() == gate_up.storage_offset() + two_i * h, "gate_up and down of one slot buffer"
+        flat = gate_up.as_strided((1, numel), (numel, 1), gate_up.storage_offset())  # [1, N]: the slot
+        return moe_gemv.slot_mlp(x, _zero_slots(rows, x.device), 1, flat, two_i // 2)  # [M, H]
     offs = _ONE_GROUP.get((rows, x.device))
     if offs is None:
         offs = _ONE_GROUP[(rows, x.device)] = torch.tensor([rows], dtype=torch.int32, device=x.device)  # [1]
@@ -113,6 +119,17 @@ def slot_expert_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, 
     down_t = down.as_strided((1, i, h), (h * i, 1, i), down.storage_offset())  # [1, I, H]
     gate, up = mm(x.contiguous(), gate_up_t, offs=offs).chunk(2, dim=-1)  # [M, I] each
     return mm(act_fn(gate) * up, down_t, offs=offs)  # [M, H]
+
+
+_ZERO_SLOTS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _zero_slots(rows: int, device: torch.device) -> torch.Tensor:
+    """[rows] zeros: every route to slot 0 of a one-slot storage (cached, so graphs may capture it)."""
+    slots = _ZERO_SLOTS.get((rows, device))
+    if slots is None:
+        slots = _ZERO_SLOTS[(rows, device)] = torch.zeros(rows, dtype=torch.long, device=device)
+    return slots
 
 
 class OffloadedExperts(nn.Module):
@@ -266,6 +283,9 @@ def grouped_expert_mlp(x: torch.Tensor, top_k_index: torch.Tensor, storage: torc
     num_slots, numel = storage.shape
     h, i, num_experts = layout.hidden_size, layout.intermediate_size, layout.num_experts
     mm = _grouped_mm_fn()
+    if moe_gemv.supports(x, act_fn):
+        route_slots = torch.where(top_k_index < num_experts, slot_of[top_k_index.clamp(max=num_experts - 1)], -1)  # [T, A]
+        return moe_gemv.slot_mlp(x, route_slots.flatten(), top_k, storage, i).view(num_tokens, top_k, h)
     if slot_of.numel() == num_experts:
         slot_of = nn.functional.pad(slot_of, (0, 1))  # [E + 1]
     groups = _GROUP_IDS.get((num_slots, storage.device))

@@ -1,0 +1,157 @@
+"""
+Decode-shape expert MLPs as two Triton kernels that stream each routed slot's weights once.
+
+A decode or verify step routes few tokens (T <= `MAX_TOKENS`), so each expert's matmul has one to
+a few rows and is bound by reading its weights. `slot_mlp` computes every route's expert output
+straight from the cache's slot storage: routes are sorted by slot on the device, the first route
+of each slot (its group's leader) computes all of that slot's rows, reading the slot's weights
+once, and writes them at the routes' own positions. No host sync, so CUDA graphs capture it.
+
+Terms: T tokens, A experts per token, R = T * A routes, H hidden, I expert intermediate, S slots,
+N = 3 * I * H elements per slot (gate [I, H], up [I, H], then down [H, I], row-major).
+Invariants:
+- a route's output row depends only on its token's hidden state and its slot's weights, not on
+  which other routes share the launch: every row is computed with the same tile shapes and the
+  same order of the H (then I) reduction. So one expert computed alone (`slot_mlp` over a single
+  slot, the per-expert path) and the same expert inside a whole layer's launch give equal bits;
+- the intermediate is rounded like transformers' eager experts: gate and up to the weights'
+  dtype, SiLU of the rounded gate rounded, times up rounded;
+- a route whose slot is negative ("no expert") gets a zero row.
+Used for bf16 CUDA inputs when Triton imports and the activation is SiLU (`supports`); elsewhere
+the caller keeps torch's grouped GEMM.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+MAX_TOKENS = 16  # tokens per call served here: a slot's rows never exceed one tile of BLOCK_M
+BLOCK_M = 16
+_enabled = True
+
+
+def use(kernel: str) -> None:
+    """`hardware.expert_kernel`: "auto" serves decode shapes here, "torch" leaves them to torch's grouped GEMM."""
+    if kernel not in ("auto", "torch"):
+        raise ValueError(f"expert kernel {kernel!r}; valid: auto, torch")
+    global _enabled
+    _enabled = kernel == "auto"
+
+
+def supports(x: torch.Tensor, act_fn: nn.Module) -> bool:
+    """Whether `slot_mlp` serves hidden states x [T, H] with this activation."""
+    return (_enabled and triton is not None and x.is_cuda and x.dtype == torch.bfloat16 and x.shape[0] <= MAX_TOKENS
+            and is_silu(act_fn))
+
+
+_SILU: dict[type, bool] = {}
+
+
+def is_silu(act_fn: nn.Module) -> bool:
+    """Whether the activation computes SiLU (torch's or transformers' module), probed once per class."""
+    cls = type(act_fn)
+    if cls not in _SILU:
+        probe = torch.linspace(-6.0, 6.0, 97)
+        try:
+            _SILU[cls] = bool(torch.allclose(act_fn(probe), nn.functional.silu(probe)))
+        except (RuntimeError, TypeError):
+            _SILU[cls] = False
+    return _SILU[cls]
+
+
+def slot_mlp(x: torch.Tensor, route_slots: torch.Tensor, top_k: int, storage: torch.Tensor,
+             intermediate_size: int) -> torch.Tensor:
+    """Each route's expert output [R, H] in route order (route r = token r // top_k).
+
+    x [T, H]; route_slots [R] the slot of each route (negative: no expert, a zero row); storage [S, N]
+    slot buffers, rows of one slot contiguous."""
+    num_routes, (num_tokens, hidden) = route_slots.numel(), x.shape
+    assert num_tokens <= MAX_TOKENS and num_routes == num_tokens * top_k, (x.shape, route_slots.shape, top_k)
+    assert storage.stride(1) == 1 and storage.shape[1] == 3 * intermediate_size * hidden, storage.shape
+    sorted_slots, order = torch.sort(route_slots, stable=True)  # [R] each: routes grouped by slot
+    x = x.contiguous()
+    mid = torch.empty(num_routes, intermediate_size, dtype=x.dtype, device=x.device)  # [R, I] in sorted order
+    out = torch.empty(num_routes, hidden, dtype=x.dtype, device=x.device)  # [R, H] in route order
+    bn_up, bk_up, bn_down, bk_down = _blocks(hidden, intermediate_size)
+    _gate_up_kernel[(triton.cdiv(intermediate_size, bn_up), num_routes)](
+        x, sorted_slots, order, storage, mid, num_routes, top_k, hidden, intermediate_size, storage.stride(0),
+        BLOCK_M=BLOCK_M, BLOCK_N=bn_up, BLOCK_K=bk_up, num_warps=4, num_stages=3)
+    _down_kernel[(triton.cdiv(hidden, bn_down), num_routes)](
+        mid, sorted_slots, order, storage, out, num_routes, hidden, intermediate_size, storage.stride(0),
+        BLOCK_M=BLOCK_M, BLOCK_N=bn_down, BLOCK_K=bk_down, num_warps=4, num_stages=3)
+    return out
+
+
+def _blocks(hidden: int, intermediate: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K) of the gate/up kernel, then of the down kernel: a function of the layout only,
+    so every call on one model reduces in the same order."""
+    return 64, 128, 32, 256
+
+
+if triton is not None:
+    @triton.jit
+    def _group(sorted_slots_ptr, num_routes, pid_r, BLOCK_M: tl.constexpr):
+        """(slot, rows [BLOCK_M] of the sorted routes in this program's group, their mask, is leader)."""
+        slot = tl.load(sorted_slots_ptr + pid_r)
+        prev = tl.load(sorted_slots_ptr + pid_r - 1, mask=pid_r > 0, other=-2)
+        rows = pid_r + tl.arange(0, BLOCK_M)
+        same = tl.load(sorted_slots_ptr + rows, mask=rows < num_routes, other=-3) == slot
+        lead = (slot != prev) & (slot >= 0)
+        return slot, rows, same & (rows < num_routes), lead
+
+    @triton.jit
+    def _gate_up_kernel(x_ptr, sorted_slots_ptr, order_ptr, w_ptr, mid_ptr, num_routes, top_k, hidden, inter,
+                        slot_stride, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_n, pid_r = tl.program_id(0), tl.program_id(1)
+        slot, rows, valid, lead = _group(sorted_slots_ptr, num_routes, pid_r, BLOCK_M)
+        if lead:
+            tokens = tl.load(order_ptr + rows, mask=valid, other=0) // top_k  # [BM]
+            cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] rows of gate (and of up, + inter)
+            col_ok = cols < inter
+            base = w_ptr + slot.to(tl.int64) * slot_stride
+            acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, hidden, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < hidden
+                xs = tl.load(x_ptr + tokens[:, None] * hidden + ks[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
+                w_mask = col_ok[:, None] & k_ok[None, :]
+                gate = tl.load(base + cols[:, None] * hidden + ks[None, :], mask=w_mask, other=0.0)  # [BN, BK]
+                up = tl.load(base + (cols[:, None] + inter) * hidden + ks[None, :], mask=w_mask, other=0.0)
+                acc_gate = tl.dot(xs, tl.trans(gate), acc_gate)
+                acc_up = tl.dot(xs, tl.trans(up), acc_up)
+            dtype = mid_ptr.dtype.element_ty
+            g = acc_gate.to(dtype).to(tl.float32)
+            act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+            mid = (act * acc_up.to(dtype).to(tl.float32)).to(dtype)
+            tl.store(mid_ptr + rows[:, None] * inter + cols[None, :], mid, mask=valid[:, None] & col_ok[None, :])
+
+    @triton.jit
+    def _down_kernel(mid_ptr, sorted_slots_ptr, order_ptr, w_ptr, out_ptr, num_routes, hidden, inter, slot_stride,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_n, pid_r = tl.program_id(0), tl.program_id(1)
+        slot, rows, valid, lead = _group(sorted_slots_ptr, num_routes, pid_r, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] output features
+        col_ok = cols < hidden
+        dtype = out_ptr.dtype.element_ty
+        if slot < 0:
+            pos = tl.load(order_ptr + pid_r)
+            tl.store(out_ptr + pos * hidden + cols, tl.zeros((BLOCK_N,), dtype=dtype), mask=col_ok)
+        elif lead:
+            base = w_ptr + slot.to(tl.int64) * slot_stride + 2 * inter * hidden
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k0 in range(0, inter, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < inter
+                hs = tl.load(mid_ptr + rows[:, None] * inter + ks[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
+                w = tl.load(base + cols[:, None] * inter + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+                acc = tl.dot(hs, tl.trans(w), acc)
+            pos = tl.load(order_ptr + rows, mask=valid, other=0)  # [BM] route positions
+            tl.store(out_ptr + pos[:, None] * hidden + cols[None, :], acc.to(dtype), mask=valid[:, None] & col_ok[None, :])

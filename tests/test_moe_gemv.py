@@ -1,0 +1,86 @@
+"""The Triton decode kernels (spmoe.runtime.moe_gemv) in Triton's CPU interpreter, float32.
+
+The interpreter mis-computes bf16 dots, so bf16 numerics are checked on the GPU
+(experiments.bench_expert_kernel); here: grouping by slot, route order, "no expert" rows, a
+slot's rows independent of the launch, and the dispatch from the experts module."""
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("triton")
+
+from spmoe.models import experts as experts_mod  # noqa: E402
+from spmoe.models.experts import ExpertLayout, expert_mlp  # noqa: E402
+from spmoe.runtime import moe_gemv  # noqa: E402
+
+H, I, E = 64, 48, 6
+
+
+@pytest.fixture
+def kernel():
+    """The kernels, interpreted on the CPU (tests/conftest.py sets TRITON_INTERPRET before any import)."""
+    return moe_gemv
+
+
+def _reference(x, route_slots, top_k, storage, layout):
+    out = torch.zeros(len(route_slots), H)
+    for r, s in enumerate(route_slots.tolist()):
+        if s >= 0:
+            out[r] = expert_mlp(x[r // top_k: r // top_k + 1], *layout.split(storage[s]), nn.SiLU())[0]
+    return out
+
+
+@pytest.mark.parametrize("num_tokens,top_k", [(1, 2), (3, 2), (5, 3), (16, 2)])
+def test_routes_match_per_expert_math(kernel, num_tokens, top_k):
+    gen = torch.Generator().manual_seed(num_tokens)
+    layout = ExpertLayout((0,), E, top_k, H, I, torch.float32)
+    storage = torch.randn(E + 2, layout.expert_numel, generator=gen) * 0.1  # [S, N]
+    x = torch.randn(num_tokens, H, generator=gen)
+    route_slots = torch.stack([torch.randperm(E + 2, generator=gen)[:top_k] for _ in range(num_tokens)]).flatten()
+    route_slots[-1] = -1  # a "no expert" route
+    got = kernel.slot_mlp(x, route_slots, top_k, storage, I)
+    want = _reference(x, route_slots, top_k, storage, layout)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(got[-1], torch.zeros(H))
+
+
+def test_one_slot_alone_equals_its_rows_in_a_layer_launch(kernel):
+    gen = torch.Generator().manual_seed(7)
+    storage = torch.randn(E, 3 * I * H, generator=gen) * 0.1
+    x = torch.randn(4, H, generator=gen)
+    route_slots = torch.tensor([3, 1, 0, 3, 3, 5, 2, 3])  # slot 3 serves tokens 0, 1, 2, 3
+    layer = kernel.slot_mlp(x, route_slots, 2, storage, I)
+    alone = kernel.slot_mlp(x, torch.full((4,), 3), 1, storage, I)
+    assert torch.equal(alone, layer[[0, 3, 4, 7]])
+
+
+def test_experts_module_dispatches_decode_shapes_to_the_kernel(kernel, monkeypatch):
+    """grouped_expert_mlp and slot_expert_mlp through the kernel (admitted on the CPU here) agree with
+    torch's grouped GEMM and with each other, "no expert" sentinel routes included."""
+    gen = torch.Generator().manual_seed(3)
+    layout = ExpertLayout((0,), E, 2, H, I, torch.float32)
+    storage = torch.randn(E + 1, layout.expert_numel, generator=gen) * 0.1
+    slot_of = torch.tensor([6, 0, 5, 1, 4, 2])
+    x = torch.randn(3, H, generator=gen)
+    index = torch.tensor([[0, 3], [3, E], [5, 0]])  # [T, A]; E: no expert
+    act = nn.SiLU()
+    want = experts_mod.grouped_expert_mlp(x, index, storage, slot_of, layout, act)
+    monkeypatch.setattr(moe_gemv, "supports", lambda x, act_fn: moe_gemv.is_silu(act_fn))
+    got = experts_mod.grouped_expert_mlp(x, index, storage, slot_of, layout, act)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert torch.equal(got[1, 1], torch.zeros(H))
+    alone = experts_mod.slot_expert_mlp(x[[0, 1]], *layout.split(storage[1]), act)  # expert 3 -> slot 1
+    assert torch.equal(alone, torch.stack([got[0, 1], got[1, 0]]))
+
+
+def test_silu_is_recognised_in_torch_and_transformers_modules():
+    from transformers.activations import ACT2FN
+
+    assert moe_gemv.is_silu(nn.SiLU()) and moe_gemv.is_silu(ACT2FN["silu"])
+    assert not moe_gemv.is_silu(nn.GELU()) and not moe_gemv.is_silu(ACT2FN["gelu"])
+
+
+def test_kernel_choice_is_validated():
+    with pytest.raises(ValueError, match="valid: auto, torch"):
+        moe_gemv.use("cutlass")
