@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-KEYS = ("tpot_ms", "tpot_spread", "tpot_prompt_spread", "host_ms_per_step", "lossless")
+KEYS = ("tpot_ms", "tpot_spread", "tpot_prompt_spread", "host_ms_per_step", "lossless", "decode", "expert_kernel")
 
 
 def main() -> None:

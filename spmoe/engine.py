@@ -75,8 +75,11 @@ class Engine:
         """Size the target's and the draft's KV caches once for the longest sequence of a run."""
         max_len = max_prompt_len + max_new_tokens + self.spec.num_draft_tokens + 1
         self.decoder.reserve(max_len)
+        verify_tokens = self.spec.num_draft_tokens + 1 if self.drafter is not None else 1
+        self.decoder.precapture([(verify_tokens, verify_tokens)])  # the run's usual step, captured before timing
         if self.drafter is not None:
             self.drafter.decoder.reserve(max_len)
+            self.drafter.decoder.precapture([(1, 1)])
 
     def _target(self, ids: list[int], num_logits: int) -> torch.Tensor:
         logits = self.decoder.forward(ids, num_logits).float()  # [num_logits, V]

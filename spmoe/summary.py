@@ -61,6 +61,8 @@ def summarize_run(session, method: MethodConfig, hardware: HardwareConfig, gens:
         "hardware": hardware.name,
         "hardware_emulated": hardware.emulated,
         "pcie_paced_gb_per_s": hardware.pcie_gb_per_s if hardware.pace_pcie and spec.offloads else None,
+        "decode": hardware.decode,
+        "expert_kernel": hardware.expert_kernel,
         "weights": cfg.model.weights,
         "twin_expert_noise": cfg.model.twin.expert_noise if cfg.model.weights == "twin" else None,
         "dtype": cfg.model.dtype,

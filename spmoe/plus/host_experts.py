@@ -191,7 +191,7 @@ class HostAssistedExperts(OffloadedExperts):
         self.planner.observe((t0 - submitted) * 1e3, times)
         return out
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def compute(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         # T = tokens, A = experts per token, H = hidden, R = T * A routes
         num_tokens, top_k = top_k_index.shape
         index_cpu = top_k_index.cpu()  # [T, A]; the layer's one device->host sync

@@ -12,7 +12,8 @@ drafter) and the cache. `hardware.decode` picks one for the target and the draft
   them (`spmoe.runtime.piecewise`), captured at a shape's second step; elsewhere as `static`.
 
 Interface (both classes): `reserve(max_len)` sizes the cache once for a run's longest sequence
-(so graphs are captured once per shape); `begin(max_len)` starts a sequence that will hold at
+(so graphs are captured once per shape); `precapture(shapes)` captures the whole-step graphs of
+those (T, num_logits) shapes before any sequence, where capturable, so timed steps only replay them; `begin(max_len)` starts a sequence that will hold at
 most `max_len` positions; `forward(ids, num_logits)` feeds `ids` after the cached positions and
 returns the logits of the last `num_logits` [num_logits, V] (on the device, the model's dtype; a
 graph's output stays valid until the decoder's next forward); `crop(n)` keeps the first n
@@ -53,6 +54,9 @@ class DynamicDecoder:
 
     def reserve(self, max_len: int) -> None:
         """Nothing to reserve: the cache grows."""
+
+    def precapture(self, shapes: list[tuple[int, int]]) -> None:
+        """Nothing to capture: every step runs eagerly."""
 
     def forward(self, ids: list[int], num_logits: int) -> torch.Tensor:
         out = self.model(input_ids=torch.tensor([ids], device=self.device), use_cache=True, logits_to_keep=num_logits,
@@ -111,6 +115,36 @@ class StaticDecoder:
         self._kind = None
         self._warm.clear()
 
+    def precapture(self, shapes: list[tuple[int, int]]) -> None:
+        """Capture the whole-step graphs of these (T, num_logits) shapes now, before any sequence, so a
+        run's timed steps replay them (a graph's warm-up writes only the cache's tail: see
+        `spmoe.runtime.graphs`). Only where the forward is capturable whole; other shapes and kinds are
+        still captured at their first use."""
+        if not self.graphs or self.kv is None or (self._kind is None and not capturable(self.model, self.device)):
+            return  # the kind is judged at the first decode step (a cache may yet come to hold every expert)
+        for num_tokens, num_logits in shapes:
+            if num_tokens <= self.max_graph_tokens and (num_tokens, num_logits) not in self._graphs:
+                self._capture_whole(num_tokens, num_logits)
+
+    def _capture_whole(self, num_tokens: int, num_logits: int) -> StepGraph | None:
+        if self._kind is None:
+            self._kind = ("whole" if capturable(self.model, self.device) else
+                          "piecewise" if piecewise_capturable(self.model, self.device) else "none")
+            log.info("%s on %s: CUDA graphs %s", type(self.model).__name__, self.device.type, self._kind)
+        if self._kind != "whole":
+            return None
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        try:
+            graph = StepGraph(self.step, num_tokens, num_logits, self.device, self.kv.capacity, self._pool, self.events)
+        except RuntimeError:
+            log.exception("CUDA graph capture (whole) of %s at T=%d failed; this decoder runs eagerly",
+                          type(self.model).__name__, num_tokens)
+            self._kind = "none"
+            return None
+        self._graphs[(num_tokens, num_logits)] = graph
+        return graph
+
     def step(self, inputs: torch.Tensor, num_tokens: int, num_logits: int) -> torch.Tensor:
         """One forward from device inputs [T + 1] (ids, then the start position): logits [num_logits, V].
         The eager path and every captured graph run exactly this."""
@@ -136,31 +170,22 @@ class StaticDecoder:
 
     def _graphed(self, ids: list[int], start: int, num_logits: int) -> torch.Tensor | None:
         """The step's logits from a graph (replayed, or captured now), or None: run it eagerly."""
-        if self._kind is None:
-            self._kind = ("whole" if capturable(self.model, self.device) else
-                          "piecewise" if piecewise_capturable(self.model, self.device) else "none")
-            log.info("%s on %s: CUDA graphs %s", type(self.model).__name__, self.device.type, self._kind)
         key = (len(ids), num_logits)
-        graph = self._graphs.get(key)
+        graph = self._graphs.get(key) or self._capture_whole(*key)
         if graph is not None:
             self.num_replays += 1
             return graph.replay(ids, start)
-        if self._kind == "none":
+        if self._kind != "piecewise":
             return None
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         try:
-            if self._kind == "whole":
-                self._graphs[key] = StepGraph(self.step, len(ids), num_logits, self.device, self.kv.capacity,
-                                              self._pool, self.events)
-                self.num_replays += 1
-                return self._graphs[key].replay(ids, start)
             if key not in self._warm:  # a shape's first step runs eagerly: lazy initialisation stays out of capture
                 self._warm.add(key)
                 return None
             graph = PiecewiseGraph(self.step, ids, start, num_logits, self.model, self.device, self._pool)
         except RuntimeError:
-            log.exception("CUDA graph capture (%s) of %s at T=%d failed; this decoder runs eagerly", self._kind,
+            log.exception("CUDA graph capture (piecewise) of %s at T=%d failed; this decoder runs eagerly",
                           type(self.model).__name__, len(ids))
             self._kind = "none"
             return None
