@@ -21,7 +21,9 @@ for all, which is what makes comparisons fair. Under routing replay the runtime'
 
 from __future__ import annotations
 
+import gc
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -119,6 +121,10 @@ class Engine:
     def generate(self, prompt_ids: list[int], max_new_tokens: int, prompt_idx: int = 0) -> Generation:
         if not prompt_ids:
             raise ValueError("empty prompt")
+        with _collector_paused():
+            return self._generate(prompt_ids, max_new_tokens, prompt_idx)
+
+    def _generate(self, prompt_ids: list[int], max_new_tokens: int, prompt_idx: int) -> Generation:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + prompt_idx)
         self.runtime.collect()
         self.runtime.events.drain()
@@ -158,3 +164,18 @@ class Engine:
                                         t_step, **spec_fields))
         return Generation(seq[len(prompt_ids):], records, self.decode,
                           getattr(self.decoder, "capacity", None))
+
+
+@contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector off while one sequence decodes: a full collection of a large
+    interpreter heap can stall whichever step triggers it by hundreds of ms, which is not the method's
+    time. Reference counting still frees almost everything; cycles wait for the next
+    collection, after the sequence."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
