@@ -268,6 +268,7 @@ def _probe(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 _GROUP_IDS: dict[tuple[int, torch.device], torch.Tensor] = {}
+MAX_GROUPS = 1024  # torch's grouped GEMM takes at most this many groups per call
 
 
 def grouped_expert_mlp(x: torch.Tensor, top_k_index: torch.Tensor, storage: torch.Tensor, slot_of: torch.Tensor,
@@ -280,28 +281,44 @@ def grouped_expert_mlp(x: torch.Tensor, top_k_index: torch.Tensor, storage: torc
     are sorted by slot; group g of the grouped matmul is slot g (empty groups cost nothing). Few
     kernels on purpose: decode is bound by the host's launches."""
     num_tokens, top_k = top_k_index.shape
-    num_slots, numel = storage.shape
+    num_slots = storage.shape[0]
     h, i, num_experts = layout.hidden_size, layout.intermediate_size, layout.num_experts
-    mm = _grouped_mm_fn()
     if moe_gemv.supports(x, act_fn):
         route_slots = torch.where(top_k_index < num_experts, slot_of[top_k_index.clamp(max=num_experts - 1)], -1)  # [T, A]
         return moe_gemv.slot_mlp(x, route_slots.flatten(), top_k, storage, i).view(num_tokens, top_k, h)
     if slot_of.numel() == num_experts:
         slot_of = nn.functional.pad(slot_of, (0, 1))  # [E + 1]
+    sorted_slots, order = torch.sort(slot_of[top_k_index].flatten(), stable=True)  # [R] each
+    xs = x.expand(top_k, h).contiguous() if num_tokens == 1 else x[order // top_k]  # [R, H], routes in slot order
+    if num_slots <= MAX_GROUPS:
+        y = _grouped_rows(xs, sorted_slots, storage, layout, act_fn)  # [R, H]
+    else:  # a wide span of a large cache (eager paths only): one grouped GEMM per MAX_GROUPS slots
+        starts = list(range(0, num_slots, MAX_GROUPS))
+        cuts = torch.searchsorted(sorted_slots, torch.tensor(starts[1:], device=x.device)).tolist()  # host sync
+        bounds = [0, *cuts, sorted_slots.numel()]
+        y = torch.cat([_grouped_rows(xs[a:b], sorted_slots[a:b] - lo, storage[lo:lo + MAX_GROUPS], layout, act_fn)
+                       for lo, a, b in zip(starts, bounds, bounds[1:]) if b > a])  # [R, H]
+    ys = torch.empty_like(y)
+    ys[order] = y  # back to route order (t * A + a)
+    return ys.view(num_tokens, top_k, h) * (top_k_index < num_experts)[..., None]  # [T, A, H]
+
+
+def _grouped_rows(xs: torch.Tensor, sorted_slots: torch.Tensor, storage: torch.Tensor, layout: ExpertLayout,
+                  act_fn: nn.Module) -> torch.Tensor:
+    """[R, H]: rows xs [R, H] sorted by their slot (sorted_slots [R], in [0, S)) through their slot's
+    expert, as two grouped matmuls whose group g is slot g of storage [S, N] (S <= MAX_GROUPS)."""
+    num_slots, numel = storage.shape
+    h, i = layout.hidden_size, layout.intermediate_size
+    mm = _grouped_mm_fn()
     groups = _GROUP_IDS.get((num_slots, storage.device))
     if groups is None:
         groups = _GROUP_IDS[(num_slots, storage.device)] = torch.arange(num_slots, device=storage.device)  # [S]
-    sorted_slots, order = torch.sort(slot_of[top_k_index].flatten(), stable=True)  # [R] each
     offs = torch.searchsorted(sorted_slots, groups, right=True, out_int32=True)  # [S] cumulative route ends
     base = storage.storage_offset()
     gate_up_t = storage.as_strided((num_slots, h, 2 * i), (numel, 1, h), base)  # [S, H, 2I] = gate_up^T per slot
     down_t = storage.as_strided((num_slots, i, h), (numel, 1, i), base + 2 * i * h)  # [S, I, H] = down^T per slot
-    xs = x.expand(top_k, h).contiguous() if num_tokens == 1 else x[order // top_k]  # [R, H], routes in slot order
     gate, up = mm(xs, gate_up_t, offs=offs).chunk(2, dim=-1)  # [R, I] each
-    y = mm(act_fn(gate) * up, down_t, offs=offs)  # [R, H]
-    ys = torch.empty_like(y)
-    ys[order] = y  # back to route order (t * A + a)
-    return ys.view(num_tokens, top_k, h) * (top_k_index < num_experts)[..., None]  # [T, A, H]
+    return mm(act_fn(gate) * up, down_t, offs=offs)  # [R, H]
 
 
 def find_experts(model: nn.Module) -> dict[int, nn.Module]:

@@ -10,6 +10,7 @@ from torch import nn
 
 from conftest import tiny_run_config
 from spmoe.config import MethodConfig
+from spmoe.models import experts as experts_mod
 from spmoe.models.experts import ExpertLayout, OffloadedExperts, grouped_expert_mlp, grouped_supported
 from spmoe.offload.cache import ExpertCache
 from spmoe.offload.eviction import make_policy
@@ -41,6 +42,27 @@ def test_grouped_equals_per_expert_bitwise(num_tokens):
     grouped = grouped_expert_mlp(x, index, storage, slot_of, LAYOUT, experts.act_fn)
     assert torch.equal(grouped, experts._per_expert(x, index))
     assert torch.all(grouped[-1, 1] == 0) and grouped[-1, 0].abs().sum() > 0
+
+
+def test_grouped_over_more_slots_than_one_grouped_gemm_takes(monkeypatch):
+    """A layer's span in a large cache can exceed the 1024 groups CUDA's grouped GEMM takes: chunked,
+    same bits. The CPU kernel has no such limit, so the test plants it."""
+    real = experts_mod._grouped_mm_fn()
+
+    def limited(a, b, offs):
+        assert offs.numel() <= 1024, "Can't process more than 1024 groups"
+        return real(a, b, offs=offs)
+
+    monkeypatch.setattr(experts_mod, "_grouped_mm_fn", lambda: limited)
+    torch.manual_seed(0)
+    layout = ExpertLayout((0,), 6, 2, 8, 4, torch.float32)
+    storage = torch.randn(2100, layout.expert_numel)  # [S, N]
+    slot_of = torch.tensor([2099, 3, 1024, 1023, 2048, 700])  # [E]: slots in three chunks
+    x = torch.randn(5, 8)
+    index = torch.tensor([[0, 1], [2, 3], [4, 5], [0, 6], [3, 2]])  # [T, A]
+    experts = OffloadedExperts(0, layout, nn.SiLU(), SlotProvider(storage, slot_of))
+    grouped = grouped_expert_mlp(x, index, storage, slot_of, layout, experts.act_fn)
+    assert torch.equal(grouped, experts._per_expert(x, index))
 
 
 def test_resident_table_only_when_every_expert_is_resident():
