@@ -55,6 +55,29 @@ def test_one_slot_alone_equals_its_rows_in_a_layer_launch(kernel):
     assert torch.equal(alone, layer[[0, 3, 4, 7]])
 
 
+def test_presorted_routes_skip_the_sort_with_the_same_bits(kernel):
+    """One token's routes (distinct experts, a "no expert" among them) and one expert's rows are already
+    grouped by slot: `grouped=True` gives the sorted launch's bits."""
+    gen = torch.Generator().manual_seed(11)
+    storage = torch.randn(E, 3 * I * H, generator=gen) * 0.1
+    x = torch.randn(1, H, generator=gen)
+    one_token = torch.tensor([4, -1, 0, 2])
+    assert torch.equal(kernel.slot_mlp(x, one_token, 4, storage, I, grouped=True),
+                       kernel.slot_mlp(x, one_token, 4, storage, I))
+    rows = torch.randn(5, H, generator=gen)
+    one_expert = torch.full((5,), 3)
+    assert torch.equal(kernel.slot_mlp(rows, one_expert, 1, storage, I, grouped=True),
+                       kernel.slot_mlp(rows, one_expert, 1, storage, I))
+
+
+def test_combine_weights_routes_in_float32(kernel):
+    gen = torch.Generator().manual_seed(5)
+    ys = torch.randn(3, 6, H, generator=gen)  # [T, A, H]
+    weights = torch.rand(3, 6, generator=gen)  # [T, A]
+    want = (ys.double() * weights.double()[..., None]).sum(dim=1)
+    assert torch.allclose(kernel.combine(ys, weights).double(), want, rtol=1e-5, atol=1e-6)
+
+
 def test_experts_module_dispatches_decode_shapes_to_the_kernel(kernel, monkeypatch):
     """grouped_expert_mlp and slot_expert_mlp through the kernel (admitted on the CPU here) agree with
     torch's grouped GEMM and with each other, "no expert" sentinel routes included."""
@@ -72,6 +95,9 @@ def test_experts_module_dispatches_decode_shapes_to_the_kernel(kernel, monkeypat
     assert torch.equal(got[1, 1], torch.zeros(H))
     alone = experts_mod.slot_expert_mlp(x[[0, 1]], *layout.split(storage[1]), act)  # expert 3 -> slot 1
     assert torch.equal(alone, torch.stack([got[0, 1], got[1, 0]]))
+    weights = torch.rand(3, 2, generator=gen)
+    combined = experts_mod.combine_routes(got, weights, act)
+    assert torch.allclose(combined, (got * weights[..., None]).sum(dim=1), rtol=1e-5, atol=1e-6)
 
 
 def test_silu_is_recognised_in_torch_and_transformers_modules():

@@ -109,7 +109,7 @@ def slot_expert_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, 
         (two_i, h), numel = gate_up.shape, gate_up.numel() + down.numel()
         assert down.storage_offset() == gate_up.storage_offset() + two_i * h, "gate_up and down of one slot buffer"
         flat = gate_up.as_strided((1, numel), (numel, 1), gate_up.storage_offset())  # [1, N]: the slot
-        return moe_gemv.slot_mlp(x, _zero_slots(rows, x.device), 1, flat, two_i // 2)  # [M, H]
+        return moe_gemv.slot_mlp(x, _zero_slots(rows, x.device), 1, flat, two_i // 2, grouped=True)  # [M, H]
     offs = _ONE_GROUP.get((rows, x.device))
     if offs is None:
         offs = _ONE_GROUP[(rows, x.device)] = torch.tensor([rows], dtype=torch.int32, device=x.device)  # [1]
@@ -164,8 +164,7 @@ class OffloadedExperts(nn.Module):
             ys = grouped_expert_mlp(hidden_states, top_k_index, *table, self.layout, self.act_fn)  # [T, A, H]
         else:
             ys = self._per_expert(hidden_states, top_k_index)  # [T, A, H]
-        out = (ys.float() * top_k_weights.float()[..., None]).sum(dim=1)  # [T, H], fixed summation order
-        return out.to(hidden_states.dtype)
+        return combine_routes(ys, top_k_weights, self.act_fn)  # [T, H]
 
     def sync_free(self, device: torch.device) -> bool:
         """Whether `forward` on `device` runs without a device->host sync: the grouped path over the slot
@@ -221,6 +220,14 @@ def expert_by_expert(hidden_states: torch.Tensor, index_cpu: torch.Tensor, exper
             rows_d, pos_d = rows_all[start:end], pos_all[start:end]
             ys[rows_d, pos_d] = mlp(hidden_states[rows_d], gate_up, down, act_fn)
     return ys
+
+
+def combine_routes(ys: torch.Tensor, weights: torch.Tensor, act_fn: nn.Module) -> torch.Tensor:
+    """[T, H]: the routes' outputs ys [T, A, H] weighted by weights [T, A], summed in float32 in a fixed
+    order over A, in ys's dtype: one kernel where the expert kernels serve (`moe_gemv.combine`)."""
+    if moe_gemv.supports(ys[:, 0], act_fn):
+        return moe_gemv.combine(ys, weights)
+    return (ys.float() * weights.float()[..., None]).sum(dim=1).to(ys.dtype)  # [T, H], fixed summation order
 
 
 def _grouped_mm_fn():
@@ -285,7 +292,8 @@ def grouped_expert_mlp(x: torch.Tensor, top_k_index: torch.Tensor, storage: torc
     h, i, num_experts = layout.hidden_size, layout.intermediate_size, layout.num_experts
     if moe_gemv.supports(x, act_fn):
         route_slots = torch.where(top_k_index < num_experts, slot_of[top_k_index.clamp(max=num_experts - 1)], -1)  # [T, A]
-        return moe_gemv.slot_mlp(x, route_slots.flatten(), top_k, storage, i).view(num_tokens, top_k, h)
+        return moe_gemv.slot_mlp(x, route_slots.flatten(), top_k, storage, i,
+                                 grouped=num_tokens == 1).view(num_tokens, top_k, h)  # [T, A, H]
     if slot_of.numel() == num_experts:
         slot_of = nn.functional.pad(slot_of, (0, 1))  # [E + 1]
     sorted_slots, order = torch.sort(slot_of[top_k_index].flatten(), stable=True)  # [R] each

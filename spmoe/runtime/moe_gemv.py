@@ -67,15 +67,20 @@ def is_silu(act_fn: nn.Module) -> bool:
 
 
 def slot_mlp(x: torch.Tensor, route_slots: torch.Tensor, top_k: int, storage: torch.Tensor,
-             intermediate_size: int) -> torch.Tensor:
+             intermediate_size: int, grouped: bool = False) -> torch.Tensor:
     """Each route's expert output [R, H] in route order (route r = token r // top_k).
 
     x [T, H]; route_slots [R] the slot of each route (negative: no expert, a zero row); storage [S, N]
-    slot buffers, rows of one slot contiguous."""
+    slot buffers, rows of one slot contiguous. `grouped`: the caller guarantees that routes to one
+    slot are adjacent in route order (one token's routes, whose experts are distinct; one expert's
+    rows), so the sort is skipped."""
     num_routes, (num_tokens, hidden) = route_slots.numel(), x.shape
     assert num_tokens <= MAX_TOKENS and num_routes == num_tokens * top_k, (x.shape, route_slots.shape, top_k)
     assert storage.stride(1) == 1 and storage.shape[1] == 3 * intermediate_size * hidden, storage.shape
-    sorted_slots, order = torch.sort(route_slots, stable=True)  # [R] each: routes grouped by slot
+    if grouped:
+        sorted_slots, order = route_slots, _route_order(num_routes, x.device)  # [R] each
+    else:
+        sorted_slots, order = torch.sort(route_slots, stable=True)  # [R] each: routes grouped by slot
     x = x.contiguous()
     mid = torch.empty(num_routes, intermediate_size, dtype=x.dtype, device=x.device)  # [R, I] in sorted order
     out = torch.empty(num_routes, hidden, dtype=x.dtype, device=x.device)  # [R, H] in route order
@@ -87,6 +92,27 @@ def slot_mlp(x: torch.Tensor, route_slots: torch.Tensor, top_k: int, storage: to
         mid, sorted_slots, order, storage, out, num_routes, hidden, intermediate_size, storage.stride(0),
         BLOCK_M=BLOCK_M, BLOCK_N=bn_down, BLOCK_K=bk_down, num_warps=4, num_stages=3)
     return out
+
+
+def combine(ys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[T, H] in ys's dtype: sum over a of ys[t, a] * weights[t, a] in float32, added in order a = 0, 1, ...;
+    ys [T, A, H], weights [T, A]. One kernel for what is otherwise two casts, a product and a sum."""
+    num_tokens, top_k, hidden = ys.shape
+    ys, weights = ys.contiguous(), weights.contiguous()
+    out = torch.empty(num_tokens, hidden, dtype=ys.dtype, device=ys.device)
+    _combine_kernel[(triton.cdiv(hidden, 1024), num_tokens)](ys, weights, out, top_k, hidden, BLOCK_H=1024)
+    return out
+
+
+_ORDERS: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _route_order(num_routes: int, device: torch.device) -> torch.Tensor:
+    """[R] 0..R-1 on the device, cached (graphs may capture it)."""
+    order = _ORDERS.get((num_routes, device))
+    if order is None:
+        order = _ORDERS[(num_routes, device)] = torch.arange(num_routes, device=device)
+    return order
 
 
 def _blocks(hidden: int, intermediate: int) -> tuple[int, int, int, int]:
@@ -155,3 +181,15 @@ if triton is not None:
                 acc = tl.dot(hs, tl.trans(w), acc)
             pos = tl.load(order_ptr + rows, mask=valid, other=0)  # [BM] route positions
             tl.store(out_ptr + pos[:, None] * hidden + cols[None, :], acc.to(dtype), mask=valid[:, None] & col_ok[None, :])
+
+    @triton.jit
+    def _combine_kernel(ys_ptr, w_ptr, out_ptr, top_k, hidden, BLOCK_H: tl.constexpr):
+        pid_h, token = tl.program_id(0), tl.program_id(1)
+        cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+        ok = cols < hidden
+        acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+        for a in range(0, top_k):
+            w = tl.load(w_ptr + token * top_k + a).to(tl.float32)
+            y = tl.load(ys_ptr + (token * top_k + a) * hidden + cols, mask=ok, other=0.0).to(tl.float32)
+            acc += y * w
+        tl.store(out_ptr + token * hidden + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
