@@ -3,9 +3,10 @@ Decode-shape expert MLPs as two Triton kernels that stream each routed slot's we
 
 A decode or verify step routes few tokens (T <= `MAX_TOKENS`), so each expert's matmul has one to
 a few rows and is bound by reading its weights. `slot_mlp` computes every route's expert output
-straight from the cache's slot storage: routes are sorted by slot on the device, the first route
-of each slot (its group's leader) computes all of that slot's rows, reading the slot's weights
-once, and writes them at the routes' own positions. No host sync, so CUDA graphs capture it.
+straight from the cache's slot storage: routes are grouped by slot (sorted on the device unless
+already adjacent), the first route of each slot (its group's leader) computes all of that slot's
+rows, reading the slot's weights once, and writes them at the routes' own positions; `combine`
+then sums each token's routes with their weights. No host sync, so CUDA graphs capture both.
 
 Terms: T tokens, A experts per token, R = T * A routes, H hidden, I expert intermediate, S slots,
 N = 3 * I * H elements per slot (gate [I, H], up [I, H], then down [H, I], row-major).
