@@ -13,7 +13,9 @@ run in interleaved rounds (grouped loop loop grouped ...) after one warm-up gene
 also captures the piecewise graphs). Aten operators per step: one eager one-token decode forward
 after a prefill, counted by a TorchDispatchMode (`experiments.hf_anchor.ops_per_decode_step`), on
 the method's runtime (its evicting cache). With --floor, `gpu_resident[:decode]` without a budget
-is timed too and efficiency = TPOT / (H2D bytes per token / link + that TPOT). Writes
+is timed too and efficiency = TPOT / (H2D bytes per token / link + that TPOT). With --profile, one
+more `grouped` generation per method runs under cProfile after the timed rounds (so the timings are
+unprofiled) and `profile.md` gets the engine-owned host time (`experiments.host_profile`). Writes
 `layer_grouped.csv` (one row per case and round) and `table.md` under --out; prints the table last.
 A card's budget emulates a smaller card: reported as such.
 """
@@ -21,12 +23,15 @@ A card's budget emulates a smaller card: reported as such.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import logging
+import pstats
 import statistics
 from dataclasses import replace
 from pathlib import Path
 
 from experiments.hf_anchor import ops_per_decode_step
+from experiments.host_profile import report
 from experiments.presets import load_preset
 from spmoe.config import MethodConfig, RoutingConfig, RunConfig, SpecConfig
 from spmoe.methods import get_strategy
@@ -112,6 +117,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--link-gb-per-s", type=float, default=None, help="default: the card's paced PCIe")
+    ap.add_argument("--profile", action="store_true", help="cProfile one more grouped generation per method")
     ap.add_argument("--out", default="results/layer_grouped")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -129,6 +135,7 @@ def main() -> None:
     cases = {spec: method_case(spec, card, args.num_slots, not args.inline_prefetch) for spec in args.methods}
     session = open_session(cfg, [replace(cfg, method=m, hardware=hw) for m, hw in cases.values()])
     rows: list[dict] = []
+    profiles: list[str] = []
     try:
         floor_ms = None
         if args.floor:
@@ -161,6 +168,10 @@ def main() -> None:
             for row in rows:
                 if row["method"] == spec and row["case"] == "grouped":
                     row["same_tokens"] = row["_tokens"] == loop_tokens[row["round"]]
+            if args.profile:
+                prof = cProfile.Profile()
+                prof.runcall(generate, session, method, hw, args.tokens, args.prompts, args.k, True)
+                profiles.append(report(pstats.Stats(prof), args.tokens * args.prompts, f"{spec} grouped"))
     finally:
         session.close()
     for row in rows:
@@ -168,6 +179,9 @@ def main() -> None:
     keys = sorted({k for r in rows for k in r})
     (out / "layer_grouped.csv").write_text("\n".join([",".join(keys)] + [
         ",".join("" if r.get(k) is None else str(r[k]) for k in keys) for r in rows]) + "\n")
+    if profiles:
+        (out / "profile.md").write_text("\n\n".join(profiles) + "\n")
+        print("\n\n".join(profiles))
     text = table(rows, card)
     (out / "table.md").write_text(text + "\n")
     print(text)

@@ -11,7 +11,11 @@ its victims are its own), as in Mixtral-Offloading's per-layer caches and AdapMo
 per-layer caches; without it all layers share one pool.
 
 Invariants: no allocation after __init__; a key maps to at most one slot; counters count
-accesses made through `lookup`/`admit` only (`preload` does not count). Copy ordering (never
+accesses made through `lookup`/`admit` only (`preload` does not count); every resident key has been
+touched (`admit` touches it), so a policy with `victim_where` (LRU: the least recently touched
+evictable key, without listing the candidates) names the victim `victim` would name.
+Candidates are listed in residency order (the order keys got their slots), which breaks the ties of
+policies whose scores can tie. Copy ordering (never
 overwrite a slot a kernel may still read) is the transfer engine's job, not this class's.
 """
 
@@ -54,7 +58,7 @@ class ExpertCache:
                 self._free_of[layer] = list(range(start + n - 1, start - 1, -1))
                 self._pool_of_slot[start:start + n] = [layer] * n
                 start += n
-        self._pins: Counter[int] = Counter()
+        self._pins: list[int] = [0] * num_slots
         self._evictable_in: Counter[int | None] = Counter()  # pool -> resident, unpinned slots (O(1) can_admit)
         self.hits = 0
         self.misses = 0
@@ -93,7 +97,21 @@ class ExpertCache:
         return key[0]
 
     def _candidates(self, pool: int | None) -> list[ExpertKey]:
-        return [k for k, s in self._slot_of.items() if self._pins[s] == 0 and (pool is None or k[0] == pool)]
+        pins = self._pins
+        if pool is None:
+            return [k for k, s in self._slot_of.items() if not pins[s]]
+        return [k for k, s in self._slot_of.items() if not pins[s] and k[0] == pool]
+
+    def _victim(self, pool: int | None) -> ExpertKey | None:
+        """The policy's victim among the pool's evictable keys (None if there is none)."""
+        where = getattr(self.policy, "victim_where", None)
+        if where is not None:
+            pins, slot_of = self._pins, self._slot_of
+            if pool is None:
+                return where(lambda k: k in slot_of and not pins[slot_of[k]])
+            return where(lambda k: k[0] == pool and k in slot_of and not pins[slot_of[k]])
+        candidates = self._candidates(pool)
+        return self.policy.victim(candidates) if candidates else None
 
     def can_admit(self, key: ExpertKey | None = None) -> bool:
         """Whether `key` (any key, unpartitioned) could get a slot now (a free one, or an unpinned victim)."""
@@ -110,7 +128,7 @@ class ExpertCache:
         pool = self._pool(key)
         if needed_before is None or self._free_of[pool] or not self._evictable_in[pool]:
             return False
-        return needed_before(self.policy.victim(self._candidates(pool)), key)
+        return needed_before(self._victim(pool), key)
 
     def admit(self, key: ExpertKey, count_miss: bool = True) -> tuple[int, ExpertKey | None]:
         """Make room for a missing `key`: (its slot, the evicted key or None).
@@ -123,10 +141,9 @@ class ExpertCache:
         if self._free_of[pool]:
             slot = self._free_of[pool].pop()
         else:
-            candidates = self._candidates(pool)
-            if not candidates:
+            evicted = self._victim(pool)
+            if evicted is None:
                 raise NoEvictableSlot(f"all {self.num_slots} slots are pinned; cannot admit {key}")
-            evicted = self.policy.victim(candidates)
             slot = self._slot_of.pop(evicted)
             self.policy.on_evict(evicted)
             self.evictions += 1

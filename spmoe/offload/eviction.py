@@ -24,7 +24,10 @@ serves, and names a victim among the evictable resident keys. Terms:
 only expected_reuse distinguishes it (the other policies keep their measured behaviour). Only
 expected_reuse has `needed_before(resident, incoming)`, with which a prefetch that would evict a
 key needed sooner is dropped (`ExpertCache.would_evict_sooner_needed`).
-Invariant: `victim(candidates)` returns one of `candidates` and never mutates state.
+Invariant: `victim(candidates)` returns one of `candidates` and never mutates state. LRU also has
+`victim_where(evictable)`: the least recently touched key for which `evictable` holds (its keys are
+kept in touch order, so the scan stops at the first), the key `victim` names among the keys it has
+seen; a cache whose resident keys have all been touched uses it instead of listing candidates.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from __future__ import annotations
 import importlib
 
 from collections import Counter
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Protocol
 
 from spmoe.types import ExpertKey
 
@@ -46,10 +49,11 @@ class EvictionPolicy(Protocol):
 class LruPolicy:
     def __init__(self) -> None:
         self._clock = 0
-        self._last_use: dict[ExpertKey, int] = {}
+        self._last_use: dict[ExpertKey, int] = {}  # in touch order: oldest first
 
     def touch(self, key: ExpertKey, demand: bool = True) -> None:
         self._clock += 1
+        self._last_use.pop(key, None)
         self._last_use[key] = self._clock
 
     def on_evict(self, key: ExpertKey) -> None:
@@ -57,6 +61,10 @@ class LruPolicy:
 
     def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
         return min(candidates, key=lambda k: self._last_use.get(k, 0))
+
+    def victim_where(self, evictable: Callable[[ExpertKey], bool]) -> ExpertKey | None:
+        """The least recently touched key with `evictable(key)`, None if there is none."""
+        return next((k for k in self._last_use if evictable(k)), None)
 
 
 class LfuPolicy:
@@ -74,7 +82,8 @@ class LfuPolicy:
         pass  # counts are kept: frequency is a property of the expert, not of its residency
 
     def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
-        return min(candidates, key=lambda k: (self._count[k], self._last_use.get(k, 0)))
+        count, last_use = self._count, self._last_use
+        return min(candidates, key=lambda k: (count[k], last_use.get(k, 0)))
 
 
 class LayerDistancePolicy(LfuPolicy):
@@ -88,9 +97,8 @@ class LayerDistancePolicy(LfuPolicy):
         self._current = self._order.get(key[0], self._current)
 
     def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
-        n = len(self._order)
-        return max(candidates, key=lambda k: ((self._order[k[0]] - self._current - 1) % n,
-                                              -self._count[k], -self._last_use.get(k, 0)))
+        n, order, current, count, last_use = len(self._order), self._order, self._current, self._count, self._last_use
+        return max(candidates, key=lambda k: ((order[k[0]] - current - 1) % n, -count[k], -last_use.get(k, 0)))
 
 
 class ExpectedReusePolicy:

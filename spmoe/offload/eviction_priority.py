@@ -97,5 +97,18 @@ class PriorityPolicy:
         return self.topo(layer) * (self._global.get(key, 0) + 1) * seq
 
     def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
+        """The lowest (score, last touch); `score`'s arithmetic, with each layer's topo and row sum
+        computed once per call."""
         with self._lock:
-            return min(candidates, key=lambda k: (self.score(k), self._last_use.get(k, 0)))
+            per_layer: dict[int, tuple[float, int]] = {}  # layer -> (topo, S(x) + E)
+            seq_counts, global_counts, last_use = self._seq, self._global, self._last_use
+
+            def rank(key: ExpertKey) -> tuple[float, int]:
+                layer = key[0]
+                factors = per_layer.get(layer)
+                if factors is None:
+                    factors = per_layer[layer] = (self.topo(layer), self._seq_rows.get(layer, 0) + self.num_experts)
+                seq = (seq_counts.get(key, 0) + 1) / factors[1]
+                return factors[0] * (global_counts.get(key, 0) + 1) * seq, last_use.get(key, 0)
+
+            return min(candidates, key=rank)

@@ -1,0 +1,69 @@
+"""The host-side shortcuts of victim selection name the victims the plain rules name.
+
+LRU's `victim_where` (scan in touch order) against `min(candidates, key=last use)` over the listed
+candidates, on a global and a partitioned cache with pins held across admissions; MoE-Infinity's
+per-call layer factors against `score`."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from spmoe.offload.cache import ExpertCache
+from spmoe.offload.eviction import LruPolicy
+from spmoe.offload.eviction_priority import PriorityPolicy
+
+
+class ListedLru(LruPolicy):
+    """LRU without the shortcut: the cache lists candidates and calls `victim`."""
+
+    victim_where = None
+
+
+def _trace(policy, slots_per_layer=None, seed=0) -> list:
+    rng = random.Random(seed)
+    cache = ExpertCache(12, 1, torch.float32, "cpu", policy, slots_per_layer)
+    out, pinned = [], []
+    for _ in range(600):
+        key = (rng.randrange(3), rng.randrange(10))
+        slot = cache.lookup(key)
+        if slot is None and cache.can_admit(key):
+            slot, evicted = cache.admit(key)
+            out.append((key, slot, evicted))
+        if slot is not None and rng.random() < 0.3:
+            cache.pin(slot)
+            pinned.append(slot)
+        while pinned and (len(pinned) > 5 or rng.random() < 0.2):
+            cache.unpin(pinned.pop(rng.randrange(len(pinned))))
+    return out + [(cache.hits, cache.misses, cache.evictions)]
+
+
+def test_lru_victim_where_matches_listed_candidates():
+    for seed in range(3):
+        assert _trace(LruPolicy(), seed=seed) == _trace(ListedLru(), seed=seed)
+        assert _trace(LruPolicy(), {0: 4, 1: 4, 2: 4}, seed) == _trace(ListedLru(), {0: 4, 1: 4, 2: 4}, seed)
+    assert len(_trace(LruPolicy())) > 100  # evictions happened
+
+
+def test_lru_victim_where_skips_unevictable_and_reports_none():
+    p = LruPolicy()
+    for key in [(0, 0), (0, 1), (0, 2), (0, 0)]:
+        p.touch(key)
+    assert p.victim_where(lambda k: True) == (0, 1)
+    assert p.victim_where(lambda k: k != (0, 1)) == (0, 2)
+    assert p.victim_where(lambda k: False) is None
+
+
+def test_priority_victim_matches_score():
+    rng = random.Random(1)
+    p = PriorityPolicy([0, 1, 2], 8)
+    for step in range(200):
+        layer = rng.randrange(3)
+        p.set_layer(layer)
+        p.record(layer, [rng.randrange(8) for _ in range(2)])
+        p.touch((layer, rng.randrange(8)))
+        if step % 50 == 49:
+            p.new_sequence()
+        cands = rng.sample([(layer_, e) for layer_ in range(3) for e in range(8)], 10)
+        assert p.victim(cands) == min(cands, key=lambda k: (p.score(k), p._last_use.get(k, 0)))
