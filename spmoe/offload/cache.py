@@ -58,7 +58,7 @@ class ExpertCache:
                 self._free_of[layer] = list(range(start + n - 1, start - 1, -1))
                 self._pool_of_slot[start:start + n] = [layer] * n
                 start += n
-        self._pins: list[int] = [0] * num_slots
+        self._pins: dict[int, int] = dict.fromkeys(range(num_slots), 0)  # slot -> pins (every slot present)
         self._evictable_in: Counter[int | None] = Counter()  # pool -> resident, unpinned slots (O(1) can_admit)
         self.hits = 0
         self.misses = 0

@@ -24,8 +24,9 @@ path either way).
 
 Ordering invariants (as `spmoe.offload.provider.serve_in_order` keeps them per expert): before the
 grouped matmul is enqueued, the compute stream waits on every slot's ready event (device-side waits,
-the host does not block); after it, `release` records every slot's free event on the compute stream
-(copies into those slots wait on it) and drops the pins. The slot map is built on the host from the
+the host does not block); after it, `release` records one free event on the compute stream for all
+of the layer's slots (`TransferEngine.release_many`: copies into any of them wait on it) and then
+drops the pins, so no slot can be handed to a copy before its free event exists. The slot map is built on the host from the
 slots the provider chose and uploaded with one non-blocking copy from page-locked memory: no sync.
 """
 
@@ -58,8 +59,8 @@ class LayerSlots:
 
     def release(self) -> None:
         """The compute stream has enqueued its last read of every slot: free events, then unpin."""
+        self._transfer.release_many(self.slots)
         for slot in self.slots:
-            self._transfer.release(slot)
             self._unpin(slot)
         self.slots = []
 

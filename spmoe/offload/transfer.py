@@ -8,7 +8,10 @@ events:
   waits on it (`wait_ready`) before reading the slot. Never a device-wide synchronize.
 - `free[s]`, recorded on the compute stream after the last kernel that reads slot s
   (`release`); the copy stream waits on it before overwriting the slot, so a slot is never
-  overwritten while a kernel may still read it.
+  overwritten while a kernel may still read it. `release_many` records one event after the last
+  kernel that reads any of its slots (a layer's grouped matmul) and makes it every one of those
+  slots' `free` event: one record per layer instead of one per slot; a later `release` of one of
+  them records that slot's own event, so the others keep waiting on the shared one only.
 Timing uses extra events, harvested only once they have completed: copy time (for achieved
 bandwidth) and *stall* time (the compute stream blocked on an in-flight copy).
 On CPU, copies are synchronous; the whole copy is stall.
@@ -63,7 +66,8 @@ class TransferEngine:
             self.copy_stream = torch.cuda.Stream(device, priority=-1)  # on-demand: highest priority
             self.prefetch_stream = torch.cuda.Stream(device)
             self.ready = [torch.cuda.Event() for _ in range(num_slots)]
-            self.free = [torch.cuda.Event() for _ in range(num_slots)]
+            self._own_free = [torch.cuda.Event() for _ in range(num_slots)]
+            self.free = list(self._own_free)  # slot -> the event its next copy waits on
             self._freed = [False] * num_slots
 
     def load(self, slot: int, dst: torch.Tensor, src: torch.Tensor, prefetch: bool = False,
@@ -131,8 +135,19 @@ class TransferEngine:
     def release(self, slot: int) -> None:
         """The compute stream has enqueued its last read of slot `slot`."""
         if self.cuda:
-            self.free[slot].record(torch.cuda.current_stream(self.device))
+            event = self._own_free[slot]
+            event.record(torch.cuda.current_stream(self.device))
+            self.free[slot] = event
             self._freed[slot] = True
+
+    def release_many(self, slots: list[int]) -> None:
+        """The compute stream has enqueued its last read of every slot in `slots`: one shared free event."""
+        if self.cuda and slots:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            for slot in slots:
+                self.free[slot] = event
+                self._freed[slot] = True
 
     def collect(self) -> TransferStats:
         """Stats since the last collect; spans whose events have not completed stay pending."""
