@@ -53,7 +53,7 @@ from spmoe.offload.store import ExpertStore
 from spmoe.runtime import moe_gemv
 from spmoe.spec.drafter import ModelDrafter
 from spmoe.methods import STRATEGIES, get_strategy
-from spmoe.strategy import MethodContext
+from spmoe.strategy import DraftOffer, MethodContext
 from spmoe.trace.attach import attach_recorder, attach_replay
 from spmoe.summary import git_sha
 from spmoe.trace.replay import RouteReplay
@@ -146,15 +146,20 @@ class Session:
         workspace = dequant_workspace_bytes(self.target, *self._quant) if self.cfg.draft.copy_of_target else 0
         return self.draft_weight_bytes + workspace + kv_bytes(config, _max_seq(self.cfg, max_prompt), dtype_bytes)
 
-    def plan(self, hardware: HardwareConfig, method: str) -> MemoryPlan:
+    def plan(self, hardware: HardwareConfig, method: str, method_cfg: MethodConfig | None = None,
+             spec_cfg: SpecConfig | None = None) -> MemoryPlan:
+        """The run's memory plan; the draft counts when the run drafts (`drafts`). `method_cfg` / `spec_cfg`
+        (default: the session's when it names `method`, else the method's defaults) reach a method's
+        `accepts_draft`."""
         spec = get_strategy(method)
-        if spec.speculative and not self.has_draft:
+        drafts = self.drafts(hardware, self._method_cfg(method, method_cfg), spec_cfg)
+        if drafts and not self.has_draft:
             raise ValueError(f"method {method!r} uses speculative decoding and needs a draft model: pass"
                              f" draft=<name> (valid: {_draft_names()})")
         cfg = replace(self.cfg, hardware=hardware)
         plan = make_plan(cfg, self.hf_cfg, self.target.layout, self.target.non_expert_bytes,
                          max(len(p.token_ids) for p in self.prompts),
-                         draft_bytes=self.draft_bytes() if spec.speculative else 0)
+                         draft_bytes=self.draft_bytes() if drafts else 0)
         if not spec.offloads and plan.num_slots < plan.num_experts_total:
             raise BudgetError(
                 f"method {spec.name} keeps all {plan.num_experts_total} experts on the device"
@@ -163,6 +168,35 @@ class Session:
                 f" {sorted(s.name for s in STRATEGIES.values() if s.offloads)}")
         return plan
 
+    def _method_cfg(self, method: str, method_cfg: MethodConfig | None) -> MethodConfig:
+        if method_cfg is not None:
+            return method_cfg
+        return self.cfg.method if self.cfg.method.name == method else MethodConfig(name=method)
+
+    def drafts(self, hardware: HardwareConfig, method: MethodConfig, spec_cfg: SpecConfig | None = None) -> bool:
+        """Whether a run of `method` drafts: a speculative method that, if it has `accepts_draft`, accepts
+        the session's draft for this run (the hook sees the plans with and without the draft)."""
+        spec = get_strategy(method.name)
+        if not spec.speculative or spec.accepts_draft is None:
+            return spec.speculative
+        return spec.accepts_draft(self.draft_offer(hardware, method, spec_cfg))
+
+    def draft_offer(self, hardware: HardwareConfig, method: MethodConfig, spec_cfg: SpecConfig | None = None) -> DraftOffer:
+        """The run's config with the plans with and without the draft (as `plan` would make them)."""
+        cfg = replace(self.cfg, hardware=hardware, method=method, spec=spec_cfg or self.cfg.spec)
+        max_prompt = max(len(p.token_ids) for p in self.prompts)
+        args = (replace(self.cfg, hardware=hardware), self.hf_cfg, self.target.layout, self.target.non_expert_bytes,
+                max_prompt)
+        without = make_plan(*args)
+        with_draft = None
+        if self.has_draft:
+            try:
+                with_draft = make_plan(*args, draft_bytes=self.draft_bytes())
+            except BudgetError:
+                with_draft = None
+        return DraftOffer(cfg, self.target, self.draft, self.draft_weight_bytes if self.has_draft else 0,
+                          with_draft, without, self.routing_trace)
+
     def generate(self, method: MethodConfig, hardware: HardwareConfig, max_new_tokens: int,
                  num_prompts: int | None = None, spec_cfg: SpecConfig | None = None,
                  on_prompt: Callable[[int], None] | None = None,
@@ -170,11 +204,13 @@ class Session:
         """Run one method over the prompts: (generations, memory plan, peak device bytes).
         `on_prompt(num_tokens)` is called after each prompt (progress bars)."""
         spec = get_strategy(method.name)
-        plan = self.plan(hardware, method.name)
+        plan = self.plan(hardware, method.name, method, spec_cfg)
+        drafts = self.drafts(hardware, method, spec_cfg)
         cfg = replace(self.cfg, method=method, hardware=hardware, max_new_tokens=max_new_tokens,
                       spec=spec_cfg or self.cfg.spec)
-        ctx = MethodContext(cfg, self.target, self.device, plan, self.draft if spec.speculative else None,
-                            self.routing_trace)
+        offer = self.draft_offer(hardware, method, spec_cfg) if spec.accepts_draft is not None else None
+        ctx = MethodContext(cfg, self.target, self.device, plan, self.draft if drafts else None,
+                            self.routing_trace, offer)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -185,12 +221,12 @@ class Session:
         try:
             replay = recorder = None
             if self.routing_trace is not None:
-                replay = attach_replay(runtime, self.routing_trace, self.target.layout, spec.speculative,
+                replay = attach_replay(runtime, self.routing_trace, self.target.layout, drafts,
                                        cfg.spec.num_draft_tokens)
             if cfg.trace.routing:
                 recorder = attach_recorder(runtime, self.target.layout, cfg.trace.lookahead_depth)
             drafter = None
-            if spec.speculative:
+            if drafts:
                 drafter = ModelDrafter(self.draft, self.device, cfg.spec.temperature, cfg.spec.top_p,
                                        cfg.hardware.decode)
             engine = Engine(runtime, self.device, drafter, cfg.spec, cfg.seed, cfg.hardware.decode)
@@ -207,10 +243,10 @@ class Session:
             self.last_extra = runtime.extra_summary() if runtime.extra_summary else {}
             self.last_extra.update(replay.summary() if replay else {"routing": "model"})
             self.last_routing = None if recorder is None else recorder.to_trace(
-                [p.token_ids for p in self.prompts], gens, self._trace_meta(cfg, spec.speculative))
+                [p.token_ids for p in self.prompts], gens, self._trace_meta(cfg, drafts))
             peak = None
             if self.device.type == "cuda":
-                resident = self.target.non_expert_bytes + (self.draft_weight_bytes if spec.speculative else 0)
+                resident = self.target.non_expert_bytes + (self.draft_weight_bytes if drafts else 0)
                 peak = torch.cuda.max_memory_allocated(self.device) - allocated_at_start + resident
         finally:
             runtime.close()
@@ -318,7 +354,7 @@ def open_session(cfg: RunConfig, cases: Sequence[RunConfig] = (),
             session.draft = AutoModelForCausalLM.from_config(draft_cfg, dtype=parse_dtype(cfg.draft.dtype))  # sizes only
     for i, case in enumerate((cfg, *cases)):
         try:
-            plan = session.plan(case.hardware, case.method.name)
+            plan = session.plan(case.hardware, case.method.name, case.method, case.spec)
         except BudgetError as exc:
             if budget_errors is None:
                 raise

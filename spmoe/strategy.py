@@ -7,6 +7,10 @@ served, and the components the engine reads stats from. Every method goes throug
 `Engine`; none forks the loop, the timers or the trace. Methods register themselves with
 `@register_strategy(name, offloads=..., description=...)`: the project's own in `spmoe/methods/`,
 the re-implemented baselines in `baselines/`; importing `spmoe.methods` registers both.
+A speculative method may decline the session's draft for one run (`accepts_draft`, consulted by
+the session whenever it plans that run, with a `DraftOffer`); a declined run is planned, built and
+decoded as a method without SD (no draft bytes in its plan, `MethodContext.draft` None, one token
+per step), so it must answer the same for the same offer. Methods without the hook always draft.
 This module imports no method (no import cycle).
 """
 
@@ -33,6 +37,23 @@ class MethodContext:
     plan: MemoryPlan
     draft: nn.Module | None = None  # the session's draft model (SD methods)
     routing_trace: object = None  # routing=replay: the loaded RoutingTrace (spmoe.trace.routing)
+    draft_offer: DraftOffer | None = None  # speculative methods with `accepts_draft`: what they were offered
+
+
+@dataclass
+class DraftOffer:
+    """What a speculative method with `accepts_draft` is shown when the session plans its run.
+
+    `with_draft` is None when the session has no draft or the budget cannot hold it; `draft` may
+    be on `meta` (the session plans before it loads weights): read its shapes only."""
+
+    cfg: RunConfig  # the run's config (its method, hardware and spec)
+    target: "TargetModel"  # noqa: F821  (layout, non_expert_bytes; the store may not exist yet)
+    draft: nn.Module | None
+    draft_weight_bytes: int
+    with_draft: MemoryPlan | None
+    without_draft: MemoryPlan
+    routing_trace: object = None  # routing=replay: the trace (its acceptance is measured)
 
 
 class StepListener(Protocol):
@@ -84,16 +105,21 @@ class StrategySpec:
     offloads: bool  # False: every expert must fit on the device
     speculative: bool  # drafts with the run's draft model (same draft and k for every SD method)
     description: str
+    accepts_draft: Callable[[DraftOffer], bool] | None = None  # speculative only: False declines the draft for a run
 
 
 STRATEGIES: dict[str, StrategySpec] = {}
 
 
-def register_strategy(name: str, offloads: bool, description: str, speculative: bool = False):
+def register_strategy(name: str, offloads: bool, description: str, speculative: bool = False,
+                      accepts_draft: Callable[[DraftOffer], bool] | None = None):
+    if accepts_draft is not None and not speculative:
+        raise ValueError(f"strategy {name!r}: accepts_draft is for speculative methods")
+
     def deco(build: Callable[[MethodContext], Runtime]):
         if name in STRATEGIES:
             raise ValueError(f"strategy {name!r} registered twice")
-        STRATEGIES[name] = StrategySpec(name, build, offloads, speculative, description)
+        STRATEGIES[name] = StrategySpec(name, build, offloads, speculative, description, accepts_draft)
         return build
 
     return deco
