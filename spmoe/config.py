@@ -110,19 +110,24 @@ class CutoffConfig:
     reprofile: bool = False  # measure the profile again even when a cached one matches its key
 
 
+DRAFT_PRECISIONS = ("none", "bf16", "int8", "int4", "auto")  # method.plus.draft_precision
+
+
 @dataclass
 class PlusConfig:
     """spmoe_plus's parts (`spmoe.methods.spmoe_plus`), each switchable so its gain is measured alone.
 
-    Draft precision: bf16 keeps the session's draft; int8 / int4 quantize its linear weights
-    (weight-only) for the run, and the bytes saved become expert slots; auto picks the cheapest whose
-    greedy agreement with the unquantized draft on seeded calibration sequences is at least
-    `draft_min_agreement`. Host compute: off | auto (per missing expert, host vs copy from the cost
-    model) | all (every missing expert on the host). Adaptive k: choose k per step in
+    Draft precision: none runs without SD (the draft's memory goes to expert slots); bf16 keeps the
+    session's draft; int8 / int4 quantize its linear weights (weight-only) for the run, and the bytes
+    saved become expert slots; auto picks among none and the draft's precisions by the latency model
+    of `spmoe.plus.draft_choice` (inputs: the memory plans, acceptance, the link, `choice_*`), and a
+    quantized pick must reach `draft_min_agreement` greedy agreement with the unquantized draft on
+    seeded calibration sequences. Host compute: off | auto (per missing expert, host vs copy from the
+    cost model) | all (every missing expert on the host). Adaptive k: choose k per step in
     [k_min, spec.num_draft_tokens]. Lossy misses (off by default, labelled lossless=false): demand
     misses past the cutoff copy an int8 / int4 weight-only copy of the expert, dequantized on the device."""
 
-    draft_precision: str = "int8"  # bf16 | int8 | int4 | auto
+    draft_precision: str = "int8"  # none | bf16 | int8 | int4 | auto
     draft_min_agreement: float = 0.95  # auto: calibration agreement a quantized draft needs
     draft_group_size: int = 128  # int4: input columns per scale
     host_compute: str = "auto"  # off | auto | all
@@ -130,17 +135,25 @@ class PlusConfig:
     host_max_per_layer: int | None = None  # cap on experts computed on the host per layer forward
     adaptive_k: bool = False  # union-aware draft length per step (off: spec.num_draft_tokens every step)
     k_min: int = 0  # adaptive_k: the smallest k it may choose
-    accept_prior: float = 0.8  # adaptive_k: acceptance assumed before any step is measured
+    accept_prior: float = 0.8  # acceptance per draft token where none is measured (adaptive_k, draft choice)
     lossy_misses: str = "off"  # off | int8 | int4: demand misses past the cutoff load a quantized copy (lossless=false)
     lossy_group_size: int = 128  # lossy_misses=int4: input columns per scale and offset
+    choice_link_gb_per_s: float = 25.0  # draft choice: the link when the card names none (hardware.pcie_gb_per_s)
+    choice_device_gb_per_s: float = 2000.0  # draft choice: device memory bandwidth a forward reads weights at
+    choice_layer_ms: float = 0.5  # draft choice: host overhead per decoder layer forward (launches, route sync)
 
     def __post_init__(self) -> None:
         if self.lossy_misses not in ("off", "int8", "int4"):
             raise ValueError(f"method.plus.lossy_misses={self.lossy_misses!r}; valid: off, int8, int4")
-        if self.draft_precision not in ("bf16", "int8", "int4", "auto"):
-            raise ValueError(f"method.plus.draft_precision={self.draft_precision!r}; valid: bf16, int8, int4, auto")
+        if self.draft_precision not in DRAFT_PRECISIONS:
+            raise ValueError(f"method.plus.draft_precision={self.draft_precision!r}; valid: {', '.join(DRAFT_PRECISIONS)}")
         if self.host_compute not in ("off", "auto", "all"):
             raise ValueError(f"method.plus.host_compute={self.host_compute!r}; valid: off, auto, all")
+        for name in ("choice_link_gb_per_s", "choice_device_gb_per_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"method.plus.{name}={getattr(self, name)!r}; must be > 0")
+        if not self.choice_layer_ms >= 0:
+            raise ValueError(f"method.plus.choice_layer_ms={self.choice_layer_ms!r}; must be >= 0")
 
 
 @dataclass

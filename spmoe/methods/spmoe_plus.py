@@ -1,9 +1,11 @@
 """
 spmoe_plus: SP-MoE's predictor, cutoff and pipelined prefetch (`spmoe.methods.spmoe`), plus four
 parts, each a `method.plus.*` switch (`spmoe.config.PlusConfig`) so its gain is measured alone:
-1. memory-aware draft (`spmoe.plus.draft_precision`): the draft runs int8 / int4 weight-only (or
-   bf16; `auto` picks the cheapest whose calibration agreement with the bf16 draft is high enough),
-   and the bytes saved become expert slots on top of the memory plan's;
+1. memory-aware draft (`spmoe.plus.draft_precision`, `spmoe.plus.draft_choice`): no draft at all
+   (`none`), or the draft in bf16 or int8 / int4 weight-only, the bytes saved becoming expert slots on
+   top of the memory plan's; `auto` picks among them by a latency model from the memory plans,
+   acceptance and the link, before the session plans the run (`StrategySpec.accepts_draft`), and a
+   quantized pick must pass calibration agreement with the bf16 draft;
 2. CPU-assisted experts (`spmoe.plus.host_experts`): missing experts of a layer are computed on
    the host while others stream in, per expert from a measured cost model;
 3. eviction toward Belady under prefetch (`method.eviction=sd_lookahead`,
@@ -18,10 +20,17 @@ The cutoff's auto profile is measured with the full-precision draft swapped back
 scales verify time by the draft's parameter counts, which quantized sites do not have), so t_d is the
 bf16 draft's; the profile is keyed on the quantized draft's name and reused by `spmoe`'s build.
 Slots = the plan's + saved draft bytes // expert bytes (at most every expert) - lossy staging slots.
+Without a draft (`none`, or auto's pick) the run is a no-SD offloader: the session plans it without
+the draft and decodes one token per step; experts load on demand (no draft, so no predictor and no
+prefetch); eviction is `method.eviction` (the default sd_lookahead then receives no predictions and is
+expected reuse over its discounted window, the best draft-free online policy of
+results/spmoe_plus/eviction_sim); host experts and lossy misses (every MoE layer is then past the
+cutoff) work as with SD; adaptive k is off.
 Lossless: the draft only proposes (any precision); host experts compute the same function (CPU
 float32 bit-identical; on CUDA within bf16 rounding of host vs GPU accumulation); eviction and k
 change what is moved and when, never what is computed. Lossy misses are the one exception (labelled).
-Extra summary keys: draft_precision, draft_saved_bytes, extra_slots, draft_agreement, host_* (host
+Extra summary keys: draft_choice, draft_choice_predicted_ms (and draft_choice_*: the model's inputs),
+draft_precision, draft_saved_bytes, extra_slots, draft_agreement, host_* (host
 vs GPU expert split and times), host_cost_* (profiled), host_ms_in_run / host_start_ms (the planner's in-run
 cost), chosen_k_mean / chosen_k_counts (the per-step k is the trace's num_drafted), lossy_* (part 5).
 """
@@ -37,8 +46,18 @@ from dataclasses import replace
 import torch
 
 from spmoe.methods import spmoe as base
+from spmoe.offload.assemble import prefetch_runtime
+from spmoe.offload.budget import MemoryPlan
+from spmoe.offload.eviction import make_policy
 from spmoe.offload.eviction_lookahead import PredictionSink, SdLookaheadPolicy
 from spmoe.offload.prefetch import PrefetchProvider
+from spmoe.plus.draft_choice import (
+    NONE,
+    DraftChoice,
+    accepts_draft,
+    decide,
+    ranked_precisions,
+)
 from spmoe.plus.draft_precision import DraftPrecision, choose_precision, quantize_draft
 from spmoe.plus.host_experts import (
     HostPlanner,
@@ -60,16 +79,17 @@ from spmoe.strategy import MethodContext, Runtime, register_strategy
 log = logging.getLogger(__name__)
 
 
-def _apply_draft_precision(ctx: MethodContext) -> DraftPrecision:
+def _apply_draft_precision(ctx: MethodContext, choice: DraftChoice | None) -> DraftPrecision:
     pcfg = ctx.cfg.method.plus
     if ctx.cfg.draft.copy_of_target:  # already a quantized copy of the target: its precision is the draft preset's
         return DraftPrecision("as_configured")
     if pcfg.draft_precision != "auto":
         return quantize_draft(ctx.draft, pcfg.draft_precision, pcfg.draft_group_size)
+    order = tuple(ranked_precisions(choice)) if choice is not None else ("int4", "int8")
     vocab = ctx.draft.config.vocab_size
     gen = torch.Generator().manual_seed(ctx.cfg.seed + 34567)  # never the evaluation prompts
     seeds = torch.randint(3, vocab, (4, 4), generator=gen).to(ctx.device)  # [B, T0]
-    return choose_precision(ctx.draft, pcfg.draft_min_agreement, pcfg.draft_group_size, seeds)
+    return choose_precision(ctx.draft, pcfg.draft_min_agreement, pcfg.draft_group_size, seeds, order=order)
 
 
 def _copy_ms(runtime: Runtime, ctx: MethodContext, warmup: int = 2, reps: int = 7) -> float:
@@ -116,10 +136,11 @@ def _lossy_summary(ctx: MethodContext, lossy: LossyMissTransfer | None, staging:
 
 
 def _summary(precision: DraftPrecision, extra_slots: int, stats: HostStats, planner: HostPlanner | None,
-             chooser: KChooser | None, lossy: dict, inner) -> dict:
+             chooser: KChooser | None, lossy: dict, inner, choice: DraftChoice | None) -> dict:
     total = stats.num_host_experts + stats.num_gpu_experts
     cost, times = (planner.cost, planner.times) if planner else (None, None)
     out = dict(inner() if inner else {})
+    out.update(choice.summary() if choice is not None else {"draft_choice": None})
     out.update({
         "draft_precision": precision.precision, "draft_saved_bytes": precision.saved_bytes,
         "draft_agreement": precision.agreement, "draft_agreement_tried": precision.tried or None,
@@ -134,30 +155,38 @@ def _summary(precision: DraftPrecision, extra_slots: int, stats: HostStats, plan
         "host_start_ms": times.start_ms if times else None,
         **lossy,
     })
+    if precision.precision == NONE:  # the run drafted nothing: no draft, k or predictor knobs apply
+        out.update({"draft": None, "num_draft_tokens": None, "draft_dtype": None, "draft_quant_bits": None,
+                    "capture_point": None, "predict_top_k": None})
     if chooser is not None and chooser.chosen:
         out["chosen_k_mean"] = sum(chooser.chosen) / len(chooser.chosen)
         out["chosen_k_counts"] = dict(sorted(Counter(chooser.chosen).items()))
     return out
 
 
-@register_strategy("spmoe_plus", offloads=True, speculative=True,
-                   description="SP-MoE + quantized draft + CPU-assisted experts + SD-informed eviction + adaptive k")
-def build(ctx: MethodContext) -> Runtime:
-    mcfg, pcfg, layout = ctx.cfg.method, ctx.cfg.method.plus, ctx.target.layout
-    precision = _apply_draft_precision(ctx)
+def _slots(ctx: MethodContext, staging: int, gained: int = 0) -> tuple[MemoryPlan, int]:
+    """(the plan with the run's slots: plan's + gained - staging, every expert at most; the slots the
+    cache gets, under method.num_slots)."""
+    plan = ctx.plan
+    slots = min(plan.num_experts_total, plan.num_slots + gained) - staging
+    if slots < 1:
+        raise ValueError(f"lossy misses' staging buffer takes {staging} slot(s) of the {slots + staging} the budget leaves")
+    plan = replace(plan, num_slots=slots)
+    cap = ctx.cfg.method.num_slots
+    return plan, plan.num_slots if cap is None else min(plan.num_slots, cap)
+
+
+def _build_sd(ctx: MethodContext, choice: DraftChoice | None, staging: int) -> tuple[Runtime, DraftPrecision, int]:
+    """SP-MoE on the (quantized) draft, with the saved bytes as slots and sd_lookahead's hints."""
+    mcfg, layout = ctx.cfg.method, ctx.target.layout
+    precision = _apply_draft_precision(ctx, choice)
     try:
-        gained = precision.saved_bytes // layout.expert_bytes
-        staging = 0 if pcfg.lossy_misses == "off" else staging_slots(layout, pcfg.lossy_misses, pcfg.lossy_group_size)
-        slots = min(ctx.plan.num_experts_total, ctx.plan.num_slots + gained) - staging
-        if slots < 1:
-            raise ValueError(f"lossy misses' staging buffer takes {staging} slot(s) of the {slots + staging} the budget leaves")
-        plan = replace(ctx.plan, num_slots=slots)
+        plan, slots = _slots(ctx, staging, precision.saved_bytes // layout.expert_bytes)
         cfg = ctx.cfg
         if precision.precision not in ("bf16", "as_configured"):  # profiles and maps are keyed on the draft
             cfg = replace(cfg, draft=replace(cfg.draft, name=f"{cfg.draft.name}-{precision.precision}"))
         sub = replace(ctx, cfg=cfg, plan=plan)
         if precision.quantized and mcfg.cutoff.mode == "auto":  # measured now, reused by base.build (same key)
-            slots = plan.num_slots if mcfg.num_slots is None else min(plan.num_slots, mcfg.num_slots)
             with precision.full_precision():  # the profiler scales t_v by parameter counts (quantized sites have none)
                 maps = None if is_twin(ctx.draft, ctx.target.model) else base._hidden_maps(sub, slots)
                 base.profile_record(sub, slots, maps)
@@ -168,19 +197,51 @@ def build(ctx: MethodContext) -> Runtime:
     runtime.closers.insert(0, precision.restore)  # closers run last-added first: the draft comes back last
     try:
         provider = next(l for l in runtime.listeners if isinstance(l, PrefetchProvider))
-        base_slots = ctx.plan.num_slots if mcfg.num_slots is None else min(ctx.plan.num_slots, mcfg.num_slots)
-        unstaged = plan.num_slots + staging if mcfg.num_slots is None else min(plan.num_slots + staging, mcfg.num_slots)
-        extra_slots = unstaged - base_slots  # what the draft's saved bytes added (0 under a num_slots cap)
         if isinstance(provider.cache.policy, SdLookaheadPolicy):
             _lookahead_hints(sub, runtime, provider.cache.policy, runtime.cutoff_layer, provider.cache.num_slots)
+    except BaseException:  # the session only closes runtimes that were returned
+        runtime.close()
+        raise
+    return runtime, precision, plan.num_slots + staging
+
+
+def _build_nosd(ctx: MethodContext, staging: int) -> tuple[Runtime, DraftPrecision, int]:
+    """No draft: experts on demand through the prefetch provider (no predictor), `method.eviction`."""
+    plan, slots = _slots(ctx, staging)
+    runtime, _ = prefetch_runtime(ctx, make_policy(ctx.cfg.method.eviction, ctx.target.layout.moe_layers), slots)
+    runtime.cutoff_layer = -1  # nothing is prefetched: every MoE layer is past the cutoff
+    runtime.extra_summary = lambda: {"cutoff_mode": None, "cutoff_layer": None}
+    return runtime, DraftPrecision(NONE), plan.num_slots + staging
+
+
+@register_strategy("spmoe_plus", offloads=True, speculative=True, accepts_draft=accepts_draft,
+                   description="SP-MoE + quantized draft (or none) + CPU-assisted experts + SD-informed eviction"
+                               " + adaptive k")
+def build(ctx: MethodContext) -> Runtime:
+    mcfg, pcfg, layout = ctx.cfg.method, ctx.cfg.method.plus, ctx.target.layout
+    choice = decide(ctx.draft_offer) if ctx.draft_offer is not None else None
+    staging = 0 if pcfg.lossy_misses == "off" else staging_slots(layout, pcfg.lossy_misses, pcfg.lossy_group_size)
+    if ctx.draft is None:
+        runtime, precision, unstaged_total = _build_nosd(ctx, staging)
+    else:
+        runtime, precision, unstaged_total = _build_sd(ctx, choice, staging)
+    try:
+        provider = next(l for l in runtime.listeners if isinstance(l, PrefetchProvider))
+        unstaged = unstaged_total if mcfg.num_slots is None else min(unstaged_total, mcfg.num_slots)
+        reference = ctx.plan.num_slots  # the plan the session made: with the draft when it drafts
+        if ctx.draft is None and ctx.draft_offer is not None and ctx.draft_offer.with_draft is not None:
+            reference = ctx.draft_offer.with_draft.num_slots  # none: what the draft would have left
+        reference = reference if mcfg.num_slots is None else min(reference, mcfg.num_slots)
+        extra_slots = unstaged - reference  # what the draft's saved (or unused) bytes added (0 under a num_slots cap)
         lossy = None
         if pcfg.lossy_misses != "off":
             lossy = install_lossy_misses(provider, ctx.target.store, list(layout.moe_layers[runtime.cutoff_layer + 1:]),
                                          pcfg.lossy_misses, pcfg.lossy_group_size, ctx.device,
                                          ctx.cfg.hardware.host_memory_gib)
             runtime.closers.append(lossy.close)
+        adaptive_k = pcfg.adaptive_k and ctx.draft is not None
         stats, cost, chooser, planner = HostStats(), None, None, None
-        if pcfg.host_compute != "off" or pcfg.adaptive_k:
+        if pcfg.host_compute != "off" or adaptive_k:
             copy_ms = _copy_ms(runtime, ctx)
             act_fn = runtime.model.model.layers[layout.moe_layers[0]].mlp.experts.act_fn
             pool = host_pool(pcfg.host_threads)
@@ -190,7 +251,7 @@ def build(ctx: MethodContext) -> Runtime:
                 log.info("spmoe_plus host cost: %s", cost)
             planner = HostPlanner(provider, pcfg.host_compute, cost, pcfg.host_max_per_layer,
                                   copy_fraction=lossy.copy_fraction if lossy is not None else None)
-            if pcfg.adaptive_k:
+            if adaptive_k:
                 miss_ms = min(copy_ms, cost.host_ms(2)) if cost else copy_ms
                 chooser = KChooser(pcfg.k_min, len(layout.moe_layers), layout.num_experts, layout.top_k, miss_ms,
                                    pcfg.accept_prior)
@@ -200,10 +261,10 @@ def build(ctx: MethodContext) -> Runtime:
                                  chooser.on_layer if chooser else None)
         runtime.extra_summary = lambda inner=runtime.extra_summary: _summary(
             precision, extra_slots, stats, planner, chooser, _lossy_summary(ctx, lossy, staging, runtime.cutoff_layer),
-            inner)
+            inner, choice)
         log.info("spmoe_plus: draft %s (+%d slots = %d), host compute %s, eviction %s, adaptive k %s, lossy misses %s",
                  precision.precision, extra_slots, provider.cache.num_slots, pcfg.host_compute, mcfg.eviction,
-                 pcfg.adaptive_k, pcfg.lossy_misses)
+                 adaptive_k, pcfg.lossy_misses)
     except BaseException:  # the session only closes runtimes that were returned
         runtime.close()
         raise

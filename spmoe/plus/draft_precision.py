@@ -15,6 +15,8 @@ allocated by the method while it builds, so the session counts them in the run's
 and not a second time as resident draft weights. The full-precision site modules are detached
 from the model for the run (on an emulated budget they stand for weights a real card would not
 hold; they stay on the device so that restoring is free) and put back by `restore`.
+`estimate_precision` gives the same byte counts from shapes alone (a `meta` draft), for the draft
+choice (`spmoe.plus.draft_choice`), which runs before the session loads weights.
 Lossless: the draft only proposes; the target verifies, so outputs do not depend on precision.
 `agreement` (greedy next-token agreement of the quantized and full-precision draft on the
 full-precision draft's own greedy continuations of seeded random starts) estimates what quantization
@@ -115,6 +117,33 @@ class DraftPrecision:
                 setattr(parent, name, q)
 
 
+def _quantized_site_bytes(linear: nn.Linear, bits: int, group_size: int) -> tuple[int, int, int]:
+    """(full-precision weight bytes, quantized bytes, dequant transient bytes) of one site, from shapes only."""
+    o, i, dsize = linear.out_features, linear.in_features, linear.weight.element_size()
+    bias = 0 if linear.bias is None else linear.bias.numel() * linear.bias.element_size()
+    if bits == 8:
+        return o * i * dsize, o * i + o * dsize + bias, o * i * dsize
+    num_groups, g = int4.group_shape(i, group_size)
+    padded = o * num_groups * g
+    return o * i * dsize, int4.int4_bytes(o, i, group_size, dsize) + bias, padded * dsize + padded // 2
+
+
+def estimate_precision(draft: nn.Module, precision: str, group_size: int = 128) -> DraftPrecision:
+    """The byte counts `quantize_draft` would give, from shapes only (works on a `meta` draft); swaps nothing."""
+    if precision == "bf16":
+        return DraftPrecision("bf16")
+    if precision not in BITS:
+        raise ValueError(f"draft precision {precision!r}; valid: bf16, {', '.join(BITS)}")
+    shared = {id(m.weight) for m in draft.modules() if isinstance(m, nn.Embedding)}
+    out = DraftPrecision(precision)
+    for _, _, linear in _sites(draft, shared):
+        site, quantized, transient = _quantized_site_bytes(linear, BITS[precision], group_size)
+        out.site_bytes += site
+        out.quantized_bytes += quantized
+        out.workspace_bytes = max(out.workspace_bytes, transient)
+    return out
+
+
 @torch.no_grad()
 def quantize_draft(draft: nn.Module, precision: str, group_size: int = 128) -> DraftPrecision:
     """Swap the draft's sites for `precision` (bf16: nothing) quantized ones, in place."""
@@ -131,9 +160,7 @@ def quantize_draft(draft: nn.Module, precision: str, group_size: int = 128) -> D
             q = QuantLinear(linear, bits, group_size)
             out.site_bytes += linear.weight.numel() * linear.weight.element_size()
             out.quantized_bytes += q.nbytes
-            num_groups, g = int4.group_shape(linear.in_features, group_size)
-            padded = linear.out_features * (linear.in_features if bits == 8 else num_groups * g)
-            largest = max(largest, padded * linear.weight.element_size() + (padded // 2 if bits == 4 else 0))
+            largest = max(largest, _quantized_site_bytes(linear, bits, group_size)[2])
             out._swapped.append((parent, name, linear, q))
             setattr(parent, name, q)
     except BaseException:  # a partly quantized draft never outlives the failure
@@ -172,14 +199,16 @@ def agreement(draft: nn.Module, sequences: torch.Tensor, reference: torch.Tensor
 
 
 def choose_precision(draft: nn.Module, min_agreement: float, group_size: int, seeds: torch.Tensor,
-                     num_tokens: int = 60) -> DraftPrecision:
-    """`auto`: the cheapest precision (int4, then int8) whose greedy agreement with the
-    full-precision draft, on the full-precision draft's own continuations of `seeds` [B, T0], is at
-    least `min_agreement`, else bf16; the chosen one stays applied. `tried` records every agreement."""
+                     num_tokens: int = 60, order: tuple[str, ...] = ("int4", "int8")) -> DraftPrecision:
+    """The first precision of `order` (int4 / int8; default the cheapest first) whose greedy agreement
+    with the full-precision draft, on the full-precision draft's own continuations of `seeds` [B, T0],
+    is at least `min_agreement`, else bf16; the chosen one stays applied. `tried` records every agreement."""
+    if not order:
+        return DraftPrecision("bf16")
     sequences = greedy_continuation(draft, seeds, num_tokens)  # [B, T]
     reference = greedy_ids(draft, sequences)
     tried = {}
-    for precision in ("int4", "int8"):
+    for precision in order:
         applied = quantize_draft(draft, precision, group_size)
         try:
             applied.agreement = tried[precision] = agreement(draft, sequences, reference)

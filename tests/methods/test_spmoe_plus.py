@@ -20,7 +20,8 @@ OFF = dict(draft_precision="bf16", host_compute="off", adaptive_k=False)
 PARTS = {
     "int8_draft": dict(OFF, draft_precision="int8"),
     "int4_draft": dict(OFF, draft_precision="int4"),
-    "auto_draft": dict(OFF, draft_precision="auto"),
+    # a slow link and certain acceptance: the draft choice's model drafts (see test_spmoe_plus_choice)
+    "auto_draft": dict(OFF, draft_precision="auto", choice_link_gb_per_s=1e-3, choice_layer_ms=0.0, accept_prior=1.0),
     "host_all": dict(OFF, host_compute="all"),
     "host_auto": dict(OFF, host_compute="auto"),
     "adaptive_k": dict(OFF, adaptive_k=True),
@@ -68,7 +69,8 @@ def test_each_part_alone_is_lossless(twin, part):
     if part in ("int8_draft", "int4_draft"):
         assert extra["draft_precision"] == part[:4] and extra["draft_saved_bytes"] > 0
     if part == "auto_draft":
-        assert extra["draft_precision"] in ("int4", "int8", "bf16") and extra["draft_agreement"] is not None
+        assert extra["draft_precision"] in ("int4", "int8", "bf16") and extra["draft_choice"] != "none"
+        assert extra["draft_precision"] == "bf16" or extra["draft_agreement"] >= 0.95
     if part == "host_all":
         assert extra["host_experts"] > 0 and extra["host_cost_copy_ms"] is None
     if part in ("adaptive_k", "all"):

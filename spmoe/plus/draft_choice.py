@@ -1,0 +1,200 @@
+"""
+Whether to speculate, and with which draft: the latency model behind
+`method.plus.draft_precision=auto`, evaluated once per run from what is known before decoding.
+
+Options: `none` (no draft: the target decodes one token per step and the draft's device memory
+becomes expert slots) and the precisions the session's draft offers: bf16, int8, int4 for a dense
+draft (`spmoe.plus.draft_precision` quantizes its linear layers), `as_configured` for a quantized
+copy of the target (`draft.copy_of_target`; its precision is the draft preset's).
+
+Model, per option o (L MoE layers of E experts, A routed per token, B bytes per expert; k draft
+tokens per step, a acceptance per draft token; units ms and bytes, bandwidths in GB/s = 1e6 B/ms):
+  S_o       expert slots: the memory plan without the draft (none), with it (bf16, as_configured), or
+            with it plus the bytes quantization saves // B (int8, int4); capped by method.num_slots
+  h_o       = min(1, S_o / (L E))        hit rate of routing spread evenly over layers and experts
+  T         = k + 1 positions per verify step with a draft, 1 without
+  u(T)      = E (1 - (1 - A / E)^T)       distinct experts one layer forward of T tokens needs
+  n         = sum_{i=0..k} a^i            expected tokens emitted per step (1 without a draft)
+  miss_ms   = L u(T) (1 - h_o) B / link   link time of the step's missing experts
+  verify_ms = (W_t + L u(T) B) / bw + N_t layer_ms      the target's step with every expert resident
+  draft_ms  = k (R_o / bw + N_d layer_ms)               (0 without a draft)
+  TPOT_o    = (draft_ms + verify_ms + max(0, miss_ms - draft_ms)) / n     (without a draft: + miss_ms)
+W_t: the target's non-expert bytes; N_t, N_d: decoder layers of target and draft; R_o: bytes one
+draft token reads: the dense draft's weights (bf16), plus its linear sites' bytes and their
+quantized bytes for int8 / int4 (each forward dequantizes a site into a transient it writes and
+reads), or for a quantized copy of the target (W_t + L A B)(2 + bits / 16) (a token's weights,
+read quantized, dequantized into a transient written and read). The `- draft_ms` credits SP-MoE's
+prefetch with hiding copies behind drafting (an upper bound). link = hardware.pcie_gb_per_s (else
+plus.choice_link_gb_per_s); bw = plus.choice_device_gb_per_s; layer_ms = plus.choice_layer_ms; a =
+the replayed trace's acceptance (successes / trials over its drafted rows) when routing is
+replayed, else plus.accept_prior.
+Left out, as they move every option alike or are measured only in the run: host-computed experts
+(they lower the cost of a miss for every option), skew and locality of real routing (real hit rates
+are higher than h_o for every option: the model ranks options, it does not predict hit rates), the
+adaptive k (k is spec.num_draft_tokens), lossy staging slots, a quantized draft's lower acceptance
+(a quantized pick is checked by calibration agreement when the method builds).
+Decision: the option with the least TPOT_o; ties to the earlier of none, bf16, int8, int4.
+Invariants: pure given its inputs (the session asks at every plan of a run and must get the same
+answer); a `none` run never counts the draft in its memory plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from spmoe.config import DRAFT_PRECISIONS
+from spmoe.plus.draft_precision import estimate_precision
+from spmoe.strategy import DraftOffer
+
+NONE = "none"
+AS_CONFIGURED = "as_configured"
+ORDER = (NONE, "bf16", "int8", "int4", AS_CONFIGURED)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The option-independent inputs of the model."""
+
+    num_moe_layers: int  # L
+    num_experts: int  # E per layer
+    top_k: int  # A
+    expert_bytes: int  # B
+    non_expert_bytes: int  # W_t
+    num_target_layers: int  # N_t
+    num_draft_tokens: int  # k
+    acceptance: float  # a
+    link_gb_per_s: float
+    device_gb_per_s: float
+    layer_ms: float
+
+
+@dataclass(frozen=True)
+class DraftOption:
+    name: str  # none | bf16 | int8 | int4 | as_configured
+    num_slots: int  # S_o
+    draft_read_bytes: int = 0  # R_o (0: no draft)
+    num_draft_layers: int = 0  # N_d
+
+
+@dataclass
+class DraftChoice:
+    choice: str
+    predicted_ms: dict[str, float]  # option -> TPOT_o
+    num_slots: dict[str, int]  # option -> S_o
+    acceptance: float
+    acceptance_source: str  # trace | accept_prior
+    link_gb_per_s: float
+
+    def summary(self) -> dict:
+        return {"draft_choice": self.choice, "draft_choice_predicted_ms": self.predicted_ms,
+                "draft_choice_slots": self.num_slots, "draft_choice_acceptance": self.acceptance,
+                "draft_choice_acceptance_source": self.acceptance_source,
+                "draft_choice_link_gb_per_s": self.link_gb_per_s}
+
+
+def union_size(num_experts: int, top_k: int, num_tokens: int) -> float:
+    """u(T): expected distinct experts of one layer for T tokens routed independently."""
+    return num_experts * (1 - (1 - top_k / num_experts) ** num_tokens)
+
+
+def predict_tpot_ms(shape: ModelShape, option: DraftOption) -> float:
+    drafts = option.name != NONE
+    k = shape.num_draft_tokens if drafts else 0
+    u = union_size(shape.num_experts, shape.top_k, k + 1)
+    hit = min(1.0, option.num_slots / (shape.num_moe_layers * shape.num_experts))
+    expert_step_bytes = shape.num_moe_layers * u * shape.expert_bytes
+    miss_ms = expert_step_bytes * (1 - hit) / (shape.link_gb_per_s * 1e6)
+    verify_ms = ((shape.non_expert_bytes + expert_step_bytes) / (shape.device_gb_per_s * 1e6)
+                 + shape.num_target_layers * shape.layer_ms)
+    draft_ms = k * (option.draft_read_bytes / (shape.device_gb_per_s * 1e6) + option.num_draft_layers * shape.layer_ms)
+    emitted = sum(shape.acceptance ** i for i in range(k + 1))
+    return (draft_ms + verify_ms + max(0.0, miss_ms - draft_ms)) / emitted
+
+
+def choose(shape: ModelShape, options: list[DraftOption]) -> tuple[str, dict[str, float]]:
+    """(the option with the least predicted TPOT, every option's prediction in ms)."""
+    if not options:
+        raise ValueError("no draft option to choose from")
+    predicted = {o.name: predict_tpot_ms(shape, o) for o in options}
+    best = min(options, key=lambda o: (predicted[o.name], ORDER.index(o.name)))
+    return best.name, predicted
+
+
+def trace_acceptance(trace) -> float | None:
+    """Acceptance per draft token of a replayed trace: accepted drafts / (accepted + rejected), or None."""
+    if trace is None:
+        return None
+    drafted = trace.row_drafted > 0
+    accepted, num_drafted = trace.row_accepted[drafted], trace.row_drafted[drafted]
+    trials = int(accepted.sum()) + int((accepted < num_drafted).sum())
+    return int(accepted.sum()) / trials if trials else None
+
+
+def _slots(offer: DraftOffer, free_slots: int) -> int:
+    cap = offer.cfg.method.num_slots
+    slots = min(offer.without_draft.num_experts_total, free_slots)
+    return slots if cap is None else min(slots, cap)
+
+
+def inputs(offer: DraftOffer) -> tuple[ModelShape, list[DraftOption], str]:
+    """The model's inputs for a run (`DraftOffer`, spmoe.strategy): shape, options, acceptance source."""
+    cfg, pcfg, layout = offer.cfg, offer.cfg.method.plus, offer.target.layout
+    measured = trace_acceptance(offer.routing_trace)
+    shape = ModelShape(
+        num_moe_layers=len(layout.moe_layers), num_experts=layout.num_experts, top_k=layout.top_k,
+        expert_bytes=layout.expert_bytes, non_expert_bytes=offer.target.non_expert_bytes,
+        num_target_layers=offer.target.model.config.num_hidden_layers, num_draft_tokens=cfg.spec.num_draft_tokens,
+        acceptance=pcfg.accept_prior if measured is None else measured,
+        link_gb_per_s=cfg.hardware.pcie_gb_per_s or pcfg.choice_link_gb_per_s,
+        device_gb_per_s=pcfg.choice_device_gb_per_s, layer_ms=pcfg.choice_layer_ms)
+    options = [DraftOption(NONE, _slots(offer, offer.without_draft.num_slots))]
+    with_draft = offer.with_draft
+    if with_draft is None:
+        return shape, options, "accept_prior" if measured is None else "trace"
+    if cfg.draft.copy_of_target:
+        active = offer.target.non_expert_bytes + shape.num_moe_layers * shape.top_k * shape.expert_bytes
+        dtype_bits = 8 * layout.expert_bytes // layout.expert_numel
+        read = int(active * (2 + cfg.draft.quant_bits / dtype_bits))
+        options.append(DraftOption(AS_CONFIGURED, _slots(offer, with_draft.num_slots), read,
+                                   offer.target.model.config.num_hidden_layers))
+    elif offer.draft is not None:
+        num_layers = offer.draft.config.num_hidden_layers
+        options.append(DraftOption("bf16", _slots(offer, with_draft.num_slots), offer.draft_weight_bytes, num_layers))
+        for precision in ("int8", "int4"):
+            est = estimate_precision(offer.draft, precision, pcfg.draft_group_size)
+            gained = est.saved_bytes // layout.expert_bytes
+            read = offer.draft_weight_bytes + est.site_bytes + est.quantized_bytes
+            options.append(DraftOption(precision, _slots(offer, with_draft.num_slots + gained), read, num_layers))
+    return shape, options, "accept_prior" if measured is None else "trace"
+
+
+def decide(offer: DraftOffer) -> DraftChoice:
+    """The run's draft: `none`, or the configured precision (`as_configured` for a quantized copy of the
+    target), or for `auto` the model's least-TPOT option; predictions of every option either way."""
+    mode = offer.cfg.method.plus.draft_precision
+    if mode not in DRAFT_PRECISIONS:
+        raise ValueError(f"method.plus.draft_precision={mode!r}; valid: {', '.join(DRAFT_PRECISIONS)}")
+    shape, options, source = inputs(offer)
+    best, predicted = choose(shape, options)
+    if mode == "auto":
+        choice = best
+    elif mode == NONE:
+        choice = NONE
+    else:
+        choice = AS_CONFIGURED if offer.cfg.draft.copy_of_target else mode
+    return DraftChoice(choice, predicted, {o.name: o.num_slots for o in options}, shape.acceptance, source,
+                       shape.link_gb_per_s)
+
+
+def accepts_draft(offer: DraftOffer) -> bool:
+    """`StrategySpec.accepts_draft` for spmoe_plus: False when the run's choice is `none`."""
+    return decide(offer).choice != NONE
+
+
+def ranked_precisions(choice: DraftChoice) -> list[str]:
+    """The draft's quantized precisions the model predicts faster than bf16, fastest first (auto's
+    calibration order when the choice is a quantized draft)."""
+    bf16 = choice.predicted_ms.get("bf16")
+    quantized = [p for p in ("int8", "int4") if p in choice.predicted_ms
+                 and (bf16 is None or choice.predicted_ms[p] < bf16)]
+    return sorted(quantized, key=lambda p: (choice.predicted_ms[p], ORDER.index(p)))
