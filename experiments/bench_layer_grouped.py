@@ -8,14 +8,18 @@ whether the two paths emit the same tokens and the same hit/miss counts.
     python -m experiments.bench_layer_grouped --model tiny_deepseek_v2 --dataset synthetic --hardware cpu \
         --card cpu --num-slots 6 --methods lru_nosd --tokens 16 --out /tmp/layer_grouped        # CPU
 
+"route sync ms/token" = host time in the per-layer routes' device->host copy (`OffloadedExperts.route_sync_s`):
+on a GPU it waits for the device (the previous graph segment, and the copies the compute stream waits
+on), and it is part of "host ms/step", which is a step's time minus the final logits' sync only.
+
 One process, one session (random weights). Per `method[:decode]` two cases, `grouped` and `loop`,
 run in interleaved rounds (grouped loop loop grouped ...) after one warm-up generation each (which
 also captures the piecewise graphs). Aten operators per step: one eager one-token decode forward
 after a prefill, counted by a TorchDispatchMode (`experiments.hf_anchor.ops_per_decode_step`), on
 the method's runtime (its evicting cache). With --floor, `gpu_resident[:decode]` without a budget
 is timed too and efficiency = TPOT / (H2D bytes per token / link + that TPOT). With --profile, one
-more `grouped` generation per method runs under cProfile after the timed rounds (so the timings are
-unprofiled) and `profile.md` gets the engine-owned host time (`experiments.host_profile`). Writes
+more `grouped` generation per method runs with perf_counter sections and one under cProfile after the
+timed rounds (so the timings are unprofiled); `profile.md` gets both (`experiments.host_profile`). Writes
 `layer_grouped.csv` (one row per case and round) and `table.md` under --out; prints the table last.
 A card's budget emulates a smaller card: reported as such.
 """
@@ -31,7 +35,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from experiments.hf_anchor import ops_per_decode_step
-from experiments.host_profile import report
+from experiments.host_profile import report, sections, sections_table
 from experiments.presets import load_preset
 from spmoe.config import MethodConfig, RoutingConfig, RunConfig, SpecConfig
 from spmoe.methods import get_strategy
@@ -64,14 +68,22 @@ def ops_per_step(session, method: MethodConfig, hw, layer_grouped: bool) -> int:
         runtime.close()
 
 
+def _route_sync_s(session) -> dict[int, float]:
+    return {id(m): m.route_sync_s for m in session.target.model.modules() if isinstance(m, OffloadedExperts)}
+
+
 def generate(session, method: MethodConfig, hw, tokens: int, prompts: int, k: int, layer_grouped: bool) -> dict:
     OffloadedExperts.layer_grouped = layer_grouped
+    before = _route_sync_s(session)
     try:
         gens, plan, _ = session.generate(method, hw, tokens, num_prompts=prompts, spec_cfg=SpecConfig(num_draft_tokens=k))
     finally:
         OffloadedExperts.layer_grouped = True
+    sync_s = sum(s - before.get(i, 0.0) for i, s in _route_sync_s(session).items())
     m = summarize([g.records for g in gens])
+    num_tokens = sum(len(g.token_ids) for g in gens)
     return {"tpot_ms": m["tpot_ms"], "host_ms_per_step": m["host_ms_per_step"],
+            "route_sync_ms_per_token": sync_s * 1e3 / max(num_tokens, 1),
             "sync_wait_ms_per_step": m["sync_wait_ms_per_step"], "stall_ms": m["stall_ms"],
             "h2d_gb_per_token": (m["h2d_bytes_per_token"] or 0) / 1e9, "hits": m["expert_hits"],
             "misses": m["expert_misses"], "num_slots": plan.num_slots, "tokens": [g.token_ids for g in gens]}
@@ -79,9 +91,9 @@ def generate(session, method: MethodConfig, hw, tokens: int, prompts: int, k: in
 
 def table(rows: list[dict], card) -> str:
     lines = [f"card: {card.name}{' (emulated budget)' if card.emulated else ''}", "",
-             ("| method | case | TPOT ms (median) | spread | host ms/step | sync wait ms/step | stall ms | H2D GB/token |"
-              " efficiency | aten ops/step | hits | misses | tokens == loop |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             ("| method | case | TPOT ms (median) | spread | host ms/step | route sync ms/token | sync wait ms/step |"
+              " stall ms | H2D GB/token | efficiency | aten ops/step | hits | misses | tokens == loop |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["method"], r["case"]), []).append(r)
@@ -91,6 +103,7 @@ def table(rows: list[dict], card) -> str:
         eff = [r["efficiency"] for r in rs if r.get("efficiency") is not None]
         lines.append(f"| {method} | {case} | {med:.2f} | {(max(t) - min(t)) / med:.3f} | "
                      f"{statistics.median(r['host_ms_per_step'] for r in rs):.2f} | "
+                     f"{statistics.median(r['route_sync_ms_per_token'] for r in rs):.2f} | "
                      f"{statistics.median(r['sync_wait_ms_per_step'] for r in rs):.2f} | "
                      f"{statistics.median(r['stall_ms'] for r in rs):.1f} | {rs[0]['h2d_gb_per_token']:.3f} | "
                      f"{statistics.median(eff) if eff else float('nan'):.2f} | {rs[0].get('ops_per_step', '')} | "
@@ -169,6 +182,9 @@ def main() -> None:
                 if row["method"] == spec and row["case"] == "grouped":
                     row["same_tokens"] = row["_tokens"] == loop_tokens[row["round"]]
             if args.profile:
+                with sections({}) as totals_s:
+                    generate(session, method, hw, args.tokens, args.prompts, args.k, True)
+                profiles.append(sections_table(totals_s, args.tokens * args.prompts, f"{spec} grouped"))
                 prof = cProfile.Profile()
                 prof.runcall(generate, session, method, hw, args.tokens, args.prompts, args.k, True)
                 profiles.append(report(pstats.Stats(prof), args.tokens * args.prompts, f"{spec} grouped"))

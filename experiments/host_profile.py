@@ -7,12 +7,18 @@ Terms: a *frame* is one profiled function. *Engine* frames are Python functions 
 on a GPU the launches); *other* = everything else (transformers' modules, nn.Module dispatch, the
 standard library). Times are the profiler's self times (`tottime`), so the three parts add up to
 the profiled total; the profiler inflates Python calls, so compare profiles with profiles and take
-wall times from unprofiled runs.
+wall times from unprofiled runs. `sections` times the offloaded experts path's parts with
+`time.perf_counter` instead (no profiler): the provider's service (`serve_layer`: lookups, admissions,
+copies issued, pins, events, the slot map) and release, against the expert compute; on the CPU the
+copies themselves are synchronous and land inside `serve_layer`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import pstats
+import time
 
 ENGINE_DIRS = ("/spmoe/", "/baselines/")
 
@@ -67,4 +73,45 @@ def report(stats: pstats.Stats, num_tokens: int, title: str) -> str:
              "| engine frame | calls/token | self ms/token (+ builtins) | cumulative ms/token |", "|---|---|---|---|"]
     for name, nc, own, ct in engine_rows(stats):
         lines.append(f"| `{name}` | {nc / max(num_tokens, 1):.1f} | {own * per:.3f} | {ct * per:.3f} |")
+    return "\n".join(lines)
+
+
+SECTIONS = (("spmoe.models.experts", "OffloadedExperts", "_per_expert"),
+            ("spmoe.offload.provider", "OnDemandProvider", "serve_layer"),
+            ("spmoe.offload.prefetch", "PrefetchProvider", "serve_layer"),
+            ("spmoe.offload.layer_slots", "LayerSlots", "release"),
+            ("spmoe.models.experts", None, "grouped_expert_mlp"))
+
+
+@contextlib.contextmanager
+def sections(totals_s: dict[str, float]):
+    """Time the per-layer sections (`time.perf_counter`, no profiler) into `totals_s` (name -> seconds):
+    the experts module's whole offloaded path, the provider's service, the release, the expert compute."""
+    saved = []
+    for module_name, cls_name, attr in SECTIONS:
+        owner = importlib.import_module(module_name)
+        owner = getattr(owner, cls_name) if cls_name else owner
+        fn = getattr(owner, attr)
+        name = f"{cls_name or module_name.rsplit('.', 1)[-1]}.{attr}"
+
+        def timed(*a, _fn=fn, _name=name, **kw):
+            t0 = time.perf_counter()
+            try:
+                return _fn(*a, **kw)
+            finally:
+                totals_s[_name] = totals_s.get(_name, 0.0) + time.perf_counter() - t0
+
+        saved.append((owner, attr, fn))
+        setattr(owner, attr, timed)
+    try:
+        yield totals_s
+    finally:
+        for owner, attr, fn in saved:
+            setattr(owner, attr, fn)
+
+
+def sections_table(totals_s: dict[str, float], num_tokens: int, title: str) -> str:
+    per = 1e3 / max(num_tokens, 1)
+    lines = [f"### {title}: perf_counter sections (unprofiled)", "", "| section | ms/token |", "|---|---|"]
+    lines += [f"| `{name}` | {s * per:.2f} |" for name, s in totals_s.items()]
     return "\n".join(lines)

@@ -39,6 +39,7 @@ bit-identical results. The grouped path computes each route's rows with the same
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
@@ -144,6 +145,7 @@ class OffloadedExperts(nn.Module):
 
     grouped: bool = True  # use the grouped path when the provider offers it (a switch for A/B timing)
     layer_grouped: bool = True  # offloaded layers too, through `serve_layer` (a switch for A/B timing)
+    route_sync_s: float = 0.0  # host seconds spent in the routes' device->host copy (waiting on the device)
     # set on instances only while a piecewise CUDA graph is captured (spmoe.runtime.piecewise): forward hands
     # the call to it, which ends the captured segment and runs `compute` eagerly
     segment: Callable | None = None
@@ -180,7 +182,9 @@ class OffloadedExperts(nn.Module):
         that can pin all of the layer's experts at once gets them computed in one grouped matmul over its
         cache's slots (`spmoe.offload.layer_slots`), any other case one expert at a time."""
         # NOTE: one device->host sync per layer: the copies are issued from the CPU, so it must know the ids.
+        t0 = time.perf_counter()
         index_cpu = top_k_index.cpu()  # [T, A]
+        self.route_sync_s += time.perf_counter() - t0
         # ids outside [0, E) mean "no expert" (transformers' sentinel is E; adaptive gating uses it)
         expert_ids = sorted({e for e in index_cpu.flatten().tolist() if 0 <= e < self.layout.num_experts})
         serve = getattr(self.provider, "serve_layer", None)

@@ -1,0 +1,112 @@
+"""
+Host time of offloaded decode with the cache's victim shortcuts on and off, side by side in one process.
+
+    python -m experiments.bench_host_overhead --model tiny_deepseek_v2 --hf n_routed_experts=64 \
+        num_experts_per_tok=6 num_hidden_layers=27 --hardware cpu --card cpu --num-slots 200 \
+        --methods lru_nosd moe_infinity_nosd --tokens 16 --prompts 2 --rounds 4 --out /tmp/host_overhead
+
+Cases, on the layer-grouped path: `shortcut` (LRU names its victim with `victim_where`, scanning its keys
+in touch order; MoE-Infinity's priority victim computes each layer's factors once per call) and
+`listed` (the cache lists every evictable key and the policy scores each with its plain rule:
+`min(candidates, key=last use)`, `min(candidates, key=(score, last touch))`), the rules the engine
+used before the shortcuts. Rounds interleave (shortcut listed listed shortcut ...) after one warm-up
+each; the machine's other load inflates some rounds, so the table gives the minimum beside the median.
+Prefetch runs inline, so hit/miss counts are deterministic and must agree. Writes
+`host_overhead.csv` and `table.md` under --out and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import statistics
+from dataclasses import replace
+from pathlib import Path
+
+from experiments.bench_layer_grouped import generate, method_case
+from experiments.presets import load_preset
+from spmoe.config import MethodConfig, RoutingConfig, RunConfig, SpecConfig
+from spmoe.offload.eviction import LruPolicy
+from spmoe.offload.eviction_priority import PriorityPolicy
+from spmoe.session import open_session
+
+log = logging.getLogger("bench_host_overhead")
+
+
+def _listed_priority_victim(self: PriorityPolicy, candidates):
+    with self._lock:
+        return min(candidates, key=lambda k: (self.score(k), self._last_use.get(k, 0)))
+
+
+@contextlib.contextmanager
+def listed_victims():
+    """The `listed` case: no LRU shortcut, MoE-Infinity's victim through `score` per key."""
+    saved = LruPolicy.victim_where, PriorityPolicy.victim
+    LruPolicy.victim_where, PriorityPolicy.victim = None, _listed_priority_victim
+    try:
+        yield
+    finally:
+        LruPolicy.victim_where, PriorityPolicy.victim = saved
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="tiny_deepseek_v2")
+    ap.add_argument("--hf", nargs="*", default=[], metavar="KEY=INT")
+    ap.add_argument("--dataset", default="synthetic")
+    ap.add_argument("--hardware", default="cpu")
+    ap.add_argument("--card", default="cpu")
+    ap.add_argument("--methods", nargs="+", default=["lru_nosd", "moe_infinity_nosd"])
+    ap.add_argument("--num-slots", type=int, default=None)
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--prompts", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--out", default="/tmp/host_overhead")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    card, model = load_preset("hardware", args.card), load_preset("model", args.model)
+    if args.hf:
+        model = replace(model, hf_config={**model.hf_config, **{k: int(v) for k, v in (kv.split("=") for kv in args.hf)}})
+    cfg = RunConfig(model=model, draft=load_preset("draft", "none"), dataset=load_preset("dataset", args.dataset),
+                    method=MethodConfig(name="gpu_resident"), hardware=load_preset("hardware", args.hardware),
+                    routing=RoutingConfig(name="model"), spec=SpecConfig(num_draft_tokens=3),
+                    num_prompts=args.prompts, check_lossless="false", max_new_tokens=args.tokens)
+    cases = {spec: method_case(spec, card, args.num_slots, False) for spec in args.methods}
+    session = open_session(cfg, [replace(cfg, method=m, hardware=hw) for m, hw in cases.values()])
+    rows: list[dict] = []
+    try:
+        for spec, (method, hw) in cases.items():
+            for case in ("shortcut", "listed"):  # warm-up
+                with listed_victims() if case == "listed" else contextlib.nullcontext():
+                    generate(session, method, hw, min(8, args.tokens), 1, 3, True)
+            for r in range(args.rounds):
+                for case in (("shortcut", "listed") if r % 2 == 0 else ("listed", "shortcut")):
+                    with listed_victims() if case == "listed" else contextlib.nullcontext():
+                        res = generate(session, method, hw, args.tokens, args.prompts, 3, True)
+                    rows.append({"method": spec, "case": case, "round": r, **res})
+                    log.info("%s %s round %d: host %.2f ms/step", spec, case, r, res["host_ms_per_step"])
+    finally:
+        session.close()
+    same = {spec: len({(str(r["tokens"]), r["hits"], r["misses"]) for r in rows if r["method"] == spec}) == 1
+            for spec in cases}
+    keys = ["method", "case", "round", "tpot_ms", "host_ms_per_step", "hits", "misses"]
+    (out / "host_overhead.csv").write_text("\n".join([",".join(keys)] + [
+        ",".join(str(r[k]) for k in keys) for r in rows]) + "\n")
+    lines = ["| method | case | host ms/step (median) | min | per round | hits | misses | tokens and counts equal |",
+             "|---|---|---|---|---|---|---|---|"]
+    for spec in cases:
+        for case in ("listed", "shortcut"):
+            rs = [r for r in rows if r["method"] == spec and r["case"] == case]
+            host = [r["host_ms_per_step"] for r in rs]
+            lines.append(f"| {spec} | {case} | {statistics.median(host):.2f} | {min(host):.2f} | {' '.join(f'{h:.1f}' for h in host)} | "
+                         f"{rs[0]['hits']} | {rs[0]['misses']} | {same[spec]} |")
+    text = "\n".join(lines)
+    (out / "table.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
