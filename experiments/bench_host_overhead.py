@@ -6,10 +6,10 @@ Host time of offloaded decode with the cache's victim shortcuts on and off, side
         --methods lru_nosd moe_infinity_nosd --tokens 16 --prompts 2 --rounds 4 --out /tmp/host_overhead
 
 Cases, on the layer-grouped path: `shortcut` (LRU names its victim with `victim_where`, scanning its keys
-in touch order; MoE-Infinity's priority victim computes each layer's factors once per call) and
-`listed` (the cache lists every evictable key and the policy scores each with its plain rule:
-`min(candidates, key=last use)`, `min(candidates, key=(score, last touch))`), the rules the engine
-used before the shortcuts. Rounds interleave (shortcut listed listed shortcut ...) after one warm-up
+in touch order; layer_distance scores only the farthest layer with an evictable key; MoE-Infinity's
+priority victim computes each layer's factors once per call) and `listed` (the cache lists every
+evictable key and the policy scores each with its plain rule), the rules the engine used before the
+shortcuts. A method may name another eviction policy: `lru_nosd@layer_distance`. Rounds interleave (shortcut listed listed shortcut ...) after one warm-up
 each; the machine's other load inflates some rounds, so the table gives the minimum beside the median.
 Prefetch runs inline, so hit/miss counts are deterministic and must agree. Writes
 `host_overhead.csv` and `table.md` under --out and prints the table.
@@ -27,7 +27,7 @@ from pathlib import Path
 from experiments.bench_layer_grouped import generate, method_case
 from experiments.presets import load_preset
 from spmoe.config import MethodConfig, RoutingConfig, RunConfig, SpecConfig
-from spmoe.offload.eviction import LruPolicy
+from spmoe.offload.eviction import LayerDistancePolicy, LruPolicy
 from spmoe.offload.eviction_priority import PriorityPolicy
 from spmoe.session import open_session
 
@@ -41,13 +41,13 @@ def _listed_priority_victim(self: PriorityPolicy, candidates):
 
 @contextlib.contextmanager
 def listed_victims():
-    """The `listed` case: no LRU shortcut, MoE-Infinity's victim through `score` per key."""
-    saved = LruPolicy.victim_where, PriorityPolicy.victim
-    LruPolicy.victim_where, PriorityPolicy.victim = None, _listed_priority_victim
+    """The `listed` case: no LRU or layer_distance shortcut, MoE-Infinity's victim through `score` per key."""
+    saved = LruPolicy.victim_where, LayerDistancePolicy.victim_by_layer, PriorityPolicy.victim
+    LruPolicy.victim_where, LayerDistancePolicy.victim_by_layer, PriorityPolicy.victim = None, None, _listed_priority_victim
     try:
         yield
     finally:
-        LruPolicy.victim_where, PriorityPolicy.victim = saved
+        LruPolicy.victim_where, LayerDistancePolicy.victim_by_layer, PriorityPolicy.victim = saved
 
 
 def main() -> None:
@@ -74,7 +74,11 @@ def main() -> None:
                     method=MethodConfig(name="gpu_resident"), hardware=load_preset("hardware", args.hardware),
                     routing=RoutingConfig(name="model"), spec=SpecConfig(num_draft_tokens=3),
                     num_prompts=args.prompts, check_lossless="false", max_new_tokens=args.tokens)
-    cases = {spec: method_case(spec, card, args.num_slots, False) for spec in args.methods}
+    cases = {}
+    for spec in args.methods:
+        name, _, eviction = spec.partition("@")
+        method, hw = method_case(name, card, args.num_slots, False)
+        cases[spec] = (replace(method, eviction=eviction) if eviction else method, hw)
     session = open_session(cfg, [replace(cfg, method=m, hardware=hw) for m, hw in cases.values()])
     rows: list[dict] = []
     try:

@@ -13,7 +13,9 @@ per-layer caches; without it all layers share one pool.
 Invariants: no allocation after __init__; a key maps to at most one slot; counters count
 accesses made through `lookup`/`admit` only (`preload` does not count); every resident key has been
 touched (`admit` touches it), so a policy with `victim_where` (LRU: the least recently touched
-evictable key, without listing the candidates) names the victim `victim` would name.
+evictable key, without listing the candidates) names the victim `victim` would name; a policy with
+`victim_by_layer` (layer_distance) gets the resident keys grouped by layer and scores only the
+layers it must.
 Candidates are listed in residency order (the order keys got their slots), which breaks the ties of
 policies whose scores can tie. Copy ordering (never
 overwrite a slot a kernel may still read) is the transfer engine's job, not this class's.
@@ -46,6 +48,7 @@ class ExpertCache:
         self.policy = policy
         self.storage = torch.empty(num_slots, slot_numel, dtype=dtype, device=device)  # [S, N]
         self._slot_of: dict[ExpertKey, int] = {}
+        self._resident_by_layer: dict[int, dict[ExpertKey, None]] = {}  # layer -> its resident keys, residency order
         self._key_of: list[ExpertKey | None] = [None] * num_slots
         self._partition = slots_per_layer
         self._free_of: dict[int | None, list[int]] = {}
@@ -110,6 +113,10 @@ class ExpertCache:
             if pool is None:
                 return where(lambda k: k in slot_of and not pins[slot_of[k]])
             return where(lambda k: k[0] == pool and k in slot_of and not pins[slot_of[k]])
+        by_layer = getattr(self.policy, "victim_by_layer", None)
+        if by_layer is not None:
+            pins, slot_of, resident = self._pins, self._slot_of, self._resident_by_layer
+            return by_layer(resident if pool is None else {pool: resident.get(pool, {})}, lambda k: not pins[slot_of[k]])
         candidates = self._candidates(pool)
         return self.policy.victim(candidates) if candidates else None
 
@@ -145,11 +152,13 @@ class ExpertCache:
             if evicted is None:
                 raise NoEvictableSlot(f"all {self.num_slots} slots are pinned; cannot admit {key}")
             slot = self._slot_of.pop(evicted)
+            del self._resident_by_layer[evicted[0]][evicted]
             self.policy.on_evict(evicted)
             self.evictions += 1
             self._evictable_in[pool] -= 1
         self._evictable_in[pool] += self._pins[slot] == 0
         self._slot_of[key] = slot
+        self._resident_by_layer.setdefault(key[0], {})[key] = None
         self._key_of[slot] = key
         self.misses += int(count_miss)
         self.policy.touch(key, demand=count_miss)

@@ -28,6 +28,9 @@ Invariant: `victim(candidates)` returns one of `candidates` and never mutates st
 `victim_where(evictable)`: the least recently touched key for which `evictable` holds (its keys are
 kept in touch order, so the scan stops at the first), the key `victim` names among the keys it has
 seen; a cache whose resident keys have all been touched uses it instead of listing candidates.
+layer_distance also has `victim_by_layer(resident_by_layer, evictable)`: its distance ranks first and
+differs between layers, so it scores only the farthest layer that has an evictable key, the key
+`victim` names over all of them. A subclass that overrides `victim` must drop these shortcuts.
 """
 
 from __future__ import annotations
@@ -99,6 +102,17 @@ class LayerDistancePolicy(LfuPolicy):
     def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
         n, order, current, count, last_use = len(self._order), self._order, self._current, self._count, self._last_use
         return max(candidates, key=lambda k: ((order[k[0]] - current - 1) % n, -count[k], -last_use.get(k, 0)))
+
+    def victim_by_layer(self, resident_by_layer: dict[int, Iterable[ExpertKey]],
+                        evictable: Callable[[ExpertKey], bool]) -> ExpertKey | None:
+        """`victim` over the evictable keys of `resident_by_layer` (layer -> keys), farthest layer first;
+        None if no key is evictable."""
+        n, order, current = len(self._order), self._order, self._current
+        for layer in sorted(resident_by_layer, key=lambda layer: (order[layer] - current - 1) % n, reverse=True):
+            candidates = [k for k in resident_by_layer[layer] if evictable(k)]
+            if candidates:
+                return self.victim(candidates)
+        return None
 
 
 class ExpectedReusePolicy:

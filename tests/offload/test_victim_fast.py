@@ -1,8 +1,9 @@
 """The host-side shortcuts of victim selection name the victims the plain rules name.
 
 LRU's `victim_where` (scan in touch order) against `min(candidates, key=last use)` over the listed
-candidates, on a global and a partitioned cache with pins held across admissions; MoE-Infinity's
-per-call layer factors against `score`."""
+candidates, and layer_distance's `victim_by_layer` (farthest layer with an evictable key first)
+against its `max` over all candidates, on a global and a partitioned cache with pins held across
+admissions; MoE-Infinity's per-call layer factors against `score`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import random
 import torch
 
 from spmoe.offload.cache import ExpertCache
-from spmoe.offload.eviction import LruPolicy
+from spmoe.offload.eviction import LayerDistancePolicy, LruPolicy
 from spmoe.offload.eviction_priority import PriorityPolicy
 
 
@@ -19,6 +20,10 @@ class ListedLru(LruPolicy):
     """LRU without the shortcut: the cache lists candidates and calls `victim`."""
 
     victim_where = None
+
+
+class ListedLayerDistance(LayerDistancePolicy):
+    victim_by_layer = None
 
 
 def _trace(policy, slots_per_layer=None, seed=0) -> list:
@@ -44,6 +49,14 @@ def test_lru_victim_where_matches_listed_candidates():
         assert _trace(LruPolicy(), seed=seed) == _trace(ListedLru(), seed=seed)
         assert _trace(LruPolicy(), {0: 4, 1: 4, 2: 4}, seed) == _trace(ListedLru(), {0: 4, 1: 4, 2: 4}, seed)
     assert len(_trace(LruPolicy())) > 100  # evictions happened
+
+
+def test_layer_distance_victim_by_layer_matches_listed_candidates():
+    for seed in range(3):
+        fast, listed = _trace(LayerDistancePolicy([0, 1, 2]), seed=seed), _trace(ListedLayerDistance([0, 1, 2]), seed=seed)
+        assert fast == listed and len(fast) > 100
+        parts = {0: 4, 1: 4, 2: 4}
+        assert _trace(LayerDistancePolicy([0, 1, 2]), parts, seed) == _trace(ListedLayerDistance([0, 1, 2]), parts, seed)
 
 
 def test_lru_victim_where_skips_unevictable_and_reports_none():
