@@ -140,7 +140,7 @@ class PlusConfig:
     lossy_group_size: int = 128  # lossy_misses=int4: input columns per scale and offset
     choice_link_gb_per_s: float = 25.0  # draft choice: the link when the card names none (hardware.pcie_gb_per_s)
     choice_device_gb_per_s: float = 2000.0  # draft choice: device memory bandwidth a forward reads weights at
-    choice_layer_ms: float = 0.5  # draft choice: host overhead per decoder layer forward (launches, route sync)
+    choice_layer_ms: float = 0.5  # draft choice: host ms per layer forward beyond its bytes (spmoe.plus.draft_choice)
 
     def __post_init__(self) -> None:
         if self.lossy_misses not in ("off", "int8", "int4"):

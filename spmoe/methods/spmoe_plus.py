@@ -5,7 +5,8 @@ parts, each a `method.plus.*` switch (`spmoe.config.PlusConfig`) so its gain is 
    (`none`), or the draft in bf16 or int8 / int4 weight-only, the bytes saved becoming expert slots on
    top of the memory plan's; `auto` picks among them by a latency model from the memory plans,
    acceptance and the link, before the session plans the run (`StrategySpec.accepts_draft`), and a
-   quantized pick must pass calibration agreement with the bf16 draft;
+   quantized pick must pass calibration agreement with the bf16 draft (not under routing=replay,
+   where the trace sets acceptance);
 2. CPU-assisted experts (`spmoe.plus.host_experts`): missing experts of a layer are computed on
    the host while others stream in, per expert from a measured cost model;
 3. eviction toward Belady under prefetch (`method.eviction=sd_lookahead`,
@@ -85,6 +86,8 @@ def _apply_draft_precision(ctx: MethodContext, choice: DraftChoice | None) -> Dr
         return DraftPrecision("as_configured")
     if pcfg.draft_precision != "auto":
         return quantize_draft(ctx.draft, pcfg.draft_precision, pcfg.draft_group_size)
+    if ctx.routing_trace is not None and choice is not None:  # replayed acceptance: the draft's tokens do not set it
+        return quantize_draft(ctx.draft, choice.choice, pcfg.draft_group_size)
     order = tuple(ranked_precisions(choice)) if choice is not None else ("int4", "int8")
     vocab = ctx.draft.config.vocab_size
     gen = torch.Generator().manual_seed(ctx.cfg.seed + 34567)  # never the evaluation prompts

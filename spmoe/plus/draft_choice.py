@@ -16,10 +16,14 @@ tokens per step, a acceptance per draft token; units ms and bytes, bandwidths in
   u(T)      = E (1 - (1 - A / E)^T)       distinct experts one layer forward of T tokens needs
   n         = sum_{i=0..k} a^i            expected tokens emitted per step (1 without a draft)
   miss_ms   = L u(T) (1 - h_o) B / link   link time of the step's missing experts
-  verify_ms = (W_t + L u(T) B) / bw + N_t layer_ms      the target's step with every expert resident
-  draft_ms  = k (R_o / bw + N_d layer_ms)               (0 without a draft)
+  verify_ms = (W_t + L u(T) B) / bw + H_t layer_ms      the target's step with every expert resident
+  draft_ms  = k (R_o / bw + H_o layer_ms)               (0 without a draft)
   TPOT_o    = (draft_ms + verify_ms + max(0, miss_ms - draft_ms)) / n     (without a draft: + miss_ms)
-W_t: the target's non-expert bytes; N_t, N_d: decoder layers of target and draft; R_o: bytes one
+W_t: the target's non-expert bytes; layer_ms: host time of one layer forward beyond its bytes;
+H_t, H_o: the layers of target and draft that pay it: under hardware.decode=eager every decoder layer
+(each launches its kernels from Python), under static / graphs only MoE layers (their route's
+device-to-host sync and expert dispatch; dense layers replay in graphs, bound by their bytes), so a
+dense draft pays none and a copy of the target L; R_o: bytes one
 draft token reads: the dense draft's weights (bf16), plus its linear sites' bytes and their
 quantized bytes for int8 / int4 (each forward dequantizes a site into a transient it writes and
 reads), or for a quantized copy of the target (W_t + L A B)(2 + bits / 16) (a token's weights,
@@ -56,11 +60,11 @@ class ModelShape:
     """The option-independent inputs of the model."""
 
     num_moe_layers: int  # L
+    num_target_host_layers: int  # H_t
     num_experts: int  # E per layer
     top_k: int  # A
     expert_bytes: int  # B
     non_expert_bytes: int  # W_t
-    num_target_layers: int  # N_t
     num_draft_tokens: int  # k
     acceptance: float  # a
     link_gb_per_s: float
@@ -73,7 +77,7 @@ class DraftOption:
     name: str  # none | bf16 | int8 | int4 | as_configured
     num_slots: int  # S_o
     draft_read_bytes: int = 0  # R_o (0: no draft)
-    num_draft_layers: int = 0  # N_d
+    num_draft_host_layers: int = 0  # H_o
 
 
 @dataclass
@@ -105,8 +109,8 @@ def predict_tpot_ms(shape: ModelShape, option: DraftOption) -> float:
     expert_step_bytes = shape.num_moe_layers * u * shape.expert_bytes
     miss_ms = expert_step_bytes * (1 - hit) / (shape.link_gb_per_s * 1e6)
     verify_ms = ((shape.non_expert_bytes + expert_step_bytes) / (shape.device_gb_per_s * 1e6)
-                 + shape.num_target_layers * shape.layer_ms)
-    draft_ms = k * (option.draft_read_bytes / (shape.device_gb_per_s * 1e6) + option.num_draft_layers * shape.layer_ms)
+                 + shape.num_target_host_layers * shape.layer_ms)
+    draft_ms = k * (option.draft_read_bytes / (shape.device_gb_per_s * 1e6) + option.num_draft_host_layers * shape.layer_ms)
     emitted = sum(shape.acceptance ** i for i in range(k + 1))
     return (draft_ms + verify_ms + max(0.0, miss_ms - draft_ms)) / emitted
 
@@ -140,10 +144,14 @@ def inputs(offer: DraftOffer) -> tuple[ModelShape, list[DraftOption], str]:
     """The model's inputs for a run (`DraftOffer`, spmoe.strategy): shape, options, acceptance source."""
     cfg, pcfg, layout = offer.cfg, offer.cfg.method.plus, offer.target.layout
     measured = trace_acceptance(offer.routing_trace)
+    eager = cfg.hardware.decode == "eager"
+    num_target_layers = offer.target.model.config.num_hidden_layers
     shape = ModelShape(
-        num_moe_layers=len(layout.moe_layers), num_experts=layout.num_experts, top_k=layout.top_k,
+        num_moe_layers=len(layout.moe_layers),
+        num_target_host_layers=num_target_layers if eager else len(layout.moe_layers),
+        num_experts=layout.num_experts, top_k=layout.top_k,
         expert_bytes=layout.expert_bytes, non_expert_bytes=offer.target.non_expert_bytes,
-        num_target_layers=offer.target.model.config.num_hidden_layers, num_draft_tokens=cfg.spec.num_draft_tokens,
+        num_draft_tokens=cfg.spec.num_draft_tokens,
         acceptance=pcfg.accept_prior if measured is None else measured,
         link_gb_per_s=cfg.hardware.pcie_gb_per_s or pcfg.choice_link_gb_per_s,
         device_gb_per_s=pcfg.choice_device_gb_per_s, layer_ms=pcfg.choice_layer_ms)
@@ -155,16 +163,15 @@ def inputs(offer: DraftOffer) -> tuple[ModelShape, list[DraftOption], str]:
         active = offer.target.non_expert_bytes + shape.num_moe_layers * shape.top_k * shape.expert_bytes
         dtype_bits = 8 * layout.expert_bytes // layout.expert_numel
         read = int(active * (2 + cfg.draft.quant_bits / dtype_bits))
-        options.append(DraftOption(AS_CONFIGURED, _slots(offer, with_draft.num_slots), read,
-                                   offer.target.model.config.num_hidden_layers))
+        options.append(DraftOption(AS_CONFIGURED, _slots(offer, with_draft.num_slots), read, shape.num_target_host_layers))
     elif offer.draft is not None:
-        num_layers = offer.draft.config.num_hidden_layers
-        options.append(DraftOption("bf16", _slots(offer, with_draft.num_slots), offer.draft_weight_bytes, num_layers))
+        host_layers = offer.draft.config.num_hidden_layers if eager else 0
+        options.append(DraftOption("bf16", _slots(offer, with_draft.num_slots), offer.draft_weight_bytes, host_layers))
         for precision in ("int8", "int4"):
             est = estimate_precision(offer.draft, precision, pcfg.draft_group_size)
             gained = est.saved_bytes // layout.expert_bytes
             read = offer.draft_weight_bytes + est.site_bytes + est.quantized_bytes
-            options.append(DraftOption(precision, _slots(offer, with_draft.num_slots + gained), read, num_layers))
+            options.append(DraftOption(precision, _slots(offer, with_draft.num_slots + gained), read, host_layers))
     return shape, options, "accept_prior" if measured is None else "trace"
 
 

@@ -16,9 +16,11 @@ from experiments.presets import load_preset
 from spmoe.config import CutoffConfig, MethodConfig, PlusConfig, SpecConfig, TwinConfig
 from spmoe.experiment import Case, run_cases
 from spmoe.plus.draft_choice import (
+    DraftChoice,
     DraftOption,
     ModelShape,
     choose,
+    inputs,
     predict_tpot_ms,
     trace_acceptance,
     union_size,
@@ -33,8 +35,8 @@ DEEPSEEK_EXPERT = 3 * 2048 * 1408 * 2
 
 
 def _mixtral(k: int, acceptance: float) -> ModelShape:
-    return ModelShape(num_moe_layers=32, num_experts=8, top_k=2, expert_bytes=MIXTRAL_EXPERT,
-                      non_expert_bytes=int(1.6 * GB), num_target_layers=32, num_draft_tokens=k, acceptance=acceptance,
+    return ModelShape(num_moe_layers=32, num_target_host_layers=32, num_experts=8, top_k=2, expert_bytes=MIXTRAL_EXPERT,
+                      non_expert_bytes=int(1.6 * GB), num_draft_tokens=k, acceptance=acceptance,
                       link_gb_per_s=25.0, device_gb_per_s=2000.0, layer_ms=0.5)
 
 
@@ -42,19 +44,19 @@ def _mixtral_options(slots: tuple[int, int, int, int]) -> list[DraftOption]:
     """A bf16 Mistral-7B-shaped draft (14.5 GB, 14.1 GB of linear sites); int8 / int4 read their
     quantized sites and the dequantized transients besides."""
     none, bf16, int8, int4 = slots
-    return [DraftOption("none", none), DraftOption("bf16", bf16, int(14.5 * GB), 32),
-            DraftOption("int8", int8, int((14.5 + 14.1 + 7.2) * GB), 32),
-            DraftOption("int4", int4, int((14.5 + 14.1 + 3.9) * GB), 32)]
+    return [DraftOption("none", none), DraftOption("bf16", bf16, int(14.5 * GB)),
+            DraftOption("int8", int8, int((14.5 + 14.1 + 7.2) * GB)),
+            DraftOption("int4", int4, int((14.5 + 14.1 + 3.9) * GB))]
 
 
 def test_deepseek_like_setting_picks_no_draft():
     """DeepSeek-V2-Lite at 24 GiB: an int8 self-copy of the target as the draft leaves 348 slots of
     1664 against 1298 without it; 64 experts of a layer, top-6, k = 1."""
-    shape = ModelShape(num_moe_layers=26, num_experts=64, top_k=6, expert_bytes=DEEPSEEK_EXPERT,
-                       non_expert_bytes=int(2.7 * GB), num_target_layers=27, num_draft_tokens=1, acceptance=0.875,
+    shape = ModelShape(num_moe_layers=26, num_target_host_layers=26, num_experts=64, top_k=6, expert_bytes=DEEPSEEK_EXPERT,
+                       non_expert_bytes=int(2.7 * GB), num_draft_tokens=1, acceptance=0.875,
                        link_gb_per_s=25.0, device_gb_per_s=2000.0, layer_ms=0.5)
     active = shape.non_expert_bytes + 26 * 6 * DEEPSEEK_EXPERT
-    choice, ms = choose(shape, [DraftOption("none", 1298), DraftOption("as_configured", 348, int(2.5 * active), 27)])
+    choice, ms = choose(shape, [DraftOption("none", 1298), DraftOption("as_configured", 348, int(2.5 * active), 26)])
     assert choice == "none" and ms["as_configured"] > 2 * ms["none"]
 
 
@@ -76,7 +78,7 @@ def test_model_terms():
     half = predict_tpot_ms(shape, DraftOption("none", 128))
     assert half == pytest.approx(all_resident + 32 * 2 * 0.5 * MIXTRAL_EXPERT / 25e9 * 1e3)
     # with a draft: 3 tokens emitted per step (acceptance 1), the draft's time hides as much link time
-    sd = predict_tpot_ms(shape, DraftOption("bf16", 128, int(14.5 * GB), 32))
+    sd = predict_tpot_ms(shape, DraftOption("bf16", 128, int(14.5 * GB)))
     u = union_size(8, 2, 3)
     draft_ms = 2 * 14.5 * GB / 2e9
     miss_ms = 32 * u * 0.5 * MIXTRAL_EXPERT / 25e6
@@ -134,6 +136,18 @@ def test_estimated_quantized_bytes_match_the_quantized_draft(twin):
             applied.restore()
 
 
+def test_host_layers_follow_the_decode_mode(twin):
+    """Under eager every layer pays the per-layer host time; under graphs only the target's MoE layers."""
+    num_layers = twin.target.model.config.num_hidden_layers
+    for decode, target_layers, draft_layers in (("eager", num_layers, twin.draft.config.num_hidden_layers),
+                                                ("graphs", len(twin.target.layout.moe_layers), 0)):
+        offer = twin.draft_offer(replace(twin.cfg.hardware, decode=decode), _method("auto"))
+        shape, options, source = inputs(offer)
+        assert shape.num_target_host_layers == target_layers and source == "accept_prior"
+        assert [o.name for o in options] == ["none", "bf16", "int8", "int4"]
+        assert all(o.num_draft_host_layers == draft_layers for o in options[1:])
+
+
 def test_no_draft_run_is_lossless_plans_no_draft_and_gets_more_slots(twin):
     hw = _budget_for_slots(twin, 6)
     calls = {}
@@ -160,15 +174,14 @@ def test_no_draft_run_is_lossless_plans_no_draft_and_gets_more_slots(twin):
 
 
 def test_auto_follows_the_model_and_a_quantized_pick_is_calibrated(twin):
-    # a fast link and no per-layer cost: drafting only adds time, so auto declines the draft
-    cheap_misses = dict(choice_link_gb_per_s=1e6, choice_layer_ms=0.0)
-    gens, plan, _ = twin.generate(_method("auto", num_slots=10, **cheap_misses), twin.cfg.hardware, 16,
+    # no draft token accepted: a step emits one token for a wider union and the draft's time, so auto declines
+    gens, plan, _ = twin.generate(_method("auto", num_slots=10, accept_prior=0.0), twin.cfg.hardware, 16,
                                   spec_cfg=SpecConfig(num_draft_tokens=2))
     assert twin.last_extra["draft_choice"] == "none" and plan.draft_bytes == 0
     assert [g.token_ids for g in gens] == twin.reference
     # a slow link, certain acceptance: 3 tokens per step for the price of their union, so it drafts, and
     # under a budget the quantized drafts' saved bytes are slots: the model ranks them first, calibration checks
-    slow = dict(choice_link_gb_per_s=1e-3, choice_layer_ms=0.0, accept_prior=1.0)
+    slow = {"choice_link_gb_per_s": 1e-3, "choice_layer_ms": 0.0, "accept_prior": 1.0}
     gens, plan, _ = twin.generate(_method("auto", **slow), _budget_for_slots(twin, 6), 16,
                                   spec_cfg=SpecConfig(num_draft_tokens=2))
     extra = twin.last_extra
@@ -178,6 +191,19 @@ def test_auto_follows_the_model_and_a_quantized_pick_is_calibrated(twin):
     assert extra["draft_agreement_tried"] and extra["draft_agreement_tried"].keys() <= {"int8", "int4"}
     assert extra["draft_precision"] == "bf16" or extra["draft_agreement"] >= 0.95
     assert [g.token_ids for g in gens] == twin.reference
+
+
+def test_under_replay_auto_applies_the_pick_without_calibration(twin, monkeypatch):
+    import spmoe.methods.spmoe_plus as plus
+
+    monkeypatch.setattr(plus, "choose_precision", lambda *a, **kw: pytest.fail("calibrated under replay"))
+    ctx = SimpleNamespace(cfg=replace(twin.cfg, method=_method("auto")), draft=twin.draft, routing_trace=object())
+    choice = DraftChoice("int4", {"none": 2.0, "bf16": 1.5, "int8": 1.2, "int4": 1.0}, {}, 1.0, "trace", 25.0)
+    applied = plus._apply_draft_precision(ctx, choice)
+    try:
+        assert applied.precision == "int4" and applied.quantized and applied.agreement is None
+    finally:
+        applied.restore()
 
 
 def test_a_declining_case_shares_a_session_with_drafting_cases(tmp_path):
