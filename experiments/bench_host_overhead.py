@@ -11,6 +11,8 @@ priority victim computes each layer's factors once per call) and `listed` (the c
 evictable key and the policy scores each with its plain rule), the rules the engine used before the
 shortcuts. A method may name another eviction policy: `lru_nosd@layer_distance`. Rounds interleave (shortcut listed listed shortcut ...) after one warm-up
 each; the machine's other load inflates some rounds, so the table gives the minimum beside the median.
+"CPU ms/token" = the process's CPU time (`time.process_time`) per generated token with torch on one
+thread (`--threads`): on a shared machine it moves far less with others' load than wall time.
 Prefetch runs inline, so hit/miss counts are deterministic and must agree. Writes
 `host_overhead.csv` and `table.md` under --out and prints the table.
 """
@@ -21,8 +23,11 @@ import argparse
 import contextlib
 import logging
 import statistics
+import time
 from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from experiments.bench_layer_grouped import generate, method_case
 from experiments.presets import load_preset
@@ -62,9 +67,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--out", default="/tmp/host_overhead")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     card, model = load_preset("hardware", args.card), load_preset("model", args.model)
@@ -89,24 +96,30 @@ def main() -> None:
             for r in range(args.rounds):
                 for case in (("shortcut", "listed") if r % 2 == 0 else ("listed", "shortcut")):
                     with listed_victims() if case == "listed" else contextlib.nullcontext():
+                        cpu0 = time.process_time()
                         res = generate(session, method, hw, args.tokens, args.prompts, 3, True)
+                        cpu_s = time.process_time() - cpu0
+                    res["cpu_ms_per_token"] = cpu_s * 1e3 / (args.tokens * args.prompts)
                     rows.append({"method": spec, "case": case, "round": r, **res})
-                    log.info("%s %s round %d: host %.2f ms/step", spec, case, r, res["host_ms_per_step"])
+                    log.info("%s %s round %d: host %.2f ms/step, CPU %.2f ms/token", spec, case, r,
+                             res["host_ms_per_step"], res["cpu_ms_per_token"])
     finally:
         session.close()
     same = {spec: len({(str(r["tokens"]), r["hits"], r["misses"]) for r in rows if r["method"] == spec}) == 1
             for spec in cases}
-    keys = ["method", "case", "round", "tpot_ms", "host_ms_per_step", "hits", "misses"]
+    keys = ["method", "case", "round", "tpot_ms", "host_ms_per_step", "cpu_ms_per_token", "hits", "misses"]
     (out / "host_overhead.csv").write_text("\n".join([",".join(keys)] + [
         ",".join(str(r[k]) for k in keys) for r in rows]) + "\n")
-    lines = ["| method | case | host ms/step (median) | min | per round | hits | misses | tokens and counts equal |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | case | CPU ms/token (median) | spread | host ms/step (median) | min | hits | misses |"
+             " tokens and counts equal |", "|---|---|---|---|---|---|---|---|---|"]
     for spec in cases:
         for case in ("listed", "shortcut"):
             rs = [r for r in rows if r["method"] == spec and r["case"] == case]
-            host = [r["host_ms_per_step"] for r in rs]
-            lines.append(f"| {spec} | {case} | {statistics.median(host):.2f} | {min(host):.2f} | {' '.join(f'{h:.1f}' for h in host)} | "
-                         f"{rs[0]['hits']} | {rs[0]['misses']} | {same[spec]} |")
+            host, cpu = [r["host_ms_per_step"] for r in rs], [r["cpu_ms_per_token"] for r in rs]
+            med = statistics.median(cpu)
+            lines.append(f"| {spec} | {case} | {med:.2f} | {(max(cpu) - min(cpu)) / med:.3f} | "
+                         f"{statistics.median(host):.2f} | {min(host):.2f} | {rs[0]['hits']} | {rs[0]['misses']} | "
+                         f"{same[spec]} |")
     text = "\n".join(lines)
     (out / "table.md").write_text(text + "\n")
     print(text)
