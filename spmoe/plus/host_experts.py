@@ -43,6 +43,7 @@ import torch
 
 from spmoe.models.experts import (
     OffloadedExperts,
+    combine_routes,
     expert_mlp,
     grouped_expert_mlp,
     grouped_supported,
@@ -244,8 +245,7 @@ class HostAssistedExperts(OffloadedExperts):
                 start, end = span[e]
                 ys[rows_all[start:end], pos_all[start:end]] = y.to(hidden_states.device)
             self.stats.num_host_experts += len(host_ids)
-        out = (ys.float() * top_k_weights.float()[..., None]).sum(dim=1)  # [T, H], fixed summation order
-        return out.to(hidden_states.dtype)
+        return combine_routes(ys, top_k_weights, self.act_fn)  # [T, H], as OffloadedExperts sums them
 
 
 def host_pool(num_threads: int | None) -> ThreadPoolExecutor:
