@@ -5,8 +5,8 @@ Terms: a *frame* is one profiled function. *Engine* frames are Python functions 
 `baselines/` plus the non-torch builtins (dict/list/min/sorted ...) they call, charged to them;
 *torch* = torch's operators and tensor methods, called from anywhere (the tiny model's compute, and
 on a GPU the launches); *other* = everything else (transformers' modules, nn.Module dispatch, the
-standard library). Times are the profiler's self times (`tottime`, in the main thread's CPU time when
-the profiler's timer is `time.thread_time`, as in the bench), so the three parts add up to
+standard library). Times are the profiler's self times (`tottime`, wall clock: profile on a quiet
+machine; a CPU-time timer costs a system call per event here and swamps the profile), so the three parts add up to
 the profiled total; the profiler inflates Python calls, so compare profiles with profiles and take
 wall times from unprofiled runs. `sections` times the offloaded experts path's parts with
 `time.perf_counter` instead (no profiler): the provider's service (`serve_layer`: lookups, admissions,
