@@ -17,6 +17,17 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 torch.set_num_threads(1)  # tiny matmuls: threads only add contention on 2-core CI boxes
 
 
+def open_with_reference(cfg: RunConfig, num_tokens: int):
+    """A session on cfg whose `reference` holds gpu_resident's greedy tokens per prompt: the oracle that
+    equality tests compare every method with."""
+    from spmoe.session import open_session
+
+    s = open_session(cfg)
+    gens, _, _ = s.generate(MethodConfig(name="gpu_resident"), cfg.hardware, num_tokens)
+    s.reference = [g.token_ids for g in gens]
+    return s
+
+
 def tiny_run_config(model: str = "tiny", method: str = "gpu_resident", weights: str = "random", **kw) -> RunConfig:
     """A tiny CPU run. The `tiny` preset is a twin of its draft for `python run.py`; tests get random
     weights (independent of any draft) unless they ask for `weights="twin"` and set a draft."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_run_config
+from conftest import open_with_reference, tiny_run_config
 from torch import nn
 
 from experiments.presets import load_preset
@@ -33,9 +33,7 @@ OFFLOADING = sorted(m for m, s in STRATEGIES.items() if s.offloads and m != "acc
 def session():
     cfg = tiny_run_config("tiny", num_prompts=2, max_new_tokens=TOKENS)
     cfg.draft = load_preset("draft", "tiny")
-    s = open_session(cfg)
-    gens, _, _ = s.generate(MethodConfig(name="gpu_resident"), cfg.hardware, TOKENS)
-    s.reference = [g.token_ids for g in gens]
+    s = open_with_reference(cfg, TOKENS)
     yield s
     s.close()
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import tiny_run_config
+from conftest import open_with_reference, tiny_run_config
 from experiments.presets import load_preset
-from spmoe.session import open_session
 from spmoe.config import MethodConfig, SpecConfig
 from spmoe.methods import STRATEGIES, get_strategy
 
@@ -20,9 +19,7 @@ DRAFT_OF = {"tiny": "tiny", "tiny_qwen3_moe": "tiny_qwen3"}
 def session(request):
     cfg = tiny_run_config(request.param, num_prompts=3, max_new_tokens=20)
     cfg.draft = load_preset("draft", DRAFT_OF[request.param])
-    s = open_session(cfg)
-    gens, _, _ = s.generate(MethodConfig(name="gpu_resident"), cfg.hardware, cfg.max_new_tokens)
-    s.reference = [g.token_ids for g in gens]
+    s = open_with_reference(cfg, cfg.max_new_tokens)
     yield s
     s.close()
 

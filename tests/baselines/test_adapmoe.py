@@ -13,9 +13,8 @@ import torch
 
 import baselines.adapmoe  # noqa: F401  (registers the two strategies)
 from baselines.adapmoe import lookahead_depths
-from conftest import tiny_run_config
+from conftest import open_with_reference, tiny_run_config
 from experiments.presets import load_preset
-from spmoe.session import open_session
 from spmoe.summary import summarize_run
 from spmoe.config import MethodConfig, SpecConfig
 from spmoe.policy.cache_sizing import choose_sizes, lru_hit_curve, spread_leftover, total_value
@@ -43,9 +42,7 @@ class Run:
 def session():
     cfg = tiny_run_config("tiny", num_prompts=2, max_new_tokens=TOKENS)
     cfg.draft = load_preset("draft", "tiny")
-    s = open_session(cfg)
-    gens, _, _ = s.generate(MethodConfig(name="gpu_resident"), cfg.hardware, TOKENS)
-    s.reference = [g.token_ids for g in gens]
+    s = open_with_reference(cfg, TOKENS)
     s.runs = {}
     yield s
     s.close()

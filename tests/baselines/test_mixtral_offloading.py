@@ -11,7 +11,7 @@ import torch
 
 import baselines.mixtral_offloading  # noqa: F401  (registers the two strategies)
 from baselines.mixtral_offloading import split_slots
-from conftest import tiny_run_config
+from conftest import open_with_reference, tiny_run_config
 from experiments.presets import load_preset
 from spmoe.session import open_session
 from spmoe.config import MethodConfig, SpecConfig
@@ -28,9 +28,7 @@ TOKENS = 16
 def session(request):
     cfg = tiny_run_config(request.param, num_prompts=2, max_new_tokens=TOKENS)
     cfg.draft = load_preset("draft", DRAFT_OF[request.param])
-    s = open_session(cfg)
-    gens, _, _ = s.generate(MethodConfig(name="gpu_resident"), cfg.hardware, TOKENS)
-    s.reference = [g.token_ids for g in gens]
+    s = open_with_reference(cfg, TOKENS)
     yield s
     s.close()
 

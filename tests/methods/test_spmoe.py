@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import tiny_run_config
+from conftest import open_with_reference, tiny_run_config
 
 from experiments.presets import load_preset
 from spmoe.session import open_session
@@ -29,9 +29,7 @@ def _session(weights: str, noise: float = 0.05, model: str = "tiny", draft: str 
     cfg.model.weights = weights
     cfg.model.twin = TwinConfig(expert_noise=noise)
     cfg.draft = load_preset("draft", draft)
-    s = open_session(cfg)
-    ref, _, _ = s.generate(MethodConfig(name="gpu_resident"), cfg.hardware, 24)
-    s.reference = [g.token_ids for g in ref]
+    s = open_with_reference(cfg, 24)
     return s
 
 

@@ -8,12 +8,11 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import tiny_run_config
+from conftest import open_with_reference, tiny_run_config
 
 from experiments.presets import load_preset
 from spmoe.config import CutoffConfig, MethodConfig, PlusConfig, SpecConfig, TwinConfig
 from spmoe.plus.draft_precision import quantize_draft
-from spmoe.session import open_session
 from spmoe.trace.metrics import summarize
 
 OFF = dict(draft_precision="bf16", host_compute="off", adaptive_k=False)
@@ -36,9 +35,7 @@ def twin():
     cfg.model.weights = "twin"
     cfg.model.twin = TwinConfig(expert_noise=0.05)
     cfg.draft = load_preset("draft", "tiny")
-    s = open_session(cfg)
-    ref, _, _ = s.generate(MethodConfig(name="gpu_resident"), cfg.hardware, 20)
-    s.reference = [g.token_ids for g in ref]
+    s = open_with_reference(cfg, 20)
     yield s
     s.close()
 

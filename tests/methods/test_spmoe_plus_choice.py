@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import tiny_run_config
+from conftest import open_with_reference, tiny_run_config
 
 from experiments.presets import load_preset
 from spmoe.config import CutoffConfig, MethodConfig, PlusConfig, SpecConfig, TwinConfig
@@ -105,9 +105,7 @@ def twin():
     cfg.model.weights = "twin"
     cfg.model.twin = TwinConfig(expert_noise=0.05)
     cfg.draft = load_preset("draft", "tiny")
-    s = open_session(cfg)
-    ref, _, _ = s.generate(MethodConfig(name="gpu_resident"), cfg.hardware, 16)
-    s.reference = [g.token_ids for g in ref]
+    s = open_with_reference(cfg, 16)
     yield s
     s.close()
 
