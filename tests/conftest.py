@@ -17,6 +17,17 @@ logging.getLogger("transformers").setLevel(logging.ERROR)
 torch.set_num_threads(1)  # tiny matmuls: threads only add contention on 2-core CI boxes
 
 
+def tiny_twin_config(num_prompts: int = 2, max_new_tokens: int = 16, expert_noise: float = 0.05) -> RunConfig:
+    """The tiny target upcycled from the tiny draft: a pair whose drafts are accepted, so SD paths run."""
+    from spmoe.config import TwinConfig
+
+    cfg = tiny_run_config("tiny", num_prompts=num_prompts, max_new_tokens=max_new_tokens)
+    cfg.model.weights = "twin"
+    cfg.model.twin = TwinConfig(expert_noise=expert_noise)
+    cfg.draft = load_preset("draft", "tiny")
+    return cfg
+
+
 def open_with_reference(cfg: RunConfig, num_tokens: int):
     """A session on cfg whose `reference` holds gpu_resident's greedy tokens per prompt: the oracle that
     equality tests compare every method with."""

@@ -8,10 +8,9 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import open_with_reference, tiny_run_config
+from conftest import open_with_reference, tiny_twin_config
 
-from experiments.presets import load_preset
-from spmoe.config import CutoffConfig, MethodConfig, PlusConfig, SpecConfig, TwinConfig
+from spmoe.config import CutoffConfig, MethodConfig, PlusConfig, SpecConfig
 from spmoe.plus.draft_precision import quantize_draft
 from spmoe.trace.metrics import summarize
 
@@ -31,11 +30,7 @@ PARTS = {
 
 @pytest.fixture(scope="module")
 def twin():
-    cfg = tiny_run_config("tiny", num_prompts=2, max_new_tokens=20)
-    cfg.model.weights = "twin"
-    cfg.model.twin = TwinConfig(expert_noise=0.05)
-    cfg.draft = load_preset("draft", "tiny")
-    s = open_with_reference(cfg, 20)
+    s = open_with_reference(tiny_twin_config(max_new_tokens=20), 20)
     yield s
     s.close()
 

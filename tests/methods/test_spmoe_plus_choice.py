@@ -10,10 +10,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import open_with_reference, tiny_run_config
+from conftest import open_with_reference, tiny_run_config, tiny_twin_config
 
 from experiments.presets import load_preset
-from spmoe.config import CutoffConfig, MethodConfig, PlusConfig, SpecConfig, TwinConfig
+from spmoe.config import CutoffConfig, MethodConfig, PlusConfig, SpecConfig
 from spmoe.experiment import Case, run_cases
 from spmoe.plus.draft_choice import (
     DraftChoice,
@@ -101,11 +101,7 @@ def test_invalid_precision_lists_the_valid_ones():
 
 @pytest.fixture(scope="module")
 def twin():
-    cfg = tiny_run_config("tiny", num_prompts=2, max_new_tokens=16)
-    cfg.model.weights = "twin"
-    cfg.model.twin = TwinConfig(expert_noise=0.05)
-    cfg.draft = load_preset("draft", "tiny")
-    s = open_with_reference(cfg, 16)
+    s = open_with_reference(tiny_twin_config(max_new_tokens=16), 16)
     yield s
     s.close()
 
