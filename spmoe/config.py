@@ -133,6 +133,7 @@ class PlusConfig:
     host_compute: str = "auto"  # off | auto | all
     host_threads: int | None = None  # host compute threads (default: all cores but two)
     host_max_per_layer: int | None = None  # cap on experts computed on the host per layer forward
+    host_fill: bool = False  # also load host-computed experts into free slots (never evicting), so they hit later
     adaptive_k: bool = False  # union-aware draft length per step (off: spec.num_draft_tokens every step)
     k_min: int = 0  # adaptive_k: the smallest k it may choose
     accept_prior: float = 0.8  # acceptance per draft token where none is measured (adaptive_k, draft choice)

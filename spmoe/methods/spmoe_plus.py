@@ -148,7 +148,7 @@ def _summary(precision: DraftPrecision, extra_slots: int, stats: HostStats, plan
         "draft_precision": precision.precision, "draft_saved_bytes": precision.saved_bytes,
         "draft_agreement": precision.agreement, "draft_agreement_tried": precision.tried or None,
         "extra_slots": extra_slots,
-        "host_experts": stats.num_host_experts, "gpu_experts": stats.num_gpu_experts,
+        "host_experts": stats.num_host_experts, "gpu_experts": stats.num_gpu_experts, "host_filled": stats.num_filled,
         "host_expert_fraction": stats.num_host_experts / total if total else None,
         "host_compute_ms": stats.host_ms, "host_wait_ms": stats.wait_ms,
         "host_cost_fixed_ms": cost.fixed_ms if cost else None,
@@ -261,7 +261,7 @@ def build(ctx: MethodContext) -> Runtime:
                 runtime.choose_k = chooser
                 runtime.listeners.append(chooser)
             install_host_experts(runtime.model, layout.moe_layers, planner, ctx.target.store, pool, stats,
-                                 chooser.on_layer if chooser else None)
+                                 chooser.on_layer if chooser else None, pcfg.host_fill)
         runtime.extra_summary = lambda inner=runtime.extra_summary: _summary(
             precision, extra_slots, stats, planner, chooser, _lossy_summary(ctx, lossy, staging, runtime.cutoff_layer),
             inner, choice)

@@ -120,6 +120,10 @@ class ExpertCache:
         candidates = self._candidates(pool)
         return self.policy.victim(candidates) if candidates else None
 
+    def has_free_slot(self, key: ExpertKey) -> bool:
+        """Whether `key` could be admitted into a free slot, evicting nothing."""
+        return bool(self._free_of[self._pool(key)])
+
     def can_admit(self, key: ExpertKey | None = None) -> bool:
         """Whether `key` (any key, unpartitioned) could get a slot now (a free one, or an unpinned victim)."""
         pool = None if key is None else self._pool(key)

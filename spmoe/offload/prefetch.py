@@ -178,6 +178,22 @@ class PrefetchProvider:
                 if not self.batched_io:
                     self.transfer.sync_prefetch()
 
+    def fill(self, layer: int, expert_ids: list[int]) -> int:
+        """Load those of the layer's experts that are not resident into free slots, evicting nothing and
+        pinning nothing (on the prefetch stream, after everything queued there): experts served some
+        other way now (computed on the host) become hits later while the cache has room. Returns the
+        number of loads issued."""
+        issued = 0
+        with self.lock:
+            for e in expert_ids:
+                key = (layer, e)
+                if self.cache.slot_of(key) is not None or not self.cache.has_free_slot(key):
+                    continue
+                slot, _ = self.cache.admit(key, count_miss=False)
+                self.transfer.load(slot, self.cache.slot(slot), self.store.flat(key), prefetch=True)
+                issued += 1
+        return issued
+
     def _on_evict(self, evicted: ExpertKey | None) -> None:
         if evicted is not None and self._by_prefetch.pop(evicted, -1) >= 0:
             self.num_wasted += 1

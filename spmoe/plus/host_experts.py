@@ -9,8 +9,11 @@ worker thread computes them with torch's CPU kernels on the store's weights, whi
 thread runs the GPU experts through the provider (hits, landed prefetches, on-demand loads; in one
 grouped matmul when the provider's `serve_layer` pins them all at once, the host experts' routes
 then computed on a spare slot and overwritten); then the host outputs go up and land in their
-(token, slot) rows. Host experts are never loaded, so they move no bytes and are not in the
-provider's expert events (hits/misses count GPU-served experts only); `HostStats` counts them.
+(token, slot) rows. Host experts are not loaded for the layer, so they are not in the provider's
+expert events (hits/misses count GPU-served experts only); `HostStats` counts them. With `fill`
+(`method.plus.host_fill`), after the layer's demand copies are issued, the host experts that have a
+free slot are also loaded there (never evicting, never pinned), so they hit later; without it they
+move no bytes, and a cache with room stays as cold as the host's share.
 
 Cost model (per missing expert e with n_e routed tokens, greedy, most tokens first): GPU finish =
 copies already queued x copy_ms + (GPU experts so far + 1) x copy_ms x f(layer); host finish = the k-th host
@@ -62,6 +65,7 @@ class HostStats:
     num_gpu_experts: int = 0
     host_ms: float = 0.0  # host worker time computing
     wait_ms: float = 0.0  # main-thread time waiting for host outputs after its GPU experts
+    num_filled: int = 0  # host experts also loaded into free slots (`fill`)
 
 
 @dataclass
@@ -174,10 +178,11 @@ class HostAssistedExperts(OffloadedExperts):
     """`OffloadedExperts` whose missing experts may be computed on the host (see the module docstring)."""
 
     def __init__(self, base: OffloadedExperts, planner: HostPlanner, store: ExpertStore, pool: ThreadPoolExecutor,
-                 stats: HostStats, on_layer=None):
+                 stats: HostStats, on_layer=None, fill: bool = False):
         super().__init__(base.layer_idx, base.layout, base.act_fn, base.provider)
         self.planner, self.store, self.pool, self.stats = planner, store, pool, stats
         self.on_layer = on_layer  # (layer, num_tokens, num_unique, num_missing) -> None, e.g. the k chooser
+        self.fill = fill  # also load the host experts into free slots, after the layer's demand copies
 
     def _host(self, x: torch.Tensor, jobs: list[tuple[int, torch.Tensor]], submitted: float,
               ) -> list[tuple[int, torch.Tensor]]:
@@ -237,6 +242,8 @@ class HostAssistedExperts(OffloadedExperts):
                 rows_d, pos_d = rows_all[start:end], pos_all[start:end]
                 ys[rows_d, pos_d] = mlp(hidden_states[rows_d], gate_up, down, self.act_fn)
         self.stats.num_gpu_experts += len(gpu_ids)
+        if self.fill and host_ids:
+            self.stats.num_filled += self.provider.fill(self.layer_idx, host_ids)
         if future is not None:
             t0 = time.perf_counter()
             results = future.result()
@@ -256,8 +263,8 @@ def host_pool(num_threads: int | None) -> ThreadPoolExecutor:
 
 
 def install_host_experts(model: torch.nn.Module, moe_layers, planner: HostPlanner, store: ExpertStore,
-                         pool: ThreadPoolExecutor, stats: HostStats, on_layer=None) -> None:
+                         pool: ThreadPoolExecutor, stats: HostStats, on_layer=None, fill: bool = False) -> None:
     """Replace each layer's `OffloadedExperts` by a `HostAssistedExperts` over the same provider."""
     for idx in moe_layers:
         mlp = model.model.layers[idx].mlp
-        mlp.experts = HostAssistedExperts(mlp.experts, planner, store, pool, stats, on_layer)
+        mlp.experts = HostAssistedExperts(mlp.experts, planner, store, pool, stats, on_layer, fill)

@@ -21,6 +21,7 @@ PARTS = {
     # a slow link and certain acceptance: the draft choice's model drafts (see test_spmoe_plus_choice)
     "auto_draft": dict(OFF, draft_precision="auto", choice_link_gb_per_s=1e-3, choice_layer_ms=0.0, accept_prior=1.0),
     "host_all": dict(OFF, host_compute="all"),
+    "host_all_fill": dict(OFF, host_compute="all", host_fill=True),
     "host_auto": dict(OFF, host_compute="auto"),
     "adaptive_k": dict(OFF, adaptive_k=True),
     "sd_lookahead": dict(OFF),
@@ -71,6 +72,20 @@ def test_each_part_alone_is_lossless(twin, part):
         assert sum(extra["chosen_k_counts"].values()) >= len(drafted)
     else:
         assert "chosen_k_counts" not in extra
+
+
+def test_host_fill_loads_host_experts_into_free_slots_only(twin):
+    """With fill, a host-computed expert that finds a free slot is also loaded (never evicting), so later
+    uses hit on the device instead of going back to the host; tokens stay the reference's."""
+    _, _, cold = _plus(twin, "host_all", num_slots=12)
+    cold_extra = dict(twin.last_extra)
+    gens, _, warm = _plus(twin, "host_all_fill", num_slots=12)
+    extra = twin.last_extra
+    assert cold_extra["host_filled"] == 0 and 0 < extra["host_filled"] <= 12
+    assert [g.token_ids for g in gens] == twin.reference
+    assert extra["host_experts"] < cold_extra["host_experts"] and warm["expert_hits"] > cold["expert_hits"]
+    gens, _, _ = _plus(twin, "host_all_fill", num_slots=4)  # a full cache: fills never evict
+    assert twin.last_extra["host_filled"] <= 4 and [g.token_ids for g in gens] == twin.reference
 
 
 def test_draft_comes_back_and_other_methods_are_unaffected(twin):
