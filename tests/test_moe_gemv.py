@@ -70,6 +70,19 @@ def test_presorted_routes_skip_the_sort_with_the_same_bits(kernel):
                        kernel.slot_mlp(rows, one_expert, 1, storage, I))
 
 
+def test_one_token_maps_ids_to_slots_inside_the_kernels(kernel):
+    """routed_mlp (ids looked up in the slot table by the kernels) gives slot_mlp's bits on the mapped
+    slots; ids outside [0, E) (transformers' sentinel E, with a spare entry in the table) give zero rows."""
+    gen = torch.Generator().manual_seed(13)
+    storage = torch.randn(E + 1, 3 * I * H, generator=gen) * 0.1
+    x = torch.randn(1, H, generator=gen)
+    slot_of = torch.tensor([6, 0, 5, 1, 4, 2, 3])  # [E + 1]: entry E a spare slot, never read for routes
+    index = torch.tensor([[3, E, 0, 5]])  # [1, A]
+    got = kernel.routed_mlp(x, index, slot_of, E, storage, I)
+    want = kernel.slot_mlp(x, torch.tensor([1, -1, 6, 2]), 4, storage, I)
+    assert torch.equal(got, want) and torch.equal(got[1], torch.zeros(H))
+
+
 def test_combine_weights_routes_in_float32(kernel):
     gen = torch.Generator().manual_seed(5)
     ys = torch.randn(3, 6, H, generator=gen)  # [T, A, H]
@@ -95,6 +108,8 @@ def test_experts_module_dispatches_decode_shapes_to_the_kernel(kernel, monkeypat
     assert torch.equal(got[1, 1], torch.zeros(H))
     alone = experts_mod.slot_expert_mlp(x[[0, 1]], *layout.split(storage[1]), act)  # expert 3 -> slot 1
     assert torch.equal(alone, torch.stack([got[0, 1], got[1, 0]]))
+    one = experts_mod.grouped_expert_mlp(x[:1], index[:1], storage, slot_of, layout, act)  # T = 1: routed_mlp
+    assert torch.equal(one[0], got[0])
     weights = torch.rand(3, 2, generator=gen)
     combined = experts_mod.combine_routes(got, weights, act)
     assert torch.allclose(combined, (got * weights[..., None]).sum(dim=1), rtol=1e-5, atol=1e-6)

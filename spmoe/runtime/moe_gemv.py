@@ -79,19 +79,42 @@ def slot_mlp(x: torch.Tensor, route_slots: torch.Tensor, top_k: int, storage: to
     assert num_tokens <= MAX_TOKENS and num_routes == num_tokens * top_k, (x.shape, route_slots.shape, top_k)
     assert storage.stride(1) == 1 and storage.shape[1] == 3 * intermediate_size * hidden, storage.shape
     if grouped:
-        sorted_slots, order = route_slots, _route_order(num_routes, x.device)  # [R] each
+        keys, order = route_slots, _route_order(num_routes, x.device)  # [R] each
     else:
-        sorted_slots, order = torch.sort(route_slots, stable=True)  # [R] each: routes grouped by slot
+        keys, order = torch.sort(route_slots, stable=True)  # [R] each: routes grouped by slot
+    return _launch(x, keys, None, 0, order, top_k, storage, intermediate_size)
+
+
+def routed_mlp(x: torch.Tensor, top_k_index: torch.Tensor, slot_of: torch.Tensor, num_experts: int,
+               storage: torch.Tensor, intermediate_size: int) -> torch.Tensor:
+    """`slot_mlp` for one token's routes, mapped to slots inside the kernels: [A, H].
+
+    x [1, H]; top_k_index [1, A] distinct expert ids (ids outside [0, E): no expert, a zero row);
+    slot_of [>= E] each expert's slot in storage [S, N]. No kernel besides the two matmuls."""
+    num_tokens, top_k = top_k_index.shape
+    assert num_tokens == 1 == x.shape[0], (x.shape, top_k_index.shape)
+    assert storage.stride(1) == 1 and storage.shape[1] == 3 * intermediate_size * x.shape[1], storage.shape
+    ids = top_k_index.reshape(-1)  # [A]
+    return _launch(x, ids, slot_of, num_experts, _route_order(top_k, x.device), top_k, storage, intermediate_size)
+
+
+def _launch(x: torch.Tensor, keys: torch.Tensor, table: torch.Tensor | None, num_experts: int, order: torch.Tensor,
+            top_k: int, storage: torch.Tensor, intermediate_size: int) -> torch.Tensor:
+    """The two kernels over routes `keys` [R] (slots grouped by slot; or with `table`, expert ids mapped
+    to slots in the kernels) at route positions `order` [R]: [R, H] in route order."""
+    num_routes, hidden = keys.numel(), x.shape[1]
     x = x.contiguous()
-    mid = torch.empty(num_routes, intermediate_size, dtype=x.dtype, device=x.device)  # [R, I] in sorted order
+    mid = torch.empty(num_routes, intermediate_size, dtype=x.dtype, device=x.device)  # [R, I] in grouped order
     out = torch.empty(num_routes, hidden, dtype=x.dtype, device=x.device)  # [R, H] in route order
+    mapped = table is not None
+    table = table if mapped else keys  # unread without MAP
     bn_up, bk_up, bn_down, bk_down = _blocks(hidden, intermediate_size)
     _gate_up_kernel[(triton.cdiv(intermediate_size, bn_up), num_routes)](
-        x, sorted_slots, order, storage, mid, num_routes, top_k, hidden, intermediate_size, storage.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_N=bn_up, BLOCK_K=bk_up, num_warps=4, num_stages=3)
+        x, keys, table, num_experts, order, storage, mid, num_routes, top_k, hidden, intermediate_size,
+        storage.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=bn_up, BLOCK_K=bk_up, MAP=mapped, num_warps=4, num_stages=3)
     _down_kernel[(triton.cdiv(hidden, bn_down), num_routes)](
-        mid, sorted_slots, order, storage, out, num_routes, hidden, intermediate_size, storage.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_N=bn_down, BLOCK_K=bk_down, num_warps=4, num_stages=3)
+        mid, keys, table, num_experts, order, storage, out, num_routes, hidden, intermediate_size,
+        storage.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=bn_down, BLOCK_K=bk_down, MAP=mapped, num_warps=4, num_stages=3)
     return out
 
 
@@ -124,20 +147,32 @@ def _blocks(hidden: int, intermediate: int) -> tuple[int, int, int, int]:
 
 if triton is not None:
     @triton.jit
-    def _group(sorted_slots_ptr, num_routes, pid_r, BLOCK_M: tl.constexpr):
-        """(slot, rows [BLOCK_M] of the sorted routes in this program's group, their mask, is leader)."""
-        slot = tl.load(sorted_slots_ptr + pid_r)
-        prev = tl.load(sorted_slots_ptr + pid_r - 1, mask=pid_r > 0, other=-2)
+    def _slots(keys_ptr, table_ptr, offs, mask, num_experts, MAP: tl.constexpr):
+        """The slots of routes `offs` (masked-out: -3): keys are slots, or with MAP expert ids looked up in
+        table [E] (an id outside [0, E): -1, no expert)."""
+        keys = tl.load(keys_ptr + offs, mask=mask, other=-3)
+        if MAP:
+            known = mask & (keys >= 0) & (keys < num_experts)
+            keys = tl.where(known, tl.load(table_ptr + keys, mask=known, other=0), tl.where(mask, -1, -3))
+        return keys
+
+    @triton.jit
+    def _group(keys_ptr, table_ptr, num_experts, num_routes, pid_r, BLOCK_M: tl.constexpr, MAP: tl.constexpr):
+        """(slot, rows [BLOCK_M] of the grouped routes in this program's group, their mask, is leader)."""
+        slot = _slots(keys_ptr, table_ptr, pid_r, pid_r < num_routes, num_experts, MAP)
+        prev = _slots(keys_ptr, table_ptr, pid_r - 1, pid_r > 0, num_experts, MAP)
+        prev = tl.where(pid_r > 0, prev, -2)
         rows = pid_r + tl.arange(0, BLOCK_M)
-        same = tl.load(sorted_slots_ptr + rows, mask=rows < num_routes, other=-3) == slot
+        same = _slots(keys_ptr, table_ptr, rows, rows < num_routes, num_experts, MAP) == slot
         lead = (slot != prev) & (slot >= 0)
         return slot, rows, same & (rows < num_routes), lead
 
     @triton.jit
-    def _gate_up_kernel(x_ptr, sorted_slots_ptr, order_ptr, w_ptr, mid_ptr, num_routes, top_k, hidden, inter,
-                        slot_stride, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _gate_up_kernel(x_ptr, keys_ptr, table_ptr, num_experts, order_ptr, w_ptr, mid_ptr, num_routes, top_k, hidden,
+                        inter, slot_stride, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        MAP: tl.constexpr):
         pid_n, pid_r = tl.program_id(0), tl.program_id(1)
-        slot, rows, valid, lead = _group(sorted_slots_ptr, num_routes, pid_r, BLOCK_M)
+        slot, rows, valid, lead = _group(keys_ptr, table_ptr, num_experts, num_routes, pid_r, BLOCK_M, MAP)
         if lead:
             tokens = tl.load(order_ptr + rows, mask=valid, other=0) // top_k  # [BM]
             cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] rows of gate (and of up, + inter)
@@ -161,10 +196,11 @@ if triton is not None:
             tl.store(mid_ptr + rows[:, None] * inter + cols[None, :], mid, mask=valid[:, None] & col_ok[None, :])
 
     @triton.jit
-    def _down_kernel(mid_ptr, sorted_slots_ptr, order_ptr, w_ptr, out_ptr, num_routes, hidden, inter, slot_stride,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _down_kernel(mid_ptr, keys_ptr, table_ptr, num_experts, order_ptr, w_ptr, out_ptr, num_routes, hidden, inter,
+                     slot_stride, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     MAP: tl.constexpr):
         pid_n, pid_r = tl.program_id(0), tl.program_id(1)
-        slot, rows, valid, lead = _group(sorted_slots_ptr, num_routes, pid_r, BLOCK_M)
+        slot, rows, valid, lead = _group(keys_ptr, table_ptr, num_experts, num_routes, pid_r, BLOCK_M, MAP)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] output features
         col_ok = cols < hidden
         dtype = out_ptr.dtype.element_ty
