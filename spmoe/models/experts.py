@@ -102,7 +102,8 @@ _ONE_GROUP: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
 def slot_expert_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act_fn: nn.Module) -> torch.Tensor:
-    """`expert_mlp` through the grouped GEMM with one group: the kernel of the grouped path, so an
+    """`expert_mlp` through the grouped path's kernels, over this one slot (decode shapes on CUDA: the
+    Triton kernels of `spmoe.runtime.moe_gemv`; else torch's grouped GEMM with one group), so an
     expert's rows round as they do there (bf16 results of every method agree with the GPU-resident
     reference's). x [M, H] -> [M, H]; gate_up [2I, H] and down [H, I] views of one slot."""
     rows = x.shape[0]
@@ -288,9 +289,10 @@ def grouped_expert_mlp(x: torch.Tensor, top_k_index: torch.Tensor, storage: torc
 
     x [T, H]; top_k_index [T, A] expert ids in [0, E] (E, transformers' "no expert", gives a zero
     row); storage [S, N] slot buffers (gate_up [2I, H] then down [H, I] each); slot_of [E] or [E + 1]
-    the slot of each expert in storage (entry E, any slot, serves the "no expert" routes). Routes
-    are sorted by slot; group g of the grouped matmul is slot g (empty groups cost nothing). Few
-    kernels on purpose: decode is bound by the host's launches."""
+    the slot of each expert in storage (entry E, any slot, serves the "no expert" routes). Decode
+    shapes on CUDA run the Triton kernels (`spmoe.runtime.moe_gemv`); otherwise routes are sorted by
+    slot and group g of torch's grouped matmul is slot g (empty groups cost nothing), in chunks of
+    MAX_GROUPS slots. Few kernels on purpose: decode is bound by launches."""
     num_tokens, top_k = top_k_index.shape
     num_slots = storage.shape[0]
     h, i, num_experts = layout.hidden_size, layout.intermediate_size, layout.num_experts
