@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before spmoe imports Triton: kernels under test run in its CPU interpreter
-
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # before spmoe imports Triton: its kernels run in Triton's CPU interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from experiments.presets import load_preset
 from spmoe.config import MethodConfig, RunConfig
