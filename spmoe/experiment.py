@@ -22,6 +22,7 @@ import io
 import logging
 import pstats
 import shutil
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -109,14 +110,15 @@ def _warm_up(session: Session, case: Case, num_tokens: int) -> None:
     session.generate(cfg.method, cfg.hardware, min(num_tokens, cfg.max_new_tokens), num_prompts=1, spec_cfg=cfg.spec)
 
 
-def warmup_plan(cases: list[Case], warmup_tokens: int) -> list[int]:
+def warmup_plan(cases: list[Case], warmup_tokens: int, drafts: Callable[[Case], bool] | None = None) -> list[int]:
     """Tokens each case decodes before round 0. The first case of each step shape (positions per verify
     step: 1 without SD, k + 1 with it) decodes a whole round's length, so every KV length and step shape
-    the timed rounds reach has run once in the process; the others decode `warmup_tokens`."""
+    the timed rounds reach has run once in the process; the others decode `warmup_tokens`. `drafts(case)`
+    says whether a case drafts (default: its method is speculative; a session also knows which decline)."""
     seen: set[int] = set()
     plan = []
     for case in cases:
-        spec = get_strategy(case.cfg.method.name).speculative
+        spec = drafts(case) if drafts is not None else get_strategy(case.cfg.method.name).speculative
         shape = case.cfg.spec.num_draft_tokens + 1 if spec else 1
         plan.append(case.cfg.max_new_tokens if shape not in seen else warmup_tokens)
         seen.add(shape)
@@ -246,7 +248,10 @@ def run_cases(cases: list[Case], rounds: int = 1, warmup_tokens: int = 0, experi
             if warmup_tokens > 0:
                 session.touch_store()
                 warm = [c for c in todo if done[id(c)] is None]
-                for case, num_tokens in zip(warm, warmup_plan(warm, warmup_tokens)):
+                def drafts(c: Case) -> bool:  # a speculative method may decline the draft (strategy.accepts_draft)
+                    return session.drafts(c.cfg.hardware, c.cfg.method, c.cfg.spec)
+
+                for case, num_tokens in zip(warm, warmup_plan(warm, warmup_tokens, drafts)):
                     _attempt(isolate, done, case, experiment, lambda c=case, n=num_tokens: _warm_up(session, c, n))
             limit = time_limit or TimeLimit(None)
             for r in range(rounds):

@@ -158,6 +158,8 @@ def test_warm_up_covers_a_whole_round_once_per_step_shape(tmp_path):
     assert warmup_plan(order, 3) == [9, 9, 3, 3]  # no SD: 1 position per step; SD k=1: 2 positions
     lru_k3 = next(c for c in k3 if c.name == "lru")
     assert warmup_plan([*order, lru_k3], 3) == [9, 9, 3, 3, 9]  # k = 3: a new shape (4 positions)
+    declines = warmup_plan(order, 3, drafts=lambda c: c.name == "spmoe")  # lru declines its draft: no SD shape
+    assert declines == [9, 3, 9, 3]
 
 
 def test_experiment_only_runs_a_subset_and_rejects_unknown_case_names(tmp_path):
