@@ -111,7 +111,7 @@ def slot_expert_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, 
         (two_i, h), numel = gate_up.shape, gate_up.numel() + down.numel()
         assert down.storage_offset() == gate_up.storage_offset() + two_i * h, "gate_up and down of one slot buffer"
         flat = gate_up.as_strided((1, numel), (numel, 1), gate_up.storage_offset())  # [1, N]: the slot
-        return moe_gemv.slot_mlp(x, _zero_slots(rows, x.device), 1, flat, two_i // 2, grouped=True)  # [M, H]
+        return moe_gemv.one_slot_mlp(x, flat, two_i // 2)  # [M, H]
     offs = _ONE_GROUP.get((rows, x.device))
     if offs is None:
         offs = _ONE_GROUP[(rows, x.device)] = torch.tensor([rows], dtype=torch.int32, device=x.device)  # [1]
@@ -121,17 +121,6 @@ def slot_expert_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, 
     down_t = down.as_strided((1, i, h), (h * i, 1, i), down.storage_offset())  # [1, I, H]
     gate, up = mm(x.contiguous(), gate_up_t, offs=offs).chunk(2, dim=-1)  # [M, I] each
     return mm(act_fn(gate) * up, down_t, offs=offs)  # [M, H]
-
-
-_ZERO_SLOTS: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
-def _zero_slots(rows: int, device: torch.device) -> torch.Tensor:
-    """[rows] zeros: every route to slot 0 of a one-slot storage (cached, so graphs may capture it)."""
-    slots = _ZERO_SLOTS.get((rows, device))
-    if slots is None:
-        slots = _ZERO_SLOTS[(rows, device)] = torch.zeros(rows, dtype=torch.long, device=device)
-    return slots
 
 
 class OffloadedExperts(nn.Module):
@@ -230,7 +219,7 @@ def expert_by_expert(hidden_states: torch.Tensor, index_cpu: torch.Tensor, exper
 def combine_routes(ys: torch.Tensor, weights: torch.Tensor, act_fn: nn.Module) -> torch.Tensor:
     """[T, H]: the routes' outputs ys [T, A, H] weighted by weights [T, A], summed in float32 in a fixed
     order over A, in ys's dtype: one kernel where the expert kernels serve (`moe_gemv.combine`)."""
-    if moe_gemv.supports(ys[:, 0], act_fn):
+    if moe_gemv.supports(ys, act_fn):  # ys [T, A, H]: the same T, device and dtype test as its inputs'
         return moe_gemv.combine(ys, weights)
     return (ys.float() * weights.float()[..., None]).sum(dim=1).to(ys.dtype)  # [T, H], fixed summation order
 
