@@ -47,10 +47,10 @@ import torch
 from spmoe.models.experts import (
     OffloadedExperts,
     combine_routes,
+    expert_by_expert,
     expert_mlp,
     grouped_expert_mlp,
     grouped_supported,
-    slot_expert_mlp,
 )
 from spmoe.offload.layer_slots import LayerSlots
 from spmoe.offload.prefetch import PrefetchProvider
@@ -111,10 +111,10 @@ class HostTimes:
         self.start_ms: float | None = None
 
     def expert_ms(self, num_tokens: int) -> float:
-        seen = list(self.ms_at.items())
         if num_tokens in self.ms_at:
             return self.ms_at[num_tokens]
         modelled = self.profiled.host_ms(num_tokens)
+        seen = list(self.ms_at.items())
         if not seen:
             return modelled
         n, ms = min(seen, key=lambda item: (abs(item[0] - num_tokens), item[0]))
@@ -211,13 +211,12 @@ class HostAssistedExperts(OffloadedExperts):
             cache = self.provider.cache
             missing = sum(1 for e in span if cache.slot_of((self.layer_idx, e)) is None)
             self.on_layer(self.layer_idx, num_tokens, len(span), missing)
-        rows_cpu, pos_cpu = order // top_k, order % top_k  # [R] each
+        rows_cpu = order // top_k  # [R]: each route's token
         future: Future | None = None
         if host_ids:
             x_host = hidden_states.to("cpu")  # [T, H]
             future = self.pool.submit(self._host, x_host, [(e, rows_cpu[span[e][0]:span[e][1]]) for e in host_ids],
                                       time.perf_counter())
-        rows_all, pos_all = rows_cpu.to(hidden_states.device), pos_cpu.to(hidden_states.device)
         on_host = set(host_ids)
         gpu_ids = [e for e in span if e not in on_host]
         serve = getattr(self.provider, "serve_layer", None)
@@ -234,13 +233,7 @@ class HostAssistedExperts(OffloadedExperts):
             finally:
                 served.release()
         else:
-            ys = hidden_states.new_zeros(num_tokens, top_k, hidden_states.shape[-1])  # [T, A, H]
-            mlp = slot_expert_mlp if grouped_supported(hidden_states) else expert_mlp  # rounds as OffloadedExperts does
-            for e, flat in served:
-                gate_up, down = self.layout.split(flat)
-                start, end = span[e]
-                rows_d, pos_d = rows_all[start:end], pos_all[start:end]
-                ys[rows_d, pos_d] = mlp(hidden_states[rows_d], gate_up, down, self.act_fn)
+            ys = expert_by_expert(hidden_states, index_cpu, served, self.layout, self.act_fn)  # [T, A, H]
         self.stats.num_gpu_experts += len(gpu_ids)
         if self.fill and host_ids:
             self.stats.num_filled += self.provider.fill(self.layer_idx, host_ids)
@@ -248,6 +241,8 @@ class HostAssistedExperts(OffloadedExperts):
             t0 = time.perf_counter()
             results = future.result()
             self.stats.wait_ms += (time.perf_counter() - t0) * 1e3
+            order_d = order.to(hidden_states.device)  # [R], one host->device copy, only when experts ran on the host
+            rows_all, pos_all = order_d // top_k, order_d % top_k  # [R] each
             for e, y in results:
                 start, end = span[e]
                 ys[rows_all[start:end], pos_all[start:end]] = y.to(hidden_states.device)
