@@ -79,7 +79,7 @@ def engine_generate(engine: Engine, prompts, num_tokens: int, grouped: bool = Tr
 
 def _replays(engine: Engine) -> int:
     draft = engine.drafter.decoder if engine.drafter is not None else None
-    return sum(getattr(d, "num_replays", 0) for d in (engine.decoder, draft) if d is not None)
+    return sum(d.num_replays for d in (engine.decoder, draft) if d is not None)
 
 
 def _sync(device: torch.device) -> None:

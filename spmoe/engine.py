@@ -68,17 +68,21 @@ class Engine:
         self.seed = seed
         if drafter is not None and self.spec.num_draft_tokens < 1:
             raise ValueError(f"spec.num_draft_tokens must be >= 1 with a draft model, got {self.spec.num_draft_tokens}")
-        max_tokens = self.spec.num_draft_tokens + 1 if drafter is not None else 1  # positions a decode step feeds
+        self._step_tokens = self.spec.num_draft_tokens + 1 if drafter is not None else 1  # positions a verify step feeds
         self.decode = decode
-        self.decoder = make_decoder(runtime.model, device, decode, max_graph_tokens=max_tokens, events=runtime.events)
+        self.decoder = make_decoder(runtime.model, device, decode, max_graph_tokens=self._step_tokens,
+                                    events=runtime.events)
         self._sync_wait_ms = 0.0  # host time blocked on the device at the end of target forwards, this step
+
+    def _max_len(self, prompt_len: int, max_new_tokens: int) -> int:
+        """Positions a sequence may reach: the prompt, the new tokens, and a last verify's drafts."""
+        return prompt_len + max_new_tokens + self.spec.num_draft_tokens + 1
 
     def reserve(self, max_prompt_len: int, max_new_tokens: int) -> None:
         """Size the target's and the draft's KV caches once for the longest sequence of a run."""
-        max_len = max_prompt_len + max_new_tokens + self.spec.num_draft_tokens + 1
+        max_len = self._max_len(max_prompt_len, max_new_tokens)
         self.decoder.reserve(max_len)
-        verify_tokens = self.spec.num_draft_tokens + 1 if self.drafter is not None else 1
-        self.decoder.precapture([(verify_tokens, verify_tokens)])  # the run's usual step, captured before timing
+        self.decoder.precapture([(self._step_tokens, self._step_tokens)])  # the run's usual step, captured before timing
         if self.drafter is not None:
             self.drafter.decoder.reserve(max_len)
             self.drafter.decoder.precapture([(1, 1)])
@@ -128,7 +132,7 @@ class Engine:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + prompt_idx)
         self.runtime.collect()
         self.runtime.events.drain()
-        max_len = len(prompt_ids) + max_new_tokens + self.spec.num_draft_tokens + 1
+        max_len = self._max_len(len(prompt_ids), max_new_tokens)
         self.decoder.begin(max_len)
         t_start = time.perf_counter()
         self.runtime.begin_step(0)
@@ -163,7 +167,7 @@ class Engine:
             records.append(self._record(prompt_idx, len(records), "decode", pos, len(result.token_ids), t_start,
                                         t_step, **spec_fields))
         return Generation(seq[len(prompt_ids):], records, self.decode,
-                          getattr(self.decoder, "capacity", None))
+                          self.decoder.capacity)
 
 
 @contextmanager

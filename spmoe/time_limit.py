@@ -6,12 +6,14 @@ Terms: the *allowance* runs from the job's start (`TimeLimit.start`, before the 
 *stage* is one more round of every case, or one more case's lossless check.
 Invariants: a stage is started only if the slowest stage of its kind so far, run again, would end
 within the allowance (the first of a kind always runs: nothing predicts it); a job without a limit
-never skips anything. What was skipped is returned to the caller, which records it in the summaries.
+never skips anything. The caller asks before each stage (`allows`) and records what it skipped in the
+summaries.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 
 class TimeLimit:
@@ -31,18 +33,12 @@ class TimeLimit:
             return True
         return self.elapsed_s() + self._slowest_s[kind] <= self.limit_s
 
+    @contextmanager
     def timed(self, kind: str):
         """Context manager that records how long one stage of `kind` took."""
-        return _Stage(self, kind)
-
-
-class _Stage:
-    def __init__(self, limit: TimeLimit, kind: str):
-        self.limit, self.kind = limit, kind
-
-    def __enter__(self) -> None:
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc) -> None:
-        took = time.perf_counter() - self.t0
-        self.limit._slowest_s[self.kind] = max(took, self.limit._slowest_s.get(self.kind, 0.0))
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            took = time.perf_counter() - t0
+            self._slowest_s[kind] = max(took, self._slowest_s.get(kind, 0.0))

@@ -53,6 +53,7 @@ from spmoe.offload.eviction import make_policy
 from spmoe.offload.eviction_lookahead import PredictionSink, SdLookaheadPolicy
 from spmoe.offload.prefetch import PrefetchProvider
 from spmoe.plus.draft_choice import (
+    AS_CONFIGURED,
     NONE,
     DraftChoice,
     accepts_draft,
@@ -83,7 +84,7 @@ log = logging.getLogger(__name__)
 def _apply_draft_precision(ctx: MethodContext, choice: DraftChoice | None) -> DraftPrecision:
     pcfg = ctx.cfg.method.plus
     if ctx.cfg.draft.copy_of_target:  # already a quantized copy of the target: its precision is the draft preset's
-        return DraftPrecision("as_configured")
+        return DraftPrecision(AS_CONFIGURED)
     if pcfg.draft_precision != "auto":
         return quantize_draft(ctx.draft, pcfg.draft_precision, pcfg.draft_group_size)
     if ctx.routing_trace is not None and choice is not None:  # replayed acceptance: the draft's tokens do not set it
@@ -186,7 +187,7 @@ def _build_sd(ctx: MethodContext, choice: DraftChoice | None, staging: int) -> t
     try:
         plan, slots = _slots(ctx, staging, precision.saved_bytes // layout.expert_bytes)
         cfg = ctx.cfg
-        if precision.precision not in ("bf16", "as_configured"):  # profiles and maps are keyed on the draft
+        if precision.precision not in ("bf16", AS_CONFIGURED):  # profiles and maps are keyed on the draft
             cfg = replace(cfg, draft=replace(cfg.draft, name=f"{cfg.draft.name}-{precision.precision}"))
         sub = replace(ctx, cfg=cfg, plan=plan)
         if precision.quantized and mcfg.cutoff.mode == "auto":  # measured now, reused by base.build (same key)

@@ -268,7 +268,6 @@ def _probe(device: torch.device, dtype: torch.dtype) -> bool:
     return ok
 
 
-_GROUP_IDS: dict[tuple[int, torch.device], torch.Tensor] = {}
 MAX_GROUPS = 1024  # torch's grouped GEMM takes at most this many groups per call
 
 
@@ -314,9 +313,7 @@ def _grouped_rows(xs: torch.Tensor, sorted_slots: torch.Tensor, storage: torch.T
     num_slots, numel = storage.shape
     h, i = layout.hidden_size, layout.intermediate_size
     mm = _grouped_mm_fn()
-    groups = _GROUP_IDS.get((num_slots, storage.device))
-    if groups is None:
-        groups = _GROUP_IDS[(num_slots, storage.device)] = torch.arange(num_slots, device=storage.device)  # [S]
+    groups = moe_gemv.index_tensor("arange", num_slots, storage.device)  # [S]
     offs = torch.searchsorted(sorted_slots, groups, right=True, out_int32=True)  # [S] cumulative route ends
     base = storage.storage_offset()
     gate_up_t = storage.as_strided((num_slots, h, 2 * i), (numel, 1, h), base)  # [S, H, 2I] = gate_up^T per slot

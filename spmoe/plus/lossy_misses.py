@@ -121,9 +121,10 @@ def staging_slots(layout: ExpertLayout, precision: str, group_size: int) -> int:
 
 
 def dequantize_into(staged: torch.Tensor, out: torch.Tensor, layout: ExpertLayout, precision: str,
-                    group_size: int) -> None:
-    """staged: one expert's uint8 byte range [B]; out: its flat weights [N] in the layout's dtype."""
-    parts = {r.name: r.view(staged) for r in regions(layout, precision, group_size)}
+                    group_size: int, layout_regions: list[Region] | None = None) -> None:
+    """staged: one expert's uint8 byte range [B]; out: its flat weights [N] in the layout's dtype.
+    `layout_regions`: `regions(layout, precision, group_size)` when the caller holds them already."""
+    parts = {r.name: r.view(staged) for r in layout_regions or regions(layout, precision, group_size)}
     for name, w in zip(("gate_up", "down"), layout.split(out)):  # [2I, H], [H, I] views of out
         if precision == "int8":
             torch.mul(parts[f"{name}_q"], parts[f"{name}_s"][:, None], out=w)
@@ -230,7 +231,7 @@ class LossyMissTransfer:
         lowp, staging = self.lowp, self._staging
 
         def dequantize() -> None:
-            dequantize_into(staging, dst, lowp.layout, lowp.precision, lowp.group_size)
+            dequantize_into(staging, dst, lowp.layout, lowp.precision, lowp.group_size, lowp.regions)
 
         self.inner.load(slot, staging, lowp.flat(key), finish=dequantize)
         self.lossy_slots.add(slot)

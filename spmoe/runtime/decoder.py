@@ -41,6 +41,9 @@ CAPACITY_QUANTUM = 64  # capacities are rounded up to this (aligned masks for th
 
 
 class DynamicDecoder:
+    capacity = None  # the cache grows
+    num_replays = 0  # no graphs
+
     def __init__(self, model: nn.Module, device: torch.device):
         self.model = model
         self.device = device
@@ -79,6 +82,7 @@ class StaticDecoder:
         self.events = events
         self._kv_kwarg = cache_kwarg(model)
         self._attn = model.config._attn_implementation
+        self._dtype = model.get_input_embeddings().weight.dtype  # the attention mask's
         self.kv: PositionedCache | None = None
         self._key_idx: torch.Tensor | None = None  # [C] arange
         self._graphs: dict[tuple[int, int], StepGraph | PiecewiseGraph] = {}  # (T, num_logits) -> graph
@@ -151,8 +155,7 @@ class StaticDecoder:
         ids = inputs[:num_tokens].view(1, num_tokens)  # [1, T]
         positions = inputs[num_tokens:] + self._key_idx[:num_tokens]  # [T]
         self.kv.write_positions = positions
-        dtype = self.model.get_input_embeddings().weight.dtype
-        mask = causal_mask(positions, self._key_idx, self._attn, dtype)  # [1, 1, T, C]
+        mask = causal_mask(positions, self._key_idx, self._attn, self._dtype)  # [1, 1, T, C]
         out = self.model(input_ids=ids, position_ids=positions[None], attention_mask=mask, use_cache=True,
                          logits_to_keep=num_logits, **{self._kv_kwarg: self.kv})
         return out.logits[0]  # [num_logits, V]

@@ -79,7 +79,7 @@ def slot_mlp(x: torch.Tensor, route_slots: torch.Tensor, top_k: int, storage: to
     assert num_tokens <= MAX_TOKENS and num_routes == num_tokens * top_k, (x.shape, route_slots.shape, top_k)
     assert storage.stride(1) == 1 and storage.shape[1] == 3 * intermediate_size * hidden, storage.shape
     if grouped:
-        keys, order = route_slots, _index("arange", num_routes, x.device)  # [R] each
+        keys, order = route_slots, index_tensor("arange", num_routes, x.device)  # [R] each
     else:
         keys, order = torch.sort(route_slots, stable=True)  # [R] each: routes grouped by slot
     return _launch(x, keys, None, 0, order, top_k, storage, intermediate_size)
@@ -95,12 +95,13 @@ def routed_mlp(x: torch.Tensor, top_k_index: torch.Tensor, slot_of: torch.Tensor
     assert num_tokens == 1 == x.shape[0], (x.shape, top_k_index.shape)
     assert storage.stride(1) == 1 and storage.shape[1] == 3 * intermediate_size * x.shape[1], storage.shape
     ids = top_k_index.reshape(-1)  # [A]
-    return _launch(x, ids, slot_of, num_experts, _index("arange", top_k, x.device), top_k, storage, intermediate_size)
+    order = index_tensor("arange", top_k, x.device)  # [A]
+    return _launch(x, ids, slot_of, num_experts, order, top_k, storage, intermediate_size)
 
 
 def one_slot_mlp(x: torch.Tensor, slot: torch.Tensor, intermediate_size: int) -> torch.Tensor:
     """`slot_mlp` of every row of x [M, H] through the one slot buffer `slot` [1, N]: [M, H]."""
-    return slot_mlp(x, _index("zeros", x.shape[0], x.device), 1, slot, intermediate_size, grouped=True)
+    return slot_mlp(x, index_tensor("zeros", x.shape[0], x.device), 1, slot, intermediate_size, grouped=True)
 
 
 def _launch(x: torch.Tensor, keys: torch.Tensor, table: torch.Tensor | None, num_experts: int, order: torch.Tensor,
@@ -136,7 +137,7 @@ def combine(ys: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 _INDEX: dict[tuple[str, int, torch.device], torch.Tensor] = {}
 
 
-def _index(kind: str, n: int, device: torch.device) -> torch.Tensor:
+def index_tensor(kind: str, n: int, device: torch.device) -> torch.Tensor:
     """[n] long on the device, 0..n-1 ("arange") or all 0 ("zeros"), cached (graphs may capture it)."""
     out = _INDEX.get((kind, n, device))
     if out is None:

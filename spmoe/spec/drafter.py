@@ -27,21 +27,21 @@ class ModelDrafter:
     def __init__(self, model: PreTrainedModel, device: torch.device, temperature: float, top_p: float,
                  decode: str = "eager"):
         self.model = model
-        self.device = device
         self.temperature = temperature
         self.top_p = top_p
         self.decoder = make_decoder(model, device, decode, max_graph_tokens=2)
-        self.num_cached = 0
+
+    @property
+    def num_cached(self) -> int:
+        """Positions the draft's cache holds."""
+        return self.decoder.length
 
     def _feed(self, ids: list[int]) -> torch.Tensor:
-        logits = self.decoder.forward(ids, 1)[-1]  # [V]
-        self.num_cached += len(ids)
-        return logits
+        return self.decoder.forward(ids, 1)[-1]  # [V]
 
     def begin(self, prompt_ids: list[int], max_len: int | None = None) -> None:
         """Start a sequence of at most `max_len` positions (default: the prompt + 256)."""
         self.decoder.begin(max_len or len(prompt_ids) + 256)
-        self.num_cached = 0
         self._feed(prompt_ids)
 
     def propose(self, seq: list[int], k: int, generator: torch.Generator) -> tuple[list[int], torch.Tensor | None]:
@@ -63,4 +63,3 @@ class ModelDrafter:
     def rollback(self, num_valid: int) -> None:
         if num_valid < self.num_cached:
             self.decoder.crop(num_valid)
-            self.num_cached = num_valid

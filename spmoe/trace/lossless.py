@@ -282,7 +282,7 @@ def check_lossless(session, gens: list, tolerance: float | None = None, temperat
         tokens = gen.token_ids
         steps = [ForcedStep([t], 1) for t in tokens[:-1]] if replay else mirror_steps(gen)
         logits = forced_logits(runtime, session.device, prompt.token_ids, tokens, steps,
-                               getattr(gen, "kv_capacity", None))  # [N, V]
+                               gen.kv_capacity)  # [N, V]
         positions = verified_positions(gen) if replay else list(range(len(tokens)))
         compare(tokens, logits, positions, step_of_positions(gen), tolerance, i, check, relative_eps)
     return _conclude(check, replay)

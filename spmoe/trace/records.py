@@ -86,7 +86,7 @@ class ExpertEventLog:
         self._events.extend(entries)
 
     def drain(self) -> list[LayerEvents]:
-        out, self._events = self._events, []
+        out = self.take()
         deferred = [ev for ev in out if isinstance(ev, tuple)]
         if not deferred:
             return out
