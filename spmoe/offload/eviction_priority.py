@@ -91,24 +91,25 @@ class PriorityPolicy:
         d = (self._index[layer] - self.current - 1) % num_layers + 1
         return 1.0 - (d - 1) / num_layers
 
-    def score(self, key: ExpertKey) -> float:
-        layer = key[0]
-        seq = (self._seq.get(key, 0) + 1) / (self._seq_rows.get(layer, 0) + self.num_experts)
-        return self.topo(layer) * (self._global.get(key, 0) + 1) * seq
+    def _factors(self, layer: int) -> tuple[float, int]:
+        """(topo(layer), S(x) + E): a layer's part of every key's score."""
+        return self.topo(layer), self._seq_rows.get(layer, 0) + self.num_experts
+
+    def score(self, key: ExpertKey, factors: tuple[float, int] | None = None) -> float:
+        topo, rows = factors or self._factors(key[0])
+        seq = (self._seq.get(key, 0) + 1) / rows
+        return topo * (self._global.get(key, 0) + 1) * seq
 
     def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
-        """The lowest (score, last touch); `score`'s arithmetic, with each layer's topo and row sum
-        computed once per call."""
+        """The lowest (score, last touch), each layer's factors computed once per call."""
         with self._lock:
             per_layer: dict[int, tuple[float, int]] = {}  # layer -> (topo, S(x) + E)
-            seq_counts, global_counts, last_use = self._seq, self._global, self._last_use
+            last_use = self._last_use
 
             def rank(key: ExpertKey) -> tuple[float, int]:
-                layer = key[0]
-                factors = per_layer.get(layer)
+                factors = per_layer.get(key[0])
                 if factors is None:
-                    factors = per_layer[layer] = (self.topo(layer), self._seq_rows.get(layer, 0) + self.num_experts)
-                seq = (seq_counts.get(key, 0) + 1) / factors[1]
-                return factors[0] * (global_counts.get(key, 0) + 1) * seq, last_use.get(key, 0)
+                    factors = per_layer[key[0]] = self._factors(key[0])
+                return self.score(key, factors), last_use.get(key, 0)
 
             return min(candidates, key=rank)

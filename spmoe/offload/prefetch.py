@@ -44,7 +44,7 @@ import torch
 
 from spmoe.offload.cache import ExpertCache
 from spmoe.offload.layer_slots import LayerSlots
-from spmoe.offload.provider import serve_in_order
+from spmoe.offload.provider import serve_in_order, serve_layer
 from spmoe.offload.store import ExpertStore
 from spmoe.offload.transfer import TransferEngine
 from spmoe.trace.records import ExpertEventLog
@@ -271,23 +271,14 @@ class PrefetchProvider:
     def experts_for(self, layer: int, expert_ids: list[int], token_experts: torch.Tensor | None = None,
                     ) -> Iterator[tuple[int, torch.Tensor]]:
         ready, pending, issue = self._open(layer, expert_ids, token_experts)
-        yield from self._one_by_one(layer, ready, pending, issue)
+        yield from serve_in_order(ready, issue, self.cache, self.transfer, self._unpin, pending)
 
     def serve_layer(self, layer: int, expert_ids: list[int], token_experts: torch.Tensor | None = None,
                     ) -> LayerSlots | Iterator[tuple[int, torch.Tensor]]:
         """The layer's experts all pinned (`LayerSlots`), or the `experts_for` iterator when the misses
         outnumber the slots that can be freed at once (see `spmoe.offload.provider.serve_layer`)."""
         ready, pending, issue = self._open(layer, expert_ids, token_experts)
-        issue()
-        if pending:
-            return self._one_by_one(layer, ready, pending, issue)
-        return LayerSlots(list(ready), self.store.layout.num_experts, self.cache, self.transfer, self._unpin)
-
-    def _one_by_one(self, layer: int, ready: deque[tuple[int, int]], pending: deque[int],
-                    issue: Callable[[], None]) -> Iterator[tuple[int, torch.Tensor]]:
-        yield from serve_in_order(ready, issue, self.cache, self.transfer, self._unpin)
-        if pending:
-            raise RuntimeError(f"layer {layer}: {len(pending)} experts could not get a slot (all pinned)")
+        return serve_layer(ready, pending, issue, self.cache, self.transfer, self._unpin, self.store.layout.num_experts)
 
     def _open(self, layer: int, expert_ids: list[int], token_experts: torch.Tensor | None,
               ) -> tuple[deque[tuple[int, int]], deque[int], Callable[[], None]]:

@@ -53,8 +53,8 @@ class OnDemandProvider:
 
     def experts_for(self, layer: int, expert_ids: list[int], token_experts: torch.Tensor | None = None,
                     ) -> Iterator[tuple[int, torch.Tensor]]:
-        ready, _, issue = self._open(layer, expert_ids)
-        yield from serve_in_order(ready, issue, self.cache, self.transfer, self.cache.unpin)
+        ready, pending, issue = self._open(layer, expert_ids)
+        yield from serve_in_order(ready, issue, self.cache, self.transfer, self.cache.unpin, pending)
 
     def serve_layer(self, layer: int, expert_ids: list[int], token_experts: torch.Tensor | None = None,
                     ) -> LayerSlots | Iterator[tuple[int, torch.Tensor]]:
@@ -99,14 +99,16 @@ def serve_layer(ready: deque[tuple[int, int]], pending: deque[int], issue: Calla
     iterator (its first `issue` finds the same state, so nothing is admitted twice)."""
     issue()
     if pending:
-        return serve_in_order(ready, issue, cache, transfer, unpin)
+        return serve_in_order(ready, issue, cache, transfer, unpin, pending)
     return LayerSlots(list(ready), num_experts, cache, transfer, unpin)
 
 
 def serve_in_order(ready: deque[tuple[int, int]], issue: Callable[[], None], cache: ExpertCache,
-                   transfer: TransferEngine, unpin: Callable[[int], None]) -> Iterator[tuple[int, torch.Tensor]]:
+                   transfer: TransferEngine, unpin: Callable[[int], None], pending: deque[int],
+                   ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield (expert, slot weights) from `ready` in order; when the consumer resumes, release the
-    slot (free event) and unpin it, then let `issue` start loads that now have a free slot."""
+    slot (free event) and unpin it, then let `issue` start loads that now have a free slot. Misses
+    still `pending` when nothing is left to release could never get a slot (every slot pinned): an error."""
     issue()
     while ready:
         e, slot = ready.popleft()
@@ -115,3 +117,5 @@ def serve_in_order(ready: deque[tuple[int, int]], issue: Callable[[], None], cac
         transfer.release(slot)
         unpin(slot)
         issue()
+    if pending:
+        raise RuntimeError(f"{len(pending)} experts {list(pending)} could not get a slot (all pinned)")
