@@ -151,10 +151,16 @@ class Session:
         """The run's memory plan; the draft counts when the run drafts (`drafts`). `method_cfg` / `spec_cfg`
         (default: the session's when it names `method`, else the method's defaults) reach a method's
         `accepts_draft`."""
-        spec = get_strategy(method)
-        drafts = self.drafts(hardware, self._method_cfg(method, method_cfg), spec_cfg)
+        return self._run_plan(hardware, self._method_cfg(method, method_cfg), spec_cfg)[0]
+
+    def _run_plan(self, hardware: HardwareConfig, method: MethodConfig, spec_cfg: SpecConfig | None,
+                  ) -> tuple[MemoryPlan, bool, DraftOffer | None]:
+        """(the run's memory plan, whether it drafts, the offer its method's `accepts_draft` judged), the
+        offer made once."""
+        spec = get_strategy(method.name)
+        drafts, offer = self._draft_decision(hardware, method, spec_cfg)
         if drafts and not self.has_draft:
-            raise ValueError(f"method {method!r} uses speculative decoding and needs a draft model: pass"
+            raise ValueError(f"method {method.name!r} uses speculative decoding and needs a draft model: pass"
                              f" draft=<name> (valid: {_draft_names()})")
         cfg = replace(self.cfg, hardware=hardware)
         plan = make_plan(cfg, self.hf_cfg, self.target.layout, self.target.non_expert_bytes,
@@ -166,7 +172,7 @@ class Session:
                 f" ({plan.num_experts_total * plan.expert_bytes / GIB:.2f} GiB) but the budget of"
                 f" {plan.budget_bytes / GIB:.2f} GiB leaves room for {plan.num_slots}; use an offloading method:"
                 f" {sorted(s.name for s in STRATEGIES.values() if s.offloads)}")
-        return plan
+        return plan, drafts, offer
 
     def _method_cfg(self, method: str, method_cfg: MethodConfig | None) -> MethodConfig:
         if method_cfg is not None:
@@ -176,10 +182,14 @@ class Session:
     def drafts(self, hardware: HardwareConfig, method: MethodConfig, spec_cfg: SpecConfig | None = None) -> bool:
         """Whether a run of `method` drafts: a speculative method that, if it has `accepts_draft`, accepts
         the session's draft for this run (the hook sees the plans with and without the draft)."""
+        return self._draft_decision(hardware, method, spec_cfg)[0]
+
+    def _draft_decision(self, hardware: HardwareConfig, method: MethodConfig, spec_cfg: SpecConfig | None,
+                        ) -> tuple[bool, DraftOffer | None]:
+        """(whether the run drafts, the offer its method's `accepts_draft` judged, if it has one)."""
         spec = get_strategy(method.name)
-        if not spec.speculative or spec.accepts_draft is None:
-            return spec.speculative
-        return spec.accepts_draft(self.draft_offer(hardware, method, spec_cfg))
+        offer = self.draft_offer(hardware, method, spec_cfg) if spec.speculative and spec.accepts_draft else None
+        return spec.speculative and (offer is None or spec.accepts_draft(offer)), offer
 
     def draft_offer(self, hardware: HardwareConfig, method: MethodConfig, spec_cfg: SpecConfig | None = None) -> DraftOffer:
         """The run's config with the plans with and without the draft (as `plan` would make them)."""
@@ -204,11 +214,9 @@ class Session:
         """Run one method over the prompts: (generations, memory plan, peak device bytes).
         `on_prompt(num_tokens)` is called after each prompt (progress bars)."""
         spec = get_strategy(method.name)
-        plan = self.plan(hardware, method.name, method, spec_cfg)
-        drafts = self.drafts(hardware, method, spec_cfg)
+        plan, drafts, offer = self._run_plan(hardware, method, spec_cfg)
         cfg = replace(self.cfg, method=method, hardware=hardware, max_new_tokens=max_new_tokens,
                       spec=spec_cfg or self.cfg.spec)
-        offer = self.draft_offer(hardware, method, spec_cfg) if spec.accepts_draft is not None else None
         ctx = MethodContext(cfg, self.target, self.device, plan, self.draft if drafts else None,
                             self.routing_trace, offer)
         if self.device.type == "cuda":
