@@ -55,6 +55,7 @@ import torch
 from torch import nn
 
 from spmoe.offload.assemble import on_demand_runtime, prefetch_runtime
+from spmoe.offload.budget import capped_slots
 from spmoe.offload.eviction import make_policy
 from spmoe.policy.cache_sizing import choose_sizes, lru_hit_curve, spread_leftover
 from spmoe.predict.adaptive_gating import AdaptiveGating
@@ -152,7 +153,7 @@ def size_caches(calib: Calibration, slots: int, layers: list[int], num_experts: 
 def _build(ctx: MethodContext, speculative: bool) -> Runtime:
     mcfg, layout = ctx.cfg.method, ctx.target.layout
     layers = list(layout.moe_layers)
-    slots = ctx.plan.num_slots if mcfg.num_slots is None else min(ctx.plan.num_slots, mcfg.num_slots)
+    slots = capped_slots(ctx.plan.num_slots, mcfg.num_slots)
     model = ctx.target.model
     gating = AdaptiveGating(model, layers, layout.num_experts,
                             mcfg.gating_threshold,

@@ -9,15 +9,13 @@ slot the memory plan leaves (capped by `method.num_slots`).
 from __future__ import annotations
 
 from spmoe.offload.assemble import on_demand_runtime
+from spmoe.offload.budget import capped_slots
 from spmoe.strategy import MethodContext, Runtime, register_strategy
 
 
 @register_strategy("lru_nosd", offloads=True, description="on-demand loading into an LRU expert cache, no SD")
 def build(ctx: MethodContext) -> Runtime:
-    slots = ctx.plan.num_slots
-    if ctx.cfg.method.num_slots is not None:
-        slots = min(slots, ctx.cfg.method.num_slots)
-    return on_demand_runtime(ctx, slots, ctx.cfg.method.eviction)
+    return on_demand_runtime(ctx, capped_slots(ctx.plan.num_slots, ctx.cfg.method.num_slots), ctx.cfg.method.eviction)
 
 
 @register_strategy("lru", offloads=True, speculative=True, description="on-demand loading into an LRU expert cache, with SD")

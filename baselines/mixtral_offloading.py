@@ -39,6 +39,7 @@ Simplified or changed, and why:
 from __future__ import annotations
 
 from spmoe.offload.assemble import prefetch_runtime
+from spmoe.offload.budget import capped_slots
 from spmoe.offload.eviction import make_policy
 from spmoe.predict.gate_lookahead import GateLookaheadPredictor
 from spmoe.strategy import MethodContext, Runtime, register_strategy
@@ -59,7 +60,7 @@ def split_slots(total: int, moe_layers: tuple[int, ...] | list[int], num_experts
 
 def _build(ctx: MethodContext) -> Runtime:
     mcfg, layout = ctx.cfg.method, ctx.target.layout
-    slots = ctx.plan.num_slots if mcfg.num_slots is None else min(ctx.plan.num_slots, mcfg.num_slots)
+    slots = capped_slots(ctx.plan.num_slots, mcfg.num_slots)
     per_layer = split_slots(slots, layout.moe_layers, layout.num_experts)
     total = sum(per_layer.values())
     runtime, provider = prefetch_runtime(ctx, make_policy(mcfg.eviction, layout.moe_layers), total, per_layer)

@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 
 from spmoe.offload.assemble import prefetch_runtime
+from spmoe.offload.budget import capped_slots
 from spmoe.offload.eviction_priority import PriorityPolicy
 from spmoe.predict.activation_matrix import (
     DEFAULT_CAPACITY,
@@ -83,7 +84,7 @@ def warm_eams(trace_path, moe_layers: tuple[int, ...], num_experts: int) -> list
 def build(ctx: MethodContext, trace_path=None) -> Runtime:
     mcfg, layout = ctx.cfg.method, ctx.target.layout
     trace_path = trace_path if trace_path is not None else mcfg.trace_path
-    slots = ctx.plan.num_slots if mcfg.num_slots is None else min(ctx.plan.num_slots, mcfg.num_slots)
+    slots = capped_slots(ctx.plan.num_slots, mcfg.num_slots)
     num_layers, num_experts = len(layout.moe_layers), layout.num_experts
     warm = warm_eams(trace_path, layout.moe_layers, num_experts)  # bad paths fail before anything is allocated
     policy = PriorityPolicy(layout.moe_layers, num_experts)

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from spmoe.offload.assemble import on_demand_runtime, prefetch_runtime
+from spmoe.offload.budget import capped_slots
 from spmoe.offload.eviction import make_policy
 from spmoe.policy.cutoff import Profile, choose_cutoff
 from spmoe.policy.profile import (  # noqa: F401  (measure_profile, measure_recall: this module's public names)
@@ -88,7 +89,7 @@ def _hidden_maps(ctx: MethodContext, slots: int) -> dict[int, torch.Tensor]:
                    description="SD + draft->target-router prefetch + cutoff layer + pipelined batched prefetch")
 def build(ctx: MethodContext) -> Runtime:
     mcfg, layout = ctx.cfg.method, ctx.target.layout
-    slots = ctx.plan.num_slots if mcfg.num_slots is None else min(ctx.plan.num_slots, mcfg.num_slots)
+    slots = capped_slots(ctx.plan.num_slots, mcfg.num_slots)
     maps = None if is_twin(ctx.draft, ctx.target.model) else _hidden_maps(ctx, slots)
     record = profile_record(ctx, slots, maps) if mcfg.cutoff.mode == "auto" else None
     profile = record.profile if record else None

@@ -48,7 +48,7 @@ import torch
 
 from spmoe.methods import spmoe as base
 from spmoe.offload.assemble import prefetch_runtime
-from spmoe.offload.budget import MemoryPlan
+from spmoe.offload.budget import MemoryPlan, capped_slots
 from spmoe.offload.eviction import make_policy
 from spmoe.offload.eviction_lookahead import PredictionSink, SdLookaheadPolicy
 from spmoe.offload.prefetch import PrefetchProvider
@@ -176,8 +176,7 @@ def _slots(ctx: MethodContext, staging: int, gained: int = 0) -> tuple[MemoryPla
     if slots < 1:
         raise ValueError(f"lossy misses' staging buffer takes {staging} slot(s) of the {slots + staging} the budget leaves")
     plan = replace(plan, num_slots=slots)
-    cap = ctx.cfg.method.num_slots
-    return plan, plan.num_slots if cap is None else min(plan.num_slots, cap)
+    return plan, capped_slots(plan.num_slots, ctx.cfg.method.num_slots)
 
 
 def _build_sd(ctx: MethodContext, choice: DraftChoice | None, staging: int) -> tuple[Runtime, DraftPrecision, int]:
@@ -231,11 +230,11 @@ def build(ctx: MethodContext) -> Runtime:
         runtime, precision, unstaged_total = _build_sd(ctx, choice, staging)
     try:
         provider = next(l for l in runtime.listeners if isinstance(l, PrefetchProvider))
-        unstaged = unstaged_total if mcfg.num_slots is None else min(unstaged_total, mcfg.num_slots)
+        unstaged = capped_slots(unstaged_total, mcfg.num_slots)
         reference = ctx.plan.num_slots  # the plan the session made: with the draft when it drafts
         if ctx.draft is None and ctx.draft_offer is not None and ctx.draft_offer.with_draft is not None:
             reference = ctx.draft_offer.with_draft.num_slots  # none: what the draft would have left
-        reference = reference if mcfg.num_slots is None else min(reference, mcfg.num_slots)
+        reference = capped_slots(reference, mcfg.num_slots)
         extra_slots = unstaged - reference  # what the draft's saved (or unused) bytes added (0 under a num_slots cap)
         lossy = None
         if pcfg.lossy_misses != "off":

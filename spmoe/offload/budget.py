@@ -9,7 +9,8 @@ without SD), `kv` the KV caches at the longest sequence of the run, `activations
 estimate of the largest forward's temporaries (logits are computed for the last positions
 only), `reserve` the CUDA workspaces and allocator slack. A budget that cannot hold the
 non-expert weights plus `top_k` experts (one token's experts at one layer, the least a forward
-can run with) is rejected before anything is loaded, with the numbers.
+can run with) is rejected before anything is loaded, with the numbers. A method's cache gets
+`capped_slots(slots, method.num_slots)`: the slots under the config's cap (None: no cap).
 """
 
 from __future__ import annotations
@@ -86,6 +87,11 @@ def plan_memory(
             )
     return MemoryPlan(budget_bytes, non_expert_bytes, draft_bytes, kv, activations, reserve_bytes,
                       layout.expert_bytes, total, int(num_slots))
+
+
+def capped_slots(num_slots: int, cap: int | None) -> int:
+    """`num_slots` under `method.num_slots` (`cap`; None: every slot)."""
+    return num_slots if cap is None else min(num_slots, cap)
 
 
 def _mib(nbytes: int, ceil: bool = False) -> str:

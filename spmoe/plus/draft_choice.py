@@ -47,6 +47,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from spmoe.config import DRAFT_PRECISIONS
+from spmoe.offload.budget import capped_slots
 from spmoe.plus.draft_precision import estimate_precision
 from spmoe.strategy import DraftOffer
 
@@ -135,9 +136,7 @@ def trace_acceptance(trace) -> float | None:
 
 
 def _slots(offer: DraftOffer, free_slots: int) -> int:
-    cap = offer.cfg.method.num_slots
-    slots = min(offer.without_draft.num_experts_total, free_slots)
-    return slots if cap is None else min(slots, cap)
+    return capped_slots(min(offer.without_draft.num_experts_total, free_slots), offer.cfg.method.num_slots)
 
 
 def inputs(offer: DraftOffer) -> tuple[ModelShape, list[DraftOption], str]:
