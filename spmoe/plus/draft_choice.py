@@ -15,6 +15,7 @@ tokens per step, a acceptance per draft token; units ms and bytes, bandwidths in
   T         = k + 1 positions per verify step with a draft, 1 without
   u(T)      = E (1 - (1 - A / E)^T)       distinct experts one layer forward of T tokens needs
   n         = sum_{i=0..k} a^i            expected tokens emitted per step (1 without a draft)
+            (u and n: `spmoe.plus.step_model`, shared with the adaptive k)
   miss_ms   = L u(T) (1 - h_o) B / link   link time of the step's missing experts
   verify_ms = (W_t + L u(T) B) / bw + H_t layer_ms      the target's step with every expert resident
   draft_ms  = k (R_o / bw + H_o layer_ms)               (0 without a draft)
@@ -49,6 +50,7 @@ from dataclasses import dataclass
 from spmoe.config import DRAFT_PRECISIONS
 from spmoe.offload.budget import capped_slots
 from spmoe.plus.draft_precision import estimate_precision
+from spmoe.plus.step_model import expected_emitted, union_size
 from spmoe.strategy import DraftOffer
 
 NONE = "none"
@@ -97,11 +99,6 @@ class DraftChoice:
                 "draft_choice_link_gb_per_s": self.link_gb_per_s}
 
 
-def union_size(num_experts: int, top_k: int, num_tokens: int) -> float:
-    """u(T): expected distinct experts of one layer for T tokens routed independently."""
-    return num_experts * (1 - (1 - top_k / num_experts) ** num_tokens)
-
-
 def predict_tpot_ms(shape: ModelShape, option: DraftOption) -> float:
     drafts = option.name != NONE
     k = shape.num_draft_tokens if drafts else 0
@@ -112,7 +109,7 @@ def predict_tpot_ms(shape: ModelShape, option: DraftOption) -> float:
     verify_ms = ((shape.non_expert_bytes + expert_step_bytes) / (shape.device_gb_per_s * 1e6)
                  + shape.num_target_host_layers * shape.layer_ms)
     draft_ms = k * (option.draft_read_bytes / (shape.device_gb_per_s * 1e6) + option.num_draft_host_layers * shape.layer_ms)
-    emitted = sum(shape.acceptance ** i for i in range(k + 1))
+    emitted = expected_emitted(shape.acceptance, k)
     return (draft_ms + verify_ms + max(0.0, miss_ms - draft_ms)) / emitted
 
 

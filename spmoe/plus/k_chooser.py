@@ -18,7 +18,8 @@ Estimates are exponential moving averages (weight `ema`; `accept_ema` for a) of 
 steps: a from accepted drafts (successes) over accepted + rejected drafts (trials), d from the
 drafting wall time, u(T) per T seen, m per layer forward. u(T) for a T not yet seen scales the
 independent-routing union E (1 - (1 - A / E)^T) (E experts, A per token) by the measured /
-independent ratio at the nearest T seen. Priors: a = accept_prior, d = 0, m = 1.
+independent ratio at the nearest T seen (u and E[emitted]: `spmoe.plus.step_model`, shared with the
+draft choice). Priors: a = accept_prior, d = 0, m = 1.
 Start and exploration: the first `warmup_steps` decode steps of a prompt draft max_k (acceptance is
 only measured by drafting); every `explore_every` steps the least-measured k is run once.
 Units: milliseconds.
@@ -29,6 +30,7 @@ from __future__ import annotations
 import time
 
 from spmoe.engine import StepState
+from spmoe.plus.step_model import expected_emitted, union_size
 
 
 class KChooser:
@@ -72,7 +74,7 @@ class KChooser:
 
     def union_size(self, num_tokens: int) -> float:
         def independent(t: int) -> float:
-            return self.num_experts * (1 - (1 - self.top_k / self.num_experts) ** t)
+            return union_size(self.num_experts, self.top_k, t)
 
         if num_tokens in self.union:
             return self.union[num_tokens]
@@ -82,8 +84,7 @@ class KChooser:
         return min(self.num_experts, independent(num_tokens) * self.union[nearest] / independent(nearest))
 
     def expected_emitted(self, k: int) -> float:
-        a = self.acceptance
-        return sum(a ** i for i in range(k + 1))
+        return expected_emitted(self.acceptance, k)
 
     def model_step_ms(self, k: int) -> float:
         c, b = self.verify_fit()
