@@ -12,13 +12,16 @@ whether the two paths emit the same tokens and the same hit/miss counts.
 on a GPU it waits for the device (the previous graph segment, and the copies the compute stream waits
 on), and it is part of "host ms/step", which is a step's time minus the final logits' sync only.
 
-One process, one session (random weights). Per `method[:decode]` two cases, `grouped` and `loop`,
-run in interleaved rounds (grouped loop loop grouped ...) after one warm-up generation each (which
-also captures the piecewise graphs). Aten operators per step: one eager one-token decode forward
+One process, one session (random weights). Per `method[:decode]` up to three cases (`--cases`):
+`graphed` (pinned layers through `serve_layer`, their expert kernels as call-site CUDA graphs under
+piecewise graphs, `OffloadedExperts.graph_experts`), `grouped` (the same, kernels launched eagerly) and
+`loop` (one expert at a time, `layer_grouped` off), run in interleaved rounds (A B C C B A ...) after one
+warm-up generation each (which also captures the graphs); tokens are compared with loop's of the same
+round. Aten operators per step: one eager one-token decode forward
 after a prefill, counted by a TorchDispatchMode (`experiments.hf_anchor.ops_per_decode_step`), on
 the method's runtime (its evicting cache). With --floor, `gpu_resident[:decode]` without a budget
 is timed too and efficiency = TPOT / (H2D bytes per token / link + that TPOT). With --profile, one
-more `grouped` generation per method runs with perf_counter sections and one under cProfile after the
+more generation of the first case per method runs with perf_counter sections and one under cProfile after the
 timed rounds (so the timings are unprofiled); `profile.md` gets both (`experiments.host_profile`). Writes
 `layer_grouped.csv` (one row per case and round) and `table.md` under --out; prints the table last.
 A card's budget emulates a smaller card: reported as such.
@@ -27,6 +30,7 @@ A card's budget emulates a smaller card: reported as such.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import logging
 import pstats
@@ -54,17 +58,30 @@ def method_case(spec: str, card, num_slots: int | None, worker_thread: bool) -> 
     return method, replace(card, decode=decode)
 
 
-def ops_per_step(session, method: MethodConfig, hw, layer_grouped: bool) -> int:
+CASES = {"graphed": (True, True), "grouped": (True, False), "loop": (False, False)}  # (layer_grouped, graph_experts)
+
+
+@contextlib.contextmanager
+def switches(case: str):
+    """The experts path of `case`: graphed (pinned layers' kernels as site graphs under piecewise graphs),
+    grouped (one grouped launch per pinned layer), loop (one expert at a time)."""
+    OffloadedExperts.layer_grouped, OffloadedExperts.graph_experts = CASES[case]
+    try:
+        yield
+    finally:
+        OffloadedExperts.layer_grouped, OffloadedExperts.graph_experts = True, True
+
+
+def ops_per_step(session, method: MethodConfig, hw, case: str) -> int:
     """Aten operators of one eager decode step on `method`'s runtime at `hw` (its evicting cache)."""
     spec = get_strategy(method.name)
     ctx = MethodContext(replace(session.cfg, method=method, hardware=hw), session.target, session.device,
                         session.plan(hw, method.name), session.draft if spec.speculative else None)
     runtime = spec.build(ctx)
-    OffloadedExperts.layer_grouped = layer_grouped
     try:
-        return ops_per_decode_step(session, session.prompts[0])
+        with switches(case):
+            return ops_per_decode_step(session, session.prompts[0])
     finally:
-        OffloadedExperts.layer_grouped = True
         runtime.close()
 
 
@@ -72,14 +89,11 @@ def _offloaded(session) -> list[OffloadedExperts]:
     return [m for m in session.target.model.modules() if isinstance(m, OffloadedExperts)]
 
 
-def generate(session, method: MethodConfig, hw, tokens: int, prompts: int, k: int, layer_grouped: bool) -> dict:
-    OffloadedExperts.layer_grouped = layer_grouped
+def generate(session, method: MethodConfig, hw, tokens: int, prompts: int, k: int, case: str) -> dict:
     for m in _offloaded(session):  # modules built during the generation start at 0 too
         m.route_sync_s = 0.0
-    try:
+    with switches(case):
         gens, plan, _ = session.generate(method, hw, tokens, num_prompts=prompts, spec_cfg=SpecConfig(num_draft_tokens=k))
-    finally:
-        OffloadedExperts.layer_grouped = True
     sync_s = sum(m.route_sync_s for m in _offloaded(session))
     m = summarize([g.records for g in gens])
     num_tokens = sum(len(g.token_ids) for g in gens)
@@ -131,7 +145,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--k", type=int, default=3)
     ap.add_argument("--link-gb-per-s", type=float, default=None, help="default: the card's paced PCIe")
-    ap.add_argument("--profile", action="store_true", help="cProfile one more grouped generation per method")
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES),
+                    help="experts paths, timed in rounds A B C C B A; tokens are compared with loop's")
+    ap.add_argument("--profile", action="store_true", help="profile one more generation of the first case per method")
     ap.add_argument("--out", default="results/layer_grouped")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -154,41 +170,41 @@ def main() -> None:
         floor_ms = None
         if args.floor:
             hw = replace(cfg.hardware, gpu_budget_gib=None, decode=args.floor)
-            generate(session, MethodConfig(name="gpu_resident"), hw, min(8, args.tokens), 1, args.k, True)
+            generate(session, MethodConfig(name="gpu_resident"), hw, min(8, args.tokens), 1, args.k, "graphed")
             floor_ms = generate(session, MethodConfig(name="gpu_resident"), hw, args.tokens, args.prompts, args.k,
-                                True)["tpot_ms"]
+                                "graphed")["tpot_ms"]
             log.info("gpu_resident:%s %.2f ms/token", args.floor, floor_ms)
         link = args.link_gb_per_s or card.pcie_gb_per_s
         for spec, (method, hw) in cases.items():
-            ops = {grouped: ops_per_step(session, method, hw, grouped) for grouped in (True, False)}
-            log.info("%s aten operators per decode step: grouped %d, loop %d", spec, ops[True], ops[False])
-            for grouped in (True, False):  # warm-up, graph capture
-                generate(session, method, hw, min(8, args.tokens), 1, args.k, grouped)
+            ops = {case: ops_per_step(session, method, hw, case) for case in args.cases}
+            log.info("%s aten operators per decode step: %s", spec, ops)
+            for case in args.cases:  # warm-up, graph capture
+                generate(session, method, hw, min(8, args.tokens), 1, args.k, case)
             loop_tokens = {}
             for r in range(args.rounds):
-                for grouped in ((True, False) if r % 2 == 0 else (False, True)):
-                    res = generate(session, method, hw, args.tokens, args.prompts, args.k, grouped)
-                    case = "grouped" if grouped else "loop"
-                    if not grouped:
+                for case in (args.cases if r % 2 == 0 else args.cases[::-1]):
+                    res = generate(session, method, hw, args.tokens, args.prompts, args.k, case)
+                    if case == "loop":
                         loop_tokens[r] = res["tokens"]
                     eff = None
                     if floor_ms is not None and link:
                         eff = res["tpot_ms"] / (res["h2d_gb_per_token"] / link * 1e3 + floor_ms)
-                    rows.append({"method": spec, "case": case, "round": r, "ops_per_step": ops[grouped],
+                    rows.append({"method": spec, "case": case, "round": r, "ops_per_step": ops[case],
                                  "efficiency": eff, **{k: v for k, v in res.items() if k != "tokens"},
                                  "_tokens": res["tokens"]})
                     log.info("%s %s round %d: %.2f ms/token, host %.2f ms/step", spec, case, r, res["tpot_ms"],
                              res["host_ms_per_step"])
             for row in rows:
-                if row["method"] == spec and row["case"] == "grouped":
+                if row["method"] == spec and row["case"] != "loop" and row["round"] in loop_tokens:
                     row["same_tokens"] = row["_tokens"] == loop_tokens[row["round"]]
             if args.profile:
+                case = args.cases[0]
                 with sections({}) as totals_s:
-                    generate(session, method, hw, args.tokens, args.prompts, args.k, True)
-                profiles.append(sections_table(totals_s, args.tokens * args.prompts, f"{spec} grouped"))
+                    generate(session, method, hw, args.tokens, args.prompts, args.k, case)
+                profiles.append(sections_table(totals_s, args.tokens * args.prompts, f"{spec} {case}"))
                 prof = cProfile.Profile()
-                prof.runcall(generate, session, method, hw, args.tokens, args.prompts, args.k, True)
-                profiles.append(report(pstats.Stats(prof), args.tokens * args.prompts, f"{spec} grouped"))
+                prof.runcall(generate, session, method, hw, args.tokens, args.prompts, args.k, case)
+                profiles.append(report(pstats.Stats(prof), args.tokens * args.prompts, f"{spec} {case}"))
     finally:
         session.close()
     for row in rows:

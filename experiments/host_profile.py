@@ -10,7 +10,7 @@ machine; a CPU-time timer costs a system call per event here and swamps the prof
 the profiled total; the profiler inflates Python calls, so compare profiles with profiles and take
 wall times from unprofiled runs. `sections` times the offloaded experts path's parts with
 `time.perf_counter` instead (no profiler): the provider's service (`serve_layer`: lookups, admissions,
-copies issued, pins, events, the slot map) and release, against the expert compute; on the CPU the
+copies issued, pins, events), the slot map, the release and the expert compute (`SECTIONS`); on the CPU the
 copies themselves are synchronous and land inside `serve_layer`.
 """
 
@@ -77,17 +77,24 @@ def report(stats: pstats.Stats, num_tokens: int, title: str) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = (("spmoe.models.experts", "OffloadedExperts", "_per_expert"),
+SECTIONS = (("spmoe.models.experts", "OffloadedExperts", "compute"),
+            ("spmoe.models.experts", "OffloadedExperts", "_serve"),
             ("spmoe.offload.provider", "OnDemandProvider", "serve_layer"),
             ("spmoe.offload.prefetch", "PrefetchProvider", "serve_layer"),
+            ("spmoe.offload.transfer", "TransferEngine", "load"),
+            ("spmoe.offload.layer_slots", "LayerSlots", "__init__"),
+            ("spmoe.offload.layer_slots", "LayerSlots", "view"),
             ("spmoe.offload.layer_slots", "LayerSlots", "release"),
+            ("spmoe.runtime.piecewise", "ExpertsGraph", "run"),
             ("spmoe.models.experts", None, "grouped_expert_mlp"))
 
 
 @contextlib.contextmanager
 def sections(totals_s: dict[str, float]):
     """Time the per-layer sections (`time.perf_counter`, no profiler) into `totals_s` (name -> seconds):
-    the experts module's whole offloaded path, the provider's service, the release, the expert compute."""
+    the experts module's whole call and its service (`_serve`: the routes' sync, the provider), the
+    provider's service and its copies, the layer slots (pins' ready waits, slot map, release), the
+    call site's expert graph and the expert compute launched eagerly. Sections nest."""
     saved = []
     for module_name, cls_name, attr in SECTIONS:
         owner = importlib.import_module(module_name)

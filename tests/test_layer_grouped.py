@@ -200,3 +200,39 @@ def test_slot_map_spans_the_layers_slots_with_a_spare_for_the_rest():
     assert layer_slots.slot_map([(0, 3), (3, 5)], 4) == (3, 6, [0, 1, 1, 2, 1])  # a spare inside the span
     assert layer_slots.slot_map([(0, 3), (3, 4)], 4) == (3, 5, [0, 0, 0, 1, 0])  # none: slot lo's group
     assert layer_slots.slot_map([], 4) == (0, 1, [0, 0, 0, 0, 0])  # nothing routed
+
+
+class FakeSite:
+    """A piecewise call site that runs the layer eagerly and counts its uses (the graph is GPU only)."""
+
+    def __init__(self):
+        self.runs = 0
+
+    def run(self, layer):
+        self.runs += 1
+        return layer()
+
+
+@pytest.mark.parametrize("slots, graphed_calls", [(5, 3), (2, 0)])
+def test_a_site_runs_a_pinned_layer_and_nothing_else(monkeypatch, slots, graphed_calls):
+    """At a piecewise call site a layer whose experts are all pinned goes through `site.run`, same bits
+    as without a site; a layer that falls back to one expert at a time (2 slots, 3+ experts) does not."""
+    monkeypatch.setattr(OffloadedExperts, "_kernels", lambda self, x: True)  # as if the GPU kernels served
+    monkeypatch.setattr(LayerSlots, "static", property(lambda self: True))
+    torch.manual_seed(1)
+    x, weights = torch.randn(3, 32), torch.rand(3, 2)
+
+    def run(site):
+        store = ExpertStore(LAYOUT, pin=False)
+        store.fill_random(0, 0.1, torch.device("cpu"))
+        cache = ExpertCache(slots, LAYOUT.expert_numel, torch.float32, "cpu", LruPolicy())
+        provider = OnDemandProvider(cache, store, TransferEngine(torch.device("cpu"), slots), ExpertEventLog())
+        experts = OffloadedExperts(0, LAYOUT, nn.SiLU(), provider)
+        outs = [experts.compute(x, index, weights, site=site) for index in CALLS]
+        assert sum(cache._pins.values()) == 0  # every pin dropped after the site ran
+        return outs
+
+    site = FakeSite()
+    with_site, without = run(site), run(None)
+    assert site.runs == graphed_calls
+    assert all(torch.equal(a, b) for a, b in zip(with_site, without))

@@ -135,6 +135,7 @@ class OffloadedExperts(nn.Module):
 
     grouped: bool = True  # use the grouped path when the provider offers it (a switch for A/B timing)
     layer_grouped: bool = True  # offloaded layers too, through `serve_layer` (a switch for A/B timing)
+    graph_experts: bool = True  # piecewise replays run a pinned layer's expert kernels as a CUDA graph (A/B switch)
     route_sync_s: float = 0.0  # host seconds spent in the routes' device->host copy (waiting on the device)
     # set on instances only while a piecewise CUDA graph is captured (spmoe.runtime.piecewise): forward hands
     # the call to it, which ends the captured segment and runs `compute` eagerly
@@ -145,8 +146,11 @@ class OffloadedExperts(nn.Module):
             return self.segment(self, hidden_states, top_k_index, top_k_weights)
         return self.compute(hidden_states, top_k_index, top_k_weights)
 
-    def compute(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        """[T, H]: the routed experts' weighted sum for hidden_states [T, H] and routes [T, A]."""
+    def compute(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                site: ExpertsSite | None = None) -> torch.Tensor:
+        """[T, H]: the routed experts' weighted sum for hidden_states [T, H] and routes [T, A]. `site`: the
+        piecewise graph's call site when these are its static tensors; a layer whose experts are all
+        pinned then runs its expert kernels through `site.run` (a CUDA graph of them)."""
         # T = tokens, A = experts per token, H = hidden
         table = None
         serve = getattr(self.provider, "serve_resident", None)
@@ -154,9 +158,25 @@ class OffloadedExperts(nn.Module):
             table = serve(self.layer_idx, top_k_index)
         if table is not None:
             ys = grouped_expert_mlp(hidden_states, top_k_index, *table, self.layout, self.act_fn)  # [T, A, H]
+        elif site is not None and self.graph_experts and self._kernels(hidden_states):
+            return self._graphed(hidden_states, top_k_index, top_k_weights, site)
         else:
             ys = self._per_expert(hidden_states, top_k_index)  # [T, A, H]
         return combine_routes(ys, top_k_weights, self.act_fn)  # [T, H]
+
+    def _graphed(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                 site: ExpertsSite) -> torch.Tensor:
+        """`compute` at a piecewise call site: a layer whose experts are all pinned runs its kernels and
+        the routes' sum through `site.run` (static addresses: the whole storage, the layer's map row)."""
+        index_cpu, served = self._serve(hidden_states, top_k_index)
+        if not isinstance(served, LayerSlots) or not served.static:
+            return combine_routes(self._routes(hidden_states, top_k_index, index_cpu, served), top_k_weights, self.act_fn)
+        try:
+            storage, slot_of = served.view(whole=True)
+            return site.run(lambda: combine_routes(grouped_expert_mlp(
+                hidden_states, top_k_index, storage, slot_of, self.layout, self.act_fn), top_k_weights, self.act_fn))
+        finally:
+            served.release()
 
     def sync_free(self, device: torch.device) -> bool:
         """Whether `forward` on `device` runs without a device->host sync: the grouped path over the slot
@@ -168,9 +188,29 @@ class OffloadedExperts(nn.Module):
                 and grouped_supported(probe) and resident.get(self.layer_idx) is not None)
 
     def _per_expert(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
-        """[T, A, H]: each route's expert output. The routes go to the host; a provider with `serve_layer`
-        that can pin all of the layer's experts at once gets them computed in one grouped matmul over its
-        cache's slots (`spmoe.offload.layer_slots`), any other case one expert at a time."""
+        """[T, A, H]: each route's expert output, served by the provider (see `_serve`)."""
+        return self._routes(hidden_states, top_k_index, *self._serve(hidden_states, top_k_index))
+
+    def _routes(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, index_cpu: torch.Tensor,
+                served: LayerSlots | Iterator[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        """[T, A, H] from the provider's service: one grouped matmul over `LayerSlots`, else one expert at a time."""
+        if not isinstance(served, LayerSlots):
+            return expert_by_expert(hidden_states, index_cpu, served, self.layout, self.act_fn)
+        try:
+            storage, slot_of = served.view(whole=self._kernels(hidden_states))
+            return grouped_expert_mlp(hidden_states, top_k_index, storage, slot_of, self.layout, self.act_fn)
+        finally:
+            served.release()
+
+    def _kernels(self, hidden_states: torch.Tensor) -> bool:
+        """Whether the Triton decode kernels serve this layer's experts (they work per route: whole storage)."""
+        return moe_gemv.supports(hidden_states, self.act_fn)
+
+    def _serve(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+               ) -> tuple[torch.Tensor, LayerSlots | Iterator[tuple[int, torch.Tensor]]]:
+        """(routes [T, A] on the host, the provider's service): a provider with `serve_layer` that can pin
+        all of the layer's experts at once gives `LayerSlots` (one grouped matmul over its cache's slots,
+        `spmoe.offload.layer_slots`); any other case an iterator of the experts one at a time."""
         # NOTE: one device->host sync per layer: the copies are issued from the CPU, so it must know the ids.
         t0 = time.perf_counter()
         index_cpu = top_k_index.cpu()  # [T, A]
@@ -179,16 +219,14 @@ class OffloadedExperts(nn.Module):
         expert_ids = sorted({e for e in index_cpu.flatten().tolist() if 0 <= e < self.layout.num_experts})
         serve = getattr(self.provider, "serve_layer", None)
         if serve is not None and self.grouped and self.layer_grouped and grouped_supported(hidden_states):
-            served = serve(self.layer_idx, expert_ids, index_cpu)
-            if isinstance(served, LayerSlots):
-                try:
-                    return grouped_expert_mlp(hidden_states, top_k_index, served.storage, served.slot_of, self.layout,
-                                              self.act_fn)  # [T, A, H]
-                finally:
-                    served.release()
-        else:
-            served = self.provider.experts_for(self.layer_idx, expert_ids, index_cpu)
-        return expert_by_expert(hidden_states, index_cpu, served, self.layout, self.act_fn)
+            return index_cpu, serve(self.layer_idx, expert_ids, index_cpu)
+        return index_cpu, self.provider.experts_for(self.layer_idx, expert_ids, index_cpu)
+
+
+class ExpertsSite(Protocol):
+    """A piecewise graph's experts call site (`spmoe.runtime.piecewise.ExpertsGraph`)."""
+
+    def run(self, layer: Callable[[], torch.Tensor]) -> torch.Tensor: ...
 
 
 def expert_by_expert(hidden_states: torch.Tensor, index_cpu: torch.Tensor, experts: Iterator[tuple[int, torch.Tensor]],

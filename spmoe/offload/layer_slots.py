@@ -28,6 +28,13 @@ the host does not block); after it, `release` records one free event on the comp
 of the layer's slots (`TransferEngine.release_many`: copies into any of them wait on it) and then
 drops the pins, so no slot can be handed to a copy before its free event exists. The slot map is built on the host from the
 slots the provider chose and uploaded with one non-blocking copy from page-locked memory: no sync.
+
+`view(whole)` hands the experts module (storage, slot map). On the CPU: the span and the map relative
+to lo. On CUDA the map is written into the layer's row of `SlotTables` (one page-locked host row and one
+device row per layer, allocated once: static addresses, so a CUDA graph of the layer's expert kernels
+captured once reads each step's map); `whole=True` (the Triton kernels, which work per route, not per
+slot) gives the cache's whole storage and absolute slots, so the storage address is static too.
+A host row is rewritten only after its previous upload has completed (an event per row).
 """
 
 from __future__ import annotations
@@ -42,20 +49,55 @@ if TYPE_CHECKING:  # the experts module imports this one: keep it free of the of
     from spmoe.offload.transfer import TransferEngine
 
 
+class SlotTables:
+    """Per MoE layer, a page-locked host row and a device row [E + 1] (long) holding its slot map (CUDA)."""
+
+    def __init__(self, num_experts: int, device: torch.device):
+        self.num_experts, self.device = num_experts, device
+        self._rows: dict[int, tuple[torch.Tensor, torch.Tensor, torch.cuda.Event]] = {}
+
+    def upload(self, layer: int, table: list[int]) -> torch.Tensor:
+        """The layer's device row [E + 1] after a non-blocking copy of `table` into it (compute stream)."""
+        row = self._rows.get(layer)
+        if row is None:
+            row = self._rows[layer] = (torch.zeros(self.num_experts + 1, dtype=torch.long, pin_memory=True),
+                                       torch.zeros(self.num_experts + 1, dtype=torch.long, device=self.device),
+                                       torch.cuda.Event())
+        host, dev, copied = row
+        copied.synchronize()  # the row's previous upload has read the host row (long done: a step ago)
+        host.numpy()[:] = table
+        dev.copy_(host, non_blocking=True)
+        copied.record()
+        return dev
+
+
 class LayerSlots:
-    """One layer's routed experts, pinned in `storage`; `release` once the grouped matmul is enqueued."""
+    """One layer's routed experts, pinned in the cache; `view` for the grouped matmul, then `release` once
+    it is enqueued."""
 
     def __init__(self, ready: list[tuple[int, int]], num_experts: int, cache: ExpertCache, transfer: TransferEngine,
-                 unpin: Callable[[int], None]):
-        self.slots = [slot for _, slot in ready]
+                 unpin: Callable[[int], None], layer: int = -1, tables: SlotTables | None = None):
+        self.ready, self.slots = ready, [slot for _, slot in ready]
+        self.num_experts, self.layer, self._cache, self._tables = num_experts, layer, cache, tables
         self._transfer, self._unpin = transfer, unpin
         for slot in self.slots:
             transfer.wait_ready(slot)
-        lo, hi, table = slot_map(ready, num_experts)
-        self.storage = cache.storage[lo:hi]  # [hi - lo, N], the span
-        cuda = self.storage.device.type == "cuda"  # page-locked, so the copy is truly asynchronous (no sync)
-        host = torch.tensor(table, dtype=torch.long, pin_memory=cuda)  # [E + 1]
-        self.slot_of = host.to(self.storage.device, non_blocking=True) if cuda else host
+
+    @property
+    def static(self) -> bool:
+        """Whether `view(whole=True)` gives static addresses (storage and the layer's device row)."""
+        return self._tables is not None and self._cache.storage.device.type == "cuda"
+
+    def view(self, whole: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(storage [S', N], slot map [E + 1] on the cache's device): the span and slots relative to its
+        lo; with `whole` on CUDA, the cache's whole storage and absolute slots (see the module docstring)."""
+        lo, hi, table = slot_map(self.ready, self.num_experts)
+        storage = self._cache.storage
+        if storage.device.type != "cuda" or self._tables is None:
+            return storage[lo:hi], torch.tensor(table, dtype=torch.long, device=storage.device)
+        if whole:
+            return storage, self._tables.upload(self.layer, [s + lo for s in table])
+        return storage[lo:hi], self._tables.upload(self.layer, table)
 
     def release(self) -> None:
         """The compute stream has enqueued its last read of every slot: free events, then unpin."""

@@ -44,7 +44,7 @@ import torch
 
 from spmoe.offload.cache import ExpertCache
 from spmoe.offload.layer_slots import LayerSlots
-from spmoe.offload.provider import serve_in_order, serve_layer
+from spmoe.offload.provider import serve_in_order, serve_layer, slot_tables
 from spmoe.offload.store import ExpertStore
 from spmoe.offload.transfer import TransferEngine
 from spmoe.trace.records import ExpertEventLog
@@ -79,6 +79,7 @@ class PrefetchProvider:
     def __init__(self, cache: ExpertCache, store: ExpertStore, transfer: TransferEngine, events: ExpertEventLog,
                  worker_thread: bool = True, batched_io: bool = True, timeout_s: float = 60.0):
         self.cache, self.store, self.transfer, self.events = cache, store, transfer, events
+        self.tables = slot_tables(cache, store.layout.num_experts)
         self.batched_io = batched_io
         self.timeout_s = timeout_s
         self.lock = threading.RLock()
@@ -278,7 +279,8 @@ class PrefetchProvider:
         """The layer's experts all pinned (`LayerSlots`), or the `experts_for` iterator when the misses
         outnumber the slots that can be freed at once (see `spmoe.offload.provider.serve_layer`)."""
         ready, pending, issue = self._open(layer, expert_ids, token_experts)
-        return serve_layer(ready, pending, issue, self.cache, self.transfer, self._unpin, self.store.layout.num_experts)
+        return serve_layer(ready, pending, issue, self.cache, self.transfer, self._unpin, self.store.layout.num_experts,
+                           layer, self.tables)
 
     def _open(self, layer: int, expert_ids: list[int], token_experts: torch.Tensor | None,
               ) -> tuple[deque[tuple[int, int]], deque[int], Callable[[], None]]:

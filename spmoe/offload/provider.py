@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 import torch
 
 from spmoe.offload.cache import ExpertCache
-from spmoe.offload.layer_slots import LayerSlots
+from spmoe.offload.layer_slots import LayerSlots, SlotTables
 from spmoe.offload.store import ExpertStore
 from spmoe.offload.transfer import TransferEngine
 from spmoe.runtime.resident import ResidentTable
@@ -41,6 +41,7 @@ class OnDemandProvider:
         self.transfer = transfer
         self.events = events
         self.resident = ResidentTable(cache, store.layout)
+        self.tables = slot_tables(cache, store.layout.num_experts)
 
     def serve_resident(self, layer: int, top_k_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """When the cache holds every expert for good: the layer's slot table (`ResidentTable.get`), with
@@ -62,7 +63,7 @@ class OnDemandProvider:
         outnumber the slots that can be freed at once."""
         ready, pending, issue = self._open(layer, expert_ids)
         return serve_layer(ready, pending, issue, self.cache, self.transfer, self.cache.unpin,
-                           self.store.layout.num_experts)
+                           self.store.layout.num_experts, layer, self.tables)
 
     def _open(self, layer: int, expert_ids: list[int]) -> tuple[deque[tuple[int, int]], deque[int], Callable[[], None]]:
         """Look up and pin the hits, record the layer's events: (ready (expert, slot), pending misses, issue)."""
@@ -92,15 +93,20 @@ class OnDemandProvider:
         return ready, pending, issue
 
 
+def slot_tables(cache: ExpertCache, num_experts: int) -> SlotTables | None:
+    """The device slot-map rows of a cache on CUDA (`spmoe.offload.layer_slots.SlotTables`), else None."""
+    return SlotTables(num_experts, cache.storage.device) if cache.storage.device.type == "cuda" else None
+
+
 def serve_layer(ready: deque[tuple[int, int]], pending: deque[int], issue: Callable[[], None], cache: ExpertCache,
-                transfer: TransferEngine, unpin: Callable[[int], None], num_experts: int,
-                ) -> LayerSlots | Iterator[tuple[int, torch.Tensor]]:
+                transfer: TransferEngine, unpin: Callable[[int], None], num_experts: int, layer: int = -1,
+                tables: SlotTables | None = None) -> LayerSlots | Iterator[tuple[int, torch.Tensor]]:
     """Run `issue` once; if every miss got a slot, the layer's `LayerSlots`, else `serve_in_order`'s
     iterator (its first `issue` finds the same state, so nothing is admitted twice)."""
     issue()
     if pending:
         return serve_in_order(ready, issue, cache, transfer, unpin, pending)
-    return LayerSlots(list(ready), num_experts, cache, transfer, unpin)
+    return LayerSlots(list(ready), num_experts, cache, transfer, unpin, layer, tables)
 
 
 def serve_in_order(ready: deque[tuple[int, int]], issue: Callable[[], None], cache: ExpertCache,

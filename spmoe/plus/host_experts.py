@@ -55,6 +55,7 @@ from spmoe.models.experts import (
 from spmoe.offload.layer_slots import LayerSlots
 from spmoe.offload.prefetch import PrefetchProvider
 from spmoe.offload.store import ExpertStore
+from spmoe.runtime import moe_gemv
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,10 @@ class HostAssistedExperts(OffloadedExperts):
         self.planner.observe((t0 - submitted) * 1e3, times)
         return out
 
-    def compute(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    graph_experts = False  # its layers mix host and device experts: always eager
+
+    def compute(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                site=None) -> torch.Tensor:
         # T = tokens, A = experts per token, H = hidden, R = T * A routes
         num_tokens, top_k = top_k_index.shape
         index_cpu = top_k_index.cpu()  # [T, A]; the layer's one device->host sync
@@ -228,8 +232,8 @@ class HostAssistedExperts(OffloadedExperts):
             # the host experts' routes read the spare slot (the provider did not serve them, see
             # spmoe.offload.layer_slots): their rows are overwritten by the host outputs below
             try:
-                ys = grouped_expert_mlp(hidden_states, top_k_index, served.storage, served.slot_of, self.layout,
-                                        self.act_fn)  # [T, A, H]
+                storage, slot_of = served.view(whole=moe_gemv.supports(hidden_states, self.act_fn))
+                ys = grouped_expert_mlp(hidden_states, top_k_index, storage, slot_of, self.layout, self.act_fn)  # [T, A, H]
             finally:
                 served.release()
         else:

@@ -17,6 +17,16 @@ one memory pool and always run in capture order, so a segment may reuse memory a
 Each experts call's inputs (hidden states, routes, weights: tensors of the pool) stay referenced,
 so no later segment overwrites them before the experts read them.
 
+Each call site also gets an `ExpertsGraph`: at replay, when the provider pinned all of the layer's
+experts at once and the Triton kernels serve (`OffloadedExperts.compute` with `site`), the layer's
+expert kernels and the routes' weighted sum run as one small CUDA graph, captured at the site's second
+such use, instead of being launched one by one from Python. It reads only static addresses (the call's
+inputs, the cache's whole slot storage, the layer's device slot-map row, see
+`spmoe.offload.layer_slots`) and writes the call's static output; the slot map and the ready waits are
+enqueued eagerly before it and the free events after it, so the provider's ordering is unchanged.
+The site graphs of one piecewise graph share a memory pool: nothing allocated in one outlives its
+replay, and they replay one at a time on one stream.
+
 Which forwards qualify (`piecewise_capturable`): on CUDA, no forward hooks anywhere in the model
 (a hook would run at capture only), at least one engine experts module.
 """
@@ -32,7 +42,34 @@ from torch import nn
 from spmoe.models.experts import OffloadedExperts
 from spmoe.runtime.graphs import StepFn, graph_safe
 
-ExpertsCall = tuple[OffloadedExperts, tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class ExpertsGraph:
+    """One experts call site: `run(layer)` writes layer() into the site's static `out` [T, H] and returns
+    it; eager at the first run (which also compiles the kernels for these shapes), captured at the
+    second, replayed from then on. `layer` must read only static addresses (see the module docstring)."""
+
+    def __init__(self, out: torch.Tensor, pool):
+        self.out, self._pool = out, pool
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._warm = False
+        self.num_replays = 0
+
+    def run(self, layer: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if self._graph is None:
+            if not self._warm:
+                self._warm = True
+                return self.out.copy_(layer())
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                self.out.copy_(layer())
+            self._graph = graph
+        self._graph.replay()
+        self.num_replays += 1
+        return self.out
+
+
+ExpertsCall = tuple[OffloadedExperts, tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor, ExpertsGraph]
 
 
 def piecewise_capturable(model: nn.Module, device: torch.device) -> bool:
@@ -49,6 +86,7 @@ class PiecewiseGraph:
         self._new_graph = graph_factory
         self.graphs: list = []
         self.calls: list[ExpertsCall] = []
+        self._sites_pool = None  # one memory pool for the call sites' expert graphs
         self.inputs = torch.zeros(self.num_tokens + 1, dtype=torch.long, device=device)  # [T + 1]: ids, start
         experts = [m for m in model.modules() if isinstance(m, OffloadedExperts)]
         side = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -92,7 +130,9 @@ class PiecewiseGraph:
                top_k_weights: torch.Tensor) -> torch.Tensor:
         self._end_and_run()
         out = module.compute(hidden_states, top_k_index, top_k_weights)  # [T, H], outside the pool
-        self.calls.append((module, (hidden_states, top_k_index, top_k_weights), out))
+        if self._sites_pool is None and out.is_cuda:
+            self._sites_pool = torch.cuda.graph_pool_handle()
+        self.calls.append((module, (hidden_states, top_k_index, top_k_weights), out, ExpertsGraph(out, self._sites_pool)))
         self._begin()
         return out
 
@@ -102,6 +142,8 @@ class PiecewiseGraph:
         for i, graph in enumerate(self.graphs):
             graph.replay()
             if i < len(self.calls):
-                module, args, out = self.calls[i]
-                out.copy_(module.compute(*args))
+                module, args, out, site = self.calls[i]
+                got = module.compute(*args, site=site)
+                if got is not out:
+                    out.copy_(got)
         return self.logits

@@ -73,9 +73,9 @@ def test_segments_are_cut_at_every_experts_call(lru_runtime, monkeypatch):
     computed = []
     original = OffloadedExperts.compute
 
-    def spy(self, *args):
+    def spy(self, *args, **kwargs):
         computed.append(self.layer_idx)
-        return original(self, *args)
+        return original(self, *args, **kwargs)
 
     monkeypatch.setattr(OffloadedExperts, "compute", spy)
     _Graph.log = []
