@@ -8,7 +8,10 @@ the device (`slot_of[top_k_index]`) and its experts computed in one grouped matm
 device->host sync (see `spmoe.models.experts.grouped_expert_mlp`).
 
 Terms: E = experts per layer, S' = the slots of the layer's span (the smallest contiguous range
-of slots holding its experts), N = elements per slot.
+of slots holding its experts), N = elements per slot. The table is the layer's slot map over all
+its experts (`spmoe.offload.layer_slots.slot_map`, the one a provider's `LayerSlots` builds over its
+routed experts): a layer whose span holds other layers' experts sends "no expert" routes (entry E)
+to one of those (the spare), else to slot lo.
 Invariants: a table is built only when every expert of every layer is resident; once built it is
 never invalidated (nothing can be admitted, so nothing is evicted). Caches that may still evict
 get None, and their experts are served one by one by the provider.
@@ -20,6 +23,7 @@ import torch
 
 from spmoe.models.experts import ExpertLayout
 from spmoe.offload.cache import ExpertCache
+from spmoe.offload.layer_slots import slot_map
 
 
 class ResidentTable:
@@ -31,15 +35,15 @@ class ResidentTable:
 
     def get(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(slot storage of the layer's span [S', N], slot of each expert within it [E + 1] long, entry
-        E = slot 0 for "no expert" routes, on the cache's device), or None while any expert of the
+        E = the spare for "no expert" routes, on the cache's device), or None while any expert of the
         model is not resident or the cache's storage is gone. Holds no reference to the storage."""
         span = self._spans.get(layer)
         if span is None:
             if not self._possible or len(self.cache.resident()) < len(self.layout.keys):
                 return None
-            slots = [self.cache.slot_of((layer, e)) for e in range(self.layout.num_experts)]
-            lo, hi = min(slots), max(slots) + 1
-            slot_of = torch.tensor([s - lo for s in slots] + [0], dtype=torch.long, device=self.cache.storage.device)
+            ready = [(e, self.cache.slot_of((layer, e))) for e in range(self.layout.num_experts)]
+            lo, hi, table = slot_map(ready, self.layout.num_experts)
+            slot_of = torch.tensor(table, dtype=torch.long, device=self.cache.storage.device)  # [E + 1]
             self._spans[layer] = span = (lo, hi, slot_of)
         if self.cache.storage is None:
             return None
