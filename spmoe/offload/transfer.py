@@ -22,6 +22,10 @@ A `load` may carry `finish`, work that turns the copied bytes into the slot's we
 dequantizing a low-precision copy staged in another buffer): it runs on the same copy stream after
 the copy and before the slot's ready event (on CPU, right after the copy), so `wait_ready` covers it.
 
+`load` marks its slot not landed before issuing the copy, and callers issue it before the slot's new
+key can be looked up (the cache's admission and the load happen under one lock where two threads
+load), so a slot marked landed always holds its current key's weights.
+
 Invariant: every `load` is followed by `wait_ready` before the slot is read, and every read
 is followed by `release` before the slot can be reloaded. `load` and `collect` may be called
 from two threads (main and prefetch worker); the stats are guarded by a lock.
@@ -69,6 +73,7 @@ class TransferEngine:
             self._own_free = [torch.cuda.Event() for _ in range(num_slots)]
             self.free = list(self._own_free)  # slot -> the event its next copy waits on
             self._freed = [False] * num_slots
+            self._landed = [False] * num_slots  # ready[s] seen complete since slot s's last load
 
     def load(self, slot: int, dst: torch.Tensor, src: torch.Tensor, prefetch: bool = False,
              finish: Callable[[], None] | None = None) -> None:
@@ -92,6 +97,7 @@ class TransferEngine:
                 finish()
             return
         stream = self.prefetch_stream if prefetch else self.copy_stream
+        self._landed[slot] = False
         with torch.cuda.stream(stream), self._issue_lock:
             if self._freed[slot]:
                 stream.wait_event(self.free[slot])
@@ -121,8 +127,12 @@ class TransferEngine:
             self.prefetch_stream.synchronize()
 
     def wait_ready(self, slot: int) -> None:
-        """Make the current (compute) stream wait until slot `slot`'s copy has landed."""
-        if not self.cuda or self.ready[slot].query():
+        """Make the current (compute) stream wait until slot `slot`'s copy has landed (a slot seen landed
+        since its last load is not queried again)."""
+        if not self.cuda or self._landed[slot]:
+            return
+        if self.ready[slot].query():
+            self._landed[slot] = True
             return
         stream = torch.cuda.current_stream(self.device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

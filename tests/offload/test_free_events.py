@@ -79,3 +79,18 @@ def test_release_many_after_release_replaces_the_slot_event(engine):
     assert _load(engine, 0) > a
     engine.release_many([])  # nothing recorded
     assert LOG.count("record") == 2 + 3  # two free records, and the load's start, end and ready records
+
+
+def test_a_landed_slot_is_not_queried_again_until_its_next_load(engine, monkeypatch):
+    queries, compute = [], FakeStream("compute")
+    monkeypatch.setattr(FakeEvent, "query", lambda self: queries.append(self) or len(queries) > 1)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    engine.load(2, torch.zeros(2), torch.ones(2))
+    engine.wait_ready(2)  # in flight: the compute stream waits on its ready event
+    assert len(queries) == 1 and compute.waits == [engine.ready[2].at]
+    engine.wait_ready(2)  # landed now: seen once,
+    engine.wait_ready(2)  # then not queried again
+    assert len(queries) == 2
+    engine.load(2, torch.zeros(2), torch.ones(2))  # a new copy: queried again
+    engine.wait_ready(2)
+    assert len(queries) == 3
