@@ -31,6 +31,10 @@ seen; a cache whose resident keys have all been touched uses it instead of listi
 layer_distance also has `victim_by_layer(resident_by_layer, evictable)`: its distance ranks first and
 differs between layers, so it scores only the farthest layer that has an evictable key, the key
 `victim` names over all of them. A subclass that overrides `victim` must drop these shortcuts.
+Threads: policies take no lock. A policy is called only through its cache, and a cache shared by
+threads is called under its owner's lock (`PrefetchProvider.lock`, held for every call of the
+prefetch worker and of verification), so no scan of a policy's dicts (LRU's touch order) overlaps
+a touch; `sd_lookahead`'s `observe` is the one call meant for any thread.
 """
 
 from __future__ import annotations
