@@ -293,7 +293,7 @@ class PrefetchProvider:
         hits, pf_hits, late, misses = [], [], [], []
         with self.lock:
             self.verify_layer = layer
-            predicted = self._predicted.get((self.step, layer), {})
+            predicted = dict(self._predicted.get((self.step, layer), {}))  # a copy: the worker may add late rows
             for e in expert_ids:
                 key = (layer, e)
                 slot = cache.lookup(key)

@@ -94,8 +94,6 @@ LAYOUT = ExpertLayout(moe_layers=(0, 1), num_experts=4, top_k=2, hidden_size=2, 
                       dtype=torch.float32)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="PrefetchProvider._open iterates the layer's prediction dict after releasing its lock")
 def test_verification_reads_its_layers_predictions_while_late_ones_arrive():
     """A late request for the layer being verified lands while verification scores the layer's
     predictions (the worker's interleaving, made deterministic: the request is served inline from the
