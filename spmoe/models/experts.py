@@ -306,7 +306,7 @@ def _probe(device: torch.device, dtype: torch.dtype) -> bool:
     return ok
 
 
-MAX_GROUPS = 1024  # torch's grouped GEMM takes at most this many groups per call
+MAX_GROUPS = 1023  # torch's CUDA grouped GEMM requires fewer than 1024 groups per call
 
 
 def grouped_expert_mlp(x: torch.Tensor, top_k_index: torch.Tensor, storage: torch.Tensor, slot_of: torch.Tensor,

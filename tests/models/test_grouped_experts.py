@@ -45,12 +45,12 @@ def test_grouped_equals_per_expert_bitwise(num_tokens):
 
 
 def test_grouped_over_more_slots_than_one_grouped_gemm_takes(monkeypatch):
-    """A layer's span in a large cache can exceed the 1024 groups CUDA's grouped GEMM takes: chunked,
-    same bits. The CPU kernel has no such limit, so the test plants it."""
+    """A layer's span in a large cache can exceed the 1023 groups CUDA's grouped GEMM takes (it checks
+    group_count < 1024): chunked, same bits. The CPU kernel has no such limit, so the test plants it."""
     real = experts_mod._grouped_mm_fn()
 
     def limited(a, b, offs):
-        assert offs.numel() <= 1024, "Can't process more than 1024 groups"
+        assert offs.numel() < 1024, "Can't process more than 1024 groups"
         return real(a, b, offs=offs)
 
     monkeypatch.setattr(experts_mod, "_grouped_mm_fn", lambda: limited)
