@@ -135,7 +135,7 @@ def _main(dcfg: DictConfig) -> float:
                               experiment=exp.name, resume=dcfg.resume, profile=exp.profile,
                               progress=_progress(dcfg.progress, hc.mode == RunMode.MULTIRUN), time_limit=time_limit)
     for case, summary in zip(cases, summaries):
-        if "error" not in summary:
+        if "error" not in summary and "skipped" not in summary:
             log_run(case.cfg.logger, case.out_dir, group=exp.name)
         for line in digest(summary):
             print(line)
@@ -145,7 +145,7 @@ def _main(dcfg: DictConfig) -> float:
     if failed:
         raise RuntimeError(f"experiment {exp.name}: case(s) {failed} failed (see their error.json); the others"
                            f" finished in {out_dir}")
-    tpot_ms = summaries[0].get("tpot_ms_median") or summaries[0]["tpot_ms"]
+    tpot_ms = summaries[0].get("tpot_ms_median") or summaries[0].get("tpot_ms")
     return float("nan") if tpot_ms is None else float(tpot_ms)  # None: no decode step (max_new_tokens=1)
 
 

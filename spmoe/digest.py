@@ -25,6 +25,8 @@ def _bytes(n: float | None) -> str:
 def digest(s: dict) -> list[str]:
     if "error" in s:
         return [f"== {s['case']}: FAILED: {s['error']}"]
+    if "skipped" in s:
+        return [f"== {s['case']}: SKIPPED: {s['skipped']}"]
     name = s.get("case") or s["method"]
     card = s["hardware"] + (" (emulated" + (f", PCIe paced to {s['pcie_paced_gb_per_s']} GB/s" if s.get(
         "pcie_paced_gb_per_s") else "") + f" on {s['device']})" if s.get("hardware_emulated") else f" ({s['device']})")

@@ -217,9 +217,12 @@ def run_cases(cases: list[Case], rounds: int = 1, warmup_tokens: int = 0, experi
               time_limit: TimeLimit | None = None) -> list[dict]:
     """Run `cases` in interleaved rounds on one session; return their summaries in case order.
 
-    Under `time_limit`, a round or a case's lossless check that would not end within it is skipped:
-    the summaries then hold the rounds that ran (`rounds` < `rounds_planned`) and `lossless` null with
-    the reason for an unchecked case.
+    Under `time_limit`, a round, a case's run within a round, or a case's lossless check that would not
+    end within it is skipped: the summaries then hold the rounds that ran (`rounds` < `rounds_planned`)
+    and `lossless` null with the reason for an unchecked case. A case that got no round at all is
+    returned as `{"case", "experiment", "skipped"}` and nothing of it is written, so rerunning the same
+    command into the same directory runs just the cases still missing (a long experiment split over
+    several calls of a lent machine).
 
     With several cases, a case that fails while running (e.g. a method whose caches cannot fit the
     card) is dropped from the later rounds and returned as `{"case", "experiment", "error"}` with the
@@ -261,9 +264,21 @@ def run_cases(cases: list[Case], rounds: int = 1, warmup_tokens: int = 0, experi
                     break
                 with limit.timed("round"):
                     for case in (todo if r % 2 == 0 else todo[::-1]):
-                        if done[id(case)] is None:
+                        if done[id(case)] is not None:
+                            continue
+                        if not limit.allows("case"):
+                            log.warning("experiment.time_limit_s=%s: %s skips round %d (%.0f s elapsed)",
+                                        limit.limit_s, case.name, r, limit.elapsed_s())
+                            continue
+                        with limit.timed("case"):
                             _attempt(isolate, done, case, experiment,
                                      lambda c=case: _run_round(session, c, r, progress, profile and r == rounds - 1))
+            for case in todo:
+                if done[id(case)] is None and not case.rounds:  # nothing measured: not written, a rerun runs it
+                    done[id(case)] = {"case": case.name, "experiment": experiment, "skipped": (
+                        f"experiment.time_limit_s={limit.limit_s} reached before its first round; rerun the same"
+                        " command into the same directory to run it (finished cases are kept)")}
+                    log.warning("%s: %s", case.name, done[id(case)]["skipped"])
             results = {}
             with ReferenceRuntime(session) as reference:  # every expert preloaded once for all the checks
                 for case in [c for c in todo if done[id(c)] is None]:

@@ -3,7 +3,8 @@ A wall-clock allowance for one experiment job (`experiment.time_limit_s`), so a 
 in short calls ends with summaries instead of being killed with none.
 
 Terms: the *allowance* runs from the job's start (`TimeLimit.start`, before the model is built); a
-*stage* is one more round of every case, or one more case's lossless check.
+*stage* is one more round of every case, one case's run within a round, or one more case's lossless
+check.
 Invariants: a stage is started only if the slowest stage of its kind so far, run again, would end
 within the allowance (the first of a kind always runs: nothing predicts it); a job without a limit
 never skips anything. The caller asks before each stage (`allows`) and records what it skipped in the

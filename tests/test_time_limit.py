@@ -41,16 +41,48 @@ def test_a_limit_must_be_positive():
 
 def test_an_experiment_past_its_limit_keeps_the_rounds_it_ran_and_says_what_it_skipped(tmp_path):
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        overrides = ["experiment=cpu/harness_check", "experiment.only=[lru_nosd,lru,spmoe]", "max_new_tokens=4"]
+        cases = entry._cases(compose(config_name="config", overrides=overrides), overrides, tmp_path)
+    from spmoe.experiment import run_cases
+
+    limit = TimeLimit(10.0)
+    real_timed = limit.timed
+
+    def timed(kind):  # the first case's run takes the whole allowance
+        if kind == "case":
+            limit.limit_s = limit.elapsed_s() + 1e-3
+        return real_timed(kind)
+
+    limit.timed = timed
+    summaries = run_cases(cases, rounds=3, warmup_tokens=0, experiment="x", time_limit=limit)
+    first, *skipped = summaries
+    on_disk = json.loads((tmp_path / first["case"] / "summary.json").read_text())
+    assert on_disk["rounds"] == 1 and on_disk["rounds_planned"] == 3 and len(on_disk["tpot_ms_rounds"]) == 1
+    assert on_disk["lossless"] is True  # the first check always runs
+    for s in skipped:  # no round at all: nothing written, so a rerun runs them
+        assert "time_limit_s" in s["skipped"] and not (tmp_path / s["case"]).exists()
+    again = run_cases(cases, rounds=1, warmup_tokens=0, experiment="x", time_limit=TimeLimit(None))
+    assert again[0]["tpot_ms_rounds"] == on_disk["tpot_ms_rounds"]  # kept, not redone
+    assert [s["case"] for s in again[1:]] == [s["case"] for s in skipped]
+    assert all(s["rounds"] == 1 and (tmp_path / s["case"] / "summary.json").exists() for s in again[1:])
+
+
+def test_a_check_past_the_limit_is_skipped_and_said(tmp_path):
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         overrides = ["experiment=cpu/harness_check", "experiment.only=[lru_nosd,lru]", "max_new_tokens=4"]
         cases = entry._cases(compose(config_name="config", overrides=overrides), overrides, tmp_path)
     from spmoe.experiment import run_cases
 
-    limit = TimeLimit(1e-3)  # already past when the first round ends
-    summaries = run_cases(cases, rounds=3, warmup_tokens=0, experiment="x", time_limit=limit)
-    for i, s in enumerate(summaries):
-        on_disk = json.loads((tmp_path / s["case"] / "summary.json").read_text())
-        assert on_disk["rounds"] == 1 and on_disk["rounds_planned"] == 3 and len(on_disk["tpot_ms_rounds"]) == 1
-        if i == 0:  # the first check always runs
-            assert on_disk["lossless"] is True
-        else:
-            assert on_disk["lossless"] is None and "time_limit_s" in on_disk["lossless_reason"]
+    limit = TimeLimit(10.0)
+    real_timed = limit.timed
+
+    def timed(kind):  # rounds fit; the first check takes the whole allowance
+        if kind == "check":
+            limit.limit_s = limit.elapsed_s() + 1e-3
+        return real_timed(kind)
+
+    limit.timed = timed
+    summaries = run_cases(cases, rounds=2, warmup_tokens=0, experiment="x", time_limit=limit)
+    assert [s["rounds"] for s in summaries] == [2, 2]
+    assert summaries[0]["lossless"] is True
+    assert summaries[1]["lossless"] is None and "time_limit_s" in summaries[1]["lossless_reason"]
