@@ -236,3 +236,15 @@ def test_a_site_runs_a_pinned_layer_and_nothing_else(monkeypatch, slots, graphed
     with_site, without = run(site), run(None)
     assert site.runs == graphed_calls
     assert all(torch.equal(a, b) for a, b in zip(with_site, without))
+
+
+def test_slot_tables_upload_a_layer_row_only_when_a_routed_entry_moved():
+    tables = layer_slots.SlotTables(4, torch.device("cpu"))
+    row = tables.update(1, [(0, 7), (2, 3)])
+    assert tables.num_uploads == 1 and row.tolist() == [7, 0, 3, 0, 0]
+    assert tables.update(1, [(2, 3), (0, 7)]) is row and tables.num_uploads == 1  # nothing moved
+    tables.update(1, [(2, 3), (1, 5)])  # expert 1 is new: one upload; expert 0 keeps its entry
+    assert tables.num_uploads == 2 and row.tolist() == [7, 5, 3, 0, 0]
+    tables.update(2, [(2, 3)])  # another layer: its own row
+    assert tables.num_uploads == 3 and row.tolist() == [7, 5, 3, 0, 0]
+    assert tables.upload(1, [1, 1, 1, 1, 1]).tolist() == [1, 1, 1, 1, 1] and tables.num_uploads == 4

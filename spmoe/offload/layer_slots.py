@@ -30,11 +30,16 @@ drops the pins, so no slot can be handed to a copy before its free event exists.
 slots the provider chose and uploaded with one non-blocking copy from page-locked memory: no sync.
 
 `view(whole)` hands the experts module (storage, slot map). On the CPU: the span and the map relative
-to lo. On CUDA the map is written into the layer's row of `SlotTables` (one page-locked host row and one
-device row per layer, allocated once: static addresses, so a CUDA graph of the layer's expert kernels
-captured once reads each step's map); `whole=True` (the Triton kernels, which work per route, not per
-slot) gives the cache's whole storage and absolute slots, so the storage address is static too.
-A host row is rewritten only after its previous upload has completed (an event per row).
+to lo. On CUDA the map lives in the layer's row of `SlotTables` (one page-locked host row and one device
+row per layer, allocated once: static addresses, so a CUDA graph of the layer's expert kernels captured
+once reads each step's map). `whole=True` (the Triton kernels, which work per route, not per slot)
+gives the cache's whole storage and absolute slots, so the storage address is static too, and writes
+only the routed experts' entries, uploading the row only when one of them changed (a layer whose
+experts all stayed where they were uploads nothing). Its other entries keep earlier values, slots of
+the storage that may now hold other weights: the kernels read only routed experts' entries ("no
+expert" routes are zero rows without a lookup), so `whole=True` requires every routed expert of the
+layer in `ready` (spmoe_plus's layers, whose host-computed experts are routed but not served, use the
+span). A host row is rewritten only after its previous upload has completed (an event per row).
 """
 
 from __future__ import annotations
@@ -50,24 +55,49 @@ if TYPE_CHECKING:  # the experts module imports this one: keep it free of the of
 
 
 class SlotTables:
-    """Per MoE layer, a page-locked host row and a device row [E + 1] (long) holding its slot map (CUDA)."""
+    """Per MoE layer, a host row (page-locked on CUDA) and a device row [E + 1] (long) holding its slot map."""
 
     def __init__(self, num_experts: int, device: torch.device):
         self.num_experts, self.device = num_experts, device
-        self._rows: dict[int, tuple[torch.Tensor, torch.Tensor, torch.cuda.Event]] = {}
+        self.num_uploads = 0
+        self._rows: dict[int, tuple[torch.Tensor, torch.Tensor, object]] = {}
+
+    def _row(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, object]:
+        row = self._rows.get(layer)
+        if row is None:
+            cuda = self.device.type == "cuda"
+            row = self._rows[layer] = (torch.zeros(self.num_experts + 1, dtype=torch.long, pin_memory=cuda),
+                                       torch.zeros(self.num_experts + 1, dtype=torch.long, device=self.device),
+                                       torch.cuda.Event() if cuda else None)
+        return row
+
+    def _send(self, host: torch.Tensor, dev: torch.Tensor, copied) -> None:
+        dev.copy_(host, non_blocking=True)
+        if copied is not None:
+            copied.record()
+        self.num_uploads += 1
 
     def upload(self, layer: int, table: list[int]) -> torch.Tensor:
         """The layer's device row [E + 1] after a non-blocking copy of `table` into it (compute stream)."""
-        row = self._rows.get(layer)
-        if row is None:
-            row = self._rows[layer] = (torch.zeros(self.num_experts + 1, dtype=torch.long, pin_memory=True),
-                                       torch.zeros(self.num_experts + 1, dtype=torch.long, device=self.device),
-                                       torch.cuda.Event())
-        host, dev, copied = row
-        copied.synchronize()  # the row's previous upload has read the host row (long done: a step ago)
+        host, dev, copied = self._row(layer)
+        if copied is not None:
+            copied.synchronize()  # the row's previous upload has read the host row (long done: a step ago)
         host.numpy()[:] = table
-        dev.copy_(host, non_blocking=True)
-        copied.record()
+        self._send(host, dev, copied)
+        return dev
+
+    def update(self, layer: int, ready: list[tuple[int, int]]) -> torch.Tensor:
+        """The layer's device row with entry e = slot for every (e, slot) in `ready`, absolute; uploaded only
+        when one of those entries changed (see the module docstring for the others)."""
+        host, dev, copied = self._row(layer)
+        values = host.numpy()
+        changed = [(e, slot) for e, slot in ready if values[e] != slot]
+        if changed:
+            if copied is not None:
+                copied.synchronize()
+            for e, slot in changed:
+                values[e] = slot
+            self._send(host, dev, copied)
         return dev
 
 
@@ -91,12 +121,12 @@ class LayerSlots:
     def view(self, whole: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(storage [S', N], slot map [E + 1] on the cache's device): the span and slots relative to its
         lo; with `whole` on CUDA, the cache's whole storage and absolute slots (see the module docstring)."""
-        lo, hi, table = slot_map(self.ready, self.num_experts)
         storage = self._cache.storage
+        if storage.device.type == "cuda" and self._tables is not None and whole:
+            return storage, self._tables.update(self.layer, self.ready)
+        lo, hi, table = slot_map(self.ready, self.num_experts)
         if storage.device.type != "cuda" or self._tables is None:
             return storage[lo:hi], torch.tensor(table, dtype=torch.long, device=storage.device)
-        if whole:
-            return storage, self._tables.upload(self.layer, [s + lo for s in table])
         return storage[lo:hi], self._tables.upload(self.layer, table)
 
     def release(self) -> None:

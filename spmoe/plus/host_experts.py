@@ -55,7 +55,6 @@ from spmoe.models.experts import (
 from spmoe.offload.layer_slots import LayerSlots
 from spmoe.offload.prefetch import PrefetchProvider
 from spmoe.offload.store import ExpertStore
-from spmoe.runtime import moe_gemv
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +231,7 @@ class HostAssistedExperts(OffloadedExperts):
             # the host experts' routes read the spare slot (the provider did not serve them, see
             # spmoe.offload.layer_slots): their rows are overwritten by the host outputs below
             try:
-                storage, slot_of = served.view(whole=moe_gemv.supports(hidden_states, self.act_fn))
+                storage, slot_of = served.view()  # the span: its host experts' routes go to the spare slot
                 ys = grouped_expert_mlp(hidden_states, top_k_index, storage, slot_of, self.layout, self.act_fn)  # [T, A, H]
             finally:
                 served.release()

@@ -1,6 +1,7 @@
 """CUDA only: a piecewise call site's expert graph (`spmoe.runtime.piecewise.ExpertsGraph`) over the
-device slot-map rows (`spmoe.offload.layer_slots.SlotTables`) gives the eager kernels' bits, and a
-graph captured once follows each step's new slot map and new inputs (static addresses)."""
+device slot-map rows (`spmoe.offload.layer_slots.SlotTables`, only the routed entries written) gives the
+eager kernels' bits over the full map, and a graph captured once follows each step's new slot map and
+new inputs (static addresses)."""
 
 from __future__ import annotations
 
@@ -28,9 +29,10 @@ def test_site_graph_follows_the_slot_map_and_inputs():
     site = ExpertsGraph(torch.empty(1, 256, dtype=torch.bfloat16, device=dev), torch.cuda.graph_pool_handle())
     for step in range(5):
         slots = torch.randperm(12, generator=gen)[:9].tolist()  # this step's map: expert e -> slots[e]
-        slot_of = tables.upload(0, slots)  # [E + 1]
+        routed = torch.randperm(8, generator=gen)[:2]
+        slot_of = tables.update(0, [(e, slots[e]) for e in routed.tolist()])  # [E + 1]: routed entries only
         x.copy_(torch.randn(1, 256, generator=gen))
-        index.copy_(torch.randperm(8, generator=gen)[:2].view(1, 2))
+        index.copy_(routed.view(1, 2))
         weights.copy_(torch.rand(1, 2, generator=gen))
         got = site.run(lambda: combine_routes(grouped_expert_mlp(x, index, storage, slot_of, layout, act), weights, act))
         eager_map = torch.tensor(slots, device=dev)
