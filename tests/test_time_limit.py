@@ -39,22 +39,31 @@ def test_a_limit_must_be_positive():
         TimeLimit(0)
 
 
-def test_an_experiment_past_its_limit_keeps_the_rounds_it_ran_and_says_what_it_skipped(tmp_path):
+def _cases(tmp_path, only: str) -> list:
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        overrides = ["experiment=cpu/harness_check", "experiment.only=[lru_nosd,lru,spmoe]", "max_new_tokens=4"]
-        cases = entry._cases(compose(config_name="config", overrides=overrides), overrides, tmp_path)
-    from spmoe.experiment import run_cases
+        overrides = ["experiment=cpu/harness_check", f"experiment.only=[{only}]", "max_new_tokens=4"]
+        return entry._cases(compose(config_name="config", overrides=overrides), overrides, tmp_path)
 
+
+def _spent_by_first(kind: str) -> TimeLimit:
+    """A 10 s limit whose whole allowance the first stage of `kind` takes."""
     limit = TimeLimit(10.0)
     real_timed = limit.timed
 
-    def timed(kind):  # the first case's run takes the whole allowance
-        if kind == "case":
+    def timed(stage: str):
+        if stage == kind:
             limit.limit_s = limit.elapsed_s() + 1e-3
-        return real_timed(kind)
+        return real_timed(stage)
 
     limit.timed = timed
-    summaries = run_cases(cases, rounds=3, warmup_tokens=0, experiment="x", time_limit=limit)
+    return limit
+
+
+def test_an_experiment_past_its_limit_keeps_the_rounds_it_ran_and_says_what_it_skipped(tmp_path):
+    from spmoe.experiment import run_cases
+
+    cases = _cases(tmp_path, "lru_nosd,lru,spmoe")
+    summaries = run_cases(cases, rounds=3, warmup_tokens=0, experiment="x", time_limit=_spent_by_first("case"))
     first, *skipped = summaries
     on_disk = json.loads((tmp_path / first["case"] / "summary.json").read_text())
     assert on_disk["rounds"] == 1 and on_disk["rounds_planned"] == 3 and len(on_disk["tpot_ms_rounds"]) == 1
@@ -68,21 +77,10 @@ def test_an_experiment_past_its_limit_keeps_the_rounds_it_ran_and_says_what_it_s
 
 
 def test_a_check_past_the_limit_is_skipped_and_said(tmp_path):
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        overrides = ["experiment=cpu/harness_check", "experiment.only=[lru_nosd,lru]", "max_new_tokens=4"]
-        cases = entry._cases(compose(config_name="config", overrides=overrides), overrides, tmp_path)
     from spmoe.experiment import run_cases
 
-    limit = TimeLimit(10.0)
-    real_timed = limit.timed
-
-    def timed(kind):  # rounds fit; the first check takes the whole allowance
-        if kind == "check":
-            limit.limit_s = limit.elapsed_s() + 1e-3
-        return real_timed(kind)
-
-    limit.timed = timed
-    summaries = run_cases(cases, rounds=2, warmup_tokens=0, experiment="x", time_limit=limit)
+    summaries = run_cases(_cases(tmp_path, "lru_nosd,lru"), rounds=2, warmup_tokens=0, experiment="x",
+                          time_limit=_spent_by_first("check"))  # rounds fit; the first check takes it all
     assert [s["rounds"] for s in summaries] == [2, 2]
     assert summaries[0]["lossless"] is True
     assert summaries[1]["lossless"] is None and "time_limit_s" in summaries[1]["lossless_reason"]
