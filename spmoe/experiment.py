@@ -125,6 +125,15 @@ def warmup_plan(cases: list[Case], warmup_tokens: int, drafts: Callable[[Case], 
     return plan
 
 
+UNCHECKED = "not checked"  # a lossless_reason's start when the time limit skipped the check
+
+
+def _demanded_check_skipped(case: Case, summary: dict) -> bool:
+    """A case run with check_lossless=true whose check the time limit skipped: not finished."""
+    return (str(case.cfg.check_lossless).lower() == "true" and summary["lossless"] is None
+            and str(summary.get("lossless_reason", "")).startswith(UNCHECKED))
+
+
 def _tpot_ms(gens) -> float | None:
     return summarize([g.records for g in gens])["tpot_ms"]
 
@@ -143,7 +152,7 @@ def _summarize(session: Session, case: Case, experiment: str | None, reference: 
             with limit.timed("check"):
                 check = check_lossless(session, gens, temperature=case.cfg.spec.temperature, reference=reference)
         else:
-            check = LosslessCheck(None, f"not checked: experiment.time_limit_s={limit.limit_s} reached")
+            check = LosslessCheck(None, f"{UNCHECKED}: experiment.time_limit_s={limit.limit_s} reached")
     if check is not None and case.name is not None:  # a plain run's digest says it; an experiment's log names the case
         log.info("%s: lossless %s (%s)", case.name, check.lossless, check.reason)
     summary = summarize_run(session, case.cfg.method, case.cfg.hardware, gens, plan, peak, check, spec_cfg=case.cfg.spec)
@@ -222,7 +231,7 @@ def run_cases(cases: list[Case], rounds: int = 1, warmup_tokens: int = 0, experi
     and `lossless` null with the reason for an unchecked case. A case that got no round at all is
     returned as `{"case", "experiment", "skipped"}` and nothing of it is written, so rerunning the same
     command into the same directory runs just the cases still missing (a long experiment split over
-    several calls of a lent machine).
+    several calls of a lent machine); so is a case run with check_lossless=true whose check was skipped.
 
     With several cases, a case that fails while running (e.g. a method whose caches cannot fit the
     card) is dropped from the later rounds and returned as `{"case", "experiment", "error"}` with the
@@ -289,10 +298,17 @@ def run_cases(cases: list[Case], rounds: int = 1, warmup_tokens: int = 0, experi
             add_runtime_efficiency(session, [results[id(c)][0] for c in running], floor=resumed)
             for case in running:
                 summary, gens, routing = results[id(case)]
+                if _demanded_check_skipped(case, summary):  # its point is the check: a rerun redoes it
+                    done[id(case)] = {"case": case.name, "experiment": experiment, "skipped": (
+                        f"check_lossless=true, and its lossless check did not fit experiment.time_limit_s="
+                        f"{limit.limit_s}; rerun the same command into the same directory to run it")}
+                    log.warning("%s: %s", case.name, done[id(case)]["skipped"])
+                    continue
                 _write(session, case, summary, gens, routing)
                 done[id(case)] = summary
             for case in running:  # after every case is written
-                _check_budget(case, done[id(case)])
+                if "skipped" not in done[id(case)]:
+                    _check_budget(case, done[id(case)])
         finally:
             session.close()
     return [done[id(c)] for c in cases]

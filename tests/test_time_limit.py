@@ -39,9 +39,9 @@ def test_a_limit_must_be_positive():
         TimeLimit(0)
 
 
-def _cases(tmp_path, only: str) -> list:
+def _cases(tmp_path, only: str, *more: str) -> list:
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        overrides = ["experiment=cpu/harness_check", f"experiment.only=[{only}]", "max_new_tokens=4"]
+        overrides = ["experiment=cpu/harness_check", f"experiment.only=[{only}]", "max_new_tokens=4", *more]
         return entry._cases(compose(config_name="config", overrides=overrides), overrides, tmp_path)
 
 
@@ -84,3 +84,14 @@ def test_a_check_past_the_limit_is_skipped_and_said(tmp_path):
     assert [s["rounds"] for s in summaries] == [2, 2]
     assert summaries[0]["lossless"] is True
     assert summaries[1]["lossless"] is None and "time_limit_s" in summaries[1]["lossless_reason"]
+
+
+def test_a_demanded_check_that_did_not_fit_leaves_its_case_to_a_rerun(tmp_path):
+    from spmoe.experiment import run_cases
+
+    cases = _cases(tmp_path, "lru_nosd,lru", "check_lossless=true")
+    summaries = run_cases(cases, rounds=1, warmup_tokens=0, experiment="x", time_limit=_spent_by_first("check"))
+    assert summaries[0]["lossless"] is True
+    assert "check_lossless=true" in summaries[1]["skipped"] and not (tmp_path / summaries[1]["case"]).exists()
+    again = run_cases(cases, rounds=1, warmup_tokens=0, experiment="x", time_limit=TimeLimit(None))
+    assert again[0] == summaries[0] and again[1]["lossless"] is True
