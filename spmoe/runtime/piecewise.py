@@ -43,7 +43,6 @@ from spmoe.models.experts import OffloadedExperts
 from spmoe.runtime.graphs import StepFn, graph_safe
 
 
-
 class ExpertsGraph:
     """One experts call site: `run(layer)` writes layer() into the site's static `out` [T, H] and returns
     it; eager at the first run (which also compiles the kernels for these shapes), captured at the
