@@ -3,6 +3,11 @@ HookOwner: a component that installs torch module hooks (predictors, routing rep
 adaptive gating) keeps their handles in `self._handles`; `remove()` detaches every one of them.
 
 Invariant: after `remove()` the owner has no hook left on any module, and a second call is a no-op.
+
+A hook marked with `mark_graph_safe` promises that everything it does to the forward is device work
+on tensors whose addresses do not change between calls (its host code only picks views), so a CUDA
+graph that captured the forward replays its effect; `spmoe.runtime.graphs.graph_safe` accepts such
+hooks and refuses every other.
 """
 
 from __future__ import annotations
@@ -15,3 +20,16 @@ class HookOwner:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+GRAPH_SAFE = "_spmoe_graph_safe"
+
+
+def mark_graph_safe(hook):
+    """`hook`, marked as replayable by a CUDA graph (see the module docstring)."""
+    setattr(hook, GRAPH_SAFE, True)
+    return hook
+
+
+def is_graph_safe(hook) -> bool:
+    return getattr(hook, GRAPH_SAFE, False)

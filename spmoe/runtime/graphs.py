@@ -7,7 +7,8 @@ then the start position; replay copies the step's ids and start into it, replays
 static output logits [num_logits, V], valid until the next replay of any graph sharing the pool.
 
 Which forwards can be captured (`capturable`): on CUDA, with no forward hooks anywhere in the
-model (hooks run host code: predictors, routing recorders and replays), and every engine experts
+model but graph-safe ones (`spmoe.hooks.mark_graph_safe`: routing replay's; others run host code:
+predictors, routing recorders), and every engine experts
 module sync-free (`OffloadedExperts.sync_free`: the grouped path over a slot table that can no
 longer change). Offloaded methods fail that test and run eagerly; a miss never forces a rebuild.
 
@@ -28,6 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from spmoe.hooks import is_graph_safe
 from spmoe.models.experts import OffloadedExperts
 from spmoe.trace.records import ExpertEventLog
 
@@ -51,7 +53,8 @@ def graph_safe(model: nn.Module, device: torch.device, experts_run_eagerly: bool
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
         return False
     for m in model.modules():
-        if m._forward_hooks or m._forward_pre_hooks:
+        hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
+        if not all(is_graph_safe(h) for h in hooks):
             return False
         if isinstance(m, OffloadedExperts) and not experts_run_eagerly and not m.sync_free(device):
             return False

@@ -27,8 +27,9 @@ enqueued eagerly before it and the free events after it, so the provider's order
 The site graphs of one piecewise graph share a memory pool: nothing allocated in one outlives its
 replay, and they replay one at a time on one stream.
 
-Which forwards qualify (`piecewise_capturable`): on CUDA, no forward hooks anywhere in the model
-(a hook would run at capture only), at least one engine experts module.
+Which forwards qualify (`piecewise_capturable`): on CUDA, no forward hooks anywhere in the model but
+graph-safe ones (`spmoe.hooks.mark_graph_safe`; any other would run at capture only), at least one engine
+experts module.
 """
 
 from __future__ import annotations

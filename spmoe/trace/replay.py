@@ -23,6 +23,11 @@ Mechanism: a forward hook on each router, run before any other, replaces the rou
 traces, its weights (format 1: the replay router's own weights). Hooks registered on the router
 output earlier (adaptive gating) run after it and so act on the replayed routing, with the
 trained model's weights. Outputs are not meaningful text; summaries say `routing: replay`.
+Graphs: a decode or verify step (T <= C = the trace's k + 1) is copied at `begin_step` into static
+device buffers [C, L, A] (one host->device copy per step, ordered on the compute stream after the
+previous step's kernels), and the hook returns copies of their slices: device operations only, so
+its hooks are marked graph-safe (`spmoe.hooks.mark_graph_safe`) and a CUDA graph captured with them
+replays each step's routes. Longer forwards (prefill) take the per-step tensors as before.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import torch
 from torch import nn
 
 from spmoe.data.prompts import Prompt
-from spmoe.hooks import HookOwner
+from spmoe.hooks import HookOwner, mark_graph_safe
 from spmoe.models.experts import ExpertLayout
 from spmoe.predict.capture import router_of
 from spmoe.spec.verify import AcceptResult
@@ -61,8 +66,11 @@ class RouteReplay(HookOwner):
         self._map = [map_layer(i, num_layers, trace.num_layers) for i in range(num_layers)]
         self._plans = [self._plan(p) for p in range(trace.num_prompts)]
         self._prompt, self._row = -1, None
+        self._static_step = False  # the current step's routes are in the static buffers
         self._step: tuple[torch.Tensor, torch.Tensor | None] | None = None  # the row's routes, weights [T, L, A]
         self._device_step: tuple | None = None  # the same on the model's device
+        self.capacity = int(trace.meta.get("spec_k") or 0) + 1  # C: the longest decode or verify step
+        self._static: tuple[torch.Tensor, torch.Tensor | None] | None = None  # routes, weights [C, L, A] on device
         self._handles: list = []
 
     def _plan(self, prompt: int) -> list[dict]:
@@ -92,18 +100,27 @@ class RouteReplay(HookOwner):
         return out
 
     def install(self, model: nn.Module) -> None:
-        """Router forward hooks (run before any other) that replace each MoE layer's routing."""
+        """Router forward hooks (run before any other, graph-safe) that replace each MoE layer's routing."""
         for layer in self.layout.moe_layers:
             self._handles.append(router_of(model, layer).register_forward_hook(
-                lambda m, a, out, layer=layer: self._replace(layer, out), prepend=True))
+                mark_graph_safe(lambda m, a, out, layer=layer: self._replace(layer, out)), prepend=True))
 
     def _replace(self, layer: int, out: tuple) -> tuple:
         *head, weights, index = out
+        t, i = index.shape[0], self._ordinal[layer]
+        if self._static is None:  # allocated once, at the first routed forward: its addresses never change
+            shape = (self.capacity, len(self.layout.moe_layers), self.layout.top_k)
+            self._static = (torch.zeros(shape, dtype=torch.long, device=index.device), None if
+                            self.trace.route_weights is None else torch.zeros(shape, device=index.device))
+        if t <= self.capacity and (self._row is None or self._static_step):
+            routes, step_weights = self._static  # a graph captured outside a step (warm-up) reads them too
+            if step_weights is not None:
+                weights = step_weights[:t, i].to(weights.dtype)
+            return (*head, weights, routes[:t, i].to(index.dtype, copy=True))
         self._current()
         if self._device_step is None or self._device_step[0].device != index.device:  # once per step
             self._device_step = tuple(None if x is None else x.to(index.device) for x in self._step)
         routes, step_weights = self._device_step
-        t, i = index.shape[0], self._ordinal[layer]
         if routes.shape[0] < t:
             raise TraceError(f"routing replay out of step: layer {layer} forwards {t} positions,"
                              f" the trace row holds {routes.shape[0]}")
@@ -153,10 +170,14 @@ class RouteReplay(HookOwner):
         weights = None if self.trace.route_weights is None else torch.from_numpy(
             self.trace.route_weights[rows][:, self._map].astype(np.float32))  # [T, L, A]
         self._step, self._device_step = (routes, weights), None  # gathered once per step, not per layer
+        self._static_step = self._static is not None and len(rows) <= self.capacity
+        if self._static_step:  # into the static buffers, in stream order after the last step's reads
+            self._static[0][:len(rows)].copy_(routes)
+            if weights is not None:
+                self._static[1][:len(rows)].copy_(weights)
 
     def end_step(self) -> None:
         pass
-
 
     def summary(self) -> dict:
         meta = self.trace.meta

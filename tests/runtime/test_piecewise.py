@@ -15,6 +15,7 @@ from conftest import tiny_run_config
 from spmoe.methods import get_strategy
 from spmoe.models.experts import OffloadedExperts
 from spmoe.runtime.decoder import StaticDecoder
+from spmoe.hooks import mark_graph_safe
 from spmoe.runtime.graphs import capturable, graph_safe
 from spmoe.runtime.piecewise import PiecewiseGraph, piecewise_capturable
 from spmoe.session import open_session
@@ -97,7 +98,8 @@ def test_a_failed_capture_restores_the_experts(lru_runtime):
 
 def test_which_forwards_graphs_may_capture(lru_runtime):
     """A resident cache's forward is safe whole; an offloaded one only with its experts left out; a hook
-    anywhere (experts modules included) makes neither safe; nothing is captured off CUDA."""
+    anywhere (experts modules included) makes neither safe unless marked graph-safe; nothing is captured
+    off CUDA."""
     session, lru = lru_runtime
     cpu = torch.device("cpu")
     assert not graph_safe(lru.model, cpu) and graph_safe(lru.model, cpu, experts_run_eagerly=True)
@@ -105,6 +107,9 @@ def test_which_forwards_graphs_may_capture(lru_runtime):
         handle = module.register_forward_pre_hook(lambda *a: None)
         assert not graph_safe(lru.model, cpu, experts_run_eagerly=True)
         handle.remove()
+    handle = lru.model.model.layers[1].self_attn.register_forward_pre_hook(mark_graph_safe(lambda *a: None))
+    assert graph_safe(lru.model, cpu, experts_run_eagerly=True)  # a graph-safe hook (routing replay's) is kept
+    handle.remove()
     ctx = MethodContext(session.cfg, session.target, cpu, session.plan(session.cfg.hardware, "gpu_resident"))
     resident = get_strategy("gpu_resident").build(ctx)  # installs its own experts in the shared model
     try:

@@ -7,13 +7,17 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import tiny_run_config
 from experiments.presets import load_preset
 from spmoe.session import open_session
 from spmoe.summary import distinct_token_ratio
 from spmoe.config import CutoffConfig, MethodConfig, RoutingConfig, SpecConfig, TraceConfig
-from spmoe.trace.replay import map_layer
+import spmoe.trace.replay as replay_mod
+from spmoe.hooks import is_graph_safe
+from spmoe.models.experts import ExpertLayout
+from spmoe.trace.replay import RouteReplay, map_layer
 from spmoe.trace.routing import TraceError, load_trace
 
 K, NEW = 2, 12
@@ -208,3 +212,29 @@ def test_format_1_traces_replay_with_the_models_own_weights(recorded, tmp_path):
         assert np.array_equal(s.last_routing.routes, t.routes)
     finally:
         s.close()
+
+
+def test_replay_hooks_are_graph_safe_and_steps_read_static_buffers(recorded, monkeypatch):
+    """Decode and verify steps (T <= k + 1) are served from the replay's static device buffers, so a
+    CUDA graph that captured the hook replays each step's routes: same routes as the per-step tensors,
+    and the hooks carry the graph-safe mark (`spmoe.runtime.graphs.graph_safe` accepts them)."""
+    path, _, _ = recorded
+    t = load_trace(path)
+    layout = ExpertLayout((0, 1, 2, 3), t.num_experts, t.top_k, 8, 4, torch.float32)
+    model = torch.nn.Module()
+    model.routers = torch.nn.ModuleList(torch.nn.Identity() for _ in layout.moe_layers)  # stand-in routers
+    monkeypatch.setattr(replay_mod, "router_of", lambda m, layer: m.routers[layer])
+    replay = RouteReplay(t, layout, speculative=True, num_draft_tokens=K)
+    replay.install(model)
+    assert all(is_graph_safe(h) for r in model.routers for h in r._forward_hooks.values())
+    weights, index = torch.zeros(64, t.top_k), torch.zeros(64, t.top_k, dtype=torch.long)  # the router's own
+    for step in range(4):  # the prefill (per-step tensors), then verify steps (static buffers)
+        replay.begin_step(step)
+        rows = replay._row["positions"]
+        want = torch.from_numpy(t.routes[rows].astype(np.int64))  # [T, L, A] (same depth: identity map)
+        for layer, router in enumerate(model.routers):
+            _, w, i = router(("h", weights[:len(rows)], index[:len(rows)]))
+            assert torch.equal(i, want[:, layer])
+            assert torch.allclose(w, torch.from_numpy(t.route_weights[rows][:, layer]))
+        assert replay._static_step == (step > 0)
+    assert i.data_ptr() != replay._static[0].data_ptr()  # a copy: the next step may overwrite the buffer
