@@ -230,7 +230,7 @@ class Session:
             replay = recorder = None
             if self.routing_trace is not None:
                 replay = attach_replay(runtime, self.routing_trace, self.target.layout, drafts,
-                                       cfg.spec.num_draft_tokens)
+                                       cfg.spec.num_draft_tokens, cfg.routing.graphs)
             if cfg.trace.routing:
                 recorder = attach_recorder(runtime, self.target.layout, cfg.trace.lookahead_depth)
             drafter = None

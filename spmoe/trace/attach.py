@@ -15,8 +15,8 @@ from spmoe.trace.routing import RoutingTrace
 
 
 def attach_replay(runtime: Runtime, trace: RoutingTrace, layout: ExpertLayout, speculative: bool,
-                  num_draft_tokens: int) -> RouteReplay:
-    replay = RouteReplay(trace, layout, speculative, num_draft_tokens)
+                  num_draft_tokens: int, graphs: bool = False) -> RouteReplay:
+    replay = RouteReplay(trace, layout, speculative, num_draft_tokens, graphs)
     replay.install(runtime.model)
     runtime.listeners.insert(0, replay)
     runtime.closers.append(replay.remove)

@@ -26,8 +26,9 @@ trained model's weights. Outputs are not meaningful text; summaries say `routing
 Graphs: a decode or verify step (T <= C = the trace's k + 1) is copied at `begin_step` into static
 device buffers [C, L, A] (one host->device copy per step, ordered on the compute stream after the
 previous step's kernels), and the hook returns copies of their slices: device operations only, so
-its hooks are marked graph-safe (`spmoe.hooks.mark_graph_safe`) and a CUDA graph captured with them
-replays each step's routes. Longer forwards (prefill) take the per-step tensors as before.
+with `routing.graphs` its hooks are marked graph-safe (`spmoe.hooks.mark_graph_safe`) and a CUDA graph
+captured with them replays each step's routes (off: a replayed forward is never captured). Longer
+forwards (prefill) take the per-step tensors as before.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def map_layer(ordinal: int, replay_layers: int, trace_layers: int) -> int:
 
 
 class RouteReplay(HookOwner):
-    def __init__(self, trace: RoutingTrace, layout: ExpertLayout, speculative: bool, num_draft_tokens: int):
+    def __init__(self, trace: RoutingTrace, layout: ExpertLayout, speculative: bool, num_draft_tokens: int,
+                 graphs: bool = False):
         if trace.num_experts != layout.num_experts or trace.top_k != layout.top_k:
             raise TraceError(f"routing replay needs the trace's expert count and top-k: trace {trace.num_experts}"
                              f" experts top-{trace.top_k}, model {layout.num_experts} experts top-{layout.top_k}")
@@ -60,7 +62,7 @@ class RouteReplay(HookOwner):
         if speculative and trace_k != num_draft_tokens:
             raise TraceError(f"the trace was recorded with spec.num_draft_tokens={trace_k}; replay with the same k"
                              f" (got {num_draft_tokens})")
-        self.trace, self.layout, self.speculative = trace, layout, speculative
+        self.trace, self.layout, self.speculative, self.graphs = trace, layout, speculative, graphs
         num_layers = len(layout.moe_layers)
         self._ordinal = {layer: i for i, layer in enumerate(layout.moe_layers)}
         self._map = [map_layer(i, num_layers, trace.num_layers) for i in range(num_layers)]
@@ -100,10 +102,14 @@ class RouteReplay(HookOwner):
         return out
 
     def install(self, model: nn.Module) -> None:
-        """Router forward hooks (run before any other, graph-safe) that replace each MoE layer's routing."""
+        """Router forward hooks (run before any other; graph-safe with `graphs`) that replace each MoE
+        layer's routing."""
         for layer in self.layout.moe_layers:
+            def hook(m, a, out, layer=layer):
+                return self._replace(layer, out)
+
             self._handles.append(router_of(model, layer).register_forward_hook(
-                mark_graph_safe(lambda m, a, out, layer=layer: self._replace(layer, out)), prepend=True))
+                mark_graph_safe(hook) if self.graphs else hook, prepend=True))
 
     def _replace(self, layer: int, out: tuple) -> tuple:
         *head, weights, index = out

@@ -217,14 +217,19 @@ def test_format_1_traces_replay_with_the_models_own_weights(recorded, tmp_path):
 def test_replay_hooks_are_graph_safe_and_steps_read_static_buffers(recorded, monkeypatch):
     """Decode and verify steps (T <= k + 1) are served from the replay's static device buffers, so a
     CUDA graph that captured the hook replays each step's routes: same routes as the per-step tensors,
-    and the hooks carry the graph-safe mark (`spmoe.runtime.graphs.graph_safe` accepts them)."""
+    and with routing.graphs the hooks carry the graph-safe mark (`spmoe.runtime.graphs.graph_safe`
+    accepts them)."""
     path, _, _ = recorded
     t = load_trace(path)
     layout = ExpertLayout((0, 1, 2, 3), t.num_experts, t.top_k, 8, 4, torch.float32)
     model = torch.nn.Module()
     model.routers = torch.nn.ModuleList(torch.nn.Identity() for _ in layout.moe_layers)  # stand-in routers
     monkeypatch.setattr(replay_mod, "router_of", lambda m, layer: m.routers[layer])
-    replay = RouteReplay(t, layout, speculative=True, num_draft_tokens=K)
+    plain = RouteReplay(t, layout, speculative=True, num_draft_tokens=K)  # routing.graphs off: never captured
+    plain.install(model)
+    assert not any(is_graph_safe(h) for r in model.routers for h in r._forward_hooks.values())
+    plain.remove()
+    replay = RouteReplay(t, layout, speculative=True, num_draft_tokens=K, graphs=True)
     replay.install(model)
     assert all(is_graph_safe(h) for r in model.routers for h in r._forward_hooks.values())
     weights, index = torch.zeros(64, t.top_k), torch.zeros(64, t.top_k, dtype=torch.long)  # the router's own
