@@ -60,13 +60,26 @@ class ExpertsGraph:
             if not self._warm:
                 self._warm = True
                 return self.out.copy_(layer())
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                self.out.copy_(layer())
-            self._graph = graph
+            self._graph = self._capture(layer)
         self._graph.replay()
         self.num_replays += 1
         return self.out
+
+    def _capture(self, layer: Callable[[], torch.Tensor]) -> torch.cuda.CUDAGraph:
+        """Capture on a side stream ordered after the current one; unlike `torch.cuda.graph`, no device
+        synchronize, garbage collection or cache release: this runs inside a timed decode step."""
+        current = torch.cuda.current_stream(self.out.device)
+        side = torch.cuda.Stream(self.out.device)
+        side.wait_stream(current)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(side):
+            graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
+            try:
+                self.out.copy_(layer())
+            finally:
+                graph.capture_end()
+        current.wait_stream(side)
+        return graph
 
 
 ExpertsCall = tuple[OffloadedExperts, tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor, ExpertsGraph]
