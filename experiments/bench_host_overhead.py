@@ -92,12 +92,12 @@ def main() -> None:
         for spec, (method, hw) in cases.items():
             for case in ("shortcut", "listed"):  # warm-up
                 with listed_victims() if case == "listed" else contextlib.nullcontext():
-                    generate(session, method, hw, min(8, args.tokens), 1, 3, True)
+                    generate(session, method, hw, min(8, args.tokens), 1, 3, "graphed")
             for r in range(args.rounds):
                 for case in (("shortcut", "listed") if r % 2 == 0 else ("listed", "shortcut")):
                     with listed_victims() if case == "listed" else contextlib.nullcontext():
                         cpu0 = time.process_time()
-                        res = generate(session, method, hw, args.tokens, args.prompts, 3, True)
+                        res = generate(session, method, hw, args.tokens, args.prompts, 3, "graphed")
                         cpu_s = time.process_time() - cpu0
                     res["cpu_ms_per_token"] = cpu_s * 1e3 / (args.tokens * args.prompts)
                     rows.append({"method": spec, "case": case, "round": r, **res})

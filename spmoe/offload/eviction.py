@@ -148,7 +148,20 @@ class ExpectedReusePolicy:
         return (i - self._current - 1) % n + n * (1 / q - 1)
 
     def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
-        return max(candidates, key=lambda k: (self.next_use(k), -self._last_visit.get(k, 0)))
+        """The candidate with the farthest `next_use` (then the oldest last visit; the first such in
+        `candidates`): `next_use`'s arithmetic inlined over per-layer constants, since a large cache
+        scores every evictable key on every admission."""
+        n, order, cur = len(self._order), self._order, self._current
+        dist = [(i - cur - 1) % n for i in range(n)]
+        den = [v + 2 for v in self._visits]
+        uses, last = self._uses, self._last_visit
+        best, best_key = None, None
+        for k in candidates:
+            i = order[k[0]]
+            rank = (dist[i] + n * (1 / ((uses[k] + 1) / den[i]) - 1), -last.get(k, 0))
+            if best is None or rank > best:
+                best, best_key = rank, k
+        return best_key
 
     def needed_before(self, resident: ExpertKey, incoming: ExpertKey) -> bool:
         """Whether `resident` is expected to be used before `incoming`, a prefetch predicted for its

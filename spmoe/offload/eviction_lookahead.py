@@ -89,8 +89,25 @@ class SdLookaheadPolicy(ExpectedReusePolicy):
         return distance + n * (1 / q - 1)
 
     def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
+        """`ExpectedReusePolicy.victim`'s rule with this policy's `next_use`, inlined the same way."""
         self._resolve()
-        return super().victim(candidates)
+        n, order, cur, g = len(self._order), self._order, self._current, self.discount
+        dist = [(i - cur - 1) % n for i in range(n)]
+        visits = self._visits
+        den = [(v if g == 1 else (1 - g ** v) / (1 - g)) + 2 for v in visits]  # window V_l + 2
+        predicted, recent, last = self._predicted, self._recent, self._last_visit
+        best, best_key = None, None
+        for k in candidates:
+            i = order[k[0]]
+            if k[1] in predicted.get(k[0], ()):
+                use = dist[i]
+            else:
+                uses, at = recent.get(k, (0.0, 0))
+                use = dist[i] + n * (1 / ((uses * g ** (visits[i] - at) + 1) / den[i]) - 1)
+            rank = (use, -last.get(k, 0))
+            if best is None or rank > best:
+                best, best_key = rank, k
+        return best_key
 
     def needed_before(self, resident: ExpertKey, incoming: ExpertKey) -> bool:
         self._resolve()

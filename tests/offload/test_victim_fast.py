@@ -3,7 +3,8 @@
 LRU's `victim_where` (scan in touch order) against `min(candidates, key=last use)` over the listed
 candidates, and layer_distance's `victim_by_layer` (farthest layer with an evictable key first)
 against its `max` over all candidates, on a global and a partitioned cache with pins held across
-admissions; MoE-Infinity's per-call layer factors against `score`."""
+admissions; MoE-Infinity's per-call layer factors against `score`; expected_reuse's and
+sd_lookahead's inlined victims against `max` over their `next_use`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import random
 import torch
 
 from spmoe.offload.cache import ExpertCache
-from spmoe.offload.eviction import LayerDistancePolicy, LruPolicy
+from spmoe.offload.eviction import ExpectedReusePolicy, LayerDistancePolicy, LruPolicy
+from spmoe.offload.eviction_lookahead import SdLookaheadPolicy
 from spmoe.offload.eviction_priority import PriorityPolicy
 
 
@@ -80,3 +82,23 @@ def test_priority_victim_matches_score():
             p.new_sequence()
         cands = rng.sample([(layer_, e) for layer_ in range(3) for e in range(8)], 10)
         assert p.victim(cands) == min(cands, key=lambda k: (p.score(k), p._last_use.get(k, 0)))
+
+
+def _scored_victim(p, candidates):
+    """The plain rule the inlined victims keep: farthest `next_use`, then the oldest last visit, first such."""
+    return max(candidates, key=lambda k: (p.next_use(k), -p._last_visit.get(k, 0)))
+
+
+def test_expected_reuse_and_sd_lookahead_victims_match_next_use():
+    rng = random.Random(3)
+    layers = [0, 1, 2, 3]
+    for policy in (ExpectedReusePolicy(layers), SdLookaheadPolicy(layers), SdLookaheadPolicy(layers, discount=1.0)):
+        for step in range(300):
+            layer = rng.choice([0, 0, 0, 1, 2, 3])  # uneven visits: layers' frequencies differ
+            for e in rng.sample(range(8), 2):
+                policy.touch((layer, e), demand=rng.random() < 0.9)
+            if isinstance(policy, SdLookaheadPolicy) and step % 7 == 0:
+                policy.predict(step // 4, layers[(step + 1) % 4], rng.sample(range(8), 3))
+            cands = rng.sample([(lay, e) for lay in layers for e in range(8)], 12)
+            cands += cands[:2]  # repeated keys: the first of equals wins, as with max()
+            assert policy.victim(cands) == _scored_victim(policy, cands)
