@@ -101,15 +101,16 @@ class PriorityPolicy:
         return topo * (self._global.get(key, 0) + 1) * seq
 
     def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey:
-        """The lowest (score, last touch), each layer's factors computed once per call."""
+        """The lowest (score, last touch), the first such in `candidates`: `score`'s arithmetic inlined
+        over every layer's factors, computed once per call (a large cache ranks every evictable key on
+        every admission)."""
         with self._lock:
-            per_layer: dict[int, tuple[float, int]] = {}  # layer -> (topo, S(x) + E)
-            last_use = self._last_use
-
-            def rank(key: ExpertKey) -> tuple[float, int]:
-                factors = per_layer.get(key[0])
-                if factors is None:
-                    factors = per_layer[key[0]] = self._factors(key[0])
-                return self.score(key, factors), last_use.get(key, 0)
-
-            return min(candidates, key=rank)
+            factors = {layer: self._factors(layer) for layer in self.moe_layers}
+            glob, seq, last_use = self._global, self._seq, self._last_use
+            best, best_key = None, None
+            for key in candidates:
+                topo, rows = factors[key[0]]
+                rank = (topo * (glob.get(key, 0) + 1) * ((seq.get(key, 0) + 1) / rows), last_use.get(key, 0))
+                if best is None or rank < best:
+                    best, best_key = rank, key
+            return best_key
