@@ -118,8 +118,8 @@ class RouteReplay(HookOwner):
             shape = (self.capacity, len(self.layout.moe_layers), self.layout.top_k)
             self._static = (torch.zeros(shape, dtype=torch.long, device=index.device), None if
                             self.trace.route_weights is None else torch.zeros(shape, device=index.device))
-        if t <= self.capacity and (self._row is None or self._static_step):
-            routes, step_weights = self._static  # a graph captured outside a step (warm-up) reads them too
+        if t <= self.capacity and (self._static_step or (self._row is None and self.graphs)):
+            routes, step_weights = self._static  # a graph captured outside a step (its warm-up) reads them too
             if step_weights is not None:
                 weights = step_weights[:t, i].to(weights.dtype)
             return (*head, weights, routes[:t, i].to(index.dtype, copy=True))

@@ -243,3 +243,20 @@ def test_replay_hooks_are_graph_safe_and_steps_read_static_buffers(recorded, mon
             assert torch.allclose(w, torch.from_numpy(t.route_weights[rows][:, layer]))
         assert replay._static_step == (step > 0)
     assert i.data_ptr() != replay._static[0].data_ptr()  # a copy: the next step may overwrite the buffer
+
+
+def test_a_routed_forward_outside_a_step_is_an_error_unless_graphs_capture_it(recorded, monkeypatch):
+    t = load_trace(recorded[0])
+    layout = ExpertLayout((0, 1, 2, 3), t.num_experts, t.top_k, 8, 4, torch.float32)
+    model = torch.nn.Module()
+    model.routers = torch.nn.ModuleList(torch.nn.Identity() for _ in layout.moe_layers)
+    monkeypatch.setattr(replay_mod, "router_of", lambda m, layer: m.routers[layer])
+    out = ("h", torch.zeros(1, t.top_k), torch.zeros(1, t.top_k, dtype=torch.long))
+    plain = RouteReplay(t, layout, speculative=True, num_draft_tokens=K)
+    plain.install(model)
+    with pytest.raises(TraceError, match="outside an engine step"):
+        model.routers[0](out)
+    plain.remove()
+    graphed = RouteReplay(t, layout, speculative=True, num_draft_tokens=K, graphs=True)
+    graphed.install(model)
+    assert model.routers[0](out)[2].shape == (1, t.top_k)  # a graph's warm-up before any step: static buffers
