@@ -192,12 +192,13 @@ class OffloadedExperts(nn.Module):
         return self._routes(hidden_states, top_k_index, *self._serve(hidden_states, top_k_index))
 
     def _routes(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, index_cpu: torch.Tensor,
-                served: LayerSlots | Iterator[tuple[int, torch.Tensor]]) -> torch.Tensor:
-        """[T, A, H] from the provider's service: one grouped matmul over `LayerSlots`, else one expert at a time."""
+                served: LayerSlots | Iterator[tuple[int, torch.Tensor]], whole: bool | None = None) -> torch.Tensor:
+        """[T, A, H] from the provider's service: one grouped matmul over `LayerSlots` (over the whole storage
+        when `whole`, default: where the Triton kernels serve; see `LayerSlots.view`), else one expert at a time."""
         if not isinstance(served, LayerSlots):
             return expert_by_expert(hidden_states, index_cpu, served, self.layout, self.act_fn)
         try:
-            storage, slot_of = served.view(whole=self._kernels(hidden_states))
+            storage, slot_of = served.view(whole=self._kernels(hidden_states) if whole is None else whole)
             return grouped_expert_mlp(hidden_states, top_k_index, storage, slot_of, self.layout, self.act_fn)
         finally:
             served.release()
@@ -217,10 +218,15 @@ class OffloadedExperts(nn.Module):
         self.route_sync_s += time.perf_counter() - t0
         # ids outside [0, E) mean "no expert" (transformers' sentinel is E; adaptive gating uses it)
         expert_ids = sorted({e for e in index_cpu.flatten().tolist() if 0 <= e < self.layout.num_experts})
+        return index_cpu, self._provide(hidden_states, expert_ids, index_cpu)
+
+    def _provide(self, hidden_states: torch.Tensor, expert_ids: list[int], index_cpu: torch.Tensor,
+                 ) -> LayerSlots | Iterator[tuple[int, torch.Tensor]]:
+        """The provider's service of `expert_ids`: `serve_layer` where the grouped path serves, else `experts_for`."""
         serve = getattr(self.provider, "serve_layer", None)
         if serve is not None and self.grouped and self.layer_grouped and grouped_supported(hidden_states):
-            return index_cpu, serve(self.layer_idx, expert_ids, index_cpu)
-        return index_cpu, self.provider.experts_for(self.layer_idx, expert_ids, index_cpu)
+            return serve(self.layer_idx, expert_ids, index_cpu)
+        return self.provider.experts_for(self.layer_idx, expert_ids, index_cpu)
 
 
 class ExpertsSite(Protocol):

@@ -115,17 +115,19 @@ class LayerSlots:
 
     @property
     def static(self) -> bool:
-        """Whether `view(whole=True)` gives static addresses (storage and the layer's device row)."""
-        return self._tables is not None and self._cache.storage.device.type == "cuda"
+        """Whether `view(whole=True)` gives static addresses (storage and the layer's device row): with
+        `SlotTables`, which providers keep on CUDA only."""
+        return self._tables is not None
 
     def view(self, whole: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(storage [S', N], slot map [E + 1] on the cache's device): the span and slots relative to its
-        lo; with `whole` on CUDA, the cache's whole storage and absolute slots (see the module docstring)."""
+        lo; with `whole` and `SlotTables`, the cache's whole storage and absolute slots (see the module
+        docstring)."""
         storage = self._cache.storage
-        if storage.device.type == "cuda" and self._tables is not None and whole:
+        if self._tables is not None and whole:
             return storage, self._tables.update(self.layer, self.ready)
         lo, hi, table = slot_map(self.ready, self.num_experts)
-        if storage.device.type != "cuda" or self._tables is None:
+        if self._tables is None:
             return storage[lo:hi], torch.tensor(table, dtype=torch.long, device=storage.device)
         return storage[lo:hi], self._tables.upload(self.layer, table)
 

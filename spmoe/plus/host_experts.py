@@ -44,15 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spmoe.models.experts import (
-    OffloadedExperts,
-    combine_routes,
-    expert_by_expert,
-    expert_mlp,
-    grouped_expert_mlp,
-    grouped_supported,
-)
-from spmoe.offload.layer_slots import LayerSlots
+from spmoe.models.experts import OffloadedExperts, combine_routes, expert_mlp
 from spmoe.offload.prefetch import PrefetchProvider
 from spmoe.offload.store import ExpertStore
 
@@ -222,21 +214,10 @@ class HostAssistedExperts(OffloadedExperts):
                                       time.perf_counter())
         on_host = set(host_ids)
         gpu_ids = [e for e in span if e not in on_host]
-        serve = getattr(self.provider, "serve_layer", None)
-        if serve is not None and self.grouped and self.layer_grouped and grouped_supported(hidden_states):
-            served = serve(self.layer_idx, gpu_ids, index_cpu)  # the GPU experts in one grouped matmul if it can
-        else:
-            served = self.provider.experts_for(self.layer_idx, gpu_ids, index_cpu)
-        if isinstance(served, LayerSlots):
-            # the host experts' routes read the spare slot (the provider did not serve them, see
-            # spmoe.offload.layer_slots): their rows are overwritten by the host outputs below
-            try:
-                storage, slot_of = served.view()  # the span: its host experts' routes go to the spare slot
-                ys = grouped_expert_mlp(hidden_states, top_k_index, storage, slot_of, self.layout, self.act_fn)  # [T, A, H]
-            finally:
-                served.release()
-        else:
-            ys = expert_by_expert(hidden_states, index_cpu, served, self.layout, self.act_fn)  # [T, A, H]
+        served = self._provide(hidden_states, gpu_ids, index_cpu)  # the GPU experts in one grouped matmul if it can
+        # over the span: the host experts' routes read its spare slot (the provider did not serve them,
+        # see spmoe.offload.layer_slots); their rows are overwritten by the host outputs below
+        ys = self._routes(hidden_states, top_k_index, index_cpu, served, whole=False)  # [T, A, H]
         self.stats.num_gpu_experts += len(gpu_ids)
         if self.fill and host_ids:
             self.stats.num_filled += self.provider.fill(self.layer_idx, host_ids)
