@@ -13,8 +13,8 @@ drafter) and the cache. `hardware.decode` picks one for the target and the draft
 
 Interface (both classes): `reserve(max_len)` sizes the cache once for a run's longest sequence
 (so graphs are captured once per shape); `precapture(shapes)` captures the whole-step graphs of
-those (T, num_logits) shapes before any sequence, where capturable, so timed steps only replay them; `begin(max_len)` starts a sequence that will hold at
-most `max_len` positions; `forward(ids, num_logits)` feeds `ids` after the cached positions and
+those (T, num_logits) shapes before any sequence, where capturable, so timed steps only replay
+them; `begin(max_len)` starts a sequence that will hold at most `max_len` positions; `forward(ids, num_logits)` feeds `ids` after the cached positions and
 returns the logits of the last `num_logits` [num_logits, V] (on the device, the model's dtype; a
 graph's output stays valid until the decoder's next forward); `crop(n)` keeps the first n
 positions; `length` is the number of cached positions. Prefill (the first forward of a
