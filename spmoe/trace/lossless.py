@@ -218,6 +218,7 @@ class ReferenceRuntime:
     def __init__(self, session):
         self.session = session
         self._runtime = None
+        self.replay = None  # the reference's RouteReplay under replayed routing
         self._fits: bool | None = None
 
     def fits(self) -> bool:
@@ -240,8 +241,8 @@ class ReferenceRuntime:
             runtime = get_strategy("gpu_resident").build(ctx)
             if session.routing_trace is not None:
                 try:
-                    attach_replay(runtime, session.routing_trace, session.target.layout, False,
-                                  cfg.spec.num_draft_tokens)
+                    self.replay = attach_replay(runtime, session.routing_trace, session.target.layout, False,
+                                                cfg.spec.num_draft_tokens)
                 except BaseException:
                     runtime.close()
                     raise
@@ -251,7 +252,7 @@ class ReferenceRuntime:
     def close(self) -> None:
         if self._runtime is not None:
             self._runtime.close()
-            self._runtime = None
+            self._runtime, self.replay = None, None
 
     def __enter__(self) -> "ReferenceRuntime":
         return self
@@ -279,6 +280,8 @@ def check_lossless(session, gens: list, tolerance: float | None = None, temperat
     runtime = reference.get()
     check = LosslessCheck(None, "", tolerance, tolerance_ulps=HALF_ULPS if relative_eps else None)
     for i, (prompt, gen) in enumerate(zip(session.prompts, gens)):
+        if reference.replay is not None:  # shared by the session's checks: each starts again at prompt 0
+            reference.replay.seek(i)
         tokens = gen.token_ids
         steps = [ForcedStep([t], 1) for t in tokens[:-1]] if replay else mirror_steps(gen)
         logits = forced_logits(runtime, session.device, prompt.token_ids, tokens, steps,

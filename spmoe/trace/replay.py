@@ -164,6 +164,13 @@ class RouteReplay(HookOwner):
         n = min(self._current()["accepted"], len(drafts))
         return AcceptResult(n, drafts[:n] + [int(logits[n].argmax())])
 
+    def seek(self, prompt: int) -> None:
+        """Make the next sequence (the next `begin_step(0)`) replay trace prompt `prompt`; sequences
+        otherwise take the trace's prompts in order, one per `begin_step(0)`."""
+        if not 0 <= prompt < self.trace.num_prompts:
+            raise TraceError(f"routing replay: prompt {prompt}; the trace holds {self.trace.num_prompts}")
+        self._prompt, self._row = prompt - 1, None
+
     def begin_step(self, step: int) -> None:
         if step == 0:
             self._prompt += 1

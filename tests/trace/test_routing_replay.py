@@ -260,3 +260,21 @@ def test_a_routed_forward_outside_a_step_is_an_error_unless_graphs_capture_it(re
     graphed = RouteReplay(t, layout, speculative=True, num_draft_tokens=K, graphs=True)
     graphed.install(model)
     assert model.routers[0](out)[2].shape == (1, t.top_k)  # a graph's warm-up before any step: static buffers
+
+
+def test_checks_sharing_one_reference_each_replay_their_prompts_from_the_start(recorded):
+    """An experiment's cases share one reference runtime: the second case's check must replay the
+    trace's prompt 0 again, not carry on from where the first check stopped."""
+    from spmoe.trace.lossless import ReferenceRuntime, check_lossless
+
+    s = open_session(_cfg(replay=str(recorded[0])))
+    try:
+        runs = [s.generate(m, s.cfg.hardware, NEW)[0] for m in (SPMOE, MethodConfig(name="lru", num_slots=8))]
+        with ReferenceRuntime(s) as reference:
+            checks = [check_lossless(s, gens, reference=reference) for gens in runs]
+        assert [c.replay_verified_argmax for c in checks] == [True, True], [c.reason for c in checks]
+        with pytest.raises(TraceError, match="the trace holds 2"):
+            reference.get()
+            reference.replay.seek(2)
+    finally:
+        s.close()

@@ -1,0 +1,71 @@
+"""On CUDA: offloaded methods under `hardware.decode=graphs` (piecewise segment graphs and the call
+sites' expert graphs, at one-token decode and (k + 1)-token verify shapes) give the tokens and expert
+events of the same method run eagerly over the static cache; a replayed trace gives the same with
+`routing.graphs` on (the router hooks captured, routes read from static buffers) as with it off."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import tiny_run_config
+
+from experiments.presets import load_preset
+from spmoe.config import CutoffConfig, MethodConfig, RoutingConfig, SpecConfig, TraceConfig
+from spmoe.session import open_session
+
+K, NEW = 2, 16
+METHODS = [MethodConfig(name="lru_nosd", num_slots=6), MethodConfig(name="lru", num_slots=6),
+           MethodConfig(name="spmoe", num_slots=6, cutoff=CutoffConfig(mode="all"))]
+
+
+def _cfg(**kw):
+    cfg = tiny_run_config("tiny", weights="twin", hardware=load_preset("hardware", "h200"), num_prompts=2,
+                          max_new_tokens=NEW, **kw)
+    cfg.model.dtype = "bfloat16"
+    cfg.model.twin.expert_noise = 0.5
+    cfg.draft = load_preset("draft", "tiny", dtype="bfloat16")
+    cfg.spec = SpecConfig(num_draft_tokens=K)
+    return cfg
+
+
+def _run(s, method: MethodConfig, decode: str):
+    gens, _, _ = s.generate(method, replace(s.cfg.hardware, decode=decode), NEW)
+    events = [[(ev.layer, ev.needed, ev.hits, ev.misses) for r in g.records for ev in r.layers] for g in gens]
+    return [g.token_ids for g in gens], events
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
+def test_graphed_offloaded_decode_gives_the_static_runs_tokens_and_events(gpu, method):
+    s = open_session(_cfg())
+    try:
+        static = _run(s, method, "static")
+        graphs = _run(s, method, "graphs")
+        assert graphs[0] == static[0]
+        assert graphs[1] == static[1]
+        assert sum(len(m) for p in graphs[1] for (_, _, _, m) in p) > 6  # it evicts
+    finally:
+        s.close()
+
+
+def test_replayed_routing_under_graphs_matches_it_uncaptured(gpu, tmp_path):
+    path = tmp_path / "routing_trace.npz"
+    s = open_session(_cfg(trace=TraceConfig(routing=True)))
+    try:
+        recorded = _run(s, METHODS[2], "static")
+        s.last_routing.save(path)
+    finally:
+        s.close()
+    s = open_session(_cfg(routing=RoutingConfig(name="replay", trace_path=str(path))))
+    try:
+        for method in METHODS:
+            s.cfg.routing.graphs = False
+            plain = _run(s, method, "graphs")
+            s.cfg.routing.graphs = True
+            graphed = _run(s, method, "graphs")
+            assert graphed == plain, method.name
+            if method.name == "spmoe":
+                assert plain[1] == recorded[1]
+    finally:
+        s.close()
