@@ -223,8 +223,8 @@ class RoutingConfig:
     name: str = "model"  # model | replay
     trace_path: str | None = None  # replay: a routing_trace.npz file or a run directory holding one
     # replay: let CUDA graphs capture the replay's router hooks (static route buffers, spmoe.trace.replay);
-    # off: a replayed forward stays uncaptured. Off by default until a GPU run has checked it
-    graphs: bool = False
+    # off: a replayed forward stays uncaptured (eager), and a routed forward outside an engine step is an error
+    graphs: bool = True
 
 
 @dataclass

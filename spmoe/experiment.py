@@ -128,9 +128,18 @@ def warmup_plan(cases: list[Case], warmup_tokens: int, drafts: Callable[[Case], 
 UNCHECKED = "not checked"  # a lossless_reason's start when the time limit skipped the check
 
 
+# a lossless check teacher-forces the GPU-resident reference over a case's tokens: under a time limit, each
+# case run with check_lossless=true is owed this share of the slowest case run for its check
+CHECK_SHARE = 0.5
+
+
+def _check_demanded(case: Case) -> bool:
+    return str(case.cfg.check_lossless).lower() == "true"
+
+
 def _demanded_check_skipped(case: Case, summary: dict) -> bool:
     """A case run with check_lossless=true whose check the time limit skipped: not finished."""
-    return (str(case.cfg.check_lossless).lower() == "true" and summary["lossless"] is None
+    return (_check_demanded(case) and summary["lossless"] is None
             and str(summary.get("lossless_reason", "")).startswith(UNCHECKED))
 
 
@@ -266,8 +275,14 @@ def run_cases(cases: list[Case], rounds: int = 1, warmup_tokens: int = 0, experi
                 for case, num_tokens in zip(warm, warmup_plan(warm, warmup_tokens, drafts)):
                     _attempt(isolate, done, case, experiment, lambda c=case, n=num_tokens: _warm_up(session, c, n))
             limit = time_limit or TimeLimit(None)
+
+            def owed_checks_s(case: Case | None = None) -> float:
+                """Time kept for the demanded checks of the cases with a round (and `case`, about to run)."""
+                owed = [c for c in todo if done[id(c)] is None and _check_demanded(c) and (c.rounds or c is case)]
+                return len(owed) * CHECK_SHARE * limit.slowest_s("case")
+
             for r in range(rounds):
-                if not limit.allows("round"):
+                if not limit.allows("round", owed_checks_s()):
                     log.warning("experiment.time_limit_s=%s: %d of %d rounds fit (%.0f s elapsed)",
                                 limit.limit_s, r, rounds, limit.elapsed_s())
                     break
@@ -275,7 +290,7 @@ def run_cases(cases: list[Case], rounds: int = 1, warmup_tokens: int = 0, experi
                     for case in (todo if r % 2 == 0 else todo[::-1]):
                         if done[id(case)] is not None:
                             continue
-                        if not limit.allows("case"):
+                        if not limit.allows("case", owed_checks_s(case)):
                             log.warning("experiment.time_limit_s=%s: %s skips round %d (%.0f s elapsed)",
                                         limit.limit_s, case.name, r, limit.elapsed_s())
                             continue

@@ -6,8 +6,9 @@ Terms: the *allowance* runs from the job's start (`TimeLimit.start`, before the 
 *stage* is one more round of every case, one case's run within a round, or one more case's lossless
 check.
 Invariants: a stage is started only if the slowest stage of its kind so far, run again, would end
-within the allowance (the first of a kind always runs: nothing predicts it); a job without a limit
-never skips anything. The caller asks before each stage (`allows`) and records what it skipped in the
+within the allowance less `reserve_s` (time promised to later stages, e.g. the lossless checks that
+cases already run are owed); the first of a kind always runs: nothing predicts it. A job without a
+limit never skips anything. The caller asks before each stage (`allows`) and records what it skipped in the
 summaries.
 """
 
@@ -28,11 +29,16 @@ class TimeLimit:
     def elapsed_s(self) -> float:
         return time.perf_counter() - self.start
 
-    def allows(self, kind: str) -> bool:
-        """Whether another stage of `kind` fits, judged by the slowest one so far."""
+    def allows(self, kind: str, reserve_s: float = 0.0) -> bool:
+        """Whether another stage of `kind` fits, judged by the slowest one so far, with `reserve_s` kept
+        for later stages."""
         if self.limit_s is None or kind not in self._slowest_s:
             return True
-        return self.elapsed_s() + self._slowest_s[kind] <= self.limit_s
+        return self.elapsed_s() + self._slowest_s[kind] + reserve_s <= self.limit_s
+
+    def slowest_s(self, kind: str) -> float:
+        """The slowest stage of `kind` so far (0 before the first)."""
+        return self._slowest_s.get(kind, 0.0)
 
     @contextmanager
     def timed(self, kind: str):

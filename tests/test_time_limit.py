@@ -1,6 +1,7 @@
 """experiment.time_limit_s: stages that would end past the allowance are skipped, and the summaries say so."""
 
 import json
+from contextlib import contextmanager
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -32,6 +33,9 @@ def test_a_stage_runs_only_if_the_slowest_of_its_kind_would_still_fit(monkeypatc
     assert not limit.allows("round")  # 7 + 4 > 10
     assert limit.allows("check")  # another kind: not measured yet
     assert TimeLimit(None).allows("round")
+    assert limit.slowest_s("round") == 4.0 and limit.slowest_s("check") == 0.0
+    clock.now_s -= 5.0  # 2 elapsed: 2 + 4 fits, but not with 5 kept for later stages
+    assert limit.allows("round") and not limit.allows("round", reserve_s=5.0)
 
 
 def test_a_limit_must_be_positive():
@@ -95,3 +99,28 @@ def test_a_demanded_check_that_did_not_fit_leaves_its_case_to_a_rerun(tmp_path):
     assert "check_lossless=true" in summaries[1]["skipped"] and not (tmp_path / summaries[1]["case"]).exists()
     again = run_cases(cases, rounds=1, warmup_tokens=0, experiment="x", time_limit=TimeLimit(None))
     assert again[0] == summaries[0] and again[1]["lossless"] is True
+
+
+def test_cases_run_only_while_the_checks_they_are_owed_still_fit(tmp_path, monkeypatch):
+    """check_lossless=true: a case is started only if, after it, every case run so far (and it) can still
+    be checked (half the slowest case run each); a case run whose check could not fit would be discarded."""
+    from spmoe.experiment import run_cases
+
+    clock = FakeClock()
+    monkeypatch.setattr(time_limit.time, "perf_counter", clock)
+    limit = TimeLimit(100.0)
+    real_timed = limit.timed
+
+    @contextmanager
+    def timed(stage: str):
+        with real_timed(stage):
+            yield
+            clock.now_s += {"case": 30.0, "check": 5.0}.get(stage, 0.0)  # each case run 30 s, each check 5 s
+
+    limit.timed = timed
+    cases = _cases(tmp_path, "lru_nosd,lru,spmoe", "check_lossless=true")
+    summaries = run_cases(cases, rounds=1, warmup_tokens=0, experiment="x", time_limit=limit)
+    # lru: 30 elapsed + 30 + 2 owed checks x 15 = 90 <= 100; spmoe: 60 + 30 + 3 x 15 > 100 (without
+    # the reservation it would run to 90, and its check, 5 s past the limit, would discard it)
+    assert [s.get("lossless") for s in summaries[:2]] == [True, True]
+    assert "before its first round" in summaries[2]["skipped"]
