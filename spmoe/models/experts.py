@@ -132,6 +132,7 @@ class OffloadedExperts(nn.Module):
         self.layout = layout
         self.act_fn = act_fn
         self.provider = provider
+        self.seam_hooks: list[SeamHook] = []  # see `on_experts_call`
 
     grouped: bool = True  # use the grouped path when the provider offers it (a switch for A/B timing)
     layer_grouped: bool = True  # offloaded layers too, through `serve_layer` (a switch for A/B timing)
@@ -142,9 +143,14 @@ class OffloadedExperts(nn.Module):
     segment: Callable | None = None
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        if self.segment is not None:
+        if self.segment is not None:  # it ends the captured segment, then runs the seam hooks and `compute`
             return self.segment(self, hidden_states, top_k_index, top_k_weights)
+        self.run_seam_hooks(hidden_states, top_k_index, top_k_weights)
         return self.compute(hidden_states, top_k_index, top_k_weights)
+
+    def run_seam_hooks(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+        for hook in self.seam_hooks:
+            hook(hidden_states, top_k_index, top_k_weights)
 
     def compute(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 site: ExpertsSite | None = None) -> torch.Tensor:
@@ -227,6 +233,30 @@ class OffloadedExperts(nn.Module):
         if serve is not None and self.grouped and self.layer_grouped and grouped_supported(hidden_states):
             return serve(self.layer_idx, expert_ids, index_cpu)
         return self.provider.experts_for(self.layer_idx, expert_ids, index_cpu)
+
+
+SeamHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+class _SeamHandle:
+    def __init__(self, hooks: list, hook: SeamHook):
+        self._hooks, self._hook = hooks, hook
+
+    def remove(self) -> None:
+        if self._hook in self._hooks:
+            self._hooks.remove(self._hook)
+
+
+def on_experts_call(experts: nn.Module, hook: SeamHook):
+    """Call `hook(hidden_states [T, H], top_k_index [T, A], top_k_weights [T, A])` before every call of the
+    experts module, for host work that reads the call's inputs without changing them (predict, prefetch):
+    a handle with `remove()`. On an engine `OffloadedExperts` it is a *seam hook*, run eagerly at the
+    experts call, so piecewise CUDA graphs (which run the experts eagerly between captured segments,
+    `spmoe.runtime.piecewise`) keep it on every replay; elsewhere a forward pre-hook (an eager forward)."""
+    if isinstance(experts, OffloadedExperts):
+        experts.seam_hooks.append(hook)
+        return _SeamHandle(experts.seam_hooks, hook)
+    return experts.register_forward_pre_hook(lambda m, args: hook(*args[:3]))
 
 
 class ExpertsSite(Protocol):

@@ -21,10 +21,10 @@ Terms (L = number of MoE layers, indexed by position in `moe_layers`, E = expert
 
 `EamPredictor` is the runtime side. A new sequence starts at `begin_step(0)` (the engine's
 prefill step); a forward pre-hook on the target model catches one that no step announced (the
-target called with an empty KV cache). The finished sequence's EAM then joins the collection
-and a fresh one starts. Forward pre-hooks on every
-`model.model.layers[l].mlp.experts` (args `(hidden, top_k_index [T, A], top_k_weights)`) add
-layer l's routed experts to the current EAM, match, and submit `PrefetchRequest`s (one [1, n]
+target called with an empty KV cache; graph-safe, as no such forward is ever captured). The finished
+sequence's EAM then joins the collection and a fresh one starts. Hooks on every experts call
+(`spmoe.models.experts.on_experts_call`: kept by piecewise CUDA graphs) add the call's routes
+(top_k_index [T, A]: layer l's routed experts) to the current EAM, match, and submit `PrefetchRequest`s (one [1, n]
 row per predicted layer, most probable expert first, position 0) for the next layers. At
 `begin_step` of a decode step (before the draft runs, with SD) the first `depth` MoE layers of
 the coming forward are predicted the same way, from everything routed so far.
@@ -63,7 +63,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from spmoe.hooks import HookOwner
+from spmoe.hooks import HookOwner, mark_graph_safe
+from spmoe.models.experts import on_experts_call
 from spmoe.offload.prefetch import PrefetchProvider, PrefetchRequest
 
 DEFAULT_CAPACITY = 64
@@ -210,9 +211,11 @@ class EamPredictor(HookOwner):
         self.current = torch.zeros(len(self.moe_layers), num_experts)  # [L, E] this sequence's EAM
         self.last_match: int | None = None  # collection index of the latest best match
         self._index = {layer: i for i, layer in enumerate(self.moe_layers)}
-        self._handles = [target.register_forward_pre_hook(self._before_forward, with_kwargs=True)]
-        self._handles += [target.model.layers[layer].mlp.experts.register_forward_pre_hook(
-            lambda m, a, layer=layer: self._before_layer(layer, a[1])) for layer in self.moe_layers]
+        self._handles = [target.register_forward_pre_hook(
+            mark_graph_safe(lambda m, a, kw: self._before_forward(m, a, kw)), with_kwargs=True)]
+        self._handles += [on_experts_call(target.model.layers[layer].mlp.experts,
+                                          lambda h, i, w, layer=layer: self._before_layer(layer, i))
+                          for layer in self.moe_layers]
 
     # -- sequence and layer tracing --------------------------------------------------------------
 

@@ -3,9 +3,10 @@ Gate lookahead (Mixtral-Offloading's speculative expert loading, AdapMoE's adapt
 while the target computes layer l, its hidden state goes through the routers of layers
 l+1 .. l+d, and the top experts they name are prefetched.
 
-A forward hook on the target's layer-l router input (the normalized FFN input, i.e. what the
-router of l sees) applies the weights of the routers of the next `depth(l)` MoE layers to every
-position's hidden state and submits one `PrefetchRequest` [T, A] per predicted layer. It works
+At layer l's experts call (`spmoe.models.experts.on_experts_call`: a seam hook, kept by piecewise CUDA
+graphs), every position's hidden state (the normalized FFN input, what the router of l saw) goes
+through the weights of the routers of the next `depth(l)` MoE layers, and one `PrefetchRequest`
+[T, A] is submitted per predicted layer. It works
 with and without SD (it needs no draft). `depth` is a fixed int or a callable of the layer (for
 adaptive schemes). Under `routing=replay` the guesses come from the trace (`self.replay`).
 """
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from spmoe.hooks import HookOwner
+from spmoe.models.experts import on_experts_call
 from spmoe.offload.prefetch import PrefetchProvider, PrefetchRequest
 from spmoe.predict.capture import router_of
 
@@ -32,8 +34,8 @@ class GateLookaheadPredictor(HookOwner):
         self.step = 0
         self.replay = None  # a RouteReplay: guesses come from its trace instead of the routers
         self._weights = {layer: router_of(target, layer).weight for layer in self.moe_layers}  # [E, H]
-        self._handles = [router_of(target, layer).register_forward_pre_hook(
-            lambda m, a, layer=layer: self._predict(layer, a[0])) for layer in self.moe_layers]
+        self._handles = [on_experts_call(target.model.layers[layer].mlp.experts,
+                                         lambda h, i, w, layer=layer: self._predict(layer, h)) for layer in self.moe_layers]
 
     def _predict(self, layer: int, hidden: torch.Tensor) -> None:
         h = hidden.reshape(-1, hidden.shape[-1])  # [T, H]

@@ -8,9 +8,9 @@ static output logits [num_logits, V], valid until the next replay of any graph s
 
 Which forwards can be captured (`capturable`): on CUDA, with no forward hooks anywhere in the
 model but graph-safe ones (`spmoe.hooks.mark_graph_safe`: routing replay's; others run host code:
-predictors, routing recorders), and every engine experts
-module sync-free (`OffloadedExperts.sync_free`: the grouped path over a slot table that can no
-longer change). Offloaded methods fail that test and run eagerly; a miss never forces a rebuild.
+predictors, routing recorders), and every engine experts module sync-free (`OffloadedExperts.sync_free`:
+the grouped path over a slot table that can no longer change) and without seam hooks (host work at the
+experts call, `spmoe.models.experts.on_experts_call`, which only piecewise graphs keep). Offloaded methods fail that test and run eagerly; a miss never forces a rebuild.
 
 Capture protocol: two warm-up forwards on a side stream, then the capture. Warm-up executes: it
 writes the KV cache, so it writes at the cache's last T positions (never attended before the
@@ -46,8 +46,8 @@ def capturable(model: nn.Module, device: torch.device) -> bool:
 
 def graph_safe(model: nn.Module, device: torch.device, experts_run_eagerly: bool = False) -> bool:
     """Whether a forward of `model` on `device` runs without host code or device->host syncs that a graph
-    would drop (with `experts_run_eagerly`, engine experts modules stay out of the graph: only their hooks
-    matter)."""
+    would drop (with `experts_run_eagerly`, engine experts modules stay out of the graph, their seam hooks
+    with them: only their torch hooks matter)."""
     from torch.nn.modules import module as nn_module
 
     if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
@@ -56,7 +56,7 @@ def graph_safe(model: nn.Module, device: torch.device, experts_run_eagerly: bool
         hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
         if not all(is_graph_safe(h) for h in hooks):
             return False
-        if isinstance(m, OffloadedExperts) and not experts_run_eagerly and not m.sync_free(device):
+        if isinstance(m, OffloadedExperts) and not experts_run_eagerly and (m.seam_hooks or not m.sync_free(device)):
             return False
     return True
 

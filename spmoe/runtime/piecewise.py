@@ -27,6 +27,10 @@ enqueued eagerly before it and the free events after it, so the provider's order
 The site graphs of one piecewise graph share a memory pool: nothing allocated in one outlives its
 replay, and they replay one at a time on one stream.
 
+An experts module's seam hooks (`spmoe.models.experts.on_experts_call`: predictors' host work on the
+call's inputs) run at the seam, after the segment before it has run and before the experts, at capture
+and at every replay, as in an eager forward.
+
 Which forwards qualify (`piecewise_capturable`): on CUDA, no forward hooks anywhere in the model but
 graph-safe ones (`spmoe.hooks.mark_graph_safe`; any other would run at capture only), at least one engine
 experts module.
@@ -142,6 +146,7 @@ class PiecewiseGraph:
     def _split(self, module: OffloadedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                top_k_weights: torch.Tensor) -> torch.Tensor:
         self._end_and_run()
+        module.run_seam_hooks(hidden_states, top_k_index, top_k_weights)
         out = module.compute(hidden_states, top_k_index, top_k_weights)  # [T, H], outside the pool
         if self._sites_pool is None and out.is_cuda:
             self._sites_pool = torch.cuda.graph_pool_handle()
@@ -156,6 +161,7 @@ class PiecewiseGraph:
             graph.replay()
             if i < len(self.calls):
                 module, args, out, site = self.calls[i]
+                module.run_seam_hooks(*args)
                 got = module.compute(*args, site=site)
                 if got is not out:
                     out.copy_(got)

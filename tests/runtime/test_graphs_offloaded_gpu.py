@@ -1,11 +1,14 @@
 """On CUDA: offloaded methods under `hardware.decode=graphs` (piecewise segment graphs and the call
-sites' expert graphs, at one-token decode and (k + 1)-token verify shapes) give the tokens and expert
-events of the same method run eagerly over the static cache; a replayed trace gives the same with
+sites' expert graphs, at one-token decode and (k + 1)-token verify shapes; the baselines' predictors as
+seam hooks) give the tokens and expert events (prefetch hits included) of the same method run eagerly
+over the static cache; a replayed trace gives the same with
 `routing.graphs` on (the router hooks captured, routes read from static buffers) as with it off."""
 
 from __future__ import annotations
 
 from dataclasses import replace
+
+import logging
 
 import pytest
 import torch
@@ -18,6 +21,8 @@ from spmoe.session import open_session
 K, NEW = 2, 16
 METHODS = [MethodConfig(name="lru_nosd", num_slots=6), MethodConfig(name="lru", num_slots=6),
            MethodConfig(name="spmoe", num_slots=6, cutoff=CutoffConfig(mode="all"))]
+BASELINES = [MethodConfig(name=n, num_slots=8, worker_thread=False) for n in ("moe_infinity_nosd", "mixtral_offloading_nosd",
+                                                         "mixtral_offloading", "moe_infinity")]
 
 
 def _cfg(**kw):
@@ -32,19 +37,24 @@ def _cfg(**kw):
 
 def _run(s, method: MethodConfig, decode: str):
     gens, _, _ = s.generate(method, replace(s.cfg.hardware, decode=decode), NEW)
-    events = [[(ev.layer, ev.needed, ev.hits, ev.misses) for r in g.records for ev in r.layers] for g in gens]
+    events = [[(ev.layer, ev.needed, ev.hits, ev.misses, ev.prefetch_hits) for r in g.records for ev in r.layers]
+              for g in gens]
     return [g.token_ids for g in gens], events
 
 
-@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
-def test_graphed_offloaded_decode_gives_the_static_runs_tokens_and_events(gpu, method):
+@pytest.mark.parametrize("method", METHODS + BASELINES, ids=lambda m: m.name)
+def test_graphed_offloaded_decode_gives_the_static_runs_tokens_and_events(gpu, method, caplog):
     s = open_session(_cfg())
     try:
         static = _run(s, method, "static")
-        graphs = _run(s, method, "graphs")
+        with caplog.at_level(logging.INFO, logger="spmoe.runtime.decoder"):
+            graphs = _run(s, method, "graphs")
+        assert "MixtralForCausalLM on cuda: CUDA graphs piecewise" in caplog.text
         assert graphs[0] == static[0]
         assert graphs[1] == static[1]
-        assert sum(len(m) for p in graphs[1] for (_, _, _, m) in p) > 6  # it evicts
+        assert sum(len(ev[3]) for p in graphs[1] for ev in p) > method.num_slots  # it evicts
+        if method in BASELINES:
+            assert any(ev[4] for p in graphs[1] for ev in p)  # the predictors prefetched at the seams
     finally:
         s.close()
 
