@@ -81,7 +81,7 @@ def _memory_axis(g: pd.DataFrame) -> str | None:
 def fig11(runs: pd.DataFrame, out: Path) -> list[Path]:
     rows = runs.dropna(subset=["tpot_ms_median"])
     rows = rows.assign(series=_series_name(rows))
-    panels = [(t, g) for t, g in groups(rows, ("experiment", "model", "dataset", "routing")) if _memory_axis(g)]
+    panels = [(t, g) for t, g in groups(rows, ("experiment", "model", "dataset", "routing", "runtime")) if _memory_axis(g)]
     if not panels:
         return []
     fig, axes = figure(len(panels))

@@ -77,8 +77,8 @@ def figure(num_panels: int, width: float = 4.2, height: float = 3.2) -> tuple[Fi
 
 
 def groups(df: pd.DataFrame, keys=GROUP_KEYS) -> list[tuple[str, pd.DataFrame]]:
-    """(title, rows) per comparison group, in first-seen order; the experiment and the routing source show
-    only when set (routing: when not `model`)."""
+    """(title, rows) per comparison group, in first-seen order; the experiment, the routing source and the
+    runtime show only when set (routing: when not `model`; runtime: when not `eager`)."""
     keys = [k for k in keys if k in df]
     if df.empty:
         return []
@@ -89,6 +89,8 @@ def groups(df: pd.DataFrame, keys=GROUP_KEYS) -> list[tuple[str, pd.DataFrame]]:
         parts = [named.get("model"), named.get("dataset"), named.get("card")]
         if named.get("routing") not in (None, "model"):
             parts.append(f"routing: {named['routing']}")
+        if named.get("runtime") not in (None, "-", "eager"):
+            parts.append(f"decode: {named['runtime']}")
         head = " | ".join(p for p in parts if p)
         if named.get("experiment") not in (None, "-"):
             head = f"{named['experiment']}: {head}"

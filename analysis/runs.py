@@ -13,8 +13,10 @@ Terms:
   by the knobs in which runs of that case (method) differ within one comparison group (GROUP_KEYS),
   e.g. `spmoe [cutoff.mode=fixed, cutoff.layer=3]` (knobs: `config.method.*`, `config.spec.*`, the
   draft; the summary's own keys for runs without a `config`). Runs differing only in seed share one.
-- *comparison group* = (experiment, model, dataset, card, routing source): tables and figures compare
-  runs within one group only (runs of one experiment share a process and its interleaved rounds;
+- *runtime* = how the run decoded (`hardware.decode`: eager, static or graphs; summaries written
+  before the field existed ran eager).
+- *comparison group* = (experiment, model, dataset, card, routing source, runtime): tables and figures
+  compare runs within one group only (runs of one experiment share a process and its interleaved rounds;
   runs outside any experiment form the group `-`).
 - *TPOT* of a run = the low median of `tpot_ms_rounds` (the median over interleaved rounds; for an
   even count the lower middle round, the round the summary describes: summaries written before that
@@ -25,7 +27,7 @@ Terms:
 Columns: every scalar summary key as written (lists and dicts such as `tpot_ms_rounds` or
 `predictor_top1_by_layer` are left out: the trace functions and the figures read those), the
 resolved run config flattened under `config.` (`config.method.cutoff.mode`), and `run_dir`, `card`,
-`variant`, `gpu_budget_gib`. Missing keys are NaN, never an error.
+`runtime`, `variant`, `gpu_budget_gib`. Missing keys are NaN, never an error.
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ from pathlib import Path
 import pandas as pd
 
 GIB = 2**30
-KEY_COLUMNS = ("variant", "method", "model", "draft", "dataset", "card", "routing", "weights", "num_draft_tokens",
-               "tpot_ms_median", "tpot_spread", "rounds", "acceptance_rate", "expert_hit_rate",
+KEY_COLUMNS = ("variant", "method", "model", "draft", "dataset", "card", "routing", "runtime", "weights",
+               "num_draft_tokens", "tpot_ms_median", "tpot_spread", "rounds", "acceptance_rate", "expert_hit_rate",
                "h2d_bytes_per_token", "lossless")
-GROUP_KEYS = ("experiment", "model", "dataset", "card", "routing")
+GROUP_KEYS = ("experiment", "model", "dataset", "card", "routing", "runtime")
 KNOB_PREFIXES = ("config.method.", "config.spec.", "config.draft.name")
 SUMMARY_KNOBS = ("draft", "num_draft_tokens", "eviction", "cutoff")
 
@@ -92,6 +94,7 @@ def run_row(run_dir: Path, summary: dict) -> dict:
     row["card"] = _card(summary)
     row["variant"] = summary.get("case") or summary.get("method")
     row["routing"] = summary.get("routing") or "model"
+    row["runtime"] = summary.get("decode") or "eager"
     row["experiment"] = summary.get("experiment")
     rounds = [t for t in summary.get("tpot_ms_rounds") or [] if t is not None]
     median = statistics.median_low(rounds) if rounds else summary.get("tpot_ms_median", summary.get("tpot_ms"))

@@ -83,6 +83,21 @@ def test_groups_never_mix_routing_sources(tmp_path):
     assert report.paper_view(run_table([tmp_path]), "spmoe").empty
 
 
+def test_groups_never_mix_runtimes(tmp_path):
+    """Runs that decoded eagerly (summaries without `decode` included) and under CUDA graphs are never
+    compared, in tables or figures (fig11 panels per runtime, titled `decode: graphs`)."""
+    from analysis.plotting import groups
+
+    write_run(tmp_path, "e", method="spmoe", tpot_ms=10.0)
+    write_run(tmp_path, "g", method="lru", tpot_ms=30.0, decode="graphs")
+    table = run_table([tmp_path])
+    assert sorted(table["runtime"]) == ["eager", "graphs"]
+    assert report.speedup_table(table, "lru")["variant"].tolist() == ["lru"]
+    assert report.paper_view(table, "spmoe").empty
+    titles = [t for t, _ in groups(table)]
+    assert len(titles) == 2 and sum("decode: graphs" in t for t in titles) == 1
+
+
 def test_cli_writes_markdown_csv_latex(sweep, tmp_path, capsys):
     out = tmp_path / "report"
     report.main([str(sweep), "--baseline", "mixtral_offloading", "--out", str(out)])
