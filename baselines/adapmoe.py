@@ -179,6 +179,7 @@ def _assemble(ctx: MethodContext, gating: AdaptiveGating, calib: Calibration, sl
              "on" if gating.enabled else "off", mcfg.gating_threshold, per_layer,
              depths)
     runtime, provider = prefetch_runtime(ctx, make_policy(mcfg.eviction, layout.moe_layers), total, per_layer)
+    gating.count_calls()
     predictor = GateLookaheadPredictor(model, provider, layout.moe_layers, mcfg.predict_top_k or layout.top_k,
                                        depth=lambda layer: depths[layer])
     runtime.listeners += [predictor, gating]

@@ -18,6 +18,13 @@ Gating applies only while `active`: between `begin_step` and `end_step` of the e
 verify forwards), never to the prompt's prefill. AdapMoE's code likewise gates single-token
 decode forwards only; under SD every verified token is gated on its own weights.
 
+Graphs: the router hook is device work only (no sync) and marked graph-safe; a forward being captured is
+gated whatever `active` says (only decode and verify steps, which are gated, are replayed from graphs).
+The counters come from a seam hook at each experts call (`spmoe.models.experts.on_experts_call`, run
+by piecewise CUDA graphs on every replay) that counts the call's "no expert" routes; it is attached by
+`count_calls` (the runtime, once its experts modules are installed) and again at `begin_step` to any
+experts module not yet counted.
+
 Faithful: the decision is per token and per layer from the router's own probabilities, the top-1
 expert is always kept, dropped experts are neither computed nor loaded, kept weights are
 renormalized. Simplified: AdapMoE derives a per-layer threshold on the second expert's normalized
@@ -37,7 +44,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from spmoe.hooks import HookOwner
+from spmoe.hooks import HookOwner, mark_graph_safe
+from spmoe.models.experts import on_experts_call
 from spmoe.predict.capture import router_of
 
 DEFAULT_THRESHOLD = 0.85
@@ -81,25 +89,42 @@ class AdaptiveGating(HookOwner):
         self.active = False
         self._lock = threading.Lock()
         self.reset()
+        self._target, self._moe_layers = target, list(moe_layers)
+        self._counted: list[nn.Module] = []  # the experts modules whose calls are counted
         self._handles = [] if not enabled else [router_of(target, layer).register_forward_hook(
-            lambda m, a, out, layer=layer: self._gate(layer, out)) for layer in moe_layers]
+            mark_graph_safe(lambda m, a, out, layer=layer: self._gate(layer, out))) for layer in moe_layers]
 
     def reset(self) -> None:
         self.num_routed = self.num_dropped = self.num_tokens_gated = 0
 
     def _gate(self, layer: int, out):
-        if not self.active:
+        """The gated router output; where nothing is dropped its values equal the router's bit for bit
+        (every weight scaled by total / total = 1, the index unchanged)."""
+        if not (self.active or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())):
             return None
         *head, weights, index = out
-        gated_w, gated_index, keep = gate_routes(weights, index, self.thresholds[layer], self.num_experts)
-        dropped = int((~keep).sum())  # NOTE: a device->host sync; the experts module syncs on the index anyway
-        with self._lock:
-            self.num_routed += keep.numel()
-            self.num_dropped += dropped
-            self.num_tokens_gated += int((~keep).any(dim=-1).sum()) if dropped else 0
-        if not dropped:
-            return None  # untouched: bit-identical to ungated routing
+        gated_w, gated_index, _ = gate_routes(weights, index, self.thresholds[layer], self.num_experts)
         return (*head, gated_w, gated_index)
+
+    def _count(self, top_k_index: torch.Tensor) -> None:
+        """The counters from one experts call's routes [T, A] ("no expert", index E, is a dropped route)."""
+        if not self.active:
+            return
+        dropped = top_k_index >= self.num_experts  # [T, A]
+        num_dropped = int(dropped.sum())  # NOTE: a device->host sync; the experts module syncs on the index anyway
+        with self._lock:
+            self.num_routed += dropped.numel()
+            self.num_dropped += num_dropped
+            self.num_tokens_gated += int(dropped.any(dim=-1).sum()) if num_dropped else 0
+
+    def count_calls(self) -> None:
+        """Attach the counting seam hook to every experts module the model holds now, once each (a runtime
+        calls it once its experts modules are installed, so whole-step graphs are never captured without it)."""
+        for layer in self._moe_layers:
+            experts = self._target.model.layers[layer].mlp.experts
+            if not any(experts is m for m in self._counted):
+                self._counted.append(experts)
+                self._handles.append(on_experts_call(experts, lambda h, i, w: self._count(i)))
 
     def stats(self) -> dict:
         with self._lock:
@@ -111,6 +136,8 @@ class AdaptiveGating(HookOwner):
 
     def begin_step(self, step: int) -> None:
         self.active = self.enabled and step > 0  # step 0 is the prompt's prefill: never gated
+        if self.enabled:
+            self.count_calls()
 
     def end_step(self) -> None:
         self.active = False
@@ -118,3 +145,4 @@ class AdaptiveGating(HookOwner):
     def remove(self) -> None:
         self.active = False
         super().remove()
+        self._counted.clear()

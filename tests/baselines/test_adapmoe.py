@@ -149,7 +149,9 @@ def test_router_hook_drops_only_while_active(session):
         _, w, i = router(hidden)
         assert torch.equal(i[:, 0], index[:, 0]) and (i[:, 1] == layout.num_experts).all()
         assert torch.allclose(w[:, 0], torch.ones(5)) and (w[:, 1] == 0).all()
-        assert gating.stats()["gating_dropped"] == 5
+        assert gating.stats()["gating_dropped"] == 0  # counted where the routes reach the experts
+        model.model.layers[layer].mlp.experts.run_seam_hooks(hidden, i, w)
+        assert gating.stats()["gating_dropped"] == 5 and gating.stats()["gating_tokens_gated"] == 5
         gating.end_step()
         assert torch.equal(router(hidden)[2], index)
     finally:

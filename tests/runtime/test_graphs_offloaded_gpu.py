@@ -11,7 +11,6 @@ from dataclasses import replace
 import logging
 
 import pytest
-import torch
 from conftest import tiny_run_config
 
 from experiments.presets import load_preset
@@ -21,8 +20,8 @@ from spmoe.session import open_session
 K, NEW = 2, 16
 METHODS = [MethodConfig(name="lru_nosd", num_slots=6), MethodConfig(name="lru", num_slots=6),
            MethodConfig(name="spmoe", num_slots=6, cutoff=CutoffConfig(mode="all"))]
-BASELINES = [MethodConfig(name=n, num_slots=8, worker_thread=False) for n in ("moe_infinity_nosd", "mixtral_offloading_nosd",
-                                                         "mixtral_offloading", "moe_infinity")]
+BASELINES = [MethodConfig(name=n, num_slots=8, worker_thread=False) for n in (
+    "moe_infinity_nosd", "mixtral_offloading_nosd", "mixtral_offloading", "moe_infinity", "adapmoe_nosd", "adapmoe")]
 
 
 def _cfg(**kw):

@@ -52,18 +52,19 @@ def test_seam_hooks_see_each_experts_call_and_decide_what_graphs_may_capture():
 
 
 def test_baseline_predictors_hook_the_experts_call():
-    """MoE-Infinity's and Mixtral-Offloading's target hooks are seam hooks or graph-safe: their models
-    stay piecewise-capturable."""
+    """MoE-Infinity's, Mixtral-Offloading's and AdapMoE's (gating on) target hooks are seam hooks or
+    graph-safe: their models stay piecewise-capturable."""
     cfg = tiny_run_config("tiny", num_prompts=1)
     s = open_session(cfg)
     try:
-        for name in ("moe_infinity_nosd", "mixtral_offloading_nosd"):
+        for name in ("moe_infinity_nosd", "mixtral_offloading_nosd", "adapmoe_nosd"):
             plan = s.plan(s.cfg.hardware, name)
             runtime = get_strategy(name).build(MethodContext(s.cfg, s.target, s.device, plan))
             try:
                 experts = find_experts(runtime.model)
                 assert all(m.seam_hooks for m in experts.values()), name
                 assert graph_safe(runtime.model, s.device, experts_run_eagerly=True), name
+                assert not graph_safe(runtime.model, s.device), name  # never captured whole without its hooks
             finally:
                 runtime.close()
     finally:
