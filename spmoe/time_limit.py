@@ -8,8 +8,8 @@ check.
 Invariants: a stage is started only if the slowest stage of its kind so far, run again, would end
 within the allowance less `reserve_s` (time promised to later stages, e.g. the lossless checks that
 cases already run are owed); the first of a kind always runs: nothing predicts it. A job without a
-limit never skips anything. The caller asks before each stage (`allows`) and records what it skipped in the
-summaries.
+limit never skips anything. The caller asks before each stage (`allows`) and records what it skipped
+in the summaries.
 """
 
 from __future__ import annotations

@@ -21,11 +21,12 @@ Terms (L = number of MoE layers, indexed by position in `moe_layers`, E = expert
 
 `EamPredictor` is the runtime side. A new sequence starts at `begin_step(0)` (the engine's
 prefill step); a forward pre-hook on the target model catches one that no step announced (the
-target called with an empty KV cache; graph-safe, as no such forward is ever captured). The finished
-sequence's EAM then joins the collection and a fresh one starts. Hooks on every experts call
-(`spmoe.models.experts.on_experts_call`: kept by piecewise CUDA graphs) add the call's routes
-(top_k_index [T, A]: layer l's routed experts) to the current EAM, match, and submit `PrefetchRequest`s (one [1, n]
-row per predicted layer, most probable expert first, position 0) for the next layers. At
+target called with an empty KV cache; graph-safe, as no such forward is ever captured). The
+finished sequence's EAM then joins the collection and a fresh one starts. Hooks on every experts
+call (`spmoe.models.experts.on_experts_call`: kept by piecewise CUDA graphs) add the call's routes
+(top_k_index [T, A]: layer l's routed experts) to the current EAM, match, and submit
+`PrefetchRequest`s (one [1, n] row per predicted layer, most probable expert first, position 0) for
+the next layers. At
 `begin_step` of a decode step (before the draft runs, with SD) the first `depth` MoE layers of
 the coming forward are predicted the same way, from everything routed so far.
 `load_trace_eams` builds one EAM per prompt from a run's `trace.jsonl`, to warm the collection.

@@ -6,9 +6,8 @@ l+1 .. l+d, and the top experts they name are prefetched.
 At layer l's experts call (`spmoe.models.experts.on_experts_call`: a seam hook, kept by piecewise CUDA
 graphs), every position's hidden state (the normalized FFN input, what the router of l saw) goes
 through the weights of the routers of the next `depth(l)` MoE layers, and one `PrefetchRequest`
-[T, A] is submitted per predicted layer. It works
-with and without SD (it needs no draft). `depth` is a fixed int or a callable of the layer (for
-adaptive schemes). Under `routing=replay` the guesses come from the trace (`self.replay`).
+[T, A] is submitted per predicted layer. It works with and without SD (it needs no draft). `depth`
+is a fixed int or a callable of the layer (for adaptive schemes). Under `routing=replay` the guesses come from the trace (`self.replay`).
 """
 
 from __future__ import annotations

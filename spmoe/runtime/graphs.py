@@ -10,7 +10,9 @@ Which forwards can be captured (`capturable`): on CUDA, with no forward hooks an
 model but graph-safe ones (`spmoe.hooks.mark_graph_safe`: routing replay's; others run host code:
 predictors, routing recorders), and every engine experts module sync-free (`OffloadedExperts.sync_free`:
 the grouped path over a slot table that can no longer change) and without seam hooks (host work at the
-experts call, `spmoe.models.experts.on_experts_call`, which only piecewise graphs keep). Offloaded methods fail that test and run eagerly; a miss never forces a rebuild.
+experts call, `spmoe.models.experts.on_experts_call`, which only piecewise graphs keep). Offloaded
+methods fail that test and run as piecewise graphs (`spmoe.runtime.piecewise`) or eagerly; a miss never
+forces a rebuild.
 
 Capture protocol: two warm-up forwards on a side stream, then the capture. Warm-up executes: it
 writes the KV cache, so it writes at the cache's last T positions (never attended before the
