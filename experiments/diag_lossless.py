@@ -1,0 +1,331 @@
+"""
+Where do a method's numerics first differ from the GPU-resident reference, on identical inputs?
+
+    python -m experiments.diag_lossless --model mixtral --weights twin --expert-noise 0.02 --dataset humaneval \
+        --hardware h200 --method lru_nosd --num-slots 200 --prompts 10 --tokens 100 --out $OUT/diag   # H200
+    python -m experiments.diag_lossless --model tiny --weights random --dataset synthetic --hardware cpu \
+        --method lru_nosd --num-slots 6 --prompts 1 --tokens 8 --out /tmp/diag                         # CPU
+
+The lossless check (`spmoe.trace.lossless`) teacher-forces the reference on the run's tokens and
+compares its argmax with the run's token; it never sees the method's own logits. Here both are
+teacher-forced on exactly the same inputs: the method generates (`Session.generate`, the run's
+tokens), then a fresh runtime of the method (built as the session builds it, closed after; its
+cache starts empty and misses and evicts during the forced run as in a run) and the GPU-resident
+reference (`ReferenceRuntime`) each read every prompt + the run's tokens with the run's step
+structure (`mirror_steps`) over a static cache of the run's capacity (`Generation.kv_capacity`),
+through `forced_logits`, as the check does. Every decoder layer's output is recorded in every
+forward (`spmoe.trace.layer_probe`). `--method-decode graphs` forces the method through the run's
+own decoder instead (piecewise CUDA graphs, replayed across prompts as in the run); graphs cannot
+keep hooks, so only its prefill's layers are recorded then.
+
+Terms: *position* j of a prompt = its j-th output token, predicted by forward `step(j)` (0 = the
+prefill over the prompt); *logit diff* = max over the vocabulary of |method - reference| (float32
+of the model's dtype); *margin* = the reference's top-1 minus top-2 logit; *first layer* = the
+first decoder layer whose output differs in that forward. Writes under --out, atomically:
+`positions.csv` (one row per prompt and position), `prefill_layers.csv` (one row per prompt and
+layer: max |diff| over positions and at the last one), `step_layers.csv` (the same for every
+recorded forward), `table.md` (summary, prefill layers, the first differing positions) and
+`summary.json`; logs a 5-line summary.
+
+Limits: routing is the model's own (replay is not supported). No drafter runs in the forced passes,
+so a method that prefetches from the draft's predictions (spmoe) misses more there than in its run:
+its numerics are compared, not its prefetching; the last summary line gives both miss counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from experiments.presets import load_preset
+from spmoe.config import MethodConfig, RoutingConfig, RunConfig, SpecConfig, TwinConfig
+from spmoe.io import write_json_atomic, write_text_atomic
+from spmoe.methods import get_strategy
+from spmoe.runtime.decoder import make_decoder
+from spmoe.session import open_session
+from spmoe.strategy import MethodContext, Runtime
+from spmoe.trace.layer_probe import LayerProbe, first_differing_layer, layer_diffs
+from spmoe.trace.lossless import (
+    ReferenceRuntime,
+    forced_logits,
+    mirror_steps,
+    relative_eps_for,
+    step_of_positions,
+    tolerance_for,
+)
+
+log = logging.getLogger("diag_lossless")
+NUM_TABLE_ROWS = 20  # differing positions listed in table.md
+
+
+@dataclass
+class Forced:
+    """One runtime's teacher-forced pass over one prompt: logits [N, V] (float32, host) of the N output
+    tokens, and per forward the decoder layers' outputs [T, H] (host, the model's dtype)."""
+
+    logits: torch.Tensor
+    forwards: list[list[torch.Tensor]]
+
+
+def build_method(session, method: MethodConfig, hw) -> Runtime:
+    """A fresh runtime of `method` at `hw`, built as `Session.generate` builds it (routing: the model's)."""
+    spec = get_strategy(method.name)
+    drafts = session.drafts(hw, method)
+    offer = session.draft_offer(hw, method) if spec.speculative and spec.accepts_draft else None
+    cfg = replace(session.cfg, method=method, hardware=hw)
+    ctx = MethodContext(cfg, session.target, session.device, session.plan(hw, method.name, method),
+                        session.draft if drafts else None, None, offer)
+    return spec.build(ctx)
+
+
+def force_static(runtime: Runtime, session, gens: list) -> list[Forced]:
+    """Every prompt through `forced_logits` (the check's path), every forward's layers recorded."""
+    out = []
+    for prompt, gen in zip(session.prompts, gens):
+        with LayerProbe(runtime.model) as probe:
+            logits = forced_logits(runtime, session.device, prompt.token_ids, gen.token_ids, _steps(gen),
+                                   gen.kv_capacity)  # [N, V]
+        out.append(Forced(logits, probe.forwards))
+    return out
+
+
+@torch.inference_mode()
+def force_graphs(runtime: Runtime, session, gens: list) -> list[Forced]:
+    """`forced_logits`' loop through the run's own graphs decoder: one decoder for every prompt (its graphs
+    captured and replayed across prompts as in the run), only the prefill's layers recorded."""
+    steps = [_steps(g) for g in gens]
+    capacities = {g.kv_capacity for g in gens}
+    if None in capacities or len(capacities) != 1:
+        raise ValueError(f"--method-decode graphs needs a run over one static cache; the run's: {capacities}")
+    max_fed = max((len(st.fed_ids) for ss in steps for st in ss), default=1)
+    decoder = make_decoder(runtime.model, session.device, "graphs", max_graph_tokens=max_fed, events=runtime.events)
+    decoder.allocate(capacities.pop())
+    out = []
+    for prompt, gen, ss in zip(session.prompts, gens, steps):
+        decoder.begin(len(prompt.token_ids) + len(gen.token_ids) - 1 + max_fed)
+        runtime.begin_step(0)
+        with LayerProbe(runtime.model) as probe:  # removed before any graphed step
+            logits = [decoder.forward(prompt.token_ids, 1).float().cpu()]  # [1, V]
+        runtime.end_step()
+        for i, st in enumerate(ss, start=1):
+            length = decoder.length
+            runtime.begin_step(i)
+            step_logits = decoder.forward(st.fed_ids, len(st.fed_ids))  # [fed, V]
+            runtime.end_step()
+            decoder.crop(length + st.used)
+            logits.append(step_logits[: st.used].float().cpu())
+        out.append(Forced(torch.cat(logits), probe.forwards))
+    return out
+
+
+def _steps(gen):
+    steps = mirror_steps(gen)
+    if steps is None:
+        raise ValueError("the run's step records do not cover its tokens: cannot mirror its steps")
+    return steps
+
+
+def step_layer_rows(prompt_idx: int, method: Forced, reference: Forced) -> list[dict]:
+    """Per forward recorded in both passes and per decoder layer: `layer_diffs` of that forward."""
+    rows = []
+    for f, (m, r) in enumerate(zip(method.forwards, reference.forwards)):
+        rows += [{"prompt": prompt_idx, "step": f, **row} for row in layer_diffs(m, r)]
+    return rows
+
+
+def position_rows(prompt_idx: int, gen, method: Forced, reference: Forced, layers: list[dict],
+                  tolerance: float, relative_eps: float) -> list[dict]:
+    """Per output position: the logit diff, argmaxes, the reference's margin, the check's verdict on the
+    run's token (agree, tie or loss: `spmoe.trace.lossless.compare`) and the first differing layer of the
+    forward that predicted it (`layers`: this prompt's `step_layer_rows`)."""
+    m, r = method.logits, reference.logits  # [N, V] each
+    diff = (m - r).abs().amax(dim=-1)  # [N]
+    top2 = r.topk(2, dim=-1).values  # [N, 2]
+    m_arg, r_arg = m.argmax(dim=-1), r.argmax(dim=-1)  # [N] each
+    run = torch.tensor(gen.token_ids)  # [N]
+    gap = top2[:, 0] - r.gather(1, run[:, None])[:, 0]  # [N], >= 0
+    allowed = torch.clamp(relative_eps * top2[:, 0].abs(), min=tolerance)  # [N]
+    by_step: dict[int, list[dict]] = {}
+    for row in layers:
+        by_step.setdefault(row["step"], []).append(row)
+    rows = []
+    for j, f in enumerate(step_of_positions(gen)):
+        step_layers = by_step.get(f, [])
+        idx = first_differing_layer(step_layers)
+        verdict = "agree" if r_arg[j] == run[j] else "tie" if gap[j] <= allowed[j] else "loss"
+        rows.append({"prompt": prompt_idx, "position": j, "step": f, "phase": "prefill" if f == 0 else "decode",
+                     "max_abs_logit_diff": float(diff[j]), "argmax_differs": bool(m_arg[j] != r_arg[j]),
+                     "ref_margin": float(top2[j, 0] - top2[j, 1]), "run_token": int(run[j]),
+                     "ref_argmax": int(r_arg[j]), "method_argmax": int(m_arg[j]), "ref_gap_run_token": float(gap[j]),
+                     "check_verdict": verdict, "method_reproduces_run": bool(m_arg[j] == run[j]),
+                     "step_layers_recorded": bool(step_layers), "first_differing_layer": idx,
+                     "first_layer_max_abs_diff": None if idx is None else step_layers[idx]["max_abs_diff"]})
+    return rows
+
+
+def summarize_diff(positions: list[dict], layers: list[dict]) -> dict:
+    prefill = [r["max_abs_logit_diff"] for r in positions if r["phase"] == "prefill"]
+    decode = [r["max_abs_logit_diff"] for r in positions if r["phase"] == "decode"]
+    differing = [r for r in positions if r["max_abs_logit_diff"] != 0]
+    first = differing[0] if differing else None
+    prefill_first = [r for r in layers if r["max_abs_diff"] != 0]
+    return {"num_positions": len(positions), "prefill_max_abs_logit_diff": max(prefill, default=0.0),
+            "decode_max_abs_logit_diff": max(decode, default=0.0), "num_differing_positions": len(differing),
+            "num_argmax_differs": sum(r["argmax_differs"] for r in positions),
+            "num_check_ties": sum(r["check_verdict"] == "tie" for r in positions),
+            "num_check_losses": sum(r["check_verdict"] == "loss" for r in positions),
+            "num_method_not_reproducing_run": sum(not r["method_reproduces_run"] for r in positions),
+            "first_differing_position": None if first is None else
+            {k: first[k] for k in ("prompt", "position", "step", "max_abs_logit_diff", "first_differing_layer")},
+            "prefill_max_abs_layer_diff": max((r["max_abs_diff"] for r in layers), default=0.0),
+            "prefill_first_differing_layer": None if not prefill_first else  # rows: by prompt, then layer
+            {"prompt": prefill_first[0]["prompt"], "layer": prefill_first[0]["layer"]}}
+
+
+def summary_lines(s: dict) -> list[str]:
+    first, layer = s["first_differing_position"], s["prefill_first_differing_layer"]
+    return [
+        f"prefill: max |logit diff| {s['prefill_max_abs_logit_diff']:.6g}; max |layer output diff|"
+        f" {s['prefill_max_abs_layer_diff']:.6g}; first differing layer: "
+        + ("none" if layer is None else f"{layer['layer']} (prompt {layer['prompt']})"),
+        f"decode: max |logit diff| {s['decode_max_abs_logit_diff']:.6g}",
+        f"positions with any logit difference: {s['num_differing_positions']} of {s['num_positions']};"
+        f" argmax differs at {s['num_argmax_differs']}; the check on the run's tokens: {s['num_check_ties']} ties,"
+        f" {s['num_check_losses']} losses",
+        "first differing position: " + ("none" if first is None else
+                                        f"prompt {first['prompt']} position {first['position']} (step {first['step']}),"
+                                        f" |logit diff| {first['max_abs_logit_diff']:.6g}, first differing layer"
+                                        f" {first['first_differing_layer']}"),
+        f"forced method argmax != the run's token at {s['num_method_not_reproducing_run']} positions"
+        f" (0: the forced pass reproduces the run); expert misses: run {s.get('run_misses')},"
+        f" forced method {s.get('forced_method_misses')}",
+    ]
+
+
+def to_csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return buf.getvalue()
+
+
+def table(s: dict, positions: list[dict], layers: list[dict], title: str) -> str:
+    lines = [f"# {title}", "", *[f"- {line}" for line in summary_lines(s)], "",
+             "## Prefill: max |layer output diff| per layer (over prompts)", "",
+             "| layer | max abs diff | last position | ref max abs |", "|---|---|---|---|"]
+    for i in sorted({r["layer"] for r in layers}):
+        rs = [r for r in layers if r["layer"] == i]
+        lines.append(f"| {i} | {max(r['max_abs_diff'] for r in rs):.6g} | "
+                     f"{max(r['last_pos_max_abs_diff'] for r in rs):.6g} | {max(r['ref_max_abs'] for r in rs):.6g} |")
+    lines += ["", f"## First {NUM_TABLE_ROWS} positions with a logit difference", "",
+              "| prompt | position | step | max abs logit diff | argmax differs | ref margin | first layer | layer diff |",
+              "|---|---|---|---|---|---|---|---|"]
+    for r in [r for r in positions if r["max_abs_logit_diff"] != 0][:NUM_TABLE_ROWS]:
+        lines.append(f"| {r['prompt']} | {r['position']} | {r['step']} | {r['max_abs_logit_diff']:.6g} | "
+                     f"{r['argmax_differs']} | {r['ref_margin']:.6g} | {r['first_differing_layer']} | "
+                     f"{r['first_layer_max_abs_diff']} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="mixtral")
+    ap.add_argument("--weights", default=None, help="random | twin | checkpoint (default: the preset's)")
+    ap.add_argument("--expert-noise", type=float, default=None, help="twin weights: model.twin.expert_noise")
+    ap.add_argument("--model-path", default=None, help="checkpoint weights: model.path")
+    ap.add_argument("--draft", default=None, help="default: the model's draft for twin weights, else none")
+    ap.add_argument("--dataset", default="humaneval")
+    ap.add_argument("--hardware", default="h200", help="the device the session opens on (the reference's)")
+    ap.add_argument("--card", default=None, help="hardware preset of the method (its budget; default: --hardware)")
+    ap.add_argument("--decode", default=None, help="hardware.decode of both (default: the presets')")
+    ap.add_argument("--expert-kernel", default=None, help="hardware.expert_kernel: auto | torch")
+    ap.add_argument("--method", default="lru_nosd")
+    ap.add_argument("--num-slots", type=int, default=None, help="cap on expert slots (default: the card's plan)")
+    ap.add_argument("--method-decode", default="static", choices=("static", "graphs"),
+                    help="how the method is forced: static (forced_logits, as the check) or graphs (the run's)")
+    ap.add_argument("--prompts", type=int, default=1)
+    ap.add_argument("--tokens", type=int, default=100)
+    ap.add_argument("--k", type=int, default=1, help="spec.num_draft_tokens (SD methods)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="results/diag_lossless")
+    return ap.parse_args(argv)
+
+
+def _hardware(name: str, args: argparse.Namespace):
+    hw = load_preset("hardware", name)
+    return replace(hw, decode=args.decode or hw.decode, expert_kernel=args.expert_kernel or hw.expert_kernel)
+
+
+def run_config(args: argparse.Namespace) -> RunConfig:
+    model = load_preset("model", args.model)
+    if args.weights:
+        model = replace(model, weights=args.weights)
+    if args.expert_noise is not None:
+        model = replace(model, twin=TwinConfig(expert_noise=args.expert_noise))
+    if args.model_path:
+        model = replace(model, path=args.model_path)
+    draft = args.draft or (model.default_draft if model.weights == "twin" else "none")
+    return RunConfig(model=model, draft=load_preset("draft", draft), dataset=load_preset("dataset", args.dataset),
+                     method=MethodConfig(name="gpu_resident"), hardware=_hardware(args.hardware, args),
+                     routing=RoutingConfig(name="model"), spec=SpecConfig(num_draft_tokens=args.k),
+                     num_prompts=args.prompts, check_lossless="false", max_new_tokens=args.tokens, seed=args.seed)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the diagnosis; returns the summary (also logged, and written to table.md)."""
+    args = parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    out = Path(args.out)
+    cfg = run_config(args)
+    hw = _hardware(args.card or args.hardware, args)
+    method = load_preset("method", args.method)
+    if args.num_slots is not None:
+        method = replace(method, num_slots=args.num_slots)
+    session = open_session(cfg, [replace(cfg, method=method, hardware=hw)])
+    try:
+        gens, plan, _ = session.generate(method, hw, args.tokens, num_prompts=args.prompts)
+        log.info("%s generated %d prompts x %d tokens (%d slots, decode %s, kv capacity %s)", method.name,
+                 len(gens), args.tokens, plan.num_slots, gens[0].decode, gens[0].kv_capacity)
+        runtime = build_method(session, method, hw)
+        try:
+            forced = force_graphs if args.method_decode == "graphs" else force_static
+            method_passes = forced(runtime, session, gens)
+            forced_misses = sum(len(ev.misses) for ev in runtime.events.drain())
+        finally:
+            runtime.close()
+        with ReferenceRuntime(session) as reference:
+            reference_passes = force_static(reference.get(), session, gens)
+    finally:
+        session.close()
+    dtype = session.target.layout.dtype
+    positions, layers = [], []
+    for i, (gen, m, r) in enumerate(zip(gens, method_passes, reference_passes)):
+        steps = step_layer_rows(i, m, r)
+        positions += position_rows(i, gen, m, r, steps, tolerance_for(dtype), relative_eps_for(dtype))
+        layers += steps
+    s = summarize_diff(positions, [r for r in layers if r["step"] == 0])
+    s["run_misses"] = sum(len(ev.misses) for g in gens for r in g.records for ev in r.layers)
+    s["forced_method_misses"] = forced_misses
+    title = (f"{method.name} ({plan.num_slots} slots, forced {args.method_decode}) vs gpu_resident:"
+             f" {args.model} {cfg.model.weights}, {args.prompts} prompts x {args.tokens} tokens, {hw.name}")
+    write_text_atomic(out / "positions.csv", to_csv(positions))
+    write_text_atomic(out / "step_layers.csv", to_csv(layers))
+    write_text_atomic(out / "prefill_layers.csv", to_csv([r for r in layers if r["step"] == 0]))
+    write_text_atomic(out / "table.md", table(s, positions, [r for r in layers if r["step"] == 0], title))
+    write_json_atomic(out / "summary.json", {"title": title, **s})
+    for line in summary_lines(s):
+        log.info("%s", line)
+    return s
+
+
+if __name__ == "__main__":
+    main()
