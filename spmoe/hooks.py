@@ -4,6 +4,10 @@ adaptive gating) keeps their handles in `self._handles`; `remove()` detaches eve
 
 Invariant: after `remove()` the owner has no hook left on any module, and a second call is a no-op.
 
+While a CUDA graph is being built (its warm-up forwards and its capture: `building()`), a graph-safe hook
+that also does host work on a live forward (a predictor's submissions) keeps to its device work, which
+the graph then replays; the host side runs after each replay instead (`is_building`).
+
 A hook marked with `mark_graph_safe` promises that everything it does to the forward is device work
 on tensors whose addresses do not change between calls (its host code only picks views), so a CUDA
 graph that captured the forward replays its effect; `spmoe.runtime.graphs.graph_safe` accepts such
@@ -11,6 +15,8 @@ hooks and refuses every other.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 
 class HookOwner:
@@ -33,3 +39,20 @@ def mark_graph_safe(hook):
 
 def is_graph_safe(hook) -> bool:
     return getattr(hook, GRAPH_SAFE, False)
+
+
+_BUILDING = [0]  # graphs being built (warm-ups and captures run on the main thread only)
+
+
+@contextmanager
+def building():
+    """Mark the forwards run inside as a graph's warm-up or capture (see the module docstring)."""
+    _BUILDING[0] += 1
+    try:
+        yield
+    finally:
+        _BUILDING[0] -= 1
+
+
+def is_building() -> bool:
+    return _BUILDING[0] > 0

@@ -236,7 +236,7 @@ class Session:
             drafter = None
             if drafts:
                 drafter = ModelDrafter(self.draft, self.device, cfg.spec.temperature, cfg.spec.top_p,
-                                       cfg.hardware.decode)
+                                       cfg.hardware.decode, runtime.draft_listeners)
             engine = Engine(runtime, self.device, drafter, cfg.spec, cfg.seed, cfg.hardware.decode)
             engine.reserve(max(len(p.token_ids) for p in self.prompts[:num_prompts]), max_new_tokens)
             gens = []

@@ -76,6 +76,7 @@ class Runtime:
     extra_summary: Callable[[], dict] | None = None  # method-specific totals merged into summary.json
     accept_override: Callable | None = None  # (drafts, logits [k+1, V]) -> AcceptResult: replayed acceptance
     choose_k: Callable | None = None  # (spmoe.engine.StepState) -> draft tokens this step, clamped to [0, max_k]
+    draft_listeners: list[Callable[[bool], None]] = field(default_factory=list)  # `ModelDrafter.on_forward`
 
     def begin_step(self, step: int) -> None:
         for listener in self.listeners:

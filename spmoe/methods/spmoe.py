@@ -106,5 +106,6 @@ def build(ctx: MethodContext) -> Runtime:
         predictor = DraftRouterPredictor(ctx.draft, model, provider, layers, mcfg.capture_point,
                                          mcfg.predict_top_k or layout.top_k, maps)
         runtime.listeners.append(predictor)
+        runtime.draft_listeners.append(predictor.after_draft_forward)
         runtime.closers.append(predictor.remove)
     return runtime

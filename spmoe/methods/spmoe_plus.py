@@ -123,6 +123,7 @@ def _lookahead_hints(ctx: MethodContext, runtime: Runtime, policy: SdLookaheadPo
     hints = DraftRouterPredictor(ctx.draft, runtime.model, PredictionSink(policy), beyond, mcfg.capture_point,
                                  mcfg.predict_top_k or layout.top_k, maps)
     runtime.listeners.append(hints)
+    runtime.draft_listeners.append(hints.after_draft_forward)
     runtime.closers.append(hints.remove)
 
 

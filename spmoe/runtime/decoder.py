@@ -43,6 +43,7 @@ CAPACITY_QUANTUM = 64  # capacities are rounded up to this (aligned masks for th
 class DynamicDecoder:
     capacity = None  # the cache grows
     num_replays = 0  # no graphs
+    replayed = False
 
     def __init__(self, model: nn.Module, device: torch.device):
         self.model = model
@@ -90,6 +91,7 @@ class StaticDecoder:
         self._pool = None
         self._kind: str | None = None  # whole | piecewise | none, decided at the first graphed step after allocation
         self.num_replays = 0
+        self.replayed = False  # whether the last forward ran as a graph (host-side hook work then follows it)
 
     @property
     def length(self) -> int:
@@ -165,6 +167,7 @@ class StaticDecoder:
         logits = None
         if self.graphs and start > 0 and num_tokens <= self.max_graph_tokens:
             logits = self._graphed(ids, start, num_logits)
+        self.replayed = logits is not None
         if logits is None:
             inputs = torch.tensor(ids + [start], dtype=torch.long, device=self.device)  # [T + 1]
             logits = self.step(inputs, num_tokens, num_logits)

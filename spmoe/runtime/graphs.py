@@ -31,7 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from spmoe.hooks import is_graph_safe
+from spmoe.hooks import building, is_graph_safe
 from spmoe.models.experts import OffloadedExperts
 from spmoe.trace.records import ExpertEventLog
 
@@ -74,14 +74,14 @@ class StepGraph:
         try:
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
+            with building(), torch.cuda.stream(side):
                 for _ in range(WARMUP_FORWARDS):
                     step(self.inputs, num_tokens, num_logits)
             torch.cuda.current_stream(device).wait_stream(side)
             if events is not None:
                 events.take()
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool):
+            with building(), torch.cuda.graph(self.graph, pool=pool):
                 self.logits = step(self.inputs, num_tokens, num_logits)  # [num_logits, V], static
             self.routes = events.take() if events is not None else []
         finally:

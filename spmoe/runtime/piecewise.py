@@ -44,6 +44,7 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
+from spmoe.hooks import building
 from spmoe.models.experts import OffloadedExperts
 from spmoe.runtime.graphs import StepFn, graph_safe
 
@@ -109,7 +110,7 @@ class PiecewiseGraph:
         side = torch.cuda.Stream(device) if device.type == "cuda" else None
         if side is not None:
             side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side) if side is not None else nullcontext():
+        with building(), torch.cuda.stream(side) if side is not None else nullcontext():
             self.inputs.copy_(torch.tensor(ids + [start], dtype=torch.long))
             for m in experts:
                 m.segment = self._split

@@ -9,12 +9,18 @@ n tokens, which the engine calls with the number still valid after acceptance.
 The forward and its cache are a decoder (`spmoe.runtime.decoder`, `decode` as the target's); a
 draft step feeds one token, or two after a fully accepted step (the last draft and the bonus).
 
+After every draft forward is launched (before its logits are read), `on_forward` listeners are called
+with whether it ran as a CUDA graph (`decoder.replayed`): a predictor's per-forward host work, which its
+hooks do inline on an eager forward, follows a graph's replay there (`spmoe.predict.draft_router`).
+
 Greedy drafting (temperature 0) returns no probabilities; sampling returns the draft
 distribution q [K, V] the tokens were drawn from (needed by rejection sampling), computed on the
 host with the engine's generator so runs are seeded-deterministic.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from transformers import PreTrainedModel
@@ -25,11 +31,12 @@ from spmoe.spec.verify import probs_from_logits, sample
 
 class ModelDrafter:
     def __init__(self, model: PreTrainedModel, device: torch.device, temperature: float, top_p: float,
-                 decode: str = "eager"):
+                 decode: str = "eager", on_forward: list[Callable[[bool], None]] | None = None):
         self.model = model
         self.temperature = temperature
         self.top_p = top_p
         self.decoder = make_decoder(model, device, decode, max_graph_tokens=2)
+        self.on_forward = on_forward if on_forward is not None else []
 
     @property
     def num_cached(self) -> int:
@@ -37,7 +44,10 @@ class ModelDrafter:
         return self.decoder.length
 
     def _feed(self, ids: list[int]) -> torch.Tensor:
-        return self.decoder.forward(ids, 1)[-1]  # [V]
+        logits = self.decoder.forward(ids, 1)[-1]  # [V]
+        for listener in self.on_forward:
+            listener(self.decoder.replayed)
+        return logits
 
     def begin(self, prompt_ids: list[int], max_len: int | None = None) -> None:
         """Start a sequence of at most `max_len` positions (default: the prompt + 256)."""
