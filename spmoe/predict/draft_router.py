@@ -16,8 +16,10 @@ does only its device work: the ids go into layer i's row of a static device buff
 external event is recorded after them, both captured. After a replay, `after_draft_forward(True)` submits
 one request per layer whose ids are copied to pinned memory on a side stream once that layer's event has
 fired, so prefetching still starts layer by layer while the draft graph runs; the compute stream then
-waits for those copies before anything can overwrite the buffer. Under `routing=replay` the ids come from the trace (`self.replay`), the hooks and their
-timing stay. A twinned draft (same depth and hidden size) feeds the router directly; other pairs need
+waits for those copies before anything can overwrite the buffer.
+
+Under `routing=replay` the ids come from the trace (`self.replay`), the hooks and their timing stay.
+A twinned draft (same depth and hidden size) feeds the router directly; other pairs need
 `maps` ({target layer: affine W [H_d + 1, H_t]}, see `spmoe.predict.hidden_map`), which also
 pick the draft layer paired with each target layer.
 """
