@@ -61,10 +61,11 @@ def quantize(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def dequantize(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, in_features: int,
-               dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+               dtype: torch.dtype, out: torch.Tensor | None = None,
+               nibbles: torch.Tensor | None = None) -> torch.Tensor:
     """(packed [O, I_pad / 2], scale [O, G], offset [O, G]) -> w [O, I] in `dtype`, unpacked with bit
-    ops on packed's device. `out` [O, I] (contiguous) receives w when given: no further transient
-    beyond one nibble plane (uint8 [O, I_pad / 2]) unless I was padded."""
+    ops on packed's device. `out` [O, I] (contiguous) receives w when given; `nibbles` (uint8, packed's
+    shape) holds the nibble plane when given: with both and I unpadded, nothing is allocated."""
     out_features, num_groups = scale.shape
     i_pad = 2 * packed.shape[1]
     g = i_pad // num_groups
@@ -73,8 +74,11 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, 
     else:
         w = torch.empty(out_features, num_groups, g, dtype=dtype, device=packed.device)
     p = packed.view(out_features, num_groups, g // 2)  # [O, G, g/2]
-    w[..., 0::2] = p & 0xF
-    w[..., 1::2] = p >> 4
+    if nibbles is None:
+        nibbles = torch.empty_like(packed)
+    plane = nibbles.view(out_features, num_groups, g // 2)
+    w[..., 0::2] = torch.bitwise_and(p, 0xF, out=plane)
+    w[..., 1::2] = torch.bitwise_right_shift(p, 4, out=plane)
     w.mul_(scale.to(dtype)[..., None]).add_(offset.to(dtype)[..., None])  # [O, G, g]
     w = w.view(out_features, i_pad)[:, :in_features]  # [O, I]
     if out is None:

@@ -175,11 +175,11 @@ def test_a_failing_quantization_or_calibration_restores_the_draft(twin, monkeypa
     assert not any(isinstance(m, dp.QuantLinear) for m in twin.draft.modules())
     calls = []
 
-    def third_fails(linear, bits, group_size):
+    def third_fails(linear, bits, group_size, workspace):
         calls.append(linear)
         if len(calls) == 3:
             raise RuntimeError("quantization failed")
-        return original(linear, bits, group_size)
+        return original(linear, bits, group_size, workspace)
 
     original = dp.QuantLinear
     monkeypatch.setattr(dp, "QuantLinear", third_fails)
