@@ -8,9 +8,9 @@ Quantization is `spmoe.models.quantized_draft.quantize_rows` (int8, a scale per 
 `spmoe.models.int4` (int4, a scale and offset per group of input columns); forward dequantizes one
 [O, I] weight at a time in the compute dtype into the *workspace*: one byte buffer, allocated when the
 draft is quantized and shared by all its sites (sized for the largest: its [O, I] weight, and for int4
-the nibble plane). A forward then allocates nothing but its output, which matters under CUDA graphs:
-a capture does not reuse memory freed within it, so per-site transients would each stay in the
-graph's pool (measured: 14 GB per captured Mistral-7B forward).
+the nibble plane). A forward then allocates nothing but its output, so a captured draft graph's pool
+holds no per-site transients (with one transient per site, the pools of the captured draft graphs
+kept them).
 *Saved bytes* = site weight bytes - quantized bytes - workspace: what the memory plan counted for
 the draft and the quantized draft no longer needs; the method turns them into expert slots.
 
@@ -71,7 +71,7 @@ class QuantLinear(nn.Module):
         w_bytes = o * i * x.element_size()
         w = self.workspace[:w_bytes].view(x.dtype).view(o, i)  # [O, I]
         if self.bits == 8:
-            torch.mul(self.q, self.scale.to(x.dtype)[:, None], out=w)
+            w.copy_(self.q).mul_(self.scale.to(x.dtype)[:, None])  # in place: a mixed-dtype `out=` may allocate
         else:
             nibbles = self.workspace[w_bytes:w_bytes + self.q.numel()].view(self.q.shape)  # uint8 [O, I_pad / 2]
             int4.dequantize(self.q, self.scale, self.offset, i, x.dtype, out=w, nibbles=nibbles)
