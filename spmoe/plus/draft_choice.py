@@ -29,8 +29,9 @@ draft token reads: the dense draft's weights (bf16), plus its linear sites' byte
 quantized bytes for int8 / int4 (each forward dequantizes a site into a transient it writes and
 reads), or for a quantized copy of the target (W_t + L A B)(2 + bits / 16) (a token's weights,
 read quantized, dequantized into a transient written and read). The `- draft_ms` credits SP-MoE's
-prefetch with hiding copies behind drafting (an upper bound). link = hardware.pcie_gb_per_s (else
-plus.choice_link_gb_per_s); bw = plus.choice_device_gb_per_s; layer_ms = plus.choice_layer_ms; a =
+prefetch with hiding copies behind drafting (an upper bound). link = the link the run's copies get:
+hardware.pcie_gb_per_s when copies are paced to it, the measured pinned host-to-device bandwidth on an
+unpaced CUDA device, else hardware.pcie_gb_per_s or plus.choice_link_gb_per_s; bw = plus.choice_device_gb_per_s; layer_ms = plus.choice_layer_ms; a =
 the replayed trace's acceptance (successes / trials over its drafted rows) when routing is
 replayed, else plus.accept_prior.
 Left out, as they move every option alike or are measured only in the run: host-computed experts
@@ -47,8 +48,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from spmoe.config import DRAFT_PRECISIONS
 from spmoe.offload.budget import capped_slots
+from spmoe.offload.pacing import pinned_gb_per_s
 from spmoe.plus.draft_precision import estimate_precision
 from spmoe.plus.step_model import expected_emitted, union_size
 from spmoe.strategy import DraftOffer
@@ -136,6 +140,16 @@ def _slots(offer: DraftOffer, free_slots: int) -> int:
     return capped_slots(min(offer.without_draft.num_experts_total, free_slots), offer.cfg.method.num_slots)
 
 
+def link_gb_per_s(cfg) -> float:
+    """The host-to-device bandwidth the run's expert copies get (see the module docstring)."""
+    hw = cfg.hardware
+    if hw.pace_pcie and hw.pcie_gb_per_s:
+        return hw.pcie_gb_per_s
+    if hw.device.startswith("cuda") and torch.cuda.is_available():
+        return pinned_gb_per_s(torch.device(hw.device))
+    return hw.pcie_gb_per_s or cfg.method.plus.choice_link_gb_per_s
+
+
 def inputs(offer: DraftOffer) -> tuple[ModelShape, list[DraftOption], str]:
     """The model's inputs for a run (`DraftOffer`, spmoe.strategy): shape, options, acceptance source."""
     cfg, pcfg, layout = offer.cfg, offer.cfg.method.plus, offer.target.layout
@@ -149,7 +163,7 @@ def inputs(offer: DraftOffer) -> tuple[ModelShape, list[DraftOption], str]:
         expert_bytes=layout.expert_bytes, non_expert_bytes=offer.target.non_expert_bytes,
         num_draft_tokens=cfg.spec.num_draft_tokens,
         acceptance=pcfg.accept_prior if measured is None else measured,
-        link_gb_per_s=cfg.hardware.pcie_gb_per_s or pcfg.choice_link_gb_per_s,
+        link_gb_per_s=link_gb_per_s(cfg),
         device_gb_per_s=pcfg.choice_device_gb_per_s, layer_ms=pcfg.choice_layer_ms)
     options = [DraftOption(NONE, _slots(offer, offer.without_draft.num_slots))]
     with_draft = offer.with_draft

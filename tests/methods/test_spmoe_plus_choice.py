@@ -13,7 +13,7 @@ import pytest
 from conftest import open_with_reference, tiny_run_config, tiny_twin_config
 
 from experiments.presets import load_preset
-from spmoe.config import CutoffConfig, MethodConfig, PlusConfig, SpecConfig
+from spmoe.config import CutoffConfig, HardwareConfig, MethodConfig, PlusConfig, SpecConfig
 from spmoe.experiment import Case, run_cases
 from spmoe.plus.draft_choice import (
     DraftChoice,
@@ -21,6 +21,7 @@ from spmoe.plus.draft_choice import (
     ModelShape,
     choose,
     inputs,
+    link_gb_per_s,
     predict_tpot_ms,
     trace_acceptance,
     union_size,
@@ -230,3 +231,22 @@ def test_no_draft_without_a_session_draft(tmp_path):
             s.generate(_method("int8", num_slots=10), cfg.hardware, 8)
     finally:
         s.close()
+
+
+def test_the_choice_prices_misses_at_the_link_the_run_copies_over(monkeypatch):
+    """Paced: the card's link; unpaced on CUDA: the measured pinned bandwidth, not the emulated card's;
+    on the CPU: the card's link, else the configured default."""
+    from spmoe.plus import draft_choice
+
+    monkeypatch.setattr(draft_choice.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(draft_choice, "pinned_gb_per_s", lambda device: 55.5)
+
+    def cfg(**hw):
+        return SimpleNamespace(hardware=HardwareConfig(**hw), method=MethodConfig(name="spmoe_plus",
+                                                                                  plus=PlusConfig(choice_link_gb_per_s=7.0)))
+
+    assert link_gb_per_s(cfg(device="cuda", pcie_gb_per_s=25.0, pace_pcie=True)) == 25.0
+    assert link_gb_per_s(cfg(device="cuda", pcie_gb_per_s=25.0, pace_pcie=False)) == 55.5
+    assert link_gb_per_s(cfg(device="cuda")) == 55.5
+    assert link_gb_per_s(cfg(device="cpu", pcie_gb_per_s=25.0)) == 25.0
+    assert link_gb_per_s(cfg(device="cpu")) == 7.0
