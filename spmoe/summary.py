@@ -27,9 +27,16 @@ from spmoe.trace.oracle import access_sequence, belady_misses
 
 
 def git_sha() -> str | None:
+    """HEAD's commit, with "+dirty" when tracked files differ from it (the code that ran is not that commit)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True,
+                              timeout=5).stdout.strip()
+
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
+        sha = git("rev-parse", "HEAD")
+        if not sha:
+            return None
+        return sha + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):  # no git, or it hung (TimeoutExpired)
         return None
 

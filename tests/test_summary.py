@@ -21,3 +21,17 @@ def test_git_sha_is_none_without_git(monkeypatch):
 
     monkeypatch.setattr(summary.subprocess, "run", missing)
     assert summary.git_sha() is None
+
+
+def test_git_sha_says_when_tracked_files_differ_from_it(monkeypatch):
+    outputs = {"rev-parse": "abc123\n", "status": ""}
+
+    def run(args, **kwargs):
+        return subprocess.CompletedProcess(args, 0, stdout=outputs[args[1]], stderr="")
+
+    monkeypatch.setattr(summary.subprocess, "run", run)
+    assert summary.git_sha() == "abc123"
+    outputs["status"] = " M spmoe/summary.py\n"
+    assert summary.git_sha() == "abc123+dirty"
+    outputs["rev-parse"] = ""
+    assert summary.git_sha() is None
