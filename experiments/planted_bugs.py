@@ -21,14 +21,16 @@ failing tests, the times the patch fired and the run's seconds.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pandas as pd
+
+from spmoe.io import write_text_atomic
 
 ENV, LOG_ENV = "SPMOE_PLANT", "SPMOE_PLANT_LOG"
 _fired = {"count": 0}
@@ -134,17 +136,14 @@ def main() -> None:
         rows.append(run_bug(bug, args.tests, args.maxfail, out / f".{bug}.fired.json"))
         (out / f".{bug}.fired.json").unlink(missing_ok=True)
         print(json.dumps(rows[-1]), flush=True)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows([{**r, "failed_tests": " ".join(r["failed_tests"])} for r in rows])
-    (out / "planted_bugs.csv").write_text(buf.getvalue())
+    table = pd.DataFrame([{**r, "failed_tests": " ".join(r["failed_tests"])} for r in rows])
+    write_text_atomic(out / "planted_bugs.csv", table.to_csv(index=False))
     lines = [f"Planted bugs against `python -m pytest {' '.join(args.tests)}` (stops at {args.maxfail} failures).", "",
              "| bug | caught | patch fired | failing tests | s |", "|---|---|---|---|---|"]
     for r in rows:
         tests = "<br>".join(f"`{t}`" for t in r["failed_tests"]) or "none"
         lines.append(f"| `{r['bug']}` | {'yes' if r['caught'] else '**no**'} | {r['fired']} | {tests} | {r['seconds']} |")
-    (out / "table.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out / "table.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

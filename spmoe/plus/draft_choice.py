@@ -31,9 +31,9 @@ reads), or for a quantized copy of the target (W_t + L A B)(2 + bits / 16) (a to
 read quantized, dequantized into a transient written and read). The `- draft_ms` credits SP-MoE's
 prefetch with hiding copies behind drafting (an upper bound). link = the link the run's copies get:
 hardware.pcie_gb_per_s when copies are paced to it, the measured pinned host-to-device bandwidth on an
-unpaced CUDA device, else hardware.pcie_gb_per_s or plus.choice_link_gb_per_s; bw = plus.choice_device_gb_per_s; layer_ms = plus.choice_layer_ms; a =
-the replayed trace's acceptance (successes / trials over its drafted rows) when routing is
-replayed, else plus.accept_prior.
+unpaced CUDA device, else hardware.pcie_gb_per_s or plus.choice_link_gb_per_s; bw =
+plus.choice_device_gb_per_s; layer_ms = plus.choice_layer_ms; a = the replayed trace's acceptance
+(successes / trials over its drafted rows) when routing is replayed, else plus.accept_prior.
 Left out, as they move every option alike or are measured only in the run: host-computed experts
 (they lower the cost of a miss for every option), skew and locality of real routing (real hit rates
 are higher than h_o for every option: the model ranks options, it does not predict hit rates), the

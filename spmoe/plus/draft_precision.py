@@ -71,7 +71,7 @@ class QuantLinear(nn.Module):
         w_bytes = o * i * x.element_size()
         w = self.workspace[:w_bytes].view(x.dtype).view(o, i)  # [O, I]
         if self.bits == 8:
-            w.copy_(self.q).mul_(self.scale.to(x.dtype)[:, None])  # in place: a mixed-dtype `out=` may allocate
+            w.copy_(self.q).mul_(self.scale.to(x.dtype)[:, None])  # cast, then scale in place: no temporary
         else:
             nibbles = self.workspace[w_bytes:w_bytes + self.q.numel()].view(self.q.shape)  # uint8 [O, I_pad / 2]
             int4.dequantize(self.q, self.scale, self.offset, i, x.dtype, out=w, nibbles=nibbles)
