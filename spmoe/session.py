@@ -254,7 +254,9 @@ class Session:
                 [p.token_ids for p in self.prompts], gens, self._trace_meta(cfg, drafts))
             peak = None
             if self.device.type == "cuda":
-                resident = self.target.non_expert_bytes + (self.draft_weight_bytes if drafts else 0)
+                workspace = getattr(self.draft, "dequant_workspace", None)  # a quantized copy's, allocated at open
+                resident = self.target.non_expert_bytes + (
+                    self.draft_weight_bytes + (0 if workspace is None else workspace.numel()) if drafts else 0)
                 peak = torch.cuda.max_memory_allocated(self.device) - allocated_at_start + resident
         finally:
             runtime.close()

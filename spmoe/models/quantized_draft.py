@@ -8,8 +8,11 @@ the target dtype:
   8: int8, symmetric, one scale per output row (round(w / s), s = max|w| / 127), ~1 byte/param;
   4: int4, asymmetric, one scale and offset per group of `draft.quant_group_size` input columns,
      two values per byte (layout in `spmoe.models.int4`), ~0.53 byte/param at groups of 128.
-Weights are stored quantized on the device (so the budget sees their bytes) and dequantized per
-use into one temporary in the compute dtype. The whole draft is resident: its experts are served
+Weights are stored quantized on the device (so the budget sees their bytes). A linear layer
+dequantizes per use into one workspace in the compute dtype, allocated with the copy and shared by
+all its linear layers (within the planned `dequant_workspace_bytes`), so a forward allocates only its
+outputs and a captured graph's pool keeps no per-layer transients; an expert dequantizes per use into
+a temporary (experts run outside captured graphs). The whole draft is resident: its experts are served
 from device buffers by `Int8ResidentExperts` / `Int4ResidentExperts` through the same
 `OffloadedExperts` module as the target's, so the draft computes the target's function up to
 quantization error (the knob that sets acceptance).
@@ -38,15 +41,18 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, workspace: torch.Tensor):
         super().__init__()
         q, scale = quantize_rows(linear.weight.data)
         self.register_buffer("weight_int8", q)  # [O, I]
         self.register_buffer("scale", scale)  # [O]
         self.bias = linear.bias
+        self.workspace = workspace  # uint8, shared by the copy's linear layers (see the module docstring)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight_int8.to(x.dtype).mul_(self.scale.to(x.dtype)[:, None])  # [O, I], one transient
+        o, i = self.weight_int8.shape
+        w = self.workspace[:o * i * x.element_size()].view(x.dtype).view(o, i)  # [O, I]
+        w.copy_(self.weight_int8).mul_(self.scale.to(x.dtype)[:, None])
         return nn.functional.linear(x, w, self.bias)
 
 
@@ -76,17 +82,22 @@ class Int8ResidentExperts(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    def __init__(self, linear: nn.Linear, group_size: int):
+    def __init__(self, linear: nn.Linear, group_size: int, workspace: torch.Tensor):
         super().__init__()
         packed, scale, offset = int4.quantize(linear.weight.data, group_size)
-        self.in_features = linear.in_features
+        self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("weight_int4", packed)  # [O, I_pad / 2] uint8
         self.register_buffer("scale", scale)  # [O, G]
         self.register_buffer("offset", offset)  # [O, G]
         self.bias = linear.bias
+        self.workspace = workspace  # uint8, shared by the copy's linear layers (see the module docstring)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = int4.dequantize(self.weight_int4, self.scale, self.offset, self.in_features, x.dtype)  # [O, I], one transient
+        o, i = self.out_features, self.in_features
+        w_bytes = o * i * x.element_size()
+        w = self.workspace[:w_bytes].view(x.dtype).view(o, i)  # [O, I]
+        nibbles = self.workspace[w_bytes:w_bytes + self.weight_int4.numel()].view(self.weight_int4.shape)
+        int4.dequantize(self.weight_int4, self.scale, self.offset, i, x.dtype, out=w, nibbles=nibbles)
         return nn.functional.linear(x, w, self.bias)
 
 
@@ -155,16 +166,30 @@ def build_quantized_copy(target: TargetModel, device: torch.device, bits: int = 
     draft.init_weights()  # non-persistent buffers (rotary); every weight is overwritten below
     draft.load_state_dict(target.model.state_dict(), strict=False)
     draft.tie_weights()
+    workspace = torch.empty(linear_workspace_bytes(draft, target.layout.dtype, bits, group_size), dtype=torch.uint8,
+                            device=device)
     if bits == 8:
-        _replace_linears(draft, Int8Linear)
+        _replace_linears(draft, lambda linear: Int8Linear(linear, workspace))
         experts = Int8ResidentExperts(target, device)
     else:
-        _replace_linears(draft, lambda linear: Int4Linear(linear, group_size))
+        _replace_linears(draft, lambda linear: Int4Linear(linear, group_size, workspace))
         experts = Int4ResidentExperts(target, device, group_size)
     for module in slots.values():
         object.__setattr__(module, "provider", experts)  # a plain reference, not one submodule per layer
     draft.quantized_experts = experts  # registered once: its quantized bytes count as the draft's
+    draft.dequant_workspace = workspace  # a plain attribute, not a buffer: the plan counts it as workspace
     return draft.eval()
+
+
+def linear_workspace_bytes(model: nn.Module, dtype: torch.dtype, bits: int, group_size: int) -> int:
+    """Bytes of the workspace every quantized linear layer of `model` dequantizes into: the largest
+    [O, I] weight in `dtype`, for int4 plus its nibble plane (uint8, half the padded weight)."""
+    dsize = torch.empty(0, dtype=dtype).element_size()
+    shapes = [(m.out_features, m.in_features) for m in model.modules() if isinstance(m, nn.Linear)]
+    if bits == 8:
+        return max((o * i * dsize for o, i in shapes), default=0)
+    return max((o * i * dsize + o * int4.group_shape(i, group_size)[0] * int4.group_shape(i, group_size)[1] // 2
+                for o, i in shapes), default=0)
 
 
 def _matrix_bytes(out_features: int, in_features: int, dsize: int, bits: int, group_size: int) -> int:

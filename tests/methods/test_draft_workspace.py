@@ -1,6 +1,6 @@
-"""The quantized draft's sites dequantize into one shared workspace: same outputs as dequantizing into
-fresh memory, nothing allocated per site, and (on CUDA) a captured graph of many sites whose pool
-holds no per-site transients."""
+"""The quantized draft's sites (and a quantized copy's linear layers) dequantize into one shared workspace:
+same outputs as dequantizing into fresh memory, and (on CUDA) captured graphs of many sites whose pool holds
+no per-site transients."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from spmoe.models import int4
+from spmoe.models.quantized_draft import Int4Linear, Int8Linear, linear_workspace_bytes
 from spmoe.plus.draft_precision import QuantLinear, quantize_draft
 
 SHAPES = [(96, 64), (64, 96), (128, 64), (64, 128)]  # (out, in) of each site, in order
@@ -77,8 +78,21 @@ def _capture_growth_bytes(model: nn.Sequential, x: torch.Tensor, num_graphs: int
     return torch.cuda.memory_allocated(x.device) - before, graphs
 
 
+def _quantize(model: nn.Sequential, kind: str, precision: str) -> None:
+    """spmoe_plus's quantized draft (`plus`) or the quantized copy of a target (`self`), in place."""
+    if kind == "plus":
+        quantize_draft(model, precision, group_size=128)
+        return
+    bits = 8 if precision == "int8" else 4
+    workspace = torch.empty(linear_workspace_bytes(model, torch.bfloat16, bits, 128), dtype=torch.uint8,
+                            device=model[0].weight.device)
+    for i, linear in enumerate(model):
+        model[i] = Int8Linear(linear, workspace) if bits == 8 else Int4Linear(linear, 128, workspace)
+
+
+@pytest.mark.parametrize("kind", ["plus", "self"])
 @pytest.mark.parametrize("precision", ["int8", "int4"])
-def test_captured_graphs_of_quantized_sites_keep_no_per_site_transients(gpu, precision):
+def test_captured_graphs_of_quantized_sites_keep_no_per_site_transients(gpu, kind, precision):
     """Captured like the draft (hooks' writes and events between sites, three graphs on one pool), the
     quantized stack keeps no more memory than the same stack in bf16, within one site's weight. The first
     capture on the capture stream also allocates cuBLAS's workspace: a throwaway capture takes it first."""
@@ -89,7 +103,7 @@ def test_captured_graphs_of_quantized_sites_keep_no_per_site_transients(gpu, pre
     _capture_growth_bytes(stack(), x, num_graphs=1)
     dense_bytes, _ = _capture_growth_bytes(stack(), x)
     model = stack()
-    quantize_draft(model, precision, group_size=128)
+    _quantize(model, kind, precision)
     quant_bytes, graphs = _capture_growth_bytes(model, x)
     site_bytes = 2048 * 2048 * 2
     assert quant_bytes - dense_bytes < site_bytes, (

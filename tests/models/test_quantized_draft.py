@@ -14,7 +14,13 @@ from spmoe.session import Session, open_session
 from spmoe.config import MethodConfig, SpecConfig, parse_dtype
 from spmoe.data.prompts import Prompt
 from spmoe.models.build import TargetModel, hf_config, param_bytes, skeleton
-from spmoe.models.quantized_draft import dequant_workspace_bytes, quantize_rows, quantized_copy_bytes
+from spmoe.models.quantized_draft import (
+    Int4Linear,
+    Int8Linear,
+    dequant_workspace_bytes,
+    quantize_rows,
+    quantized_copy_bytes,
+)
 from spmoe.offload.budget import BudgetError
 
 GIB = 2**30
@@ -42,9 +48,17 @@ def test_self_draft_is_small_accepted_and_lossless(model):
         head = s.target.model.lm_head.weight
         assert dequant_workspace_bytes(s.target) == head.numel() * head.element_size()
         assert s.draft_bytes() >= actual + dequant_workspace_bytes(s.target)
+        _assert_one_shared_workspace(s, dequant_workspace_bytes(s.target))
         assert _lossless_sd_acceptance(s) > 0.8
     finally:
         s.close()
+
+
+def _assert_one_shared_workspace(s, planned_bytes: int) -> None:
+    """Every quantized linear layer dequantizes into the copy's one workspace, within the planned bytes."""
+    linears = [m for m in s.draft.modules() if isinstance(m, (Int8Linear, Int4Linear))]
+    assert linears and all(m.workspace is s.draft.dequant_workspace for m in linears)
+    assert 0 < s.draft.dequant_workspace.numel() <= planned_bytes
 
 
 def _lossless_sd_acceptance(s) -> float:
@@ -71,6 +85,7 @@ def test_int4_self_draft_is_smaller_accepted_and_lossless(model):
         head = s.target.model.lm_head.weight
         assert dequant_workspace_bytes(s.target, 4, 128) >= head.numel() * head.element_size()
         assert s.draft_bytes() >= actual + dequant_workspace_bytes(s.target, 4, 128)
+        _assert_one_shared_workspace(s, dequant_workspace_bytes(s.target, 4, 128))
         # random tiny models are a hard case for 4 bits (near-flat logits): seen 0.58 (tiny), 0.84
         # (tiny_deepseek_v2) here, against 1.0 for int8
         assert _lossless_sd_acceptance(s) > 0.5
