@@ -3,7 +3,8 @@ Run directories: the config hash that ties a summary to its config, resume, and 
 
 Terms: a *finished* run directory holds `summary.json` whose `config_hash` equals the hash of the
 config that would run there now. The hash covers every key that changes results (the resolved
-config without `resume`, `progress`, `logger` and the experiment's other cases). Invariants:
+config without `resume`, `progress`, `logger`, the experiment's other cases, and which of them run in
+this process and for how long: `experiment.only`, `experiment.time_limit_s`). Invariants:
 resume reuses a directory only when its hash matches; otherwise (and always under `resume=false`)
 the old summary is removed before the run starts, so a killed rerun never leaves a summary that
 looks finished for the new config. A directory in use is locked (`.lock`, an advisory `flock`
@@ -22,6 +23,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _UNHASHED_KEYS = ("resume", "progress", "logger")
+# which cases run in this process and how long it may take: neither changes a case's results
+_UNHASHED_EXPERIMENT_KEYS = ("cases", "description", "only", "time_limit_s")
 
 
 class RunDirBusyError(RuntimeError):
@@ -32,7 +35,7 @@ def hashed_config(config: dict) -> dict:
     """The part of a resolved config (plain dict) that changes results."""
     out = {k: v for k, v in config.items() if k not in _UNHASHED_KEYS}
     if isinstance(out.get("experiment"), dict):
-        out["experiment"] = {k: v for k, v in out["experiment"].items() if k not in ("cases", "description")}
+        out["experiment"] = {k: v for k, v in out["experiment"].items() if k not in _UNHASHED_EXPERIMENT_KEYS}
     return out
 
 
@@ -43,7 +46,9 @@ def config_hash(config: dict) -> str:
 
 def finished_summary(run_dir: Path, expected_hash: str) -> dict | None:
     """The summary of a finished run of this exact config, or None. A summary of another config is
-    removed (with a log line): the run is redone."""
+    removed (with a log line): the run is redone. A summary that records its config is judged by that
+    config's hash under today's rule (`hashed_config`), so a key newly left out of the hash does not
+    redo runs made before."""
     path = Path(run_dir) / "summary.json"
     if not path.is_file():
         return None
@@ -53,10 +58,10 @@ def finished_summary(run_dir: Path, expected_hash: str) -> dict | None:
         log.warning("%s is not valid JSON: rerunning", path)
         path.unlink()
         return None
-    if summary.get("config_hash") == expected_hash:
+    recorded = config_hash(summary["config"]) if isinstance(summary.get("config"), dict) else summary.get("config_hash")
+    if recorded == expected_hash:
         return summary
-    log.warning("%s was written for another config (hash %s, now %s): rerunning", path,
-                summary.get("config_hash"), expected_hash)
+    log.warning("%s was written for another config (hash %s, now %s): rerunning", path, recorded, expected_hash)
     path.unlink()
     return None
 

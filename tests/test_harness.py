@@ -231,10 +231,24 @@ def test_config_hash_ignores_only_bookkeeping_keys():
     base = {"seed": 0, "resume": True, "progress": "auto", "logger": {"name": "none"},
             "experiment": {"name": "x", "rounds": 2, "cases": {"a": ["method=lru"]}, "description": "d"}}
     same = dict(base, resume=False, progress="true", logger={"name": "wandb"},
-                experiment=dict(base["experiment"], cases={"b": []}, description="other"))
+                experiment=dict(base["experiment"], cases={"b": []}, description="other", only=["b"],
+                                time_limit_s=500.0))
     assert config_hash(base) == config_hash(same)
     assert config_hash(base) != config_hash(dict(base, seed=1))
     assert config_hash(base) != config_hash(dict(base, experiment=dict(base["experiment"], rounds=3)))
+
+
+def test_a_summary_is_judged_by_its_recorded_config_under_todays_hash(tmp_path):
+    """A summary written when `experiment.only` / `time_limit_s` were still hashed (its stored hash is stale)
+    is reused by a run that differs from it only there; one of another config is removed."""
+    from spmoe.rundir import finished_summary
+
+    config = {"seed": 0, "experiment": {"name": "x", "rounds": 2, "only": [], "time_limit_s": 440.0}}
+    (tmp_path / "summary.json").write_text(json.dumps({"config_hash": "0123456789abcdef", "config": config}))
+    now = dict(config, experiment=dict(config["experiment"], only=["a"], time_limit_s=500.0))
+    assert finished_summary(tmp_path, config_hash(now))["config"] == config
+    assert finished_summary(tmp_path, config_hash(dict(now, seed=1))) is None
+    assert not (tmp_path / "summary.json").exists()
 
 
 def test_added_keys_fail_instead_of_being_ignored(tmp_path):
