@@ -216,6 +216,19 @@ def test_sweep_resume_follows_values_not_job_order(tmp_path):
     assert {p.parent.name: p.read_text() for p in sweep.glob("*/summary.json")} == before
 
 
+def test_a_sweep_resumes_under_another_time_limit(tmp_path):
+    """The time limit and the case list neither name a sweep's job directories nor enter the config hash."""
+    sweep = tmp_path / "sweep"
+    args = ("-m", "method=lru_nosd", "hardware=cpu", "num_prompts=1", "max_new_tokens=3", "seed=0,1",
+            f"hydra.sweep.dir={sweep}")
+    assert run_py(*args, "experiment.time_limit_s=500").returncode == 0
+    before = {p.parent.name: p.read_text() for p in sweep.glob("*/summary.json")}
+    assert len(before) == 2 and not any("time_limit" in name for name in before)
+    proc = run_py(*args, "experiment.time_limit_s=400")
+    assert proc.returncode == 0 and (proc.stdout + proc.stderr).count("not redone") == 2, proc.stdout[-3000:]
+    assert {p.parent.name: p.read_text() for p in sweep.glob("*/summary.json")} == before
+
+
 def test_a_locked_run_dir_fails_at_once(tmp_path):
     out = tmp_path / "busy"
     (out / ".hydra").mkdir(parents=True)
