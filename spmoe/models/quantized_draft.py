@@ -22,6 +22,7 @@ Not AWQ: plain round-to-nearest, no activation-aware scaling.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Iterator
 
 import torch
@@ -188,8 +189,7 @@ def linear_workspace_bytes(model: nn.Module, dtype: torch.dtype, bits: int, grou
     shapes = [(m.out_features, m.in_features) for m in model.modules() if isinstance(m, nn.Linear)]
     if bits == 8:
         return max((o * i * dsize for o, i in shapes), default=0)
-    return max((o * i * dsize + o * int4.group_shape(i, group_size)[0] * int4.group_shape(i, group_size)[1] // 2
-                for o, i in shapes), default=0)
+    return max((o * i * dsize + o * math.prod(int4.group_shape(i, group_size)) // 2 for o, i in shapes), default=0)
 
 
 def _matrix_bytes(out_features: int, in_features: int, dsize: int, bits: int, group_size: int) -> int:
