@@ -8,7 +8,10 @@ once over all prompts; round r runs the cases in order for even r and reversed f
 (A B C C B A), so slow drifts of the host (clocks, page cache, allocator) fall on every case alike.
 
 Invariants: every case is planned (device and host memory) before anything is loaded; a case whose
-run directory already holds a summary of its exact config is not rerun; each case's summary is the
+run directory already holds a summary of its exact config is not rerun, unless a time limit cut that
+summary short (fewer rounds than planned, or its check skipped) and this run has more time (no limit, or
+a larger one): it is then run again, the earlier summary kept until a new one replaces it; each case's
+summary is the
 round with the median TPOT (the lower of the middle two for an even count, so `tpot_ms` ==
 `tpot_ms_median`) plus every round's TPOT and their spread, written atomically and last;
 a case that fails leaves `partial/`, never a summary. Before round 0 every case decodes a warm-up
@@ -143,6 +146,17 @@ def _demanded_check_skipped(case: Case, summary: dict) -> bool:
             and str(summary.get("lossless_reason", "")).startswith(UNCHECKED))
 
 
+def _worth_rerunning(summary: dict, limit_s: float | None) -> bool:
+    """A summary a time limit cut short (fewer rounds than planned, or its lossless check skipped), when this
+    run has more time than the one that wrote it: no limit, or a larger one than its recorded limit."""
+    rounds, planned = summary.get("rounds"), summary.get("rounds_planned")
+    cut_short = ((rounds is not None and planned is not None and rounds < planned)
+                 or str(summary.get("lossless_reason") or "").startswith(UNCHECKED))
+    experiment = (summary.get("config") or {}).get("experiment") or {}
+    recorded_s = experiment.get("time_limit_s") if isinstance(experiment, dict) else None
+    return cut_short and recorded_s is not None and (limit_s is None or limit_s > recorded_s)
+
+
 def _tpot_ms(gens) -> float | None:
     return summarize([g.records for g in gens])["tpot_ms"]
 
@@ -253,6 +267,17 @@ def run_cases(cases: list[Case], rounds: int = 1, warmup_tokens: int = 0, experi
         raise ValueError("an experiment needs at least one case")
     check_shared(cases)
     done = {id(c): finished_summary(c.out_dir, c.hash) if resume else discard_summary(c.out_dir) for c in cases}
+    # a summary a time limit cut short is run again when there is more time now; it stays on disk (and is
+    # returned) until replaced
+    limit_s = time_limit.limit_s if time_limit is not None else None
+    cut_short = {id(c): done[id(c)] for c in cases
+                 if done[id(c)] is not None and _worth_rerunning(done[id(c)], limit_s)}
+    for case in cases:
+        if id(case) in cut_short:
+            done[id(case)] = None
+            log.info("%s: the summary in %s was cut short by a time limit (%s of %s rounds, lossless: %s): with"
+                     " more time now, running it again", case.name or "run", case.out_dir, cut_short[id(case)].get(
+                         "rounds"), cut_short[id(case)].get("rounds_planned"), cut_short[id(case)].get("lossless_reason"))
     todo = [c for c in cases if done[id(c)] is None]
     for case in cases:
         if done[id(case)] is not None:
@@ -298,7 +323,9 @@ def run_cases(cases: list[Case], rounds: int = 1, warmup_tokens: int = 0, experi
                             _attempt(isolate, done, case, experiment,
                                      lambda c=case: _run_round(session, c, r, progress, profile and r == rounds - 1))
             for case in todo:
-                if done[id(case)] is None and not case.rounds:  # nothing measured: not written, a rerun runs it
+                if done[id(case)] is None and not case.rounds and id(case) in cut_short:  # the earlier one stands
+                    done[id(case)] = cut_short[id(case)]
+                elif done[id(case)] is None and not case.rounds:  # nothing measured: not written, a rerun runs it
                     done[id(case)] = {"case": case.name, "experiment": experiment, "skipped": (
                         f"experiment.time_limit_s={limit.limit_s} reached before its first round; rerun the same"
                         " command into the same directory to run it (finished cases are kept)")}

@@ -80,6 +80,27 @@ def test_an_experiment_past_its_limit_keeps_the_rounds_it_ran_and_says_what_it_s
     assert all(s["rounds"] == 1 and (tmp_path / s["case"] / "summary.json").exists() for s in again[1:])
 
 
+def test_a_case_cut_short_runs_again_when_there_is_more_time(tmp_path):
+    """Its summary (1 of 3 rounds under a 10 s limit) stands under the same limit, is kept on disk while a
+    rerun is under way, and is replaced by a run without a limit (the limit is not part of the hash)."""
+    from spmoe.experiment import run_cases
+
+    def run(limit_s: float | None, limit: TimeLimit) -> dict:  # fresh cases each time, as in a new process
+        more = () if limit_s is None else (f"experiment.time_limit_s={limit_s}",)
+        return run_cases(_cases(tmp_path, "lru_nosd", *more), rounds=3, warmup_tokens=0, experiment="x",
+                         time_limit=limit)[0]
+
+    first = run(10, _spent_by_first("case"))
+    assert first["rounds"] == 1 and first["rounds_planned"] == 3
+    same = run(10, TimeLimit(10.0))
+    assert same["tpot_ms_rounds"] == first["tpot_ms_rounds"]  # the same allowance: not redone
+    starved = run(20, _spent_by_first("round"))
+    assert starved["tpot_ms_rounds"] == first["tpot_ms_rounds"]  # more time, but no round fit: the old one stands
+    more = run(None, TimeLimit(None))
+    assert more["rounds"] == 3
+    assert json.loads((tmp_path / "lru_nosd" / "summary.json").read_text())["rounds"] == 3
+
+
 def test_a_check_past_the_limit_is_skipped_and_said(tmp_path):
     from spmoe.experiment import run_cases
 
