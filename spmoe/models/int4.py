@@ -17,6 +17,8 @@ Not AWQ or GPTQ: plain round-to-nearest, no activation-aware scaling, no error f
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 LEVELS = 15  # q in [0, 15]
@@ -86,3 +88,22 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, 
     if w.data_ptr() != out.data_ptr():  # padded: drop the padding columns
         out.copy_(w)
     return out
+
+
+def workspace_bytes(out_features: int, in_features: int, group_size: int, dsize: int) -> int:
+    """Bytes `dequantize_into` needs for one [O, I] matrix: the padded weight [O, I_pad] in the compute
+    dtype (dsize bytes per value), then its nibble plane (uint8 [O, I_pad / 2])."""
+    padded = out_features * math.prod(group_shape(in_features, group_size))
+    return padded * dsize + padded // 2
+
+
+def dequantize_into(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, in_features: int,
+                    workspace: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`dequantize` into `workspace` (uint8, at least `workspace_bytes`): w [O, I] in `dtype`, a view of the
+    padded weight written at the workspace's start (row stride I_pad when I was padded). Allocates nothing."""
+    out_features, i_pad = packed.shape[0], 2 * packed.shape[1]
+    w_bytes = out_features * i_pad * torch.empty(0, dtype=dtype).element_size()
+    w = workspace[:w_bytes].view(dtype).view(out_features, i_pad)  # [O, I_pad]
+    nibbles = workspace[w_bytes:w_bytes + packed.numel()].view(packed.shape)  # uint8 [O, I_pad / 2]
+    dequantize(packed, scale, offset, i_pad, dtype, out=w, nibbles=nibbles)
+    return w[:, :in_features]

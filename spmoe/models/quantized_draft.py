@@ -77,9 +77,11 @@ class Int8ResidentExperts(nn.Module):
         for e in expert_ids:
             i = self._index[(layer, e)]
             q, s = getattr(self, f"q{i}"), getattr(self, f"s{i}")
-            gu = q[: 2 * inter * h].view(2 * inter, h).to(s.dtype) * s[: 2 * inter, None]  # [2I, H]
-            dn = q[2 * inter * h:].view(h, inter).to(s.dtype) * s[2 * inter:, None]  # [H, I]
-            yield e, torch.cat([gu.flatten(), dn.flatten()])
+            flat = torch.empty(self.layout.expert_numel, dtype=s.dtype, device=q.device)  # [N], the one transient
+            gu, dn = self.layout.split(flat)  # [2I, H], [H, I]
+            gu.copy_(q[: 2 * inter * h].view(2 * inter, h)).mul_(s[: 2 * inter, None])
+            dn.copy_(q[2 * inter * h:].view(h, inter)).mul_(s[2 * inter:, None])
+            yield e, flat
 
 
 class Int4Linear(nn.Module):
@@ -94,12 +96,8 @@ class Int4Linear(nn.Module):
         self.workspace = workspace  # uint8, shared by the copy's linear layers (see the module docstring)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        o, i = self.out_features, self.in_features
-        w_bytes = o * i * x.element_size()
-        w = self.workspace[:w_bytes].view(x.dtype).view(o, i)  # [O, I]
-        nibbles = self.workspace[w_bytes:w_bytes + self.weight_int4.numel()].view(self.weight_int4.shape)
-        int4.dequantize(self.weight_int4, self.scale, self.offset, i, x.dtype, out=w, nibbles=nibbles)
-        return nn.functional.linear(x, w, self.bias)
+        w = int4.dequantize_into(self.weight_int4, self.scale, self.offset, self.in_features, self.workspace, x.dtype)
+        return nn.functional.linear(x, w, self.bias)  # w [O, I], a view of the workspace
 
 
 class Int4ResidentExperts(nn.Module):
@@ -184,12 +182,13 @@ def build_quantized_copy(target: TargetModel, device: torch.device, bits: int = 
 
 def linear_workspace_bytes(model: nn.Module, dtype: torch.dtype, bits: int, group_size: int) -> int:
     """Bytes of the workspace every quantized linear layer of `model` dequantizes into: the largest
-    [O, I] weight in `dtype`, for int4 plus its nibble plane (uint8, half the padded weight)."""
+    [O, I] weight in `dtype`; for int4 the padded [O, I_pad] weight plus its nibble plane
+    (`int4.workspace_bytes`)."""
     dsize = torch.empty(0, dtype=dtype).element_size()
     shapes = [(m.out_features, m.in_features) for m in model.modules() if isinstance(m, nn.Linear)]
     if bits == 8:
         return max((o * i * dsize for o, i in shapes), default=0)
-    return max((o * i * dsize + o * math.prod(int4.group_shape(i, group_size)) // 2 for o, i in shapes), default=0)
+    return max((int4.workspace_bytes(o, i, group_size, dsize) for o, i in shapes), default=0)
 
 
 def _matrix_bytes(out_features: int, in_features: int, dsize: int, bits: int, group_size: int) -> int:
@@ -216,23 +215,22 @@ def quantized_copy_bytes(target: TargetModel, bits: int = 8, group_size: int = 1
 
 
 def dequant_workspace_bytes(target: TargetModel, bits: int = 8, group_size: int = 128) -> int:
-    """The largest transient of a quantized forward, planned on top of the quantized bytes: one
-    dequantized [O, I] weight in the compute dtype (the LM head, for DeepSeek-V2-Lite 0.42 GB);
-    int4 adds one nibble plane (uint8, half the padded weight) live while unpacking, and a padded
-    expert matrix dequantizes into its own temporary before the copy into the expert's buffer."""
+    """Device bytes a quantized copy's dequantization needs beside its quantized weights: the linear layers'
+    shared workspace (`linear_workspace_bytes`: the LM head's, for DeepSeek-V2-Lite 0.42 GB), allocated with
+    the copy, plus one expert's transient while the experts run (its [N] weights in the compute dtype; int4
+    adds the nibble plane of its larger matrix, and a padded matrix its own temporary before the copy into
+    the expert's buffer)."""
     _check_bits(bits)
     layout = target.layout
     dsize = layout.expert_bytes // layout.expert_numel
-    shapes = [(m.out_features, m.in_features) for m in target.model.modules() if isinstance(m, nn.Linear)]
-    if bits == 8:
-        return max(max((o * i for o, i in shapes), default=0), layout.expert_numel) * dsize
+    linear = linear_workspace_bytes(target.model, layout.dtype, bits, group_size)
+    expert = layout.expert_numel * dsize
+    if bits == 4:
+        h, inter = layout.hidden_size, layout.intermediate_size
 
-    def padded(o: int, i: int) -> int:
-        num_groups, g = int4.group_shape(i, group_size)
-        return o * num_groups * g
+        def padded(o: int, i: int) -> int:
+            return o * math.prod(int4.group_shape(i, group_size))
 
-    linear = max((padded(o, i) * dsize + padded(o, i) // 2 for o, i in shapes), default=0)
-    h, inter = layout.hidden_size, layout.intermediate_size
-    expert = layout.expert_numel * dsize + max(
-        padded(o, i) // 2 + (padded(o, i) * dsize if padded(o, i) != o * i else 0) for o, i in [(2 * inter, h), (h, inter)])
-    return max(linear, expert)
+        expert += max(padded(o, i) // 2 + (padded(o, i) * dsize if padded(o, i) != o * i else 0)
+                      for o, i in [(2 * inter, h), (h, inter)])
+    return linear + expert

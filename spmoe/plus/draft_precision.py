@@ -7,8 +7,8 @@ is shared with an embedding (tied heads stay as they are) and anything inside an
 Quantization is `spmoe.models.quantized_draft.quantize_rows` (int8, a scale per output row) or
 `spmoe.models.int4` (int4, a scale and offset per group of input columns); forward dequantizes one
 [O, I] weight at a time in the compute dtype into the *workspace*: one byte buffer, allocated when the
-draft is quantized and shared by all its sites (sized for the largest: its [O, I] weight, and for int4
-the nibble plane). A forward then allocates nothing but its output, so a captured draft graph's pool
+draft is quantized and shared by all its sites (sized for the largest: its [O, I] weight; for int4 the
+padded [O, I_pad] weight and its nibble plane, `spmoe.models.int4.workspace_bytes`). A forward then allocates nothing but its output, so a captured draft graph's pool
 holds no per-site transients (with one transient per site, the pools of the captured draft graphs
 kept them).
 *Saved bytes* = site weight bytes - quantized bytes - workspace: what the memory plan counted for
@@ -67,15 +67,13 @@ class QuantLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        o, i = self.out_features, self.in_features
-        w_bytes = o * i * x.element_size()
-        w = self.workspace[:w_bytes].view(x.dtype).view(o, i)  # [O, I]
         if self.bits == 8:
+            o, i = self.out_features, self.in_features
+            w = self.workspace[:o * i * x.element_size()].view(x.dtype).view(o, i)  # [O, I]
             w.copy_(self.q).mul_(self.scale.to(x.dtype)[:, None])  # cast, then scale in place: no temporary
         else:
-            nibbles = self.workspace[w_bytes:w_bytes + self.q.numel()].view(self.q.shape)  # uint8 [O, I_pad / 2]
-            int4.dequantize(self.q, self.scale, self.offset, i, x.dtype, out=w, nibbles=nibbles)
-        return nn.functional.linear(x, w, self.bias_q)
+            w = int4.dequantize_into(self.q, self.scale, self.offset, self.in_features, self.workspace, x.dtype)
+        return nn.functional.linear(x, w, self.bias_q)  # w [O, I], a view of the workspace
 
 
 def _sites(module: nn.Module, shared: set[int]) -> list[tuple[nn.Module, str, nn.Linear]]:
@@ -132,9 +130,7 @@ def _quantized_site_bytes(linear: nn.Linear, bits: int, group_size: int) -> tupl
     bias = 0 if linear.bias is None else linear.bias.numel() * linear.bias.element_size()
     if bits == 8:
         return o * i * dsize, o * i + o * dsize + bias, o * i * dsize
-    num_groups, g = int4.group_shape(i, group_size)
-    padded = o * num_groups * g
-    return o * i * dsize, int4.int4_bytes(o, i, group_size, dsize) + bias, padded * dsize + padded // 2
+    return o * i * dsize, int4.int4_bytes(o, i, group_size, dsize) + bias, int4.workspace_bytes(o, i, group_size, dsize)
 
 
 def estimate_precision(draft: nn.Module, precision: str, group_size: int = 128) -> DraftPrecision:

@@ -54,3 +54,14 @@ def test_constant_group_is_exact():
     w = torch.full((2, 8), 0.25)
     w_hat = int4.dequantize(*int4.quantize(w, 8), 8, torch.float32)
     assert torch.equal(w_hat, w)
+
+
+@pytest.mark.parametrize("shape", [(7, 37), (16, 130), (8, 64)])  # padded, padded, unpadded widths
+def test_dequantize_into_a_workspace_equals_fresh_dequantization(shape):
+    o, i = shape
+    w = torch.randn(o, i)
+    q, scale, offset = int4.quantize(w, 16)
+    workspace = torch.empty(int4.workspace_bytes(o, i, 16, 4), dtype=torch.uint8)
+    into = int4.dequantize_into(q, scale, offset, i, workspace, torch.float32)
+    assert into.shape == (o, i) and into.untyped_storage().data_ptr() == workspace.untyped_storage().data_ptr()
+    torch.testing.assert_close(into, int4.dequantize(q, scale, offset, i, torch.float32), rtol=0, atol=0)
