@@ -11,7 +11,8 @@ shares, so a test that compares methods only with each other cannot see it:
 - `stale_expert`: an expert loaded into a slot that held another one leaves the slot's old weights there
   (the copy's source is the slot itself; the transfer's bookkeeping is unchanged);
 - `kv_position_lost`: after a step that accepted drafts, the target's KV cache is cropped one position
-  short.
+  short, and stays short from then on (every later crop keeps the loss), so no length check trips: the
+  next forwards attend over a sequence missing that position and write at shifted positions.
 A bug is caught when at least one test fails. Each run stops at `--maxfail` failures; the plugin counts
 how often the patch fired (a patch that never fires proves nothing) and writes the count to
 `$SPMOE_PLANT_LOG`. Writes `table.md` and `planted_bugs.csv` under --out: per bug, caught or not, the
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -77,15 +79,21 @@ def _kv_position_lost() -> None:
 
     def _accept(self, *args, **kwargs):
         result = original(self, *args, **kwargs)
-        if result.num_accepted > 0:
-            decoder, crop = self.decoder, self.decoder.crop
+        decoder = self.decoder
+        if "_planted_lost" not in decoder.__dict__:  # the decoder's KV cache stays `lost` positions short
+            decoder._planted_lost, decoder._planted_armed, crop = 0, False, decoder.crop
 
             def crop_short(length: int) -> None:
-                del decoder.crop  # one call: the engine's crop right after acceptance
-                _fire()
-                crop(length - 1)
+                if length == 0:  # a new sequence
+                    decoder._planted_lost = 0
+                if decoder._planted_armed:
+                    decoder._planted_armed = False
+                    decoder._planted_lost += 1
+                    _fire()
+                crop(max(0, length - decoder._planted_lost))
 
             decoder.crop = crop_short
+        decoder._planted_armed = result.num_accepted > 0  # the engine's crop right after acceptance loses one
         return result
 
     Engine._accept = _accept
@@ -108,6 +116,18 @@ def pytest_unconfigure(config) -> None:
         Path(os.environ[LOG_ENV]).write_text(json.dumps({"fired": _fired["count"]}))
 
 
+def _first_error_lines(stdout: str) -> list[str]:
+    """Each failure section's first `E` line (its exception or assertion), in report order."""
+    reasons, section = [], None
+    for line in stdout.splitlines():
+        if re.match(r"^_{3,} .+ _{3,}$", line):
+            section = len(reasons)
+            reasons.append("")
+        elif section is not None and line.startswith("E ") and not reasons[section]:
+            reasons[section] = line[1:].strip()[:120]
+    return reasons
+
+
 def run_bug(bug: str, tests: list[str], maxfail: int, log_path: Path) -> dict:
     env = dict(os.environ, **{ENV: bug, LOG_ENV: str(log_path)})
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "experiments.planted_bugs", f"--maxfail={maxfail}",
@@ -115,8 +135,9 @@ def run_bug(bug: str, tests: list[str], maxfail: int, log_path: Path) -> dict:
     t0 = time.perf_counter()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     failed = [line.split(" ", 2)[1] for line in out.stdout.splitlines() if line.startswith("FAILED ")]
+    reasons = _first_error_lines(out.stdout)
     fired = json.loads(log_path.read_text())["fired"] if log_path.exists() else None
-    return {"bug": bug, "caught": bool(failed), "failed_tests": failed, "fired": fired,
+    return {"bug": bug, "caught": bool(failed), "failed_tests": failed, "reasons": reasons, "fired": fired,
             "seconds": round(time.perf_counter() - t0, 1), "exit_code": out.returncode}
 
 
@@ -136,13 +157,16 @@ def main() -> None:
         rows.append(run_bug(bug, args.tests, args.maxfail, out / f".{bug}.fired.json"))
         (out / f".{bug}.fired.json").unlink(missing_ok=True)
         print(json.dumps(rows[-1]), flush=True)
-    table = pd.DataFrame([{**r, "failed_tests": " ".join(r["failed_tests"])} for r in rows])
+    table = pd.DataFrame([{**r, "failed_tests": " ".join(r["failed_tests"]), "reasons": " | ".join(r["reasons"])}
+                          for r in rows])
     write_text_atomic(out / "planted_bugs.csv", table.to_csv(index=False))
     lines = [f"Planted bugs against `python -m pytest {' '.join(args.tests)}` (stops at {args.maxfail} failures).", "",
-             "| bug | caught | patch fired | failing tests | s |", "|---|---|---|---|---|"]
+             "| bug | caught | patch fired | failing tests (how each failed) | s |", "|---|---|---|---|---|"]
     for r in rows:
-        tests = "<br>".join(f"`{t}`" for t in r["failed_tests"]) or "none"
-        lines.append(f"| `{r['bug']}` | {'yes' if r['caught'] else '**no**'} | {r['fired']} | {tests} | {r['seconds']} |")
+        tests = "<br>".join(f"`{t}`: {why.replace('|', '/')}".rstrip(": ")
+                            for t, why in zip(r["failed_tests"], r["reasons"] + [""] * len(r["failed_tests"])))
+        lines.append(f"| `{r['bug']}` | {'yes' if r['caught'] else '**no**'} | {r['fired']} | {tests or 'none'} |"
+                     f" {r['seconds']} |")
     write_text_atomic(out / "table.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 

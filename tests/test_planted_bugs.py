@@ -13,6 +13,7 @@ def test_a_kv_position_lost_after_acceptance_fails_the_lossless_test(tmp_path):
     assert row["fired"] > 0
     assert row["caught"], row
     assert row["failed_tests"][0].startswith("tests/methods/test_spmoe.py::test_lossless_in_every_cutoff_mode")
+    assert row["reasons"][0].startswith("assert [[")  # the token comparison, not a length guard
 
 
 def test_an_unknown_bug_is_refused(monkeypatch):
