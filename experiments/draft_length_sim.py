@@ -62,6 +62,9 @@ def main() -> None:
     slots = [int(s) for s in args.slots.split(",") if s]
     policies = args.policies.split(",")
     traces = [load_trace(t) for t in args.traces]
+    ks = [int(t.meta.get("spec_k") or 0) for t in traces]
+    if min(ks) < 1 or len(set(ks)) != len(ks):
+        raise SystemExit(f"--traces: SD traces of distinct k >= 1 (k = 0 is derived from the first); got k = {ks}")
     rows = bytes_per_token(traces[0], False, args.layers, slots, [p for p in policies if p != "sd_lookahead"],
                            args.expert_bytes)
     for trace in traces:

@@ -30,8 +30,9 @@ quantized bytes for int8 / int4 (each forward dequantizes a site into a transien
 reads), or for a quantized copy of the target (W_t + L A B)(2 + bits / 16) (a token's weights,
 read quantized, dequantized into a transient written and read). The `- draft_ms` credits SP-MoE's
 prefetch with hiding copies behind drafting (an upper bound). link = the link the run's copies get:
-hardware.pcie_gb_per_s when copies are paced to it, the measured pinned host-to-device bandwidth on an
-unpaced CUDA device, else hardware.pcie_gb_per_s or plus.choice_link_gb_per_s; bw =
+hardware.pcie_gb_per_s when copies are paced to it (or the measured pinned host-to-device bandwidth if
+lower), the measured bandwidth on an unpaced CUDA device, else hardware.pcie_gb_per_s or
+plus.choice_link_gb_per_s; bw =
 plus.choice_device_gb_per_s; layer_ms = plus.choice_layer_ms; a = the replayed trace's acceptance
 (successes / trials over its drafted rows) when routing is replayed, else plus.accept_prior.
 Left out, as they move every option alike or are measured only in the run: host-computed experts
@@ -143,11 +144,11 @@ def _slots(offer: DraftOffer, free_slots: int) -> int:
 def link_gb_per_s(cfg) -> float:
     """The host-to-device bandwidth the run's expert copies get (see the module docstring)."""
     hw = cfg.hardware
-    if hw.pace_pcie and hw.pcie_gb_per_s:
-        return hw.pcie_gb_per_s
-    if hw.device.startswith("cuda") and torch.cuda.is_available():
-        return pinned_gb_per_s(torch.device(hw.device))
-    return hw.pcie_gb_per_s or cfg.method.plus.choice_link_gb_per_s
+    measured = pinned_gb_per_s(torch.device(hw.device)) if hw.device.startswith("cuda") and torch.cuda.is_available() \
+        else None
+    if hw.pace_pcie and hw.pcie_gb_per_s:  # pacing stretches copies to the card's rate, never speeds them up
+        return min(hw.pcie_gb_per_s, measured) if measured else hw.pcie_gb_per_s
+    return measured or hw.pcie_gb_per_s or cfg.method.plus.choice_link_gb_per_s
 
 
 def inputs(offer: DraftOffer) -> tuple[ModelShape, list[DraftOption], str]:

@@ -234,8 +234,8 @@ def test_no_draft_without_a_session_draft(tmp_path):
 
 
 def test_the_choice_prices_misses_at_the_link_the_run_copies_over(monkeypatch):
-    """Paced: the card's link; unpaced on CUDA: the measured pinned bandwidth, not the emulated card's;
-    on the CPU: the card's link, else the configured default."""
+    """Paced: the card's link (the measured one if slower); unpaced on CUDA: the measured pinned bandwidth,
+    not the emulated card's; on the CPU: the card's link, else the configured default."""
     from spmoe.plus import draft_choice
 
     monkeypatch.setattr(draft_choice.torch.cuda, "is_available", lambda: True)
@@ -246,6 +246,7 @@ def test_the_choice_prices_misses_at_the_link_the_run_copies_over(monkeypatch):
                                                                                   plus=PlusConfig(choice_link_gb_per_s=7.0)))
 
     assert link_gb_per_s(cfg(device="cuda", pcie_gb_per_s=25.0, pace_pcie=True)) == 25.0
+    assert link_gb_per_s(cfg(device="cuda", pcie_gb_per_s=64.0, pace_pcie=True)) == 55.5  # pacing never speeds up
     assert link_gb_per_s(cfg(device="cuda", pcie_gb_per_s=25.0, pace_pcie=False)) == 55.5
     assert link_gb_per_s(cfg(device="cuda")) == 55.5
     assert link_gb_per_s(cfg(device="cpu", pcie_gb_per_s=25.0)) == 25.0
