@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import cProfile
 import io
+import json
 import logging
 import pstats
 import shutil
@@ -205,6 +206,28 @@ def link_gb_per_s(session: Session, summary: dict) -> float | None:
     return session.pinned_gb_per_s
 
 
+def sibling_floor(cases: list[Case]) -> list[dict]:
+    """Summaries of GPU-resident cases beside these cases' directories but not among them (an experiment
+    run with `experiment.only`), for the compute floor of `add_runtime_efficiency`: those whose recorded
+    config shares this experiment's model, draft, dataset, routing, seed and sizes."""
+    first = cases[0]
+    if first.name is None or first.config is None:
+        return []
+    names = {c.name for c in cases}
+    out = []
+    for path in sorted(first.out_dir.parent.glob("gpu_resident*/summary.json")):
+        if path.parent.name in names:
+            continue
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        config = summary.get("config")
+        if isinstance(config, dict) and all(config.get(k) == first.config.get(k) for k in _SHARED):
+            out.append(summary)
+    return out
+
+
 def add_runtime_efficiency(session: Session, summaries: list[dict], floor: list[dict] = ()) -> None:
     """runtime efficiency = TPOT / (H2D bytes per token / link bandwidth + GPU compute per token), for
     offloaded cases of an experiment that also ran `gpu_resident` (no SD) or `gpu_resident_sd` (SD):
@@ -336,7 +359,7 @@ def run_cases(cases: list[Case], rounds: int = 1, warmup_tokens: int = 0, experi
                     _attempt(isolate, done, case, experiment, lambda c=case: results.__setitem__(
                         id(c), _summarize(session, c, experiment, reference, limit, rounds)))
             running = [c for c in todo if id(c) in results and done[id(c)] is None]
-            resumed = [done[id(c)] for c in cases if c not in todo]
+            resumed = [done[id(c)] for c in cases if c not in todo] + sibling_floor(cases)
             add_runtime_efficiency(session, [results[id(c)][0] for c in running], floor=resumed)
             for case in running:
                 summary, gens, routing = results[id(case)]

@@ -455,3 +455,19 @@ def test_the_lossless_reference_is_built_once_for_every_case(tmp_path, monkeypat
     summaries = run_cases(cases, rounds=1, warmup_tokens=0)
     assert all(s["lossless"] is True for s in summaries) and len(summaries) == 6
     assert builds == [1]
+
+
+def test_the_compute_floor_comes_from_gpu_resident_siblings_of_the_same_setup(tmp_path):
+    """A run with experiment.only=[lru_nosd] finds gpu_resident's earlier summary beside it (same model,
+    routing, sizes), and not one of another setup or one of its own cases."""
+    from spmoe.experiment import Case, sibling_floor
+
+    shared = {"model": {"name": "tiny"}, "draft": {"name": "none"}, "dataset": {"name": "synthetic"},
+              "routing": {"name": "model"}, "seed": 0, "num_prompts": 1, "max_new_tokens": 4}
+    for name, config in [("gpu_resident", shared), ("gpu_resident_sd", dict(shared, seed=1))]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({"method": name, "tpot_ms": 5.0, "config": config}))
+    lru = Case("lru_nosd", None, tmp_path / "lru_nosd", dict(shared, method={"name": "lru_nosd"}))
+    assert [s["method"] for s in sibling_floor([lru])] == ["gpu_resident"]
+    resident = Case("gpu_resident", None, tmp_path / "gpu_resident", shared)
+    assert sibling_floor([lru, resident]) == []  # a case of this run is not a sibling
