@@ -10,6 +10,9 @@ repeating its last column (padding never widens a group's range). Per (row, grou
 nibble and q[2j + 1] in its high nibble, so the device holds `packed [O, I_pad / 2] uint8` +
 `scale, offset [O, num_groups]`: about 0.5 byte/param + 2 x dtype bytes per group.
 
+`dequantize_into` writes the padded weight into a caller's workspace (`workspace_bytes`: the weight, then
+the nibble plane) and returns its [O, I] view: nothing is allocated, as a captured CUDA graph needs.
+
 Invariants: unpack(pack(q)) == q exactly; |dequantize(quantize(w)) - w| <= scale / 2 per group (up
 to the stored dtype's rounding of scale and offset); the padding columns are dropped on dequantize.
 Not AWQ or GPTQ: plain round-to-nearest, no activation-aware scaling, no error feedback.
