@@ -12,7 +12,7 @@ from spmoe.models import int4
 from spmoe.models.quantized_draft import Int4Linear, Int8Linear, linear_workspace_bytes
 from spmoe.plus.draft_precision import QuantLinear, quantize_draft
 
-SHAPES = [(96, 64), (64, 96), (128, 64), (64, 128)]  # (out, in) of each site, in order
+SHAPES = [(96, 64), (64, 96), (50, 64), (64, 50), (128, 64), (64, 128)]  # (out, in) per site; 50 pads at groups of 16
 
 
 def _stack(dtype=torch.float32, device="cpu") -> nn.Sequential:
