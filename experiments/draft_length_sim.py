@@ -54,7 +54,8 @@ def main() -> None:
     ap.add_argument("--traces", nargs="+", default=["results/real_pair/traces/humaneval_k1.npz",
                                                     "results/real_pair/traces/humaneval_k3.npz"])
     ap.add_argument("--layers", type=int, default=32, help="MoE layers of the target the trace is mapped onto")
-    ap.add_argument("--expert-bytes", type=int, default=3 * 4096 * 14336 * 2, help="default: a Mixtral-8x7B expert, bf16")
+    ap.add_argument("--expert-bytes", type=int, default=3 * 4096 * 14336 * 2,
+                    help="default: a Mixtral-8x7B expert, bf16")
     ap.add_argument("--slots", default="21,40,49,62,70")
     ap.add_argument("--policies", default="lru,expected_reuse,layer_distance,sd_lookahead")
     ap.add_argument("--out", default="results/spmoe_plus/draft_length_sim")

@@ -105,7 +105,7 @@ def dequantize_into(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
     """`dequantize` into `workspace` (uint8, at least `workspace_bytes`): w [O, I] in `dtype`, a view of the
     padded weight written at the workspace's start (row stride I_pad when I was padded). Allocates nothing."""
     out_features, i_pad = packed.shape[0], 2 * packed.shape[1]
-    w_bytes = out_features * i_pad * torch.empty(0, dtype=dtype).element_size()
+    w_bytes = out_features * i_pad * dtype.itemsize
     w = workspace[:w_bytes].view(dtype).view(out_features, i_pad)  # [O, I_pad]
     nibbles = workspace[w_bytes:w_bytes + packed.numel()].view(packed.shape)  # uint8 [O, I_pad / 2]
     dequantize(packed, scale, offset, i_pad, dtype, out=w, nibbles=nibbles)

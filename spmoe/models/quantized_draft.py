@@ -41,6 +41,22 @@ def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale.to(w.dtype)
 
 
+def dequantize_rows_into(q: torch.Tensor, scale: torch.Tensor, workspace: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 q [O, I] with scale [O] -> w [O, I] in `dtype`, written at the start of `workspace` (uint8, at least
+    `matrix_workspace_bytes`): cast, then scaled in place, so nothing is allocated."""
+    o, i = q.shape
+    w = workspace[:o * i * dtype.itemsize].view(dtype).view(o, i)  # [O, I]
+    return w.copy_(q).mul_(scale.to(dtype)[:, None])
+
+
+def matrix_workspace_bytes(out_features: int, in_features: int, bits: int, group_size: int, dsize: int) -> int:
+    """Workspace bytes one quantized [O, I] matrix dequantizes into (int8: the weight; int4:
+    `int4.workspace_bytes`)."""
+    if bits == 8:
+        return out_features * in_features * dsize
+    return int4.workspace_bytes(out_features, in_features, group_size, dsize)
+
+
 class Int8Linear(nn.Module):
     def __init__(self, linear: nn.Linear, workspace: torch.Tensor):
         super().__init__()
@@ -51,9 +67,7 @@ class Int8Linear(nn.Module):
         self.workspace = workspace  # uint8, shared by the copy's linear layers (see the module docstring)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        o, i = self.weight_int8.shape
-        w = self.workspace[:o * i * x.element_size()].view(x.dtype).view(o, i)  # [O, I]
-        w.copy_(self.weight_int8).mul_(self.scale.to(x.dtype)[:, None])
+        w = dequantize_rows_into(self.weight_int8, self.scale, self.workspace, x.dtype)  # [O, I]
         return nn.functional.linear(x, w, self.bias)
 
 
@@ -184,11 +198,8 @@ def linear_workspace_bytes(model: nn.Module, dtype: torch.dtype, bits: int, grou
     """Bytes of the workspace every quantized linear layer of `model` dequantizes into: the largest
     [O, I] weight in `dtype`; for int4 the padded [O, I_pad] weight plus its nibble plane
     (`int4.workspace_bytes`)."""
-    dsize = torch.empty(0, dtype=dtype).element_size()
-    shapes = [(m.out_features, m.in_features) for m in model.modules() if isinstance(m, nn.Linear)]
-    if bits == 8:
-        return max((o * i * dsize for o, i in shapes), default=0)
-    return max((int4.workspace_bytes(o, i, group_size, dsize) for o, i in shapes), default=0)
+    return max((matrix_workspace_bytes(m.out_features, m.in_features, bits, group_size, dtype.itemsize)
+                for m in model.modules() if isinstance(m, nn.Linear)), default=0)
 
 
 def _matrix_bytes(out_features: int, in_features: int, dsize: int, bits: int, group_size: int) -> int:

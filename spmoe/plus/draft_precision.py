@@ -7,10 +7,10 @@ is shared with an embedding (tied heads stay as they are) and anything inside an
 Quantization is `spmoe.models.quantized_draft.quantize_rows` (int8, a scale per output row) or
 `spmoe.models.int4` (int4, a scale and offset per group of input columns); forward dequantizes one
 [O, I] weight at a time in the compute dtype into the *workspace*: one byte buffer, allocated when the
-draft is quantized and shared by all its sites (sized for the largest: its [O, I] weight; for int4 the
-padded [O, I_pad] weight and its nibble plane, `spmoe.models.int4.workspace_bytes`). A forward then allocates nothing but its output, so a captured draft graph's pool
-holds no per-site transients (with one transient per site, the pools of the captured draft graphs
-kept them).
+draft is quantized and shared by all its sites (sized for the largest,
+`spmoe.models.quantized_draft.matrix_workspace_bytes`). A forward then allocates nothing but its output,
+so a captured draft graph's pool holds no per-site transients (with one transient per site, the pools of
+the captured draft graphs kept them).
 *Saved bytes* = site weight bytes - quantized bytes - workspace: what the memory plan counted for
 the draft and the quantized draft no longer needs; the method turns them into expert slots.
 
@@ -39,7 +39,7 @@ from transformers import DynamicCache
 
 from spmoe.models import int4
 from spmoe.models.experts import OffloadedExperts
-from spmoe.models.quantized_draft import quantize_rows
+from spmoe.models.quantized_draft import dequantize_rows_into, matrix_workspace_bytes, quantize_rows
 from spmoe.spec.kv import cache_kwarg
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits == 8:
-            o, i = self.out_features, self.in_features
-            w = self.workspace[:o * i * x.element_size()].view(x.dtype).view(o, i)  # [O, I]
-            w.copy_(self.q).mul_(self.scale.to(x.dtype)[:, None])  # cast, then scale in place: no temporary
+            w = dequantize_rows_into(self.q, self.scale, self.workspace, x.dtype)  # [O, I]
         else:
             w = int4.dequantize_into(self.q, self.scale, self.offset, self.in_features, self.workspace, x.dtype)
         return nn.functional.linear(x, w, self.bias_q)  # w [O, I], a view of the workspace
@@ -128,9 +126,8 @@ def _quantized_site_bytes(linear: nn.Linear, bits: int, group_size: int) -> tupl
     """(full-precision weight bytes, quantized bytes, dequant transient bytes) of one site, from shapes only."""
     o, i, dsize = linear.out_features, linear.in_features, linear.weight.element_size()
     bias = 0 if linear.bias is None else linear.bias.numel() * linear.bias.element_size()
-    if bits == 8:
-        return o * i * dsize, o * i + o * dsize + bias, o * i * dsize
-    return o * i * dsize, int4.int4_bytes(o, i, group_size, dsize) + bias, int4.workspace_bytes(o, i, group_size, dsize)
+    quantized = o * i + o * dsize if bits == 8 else int4.int4_bytes(o, i, group_size, dsize)
+    return o * i * dsize, quantized + bias, matrix_workspace_bytes(o, i, bits, group_size, dsize)
 
 
 def estimate_precision(draft: nn.Module, precision: str, group_size: int = 128) -> DraftPrecision:
