@@ -47,24 +47,26 @@ def test_sites_share_one_workspace_and_compute_what_fresh_dequantization_does(pr
     assert not any(isinstance(m, QuantLinear) for m in model)
 
 
-def _forward_like_the_draft(model: nn.Sequential, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def _forward_like_the_draft(model: nn.Sequential, x: torch.Tensor, ids: torch.Tensor,
+                            landed: list[torch.cuda.Event]) -> torch.Tensor:
     """The sites in order with what the draft-router hooks capture between them: a write into a static
-    id buffer and an external event."""
+    id buffer and an external event (kept alive by the caller, as the draft's router keeps its own)."""
     for i, site in enumerate(model):
         x = site(x)
         ids[i].copy_(x[0, :4].float().argmax().view(1))
-        torch.cuda.Event(external=True).record()
+        landed[i].record()
     return x
 
 
 def _capture_growth_bytes(model: nn.Sequential, x: torch.Tensor, num_graphs: int = 3) -> tuple[int, list]:
     """Allocated bytes that `num_graphs` captures of the model (one pool, as a drafter's graphs share) keep."""
     ids = torch.zeros(len(model), 1, dtype=torch.long, device=x.device)
+    landed = [torch.cuda.Event(external=True) for _ in model]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side), torch.no_grad():
         for _ in range(2):
-            _forward_like_the_draft(model, x, ids)
+            _forward_like_the_draft(model, x, ids, landed)
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated(x.device)
@@ -72,9 +74,9 @@ def _capture_growth_bytes(model: nn.Sequential, x: torch.Tensor, num_graphs: int
     for _ in range(num_graphs):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool), torch.no_grad():
-            y = _forward_like_the_draft(model, x, ids)
+            y = _forward_like_the_draft(model, x, ids, landed)
         pool = graph.pool()
-        graphs.append((graph, y))
+        graphs.append((graph, y, landed))
     return torch.cuda.memory_allocated(x.device) - before, graphs
 
 
@@ -111,6 +113,6 @@ def test_captured_graphs_of_quantized_sites_keep_no_per_site_transients(gpu, kin
         f" (one site's weight is {site_bytes / 2**20:.1f} MiB)")
     with torch.no_grad():
         expected = model(x)
-    graph, y = graphs[-1]
+    graph, y, _ = graphs[-1]
     graph.replay()
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
