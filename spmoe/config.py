@@ -197,8 +197,9 @@ class HardwareConfig:
     # how target and draft forwards run (spmoe.runtime.decoder): eager (a dynamic KV cache) | static (a static
     # KV cache) | graphs (static, decode steps replayed as CUDA graphs where the forward has no host sync)
     decode: str = "eager"
-    # decode-shape expert matmuls (spmoe.runtime.moe_gemv): auto (Triton kernels where they serve: CUDA bf16,
-    # SiLU experts, at most 16 tokens) | torch (torch's grouped GEMM everywhere)
+    # decode-shape expert matmuls (spmoe.runtime.moe_gemv) and quantized drafts' linear layers
+    # (spmoe.runtime.quant_gemv): auto (Triton kernels where they serve: CUDA bf16, SiLU experts, at most 16
+    # tokens) | torch (torch's grouped GEMM; quantized weights dequantized, then multiplied)
     expert_kernel: str = "auto"
 
     def __post_init__(self) -> None:

@@ -8,7 +8,8 @@ the target dtype:
   8: int8, symmetric, one scale per output row (round(w / s), s = max|w| / 127), ~1 byte/param;
   4: int4, asymmetric, one scale and offset per group of `draft.quant_group_size` input columns,
      two values per byte (layout in `spmoe.models.int4`), ~0.53 byte/param at groups of 128.
-Weights are stored quantized on the device (so the budget sees their bytes). A linear layer
+Weights are stored quantized on the device (so the budget sees their bytes). At decode shapes on CUDA a
+linear layer runs `spmoe.runtime.quant_gemv`'s kernel, which reads its quantized weight once; elsewhere it
 dequantizes per use into one workspace in the compute dtype, allocated with the copy and shared by
 all its linear layers (within the planned `dequant_workspace_bytes`), so a forward allocates only its
 outputs and a captured graph's pool keeps no per-layer transients; an expert dequantizes per use into
@@ -32,6 +33,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from spmoe.models import int4
 from spmoe.models.build import TargetModel
 from spmoe.models.experts import OffloadedExperts, find_experts
+from spmoe.runtime import quant_gemv
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,6 +69,8 @@ class Int8Linear(nn.Module):
         self.workspace = workspace  # uint8, shared by the copy's linear layers (see the module docstring)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if quant_gemv.supports(x):
+            return quant_gemv.int8_linear(x, self.weight_int8, self.scale, self.bias)
         w = dequantize_rows_into(self.weight_int8, self.scale, self.workspace, x.dtype)  # [O, I]
         return nn.functional.linear(x, w, self.bias)
 
@@ -110,6 +114,8 @@ class Int4Linear(nn.Module):
         self.workspace = workspace  # uint8, shared by the copy's linear layers (see the module docstring)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if quant_gemv.supports(x):
+            return quant_gemv.int4_linear(x, self.weight_int4, self.scale, self.offset, self.in_features, self.bias)
         w = int4.dequantize_into(self.weight_int4, self.scale, self.offset, self.in_features, self.workspace, x.dtype)
         return nn.functional.linear(x, w, self.bias)  # w [O, I], a view of the workspace
 

@@ -5,8 +5,9 @@ give the bytes this saves to the expert cache.
 Terms: a *site* is one `nn.Linear` of the draft (attention, MLP, LM head), except one whose weight
 is shared with an embedding (tied heads stay as they are) and anything inside an experts module.
 Quantization is `spmoe.models.quantized_draft.quantize_rows` (int8, a scale per output row) or
-`spmoe.models.int4` (int4, a scale and offset per group of input columns); forward dequantizes one
-[O, I] weight at a time in the compute dtype into the *workspace*: one byte buffer, allocated when the
+`spmoe.models.int4` (int4, a scale and offset per group of input columns). At decode shapes on CUDA a
+site runs `spmoe.runtime.quant_gemv`'s kernel, which reads its quantized weight once; elsewhere forward
+dequantizes one [O, I] weight at a time in the compute dtype into the *workspace*: one byte buffer, allocated when the
 draft is quantized and shared by all its sites (sized for the largest,
 `spmoe.models.quantized_draft.matrix_workspace_bytes`). A forward then allocates nothing but its output,
 so a captured draft graph's pool holds no per-site transients (with one transient per site, the pools of
@@ -40,6 +41,7 @@ from transformers import DynamicCache
 from spmoe.models import int4
 from spmoe.models.experts import OffloadedExperts
 from spmoe.models.quantized_draft import dequantize_rows_into, matrix_workspace_bytes, quantize_rows
+from spmoe.runtime import quant_gemv
 from spmoe.spec.kv import cache_kwarg
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,10 @@ class QuantLinear(nn.Module):
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if quant_gemv.supports(x):
+            if self.bits == 8:
+                return quant_gemv.int8_linear(x, self.q, self.scale, self.bias_q)
+            return quant_gemv.int4_linear(x, self.q, self.scale, self.offset, self.in_features, self.bias_q)
         if self.bits == 8:
             w = dequantize_rows_into(self.q, self.scale, self.workspace, x.dtype)  # [O, I]
         else:
