@@ -14,18 +14,27 @@ cache starts empty and misses and evicts during the forced run as in a run) and 
 reference (`ReferenceRuntime`) each read every prompt + the run's tokens with the run's step
 structure (`mirror_steps`) over a static cache of the run's capacity (`Generation.kv_capacity`),
 through `forced_logits`, as the check does. Every decoder layer's output is recorded in every
-forward (`spmoe.trace.layer_probe`). `--method-decode graphs` forces the method through the run's
-own decoder instead (piecewise CUDA graphs, replayed across prompts as in the run); graphs cannot
-keep hooks, so only its prefill's layers are recorded then.
+forward (`spmoe.trace.layer_probe`), and with `--parts` (the default) its parts: the attention
+block's output, the experts' input, routes and weights, the experts' output and the MoE block's
+output. `--method-decode graphs` forces the method through the run's own decoder instead
+(piecewise CUDA graphs, replayed across prompts as in the run); graphs cannot keep hooks, so only
+its prefill's layers (and parts) are recorded then.
 
 Terms: *position* j of a prompt = its j-th output token, predicted by forward `step(j)` (0 = the
 prefill over the prompt); *logit diff* = max over the vocabulary of |method - reference| (float32
 of the model's dtype); *margin* = the reference's top-1 minus top-2 logit; *first layer* = the
-first decoder layer whose output differs in that forward. Writes under --out, atomically:
-`positions.csv` (one row per prompt and position), `prefill_layers.csv` (one row per prompt and
-layer: max |diff| over positions and at the last one), `step_layers.csv` (the same for every
-recorded forward), `table.md` (summary, prefill layers, the first differing positions) and
-`summary.json`; logs a 5-line summary.
+first decoder layer whose output differs in that forward; its *first part* = the first of its parts
+that differs, in the order the layer computes them: `attn`, `experts_in` (the post-attention norm's
+output, which the router reads too), `routes` (top-k ids), `weights` (top-k weights, same ids),
+`experts_out` (the experts' weighted sum, on identical input, ids and weights: the expert kernel or
+weights), `moe_out` (the block's output: shared experts, reshapes), else `residual` (every part
+identical, the layer's output not); a difference is *fresh* when every earlier forward of the prompt
+had an identical output at the layer before the first layer, so the first layer's attention read
+identical keys and values (else it may be inherited through the KV cache). Writes under --out,
+atomically: `positions.csv` (one row per prompt and position), `prefill_layers.csv` (one row per
+prompt and layer: max |diff| over positions and at the last one), `step_layers.csv` (the same for
+every recorded forward; neither with `--no-layer-csvs`), `table.md` (summary, prefill layers, the
+first differing positions, the fresh differences) and `summary.json`; logs a 6-line summary.
 
 Limits: routing is the model's own (replay is not supported). No drafter runs in the forced passes,
 so a method that prefetches from the draft's predictions (spmoe) misses more there than in its run:
@@ -38,7 +47,7 @@ import argparse
 import csv
 import io
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -50,7 +59,7 @@ from spmoe.methods import get_strategy
 from spmoe.runtime.decoder import make_decoder
 from spmoe.session import open_session
 from spmoe.strategy import MethodContext, Runtime
-from spmoe.trace.layer_probe import LayerProbe, first_differing_layer, layer_diffs
+from spmoe.trace.layer_probe import LayerParts, LayerProbe, first_differing_layer, first_differing_part, layer_diffs
 from spmoe.trace.lossless import (
     ReferenceRuntime,
     forced_logits,
@@ -67,10 +76,12 @@ NUM_TABLE_ROWS = 20  # differing positions listed in table.md
 @dataclass
 class Forced:
     """One runtime's teacher-forced pass over one prompt: logits [N, V] (float32, host) of the N output
-    tokens, and per forward the decoder layers' outputs [T, H] (host, the model's dtype)."""
+    tokens, per forward the decoder layers' outputs [T, H] (host, the model's dtype) and, where recorded,
+    their parts (`LayerParts`; empty when not recorded)."""
 
     logits: torch.Tensor
     forwards: list[list[torch.Tensor]]
+    parts: list[list[LayerParts]] = field(default_factory=list)
 
 
 def build_method(session, method: MethodConfig, hw) -> Runtime:
@@ -84,21 +95,22 @@ def build_method(session, method: MethodConfig, hw) -> Runtime:
     return spec.build(ctx)
 
 
-def force_static(runtime: Runtime, session, gens: list) -> list[Forced]:
-    """Every prompt through `forced_logits` (the check's path), every forward's layers recorded."""
+def force_static(runtime: Runtime, session, gens: list, parts: bool = False) -> list[Forced]:
+    """Every prompt through `forced_logits` (the check's path), every forward's layers (and their parts
+    with `parts`) recorded."""
     out = []
     for prompt, gen in zip(session.prompts, gens):
-        with LayerProbe(runtime.model) as probe:
+        with LayerProbe(runtime.model, parts=parts) as probe:
             logits = forced_logits(runtime, session.device, prompt.token_ids, gen.token_ids, _steps(gen),
                                    gen.kv_capacity)  # [N, V]
-        out.append(Forced(logits, probe.forwards))
+        out.append(Forced(logits, probe.forwards, probe.parts))
     return out
 
 
 @torch.inference_mode()
-def force_graphs(runtime: Runtime, session, gens: list) -> list[Forced]:
+def force_graphs(runtime: Runtime, session, gens: list, parts: bool = False) -> list[Forced]:
     """`forced_logits`' loop through the run's own graphs decoder: one decoder for every prompt (its graphs
-    captured and replayed across prompts as in the run), only the prefill's layers recorded."""
+    captured and replayed across prompts as in the run), only the prefill's layers (and parts) recorded."""
     steps = [_steps(g) for g in gens]
     capacities = {g.kv_capacity for g in gens}
     if None in capacities or len(capacities) != 1:
@@ -110,7 +122,7 @@ def force_graphs(runtime: Runtime, session, gens: list) -> list[Forced]:
     for prompt, gen, ss in zip(session.prompts, gens, steps):
         decoder.begin(len(prompt.token_ids) + len(gen.token_ids) - 1 + max_fed)
         runtime.begin_step(0)
-        with LayerProbe(runtime.model) as probe:  # removed before any graphed step
+        with LayerProbe(runtime.model, parts=parts) as probe:  # removed before any graphed step
             logits = [decoder.forward(prompt.token_ids, 1).float().cpu()]  # [1, V]
         runtime.end_step()
         for i, st in enumerate(ss, start=1):
@@ -120,7 +132,7 @@ def force_graphs(runtime: Runtime, session, gens: list) -> list[Forced]:
             runtime.end_step()
             decoder.crop(length + st.used)
             logits.append(step_logits[: st.used].float().cpu())
-        out.append(Forced(torch.cat(logits), probe.forwards))
+        out.append(Forced(torch.cat(logits), probe.forwards, probe.parts))
     return out
 
 
@@ -139,11 +151,34 @@ def step_layer_rows(prompt_idx: int, method: Forced, reference: Forced) -> list[
     return rows
 
 
+def forward_rows(prompt_idx: int, method: Forced, reference: Forced, layers: list[dict]) -> list[dict]:
+    """Per forward recorded in both passes (`layers`: this prompt's `step_layer_rows`): its first differing
+    layer and, where both passes recorded that forward's parts, the layer's first differing part and its
+    max |diff| (`residual`: the layer output's) and whether the difference is fresh (see the module)."""
+    by_step: dict[int, list[dict]] = {}
+    for row in layers:
+        by_step.setdefault(row["step"], []).append(row)
+    rows = []
+    differed_at: set[int] = set()  # layers whose output differed in an earlier forward
+    for f in sorted(by_step):
+        idx = first_differing_layer(by_step[f])
+        part, part_diff, fresh = None, None, None
+        if idx is not None and f < min(len(method.parts), len(reference.parts)):
+            found = first_differing_part(method.parts[f][idx], reference.parts[f][idx])
+            part, part_diff = found if found is not None else ("residual", by_step[f][idx]["max_abs_diff"])
+            fresh = idx == 0 or idx - 1 not in differed_at
+        rows.append({"prompt": prompt_idx, "step": f, "first_differing_layer": idx, "first_differing_part": part,
+                     "part_max_abs_diff": part_diff, "fresh_difference": fresh})
+        differed_at |= {r["layer"] for r in by_step[f] if r["max_abs_diff"] != 0}
+    return rows
+
+
 def position_rows(prompt_idx: int, gen, method: Forced, reference: Forced, layers: list[dict],
-                  tolerance: float, relative_eps: float) -> list[dict]:
+                  tolerance: float, relative_eps: float, forwards: list[dict] | None = None) -> list[dict]:
     """Per output position: the logit diff, argmaxes, the reference's margin, the check's verdict on the
     run's token (agree, tie or loss: `spmoe.trace.lossless.compare`) and the first differing layer of the
-    forward that predicted it (`layers`: this prompt's `step_layer_rows`)."""
+    forward that predicted it (`layers`: this prompt's `step_layer_rows`), with its first differing part
+    (`forwards`: this prompt's `forward_rows`; empty where not recorded)."""
     m, r = method.logits, reference.logits  # [N, V] each
     diff = (m - r).abs().amax(dim=-1)  # [N]
     top2 = r.topk(2, dim=-1).values  # [N, 2]
@@ -154,10 +189,12 @@ def position_rows(prompt_idx: int, gen, method: Forced, reference: Forced, layer
     by_step: dict[int, list[dict]] = {}
     for row in layers:
         by_step.setdefault(row["step"], []).append(row)
+    parts = {r["step"]: r for r in forwards or []}
     rows = []
     for j, f in enumerate(step_of_positions(gen)):
         step_layers = by_step.get(f, [])
         idx = first_differing_layer(step_layers)
+        part = parts.get(f, {})
         verdict = "agree" if r_arg[j] == run[j] else "tie" if gap[j] <= allowed[j] else "loss"
         rows.append({"prompt": prompt_idx, "position": j, "step": f, "phase": "prefill" if f == 0 else "decode",
                      "max_abs_logit_diff": float(diff[j]), "argmax_differs": bool(m_arg[j] != r_arg[j]),
@@ -165,8 +202,23 @@ def position_rows(prompt_idx: int, gen, method: Forced, reference: Forced, layer
                      "ref_argmax": int(r_arg[j]), "method_argmax": int(m_arg[j]), "ref_gap_run_token": float(gap[j]),
                      "check_verdict": verdict, "method_reproduces_run": bool(m_arg[j] == run[j]),
                      "step_layers_recorded": bool(step_layers), "first_differing_layer": idx,
-                     "first_layer_max_abs_diff": None if idx is None else step_layers[idx]["max_abs_diff"]})
+                     "first_layer_max_abs_diff": None if idx is None else step_layers[idx]["max_abs_diff"],
+                     "first_differing_part": part.get("first_differing_part"),
+                     "part_max_abs_diff": part.get("part_max_abs_diff"),
+                     "fresh_difference": part.get("fresh_difference")})
     return rows
+
+
+def part_counts(forwards: list[dict]) -> dict[str, dict[str, int]]:
+    """First differing part -> {"forwards": how many `forward_rows` name it, "fresh": how many of them are
+    fresh}, most forwards first."""
+    counts: dict[str, dict[str, int]] = {}
+    for r in forwards:
+        if r["first_differing_part"] is not None:
+            c = counts.setdefault(r["first_differing_part"], {"forwards": 0, "fresh": 0})
+            c["forwards"] += 1
+            c["fresh"] += bool(r["fresh_difference"])
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]["forwards"]))
 
 
 def summarize_diff(positions: list[dict], layers: list[dict]) -> dict:
@@ -182,7 +234,8 @@ def summarize_diff(positions: list[dict], layers: list[dict]) -> dict:
             "num_check_losses": sum(r["check_verdict"] == "loss" for r in positions),
             "num_method_not_reproducing_run": sum(not r["method_reproduces_run"] for r in positions),
             "first_differing_position": None if first is None else
-            {k: first[k] for k in ("prompt", "position", "step", "max_abs_logit_diff", "first_differing_layer")},
+            {k: first[k] for k in ("prompt", "position", "step", "max_abs_logit_diff", "first_differing_layer",
+                                   "first_differing_part")},
             "prefill_max_abs_layer_diff": max((r["max_abs_diff"] for r in layers), default=0.0),
             "prefill_first_differing_layer": None if not prefill_first else  # rows: by prompt, then layer
             {"prompt": prefill_first[0]["prompt"], "layer": prefill_first[0]["layer"]}}
@@ -201,11 +254,19 @@ def summary_lines(s: dict) -> list[str]:
         "first differing position: " + ("none" if first is None else
                                         f"prompt {first['prompt']} position {first['position']} (step {first['step']}),"
                                         f" |logit diff| {first['max_abs_logit_diff']:.6g}, first differing layer"
-                                        f" {first['first_differing_layer']}"),
+                                        f" {first['first_differing_layer']}, part {first.get('first_differing_part')}"),
         f"forced method argmax != the run's token at {s['num_method_not_reproducing_run']} positions"
         f" (0: the forced pass reproduces the run); expert misses: run {s.get('run_misses')},"
         f" forced method {s.get('forced_method_misses')}",
+        _parts_line(s.get("first_differing_part_counts")),
     ]
+
+
+def _parts_line(counts: dict | None) -> str:
+    head = "first differing part per forward (fresh: its first layer read identical keys/values): "
+    if counts is None:
+        return head + "not recorded"
+    return head + (", ".join(f"{p} {c['forwards']} ({c['fresh']} fresh)" for p, c in counts.items()) or "none")
 
 
 def to_csv(rows: list[dict]) -> str:
@@ -217,7 +278,8 @@ def to_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def table(s: dict, positions: list[dict], layers: list[dict], title: str) -> str:
+def table(s: dict, positions: list[dict], layers: list[dict], title: str, forwards: list[dict] | None = None) -> str:
+    forwards = forwards or []
     lines = [f"# {title}", "", *[f"- {line}" for line in summary_lines(s)], "",
              "## Prefill: max |layer output diff| per layer (over prompts)", "",
              "| layer | max abs diff | last position | ref max abs |", "|---|---|---|---|"]
@@ -226,12 +288,18 @@ def table(s: dict, positions: list[dict], layers: list[dict], title: str) -> str
         lines.append(f"| {i} | {max(r['max_abs_diff'] for r in rs):.6g} | "
                      f"{max(r['last_pos_max_abs_diff'] for r in rs):.6g} | {max(r['ref_max_abs'] for r in rs):.6g} |")
     lines += ["", f"## First {NUM_TABLE_ROWS} positions with a logit difference", "",
-              "| prompt | position | step | max abs logit diff | argmax differs | ref margin | first layer | layer diff |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| prompt | position | step | max abs logit diff | argmax differs | ref margin | first layer |"
+              " layer diff | first part | part diff | fresh |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in [r for r in positions if r["max_abs_logit_diff"] != 0][:NUM_TABLE_ROWS]:
         lines.append(f"| {r['prompt']} | {r['position']} | {r['step']} | {r['max_abs_logit_diff']:.6g} | "
                      f"{r['argmax_differs']} | {r['ref_margin']:.6g} | {r['first_differing_layer']} | "
-                     f"{r['first_layer_max_abs_diff']} |")
+                     f"{r['first_layer_max_abs_diff']} | {r['first_differing_part']} | {r['part_max_abs_diff']} | "
+                     f"{r['fresh_difference']} |")
+    fresh = [r for r in forwards if r["fresh_difference"]]
+    lines += ["", f"## First {NUM_TABLE_ROWS} forwards with a fresh difference", "",
+              "| prompt | step | first layer | first part | part diff |", "|---|---|---|---|---|"]
+    lines += [f"| {r['prompt']} | {r['step']} | {r['first_differing_layer']} | {r['first_differing_part']} | "
+              f"{r['part_max_abs_diff']:.6g} |" for r in fresh[:NUM_TABLE_ROWS]]
     return "\n".join(lines) + "\n"
 
 
@@ -255,6 +323,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tokens", type=int, default=100)
     ap.add_argument("--k", type=int, default=1, help="spec.num_draft_tokens (SD methods)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--parts", action=argparse.BooleanOptionalAction, default=True,
+                    help="record every layer's parts (attention, routes, weights, experts, MoE block) and name the"
+                         " first differing one")
+    ap.add_argument("--no-layer-csvs", action="store_true",
+                    help="skip step_layers.csv and prefill_layers.csv (fewer files under --out)")
     ap.add_argument("--out", default="results/diag_lossless")
     return ap.parse_args(argv)
 
@@ -298,29 +371,33 @@ def main(argv: list[str] | None = None) -> dict:
         runtime = build_method(session, method, hw)
         try:
             forced = force_graphs if args.method_decode == "graphs" else force_static
-            method_passes = forced(runtime, session, gens)
+            method_passes = forced(runtime, session, gens, parts=args.parts)
             forced_misses = sum(len(ev.misses) for ev in runtime.events.drain())
         finally:
             runtime.close()
         with ReferenceRuntime(session) as reference:
-            reference_passes = force_static(reference.get(), session, gens)
+            reference_passes = force_static(reference.get(), session, gens, parts=args.parts)
     finally:
         session.close()
     dtype = session.target.layout.dtype
-    positions, layers = [], []
+    positions, layers, forwards = [], [], []
     for i, (gen, m, r) in enumerate(zip(gens, method_passes, reference_passes)):
         steps = step_layer_rows(i, m, r)
-        positions += position_rows(i, gen, m, r, steps, tolerance_for(dtype), relative_eps_for(dtype))
+        fwd = forward_rows(i, m, r, steps)
+        positions += position_rows(i, gen, m, r, steps, tolerance_for(dtype), relative_eps_for(dtype), fwd)
         layers += steps
+        forwards += fwd
     s = summarize_diff(positions, [r for r in layers if r["step"] == 0])
+    s["first_differing_part_counts"] = part_counts(forwards) if args.parts else None
     s["run_misses"] = sum(len(ev.misses) for g in gens for r in g.records for ev in r.layers)
     s["forced_method_misses"] = forced_misses
     title = (f"{method.name} ({plan.num_slots} slots, forced {args.method_decode}) vs gpu_resident:"
              f" {args.model} {cfg.model.weights}, {args.prompts} prompts x {args.tokens} tokens, {hw.name}")
     write_text_atomic(out / "positions.csv", to_csv(positions))
-    write_text_atomic(out / "step_layers.csv", to_csv(layers))
-    write_text_atomic(out / "prefill_layers.csv", to_csv([r for r in layers if r["step"] == 0]))
-    write_text_atomic(out / "table.md", table(s, positions, [r for r in layers if r["step"] == 0], title))
+    if not args.no_layer_csvs:
+        write_text_atomic(out / "step_layers.csv", to_csv(layers))
+        write_text_atomic(out / "prefill_layers.csv", to_csv([r for r in layers if r["step"] == 0]))
+    write_text_atomic(out / "table.md", table(s, positions, [r for r in layers if r["step"] == 0], title, forwards))
     write_json_atomic(out / "summary.json", {"title": title, **s})
     for line in summary_lines(s):
         log.info("%s", line)
