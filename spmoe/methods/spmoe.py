@@ -23,7 +23,9 @@ position, the token the draft has not read yet, is not predicted).
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -48,15 +50,16 @@ log = logging.getLogger(__name__)
 CALIBRATION_SHAPE = (8, 64)  # hidden-map calibration: sequences x tokens
 
 
-def profile_record(ctx: MethodContext, slots: int, maps: dict[int, torch.Tensor] | None) -> ProfileRecord:
+def profile_record(ctx: MethodContext, slots: int, maps: dict[int, torch.Tensor] | None,
+                   full_precision: Callable[[], AbstractContextManager] | None = None) -> ProfileRecord:
     """The cached profile for this context (keyed by content), or one measured on a temporary
-    on-demand cache of `slots` slots."""
+    on-demand cache of `slots` slots (`full_precision`: see `measure_profile`)."""
 
     def measure() -> Profile:
         temp = on_demand_runtime(ctx, slots, "lru")
         try:
             recall = measure_recall(ctx, maps)  # before measure_profile, which overwrites the temporary cache
-            return measure_profile(ctx, temp.cache, temp.transfer, recall)
+            return measure_profile(ctx, temp.cache, temp.transfer, recall, full_precision)
         finally:
             temp.close()
 

@@ -191,9 +191,10 @@ def _build_sd(ctx: MethodContext, choice: DraftChoice | None, staging: int) -> t
             cfg = replace(cfg, draft=replace(cfg.draft, name=f"{cfg.draft.name}-{precision.precision}"))
         sub = replace(ctx, cfg=cfg, plan=plan)
         if precision.quantized and mcfg.cutoff.mode == "auto":  # measured now, reused by base.build (same key)
-            with precision.full_precision():  # the profiler scales t_v by parameter counts (quantized sites have none)
+            with precision.full_precision():  # the maps are fitted on the full-precision draft
                 maps = None if is_twin(ctx.draft, ctx.target.model) else base._hidden_maps(sub, slots)
-                base.profile_record(sub, slots, maps)
+            # t_d of the quantized draft as it runs; t_v from the full-precision one (parameter counts)
+            base.profile_record(sub, slots, maps, precision.full_precision)
         runtime = base.build(sub)
     except BaseException:
         precision.restore()

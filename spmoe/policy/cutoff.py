@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from spmoe.config import CutoffConfig
 
 MODES = ("auto", "fixed", "all", "off")
-PROFILE_VERSION = 4  # 2: + layer_recall; 3: medians after warm-up; 4: content keys, copy check vs bandwidth
+PROFILE_VERSION = 5  # 2: + layer_recall; 3: medians after warm-up; 4: content keys, copy check vs bandwidth;
+# 5: t_d through the run's decoder (graphs replayed) and quantized sites, t_v from the full-precision draft
 COPY_CHECKS = ("ok", "flagged", "skipped")  # t_e within tolerance of bytes/bandwidth; off after re-measuring; not checked
 
 

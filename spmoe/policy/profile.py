@@ -11,11 +11,13 @@ Measurement (all on temporary on-demand caches that the caller frees before the 
   `COPY_TOLERANCE` off the estimate is measured again; if still off, the profile is *flagged*
   (kept, logged, and reported in the summary). Experts below `MIN_CHECKED_BYTES` are not checked:
   per-copy latency, not bandwidth, sets their time.
-- t_d: the draft's one-token decode time per layer (median after warm-up); t_v = t_d scaled by
-  the target's active parameters per layer; r_l as `measure_recall` says.
+- t_d: the draft's one-token decode time per layer (median after warm-up), as the run runs it: its
+  `hardware.decode` mode (CUDA-graph replays under `graphs`) and, for a quantized draft, its quantized
+  sites; t_v = the full-precision draft's t_d scaled by the target's active parameters per layer; r_l as
+  `measure_recall` says.
 Cache: `<cutoff.profile_dir>/profile-<key>.json` holds {format, key, fields, profile}; the key is
 `spmoe.cache_key.content_key` of `profile_fields` (the target's and draft's resolved configs and
-weight sources, twin noise, dtypes, routing source with the trace file's digest, device name,
+weight sources, twin noise, dtypes, routing source with the trace file's digest, device name, decode mode,
 slots, pacing, predictor settings, seed, format version). An entry is reused only when its
 stored fields equal the run's; `cutoff.reprofile=true` measures again and replaces it. Writes are
 atomic (unique temp file in the same directory, then rename).
@@ -27,12 +29,12 @@ import json
 import logging
 import statistics
 import time
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import DynamicCache
 
 from spmoe.cache_key import canonical, content_key, device_name, file_digest, model_config_fields, weights_source
 from spmoe.config import RunConfig
@@ -41,12 +43,13 @@ from spmoe.offload.cache import ExpertCache
 from spmoe.offload.transfer import TransferEngine
 from spmoe.policy.cutoff import PROFILE_VERSION, Profile
 from spmoe.predict.recall import predictor_recall
-from spmoe.spec.kv import cache_kwarg
+from spmoe.runtime.decoder import make_decoder
 from spmoe.trace.accuracy import trace_layer_recall
 
 log = logging.getLogger(__name__)
 
 REPS = 9
+DRAFT_PREFIX = 16  # cached positions when the draft's one-token forward is timed
 COPY_TOLERANCE = 0.25  # |t_e - B/W| / (B/W) above this is re-measured, then flagged
 MIN_CHECKED_BYTES = 4 << 20
 BANDWIDTH_BYTES = 256 << 20
@@ -106,6 +109,7 @@ def profile_fields(cfg: RunConfig, target_config, draft_config, device: str, slo
         "draft_source": draft_source(cfg),
         "routing": routing_source(cfg),
         "device": device,
+        "decode": hw.decode,
         "slots": slots,
         "pacing_gb_per_s": hw.pcie_gb_per_s if hw.pace_pcie else None,
         "predictor": {"capture_point": method.capture_point, "predict_top_k": predict_top_k,
@@ -168,10 +172,27 @@ def check_copy(measure: Callable[[], float], expected_ms: float | None,
 
 
 @torch.inference_mode()
-def measure_profile(ctx, cache: ExpertCache, transfer: TransferEngine,
-                    layer_recall: list[float] | None = None) -> Profile:
+def draft_forward_ms(draft, device: torch.device, decode: str) -> float:
+    """Median ms of one one-token draft forward after a `DRAFT_PREFIX`-token prefill, run as the run's drafter
+    runs it: through `spmoe.runtime.decoder.make_decoder` in `hardware.decode` mode (under `graphs`, replays
+    of the captured step), each call cropped back to the prefix."""
+    decoder = make_decoder(draft, device, decode, max_graph_tokens=1)
+    decoder.begin(DRAFT_PREFIX + 1)
+    decoder.forward([0] * DRAFT_PREFIX, 1)
+
+    def one_token(i: int) -> None:
+        decoder.crop(DRAFT_PREFIX)
+        decoder.forward([0], 1)
+
+    return median_ms(one_token, device)
+
+
+@torch.inference_mode()
+def measure_profile(ctx, cache: ExpertCache, transfer: TransferEngine, layer_recall: list[float] | None = None,
+                    full_precision: Callable[[], AbstractContextManager] | None = None) -> Profile:
     """The profile of `ctx`'s target and draft on `ctx.device`. Overwrites `cache`'s storage (a
-    temporary cache: nothing may read it afterwards); measure recall before this."""
+    temporary cache: nothing may read it afterwards); measure recall before this. `full_precision`: for a
+    quantized draft, a context that restores its full-precision sites (t_v is scaled from those)."""
     layout, draft, device = ctx.target.layout, ctx.draft, ctx.device
     timed = layout.keys[:TIMED_EXPERTS]
 
@@ -187,17 +208,16 @@ def measure_profile(ctx, cache: ExpertCache, transfer: TransferEngine,
     checked = estimate_ms if layout.expert_bytes >= MIN_CHECKED_BYTES else None
     expert_ms, check = check_copy(lambda: median_ms(load, device, warmup=len(timed)), checked)
     transfer.collect()
-    ids = torch.zeros(1, 16, dtype=torch.long, device=device)
-    kv = DynamicCache(config=draft.config)
-    kw = {cache_kwarg(draft): kv}
-    draft(input_ids=ids, use_cache=True, **kw)
-    draft_layer_ms = median_ms(lambda i: draft(input_ids=ids[:, :1], use_cache=True, **kw), device
-                               ) / len(draft.model.layers)
-    layer = draft.model.layers[0]
-    attn = sum(p.numel() for p in layer.self_attn.parameters())
-    ffn = sum(p.numel() for p in layer.mlp.parameters())
+    num_layers = len(draft.model.layers)
+    draft_layer_ms = draft_forward_ms(draft, device, ctx.cfg.hardware.decode) / num_layers
+    with full_precision() if full_precision is not None else nullcontext():
+        fp_layer_ms = (draft_layer_ms if full_precision is None else
+                       draft_forward_ms(draft, device, ctx.cfg.hardware.decode) / num_layers)
+        layer = draft.model.layers[0]
+        attn = sum(p.numel() for p in layer.self_attn.parameters())
+        ffn = sum(p.numel() for p in layer.mlp.parameters())
     active = attn + layout.top_k * layout.expert_numel
-    return Profile(draft_layer_ms, draft_layer_ms * active / (attn + ffn), expert_ms, len(layout.moe_layers),
+    return Profile(draft_layer_ms, fp_layer_ms * active / (attn + ffn), expert_ms, len(layout.moe_layers),
                    layout.num_experts, layout.top_k, cache.num_slots, layer_recall, layout.expert_bytes,
                    bandwidth, estimate_ms, check)
 
