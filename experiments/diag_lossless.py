@@ -56,6 +56,8 @@ from experiments.presets import load_preset
 from spmoe.config import MethodConfig, RoutingConfig, RunConfig, SpecConfig, TwinConfig
 from spmoe.io import write_json_atomic, write_text_atomic
 from spmoe.methods import get_strategy
+from spmoe.models.experts import OffloadedExperts
+from spmoe.offload.layer_slots import LayerSlots
 from spmoe.runtime.decoder import make_decoder
 from spmoe.session import open_session
 from spmoe.strategy import MethodContext, Runtime
@@ -82,6 +84,30 @@ class Forced:
     logits: torch.Tensor
     forwards: list[list[torch.Tensor]]
     parts: list[list[LayerParts]] = field(default_factory=list)
+
+
+class ServiceCounter:
+    """While open, counts how the method's offloaded layers are served through `OffloadedExperts._routes` (the
+    eager paths; a layer whose kernels replay as a piecewise call-site graph is not counted): `grouped` (all of
+    a layer's experts pinned, one launch over the slots) or `per_expert` (the provider's iterator). The two
+    paths are meant to give equal bits."""
+
+    def __init__(self) -> None:
+        self.counts = {"grouped": 0, "per_expert": 0}
+        self._original = None
+
+    def __enter__(self) -> "ServiceCounter":
+        original = self._original = OffloadedExperts._routes
+
+        def counted(module, hidden_states, top_k_index, index_cpu, served, whole=None):
+            self.counts["grouped" if isinstance(served, LayerSlots) else "per_expert"] += 1
+            return original(module, hidden_states, top_k_index, index_cpu, served, whole)
+
+        OffloadedExperts._routes = counted
+        return self
+
+    def __exit__(self, *exc) -> None:
+        OffloadedExperts._routes = self._original
 
 
 def build_method(session, method: MethodConfig, hw) -> Runtime:
@@ -257,7 +283,7 @@ def summary_lines(s: dict) -> list[str]:
                                         f" {first['first_differing_layer']}, part {first.get('first_differing_part')}"),
         f"forced method argmax != the run's token at {s['num_method_not_reproducing_run']} positions"
         f" (0: the forced pass reproduces the run); expert misses: run {s.get('run_misses')},"
-        f" forced method {s.get('forced_method_misses')}",
+        f" forced method {s.get('forced_method_misses')}; its layers served {s.get('forced_method_layers_served')}",
         _parts_line(s.get("first_differing_part_counts")),
     ]
 
@@ -371,7 +397,8 @@ def main(argv: list[str] | None = None) -> dict:
         runtime = build_method(session, method, hw)
         try:
             forced = force_graphs if args.method_decode == "graphs" else force_static
-            method_passes = forced(runtime, session, gens, parts=args.parts)
+            with ServiceCounter() as served:
+                method_passes = forced(runtime, session, gens, parts=args.parts)
             forced_misses = sum(len(ev.misses) for ev in runtime.events.drain())
         finally:
             runtime.close()
@@ -391,6 +418,7 @@ def main(argv: list[str] | None = None) -> dict:
     s["first_differing_part_counts"] = part_counts(forwards) if args.parts else None
     s["run_misses"] = sum(len(ev.misses) for g in gens for r in g.records for ev in r.layers)
     s["forced_method_misses"] = forced_misses
+    s["forced_method_layers_served"] = served.counts
     title = (f"{method.name} ({plan.num_slots} slots, forced {args.method_decode}) vs gpu_resident:"
              f" {args.model} {cfg.model.weights}, {args.prompts} prompts x {args.tokens} tokens, {hw.name}")
     write_text_atomic(out / "positions.csv", to_csv(positions))

@@ -28,6 +28,8 @@ def _rows(path) -> list[dict]:
 def test_evicting_lru_nosd_is_bit_exact_in_float32(method_decode, tmp_path):
     s = diag_lossless.main([*ARGS, "--method-decode", method_decode, "--out", str(tmp_path)])
     assert s["run_misses"] > 0 and s["forced_method_misses"] == s["run_misses"]  # it evicts, in both passes
+    served = s["forced_method_layers_served"]  # the tiny cache evicts; every layer is served one way or the other
+    assert served["grouped"] + served["per_expert"] > 0
     positions, layers = _rows(tmp_path / "positions.csv"), _rows(tmp_path / "prefill_layers.csv")
     assert len(positions) == 2 * 6 and len(layers) == 2 * 4  # prompts x tokens, prompts x layers
     assert all(float(r["max_abs_logit_diff"]) == 0.0 for r in positions)
