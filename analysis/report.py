@@ -14,8 +14,14 @@ Terms (TPOT of a run: `analysis.runs`, the median over its rounds):
   one, that method's only variant there. A group without the method or any baseline gives no row;
   a baseline missing from a group is NaN there.
 
+- `breakdown_table`: where each run's time goes, from its trace (`analysis.trace.tpot_breakdown`: the
+  trace's TPOT as draft + verify compute + stall + other, ms per decode token), beside what explains it:
+  bytes per token, expert slots, the host's share of expert calls and the draft's precision, where the
+  run records them. A run without a trace gives no row.
+
 Writes into `--out` (default: print only): `runs.csv` (the whole tidy table), `runs.md` (its key
-columns), `speedup.{md,csv,tex}`, `paper.{md,csv,tex}`. Markdown and LaTeX show 3 significant digits.
+columns), `speedup.{md,csv,tex}`, `paper.{md,csv,tex}`, `breakdown.{md,csv,tex}`. Markdown and LaTeX show
+3 significant digits.
 """
 
 from __future__ import annotations
@@ -26,9 +32,12 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.runs import GROUP_KEYS, KEY_COLUMNS, run_table
+from analysis.trace import BREAKDOWN, per_run, tpot_breakdown
 from spmoe.io import write_text_atomic
 
 TPOT = "tpot_ms_median"
+EXPLAINS = ("h2d_bytes_per_token", "num_slots", "host_expert_fraction", "num_draft_tokens", "mean_acceptance_length",
+            "draft_precision")  # summary columns shown beside the breakdown, where runs record them
 
 
 def variant_tpot(df: pd.DataFrame, group_keys=GROUP_KEYS) -> pd.DataFrame:
@@ -71,6 +80,18 @@ def paper_view(df: pd.DataFrame, method: str = "spmoe", group_keys=GROUP_KEYS) -
     wide = wide.dropna(how="all").dropna(axis=1, how="all")  # no row without a baseline, no empty column
     wide.insert(0, f"{method}_tpot_ms", ours.reindex(wide.index).to_numpy())
     return wide.reset_index()
+
+
+def breakdown_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per run with a trace: variant, card, the trace's TPOT and its parts (ms per decode token),
+    then the EXPLAINS columns the runs have."""
+    parts = per_run(runs, tpot_breakdown)
+    if parts.empty:
+        return pd.DataFrame(columns=["variant", "card", "tpot_ms", *BREAKDOWN])
+    explains = [c for c in EXPLAINS if c in runs and runs[c].notna().any()]
+    merged = parts.merge(runs[["run_dir", *explains]], on="run_dir", how="left")
+    return merged[["variant", "card", "tpot_ms", *BREAKDOWN, *explains]].sort_values(["card", "tpot_ms"],
+                                                                                      ignore_index=True)
 
 
 def reference_rows(tpot: pd.DataFrame, name: str, keys: list[str]) -> pd.DataFrame:
@@ -122,16 +143,18 @@ def write_tables(name: str, df: pd.DataFrame, out: Path, caption: str = "") -> N
 
 
 def write_report(paths, out: Path | None, baseline: str, method: str) -> dict[str, pd.DataFrame]:
-    """The three tables for the runs under `paths`; written into `out` when given."""
+    """The tables for the runs under `paths`; written into `out` when given."""
     runs = run_table(paths)
     if runs.empty:
         raise SystemExit(f"no finished runs (summary.json) under {[str(p) for p in paths]}")
-    tables = {"runs": runs, "speedup": speedup_table(runs, baseline), "paper": paper_view(runs, method)}
+    tables = {"runs": runs, "speedup": speedup_table(runs, baseline), "paper": paper_view(runs, method),
+              "breakdown": breakdown_table(runs)}
     if out is not None:
         write_text_atomic(out / "runs.csv", runs.to_csv(index=False))
         write_text_atomic(out / "runs.md", to_markdown(runs[list(KEY_COLUMNS)]))
         write_tables("speedup", tables["speedup"], out, f"TPOT speedup over {baseline} (TPOT({baseline}) / TPOT)")
         write_tables("paper", tables["paper"], out, f"{method}'s TPOT speedup over each baseline")
+        write_tables("breakdown", tables["breakdown"], out, "Where each run's time goes, ms per decode token")
     return tables
 
 
@@ -144,7 +167,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     tables = write_report(args.paths, args.out, args.baseline, args.method)
     print(f"{len(tables['runs'])} runs\n")
-    for name in ("speedup", "paper"):
+    for name in ("speedup", "paper", "breakdown"):
         table = tables[name]
         print(f"## {name}\n\n" + (to_markdown(table) if len(table) else "(no comparable runs)\n"))
     if args.out is not None:

@@ -103,7 +103,7 @@ def test_cli_writes_markdown_csv_latex(sweep, tmp_path, capsys):
     report.main([str(sweep), "--baseline", "mixtral_offloading", "--out", str(out)])
     names = {p.name for p in out.iterdir()}
     assert {"runs.csv", "runs.md", "speedup.csv", "speedup.md", "speedup.tex", "paper.csv", "paper.md",
-            "paper.tex"} <= names
+            "paper.tex", "breakdown.csv", "breakdown.md", "breakdown.tex"} <= names
     speedup = pd.read_csv(out / "speedup.csv")
     spmoe = speedup[(speedup["variant"] == "spmoe") & (speedup["card"] == "rtx4090 (emulated)")]
     assert spmoe["speedup_vs_mixtral_offloading"].item() == pytest.approx(1425 / 780)
@@ -158,3 +158,20 @@ def test_collect_writes_the_tidy_table(sweep, tmp_path):
     table = pd.read_csv(tmp_path / "summary.csv")
     assert len(table) == 8 and {"variant", "card", "tpot_ms_median", "run_dir"} <= set(table.columns)
     assert (tmp_path / "summary.md").read_text().startswith("| variant")
+
+
+def test_breakdown_splits_each_traced_runs_tpot_and_shows_what_explains_it(tmp_path):
+    from hand_made import nosd_trace, sd_trace
+    write_run(tmp_path, "spmoe", trace=sd_trace(), method="spmoe", tpot_ms=780.0, num_slots=21,
+              h2d_bytes_per_token=2e8)
+    write_run(tmp_path, "lru_nosd", trace=nosd_trace(), method="lru_nosd", tpot_ms=2500.0, num_draft_tokens=None,
+              draft=None, num_slots=62, h2d_bytes_per_token=3e8)
+    write_run(tmp_path, "untraced", method="lru", tpot_ms=1000.0)  # no trace: no row
+    table = report.breakdown_table(run_table([tmp_path]))
+    assert sorted(table["variant"]) == ["lru_nosd", "spmoe"]
+    parts = table[["draft_ms", "verify_ms", "stall_ms", "other_ms"]].sum(axis=1)
+    assert parts.to_numpy() == pytest.approx(table["tpot_ms"].to_numpy())
+    assert table.set_index("variant").loc["lru_nosd", "draft_ms"] == 0
+    assert table.set_index("variant").loc["spmoe", "draft_ms"] > 0
+    assert {"num_slots", "h2d_bytes_per_token"} <= set(table.columns)
+    assert list(table.set_index("variant")["num_slots"].loc[["spmoe", "lru_nosd"]]) == [21, 62]
