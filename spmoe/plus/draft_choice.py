@@ -25,10 +25,12 @@ H_t, H_o: the layers of target and draft that pay it: under hardware.decode=eage
 (each launches its kernels from Python), under static / graphs only MoE layers (their route's
 device-to-host sync and expert dispatch; dense layers replay in graphs, bound by their bytes), so a
 dense draft pays none and a copy of the target L; R_o: bytes one
-draft token reads: the dense draft's weights (bf16), plus its linear sites' bytes and their
-quantized bytes for int8 / int4 (each forward dequantizes a site into a transient it writes and
-reads), or for a quantized copy of the target (W_t + L A B)(2 + bits / 16) (a token's weights,
-read quantized, dequantized into a transient written and read). The `- draft_ms` credits SP-MoE's
+draft token reads: the dense draft's weights (bf16); for int8 / int4 its unquantized weights plus its
+sites' quantized bytes where `spmoe.runtime.quant_gemv`'s kernel serves the run's device (it reads each
+quantized weight once), else plus twice its sites' bf16 bytes as well (each forward dequantizes a site
+into a workspace it writes and reads); for a quantized copy of the target W_t bits / 16 + L A B (2 +
+bits / 16) where the kernel serves (its linear layers read quantized; its experts read quantized,
+dequantized into a transient written and read), else (W_t + L A B)(2 + bits / 16). The `- draft_ms` credits SP-MoE's
 prefetch with hiding copies behind drafting (an upper bound). link = the link the run's copies get:
 hardware.pcie_gb_per_s when copies are paced to it (or the measured pinned host-to-device bandwidth if
 lower), the measured bandwidth on an unpaced CUDA device, else hardware.pcie_gb_per_s or
@@ -56,6 +58,7 @@ from spmoe.offload.budget import capped_slots
 from spmoe.offload.pacing import pinned_gb_per_s
 from spmoe.plus.draft_precision import estimate_precision
 from spmoe.plus.step_model import expected_emitted, union_size
+from spmoe.runtime import quant_gemv
 from spmoe.strategy import DraftOffer
 
 NONE = "none"
@@ -171,17 +174,20 @@ def inputs(offer: DraftOffer) -> tuple[ModelShape, list[DraftOption], str]:
     if with_draft is None:
         return shape, options, "accept_prior" if measured is None else "trace"
     if cfg.draft.copy_of_target:
-        active = offer.target.non_expert_bytes + shape.num_moe_layers * shape.top_k * shape.expert_bytes
-        dtype_bits = 8 * layout.expert_bytes // layout.expert_numel
-        read = int(active * (2 + cfg.draft.quant_bits / dtype_bits))
+        experts = shape.num_moe_layers * shape.top_k * shape.expert_bytes
+        ratio = cfg.draft.quant_bits / (8 * layout.expert_bytes // layout.expert_numel)  # quantized / full bytes
+        linear = ratio if quant_gemv.serves(cfg.hardware.device, cfg.hardware.expert_kernel) else 2 + ratio
+        read = int(offer.target.non_expert_bytes * linear + experts * (2 + ratio))
         options.append(DraftOption(AS_CONFIGURED, _slots(offer, with_draft.num_slots), read, shape.num_target_host_layers))
     elif offer.draft is not None:
         host_layers = offer.draft.config.num_hidden_layers if eager else 0
+        kernel = quant_gemv.serves(cfg.hardware.device, cfg.hardware.expert_kernel)
         options.append(DraftOption("bf16", _slots(offer, with_draft.num_slots), offer.draft_weight_bytes, host_layers))
         for precision in ("int8", "int4"):
             est = estimate_precision(offer.draft, precision, pcfg.draft_group_size)
             gained = est.saved_bytes // layout.expert_bytes
-            read = offer.draft_weight_bytes + est.site_bytes + est.quantized_bytes
+            unquantized = offer.draft_weight_bytes - est.site_bytes  # embeddings, norms, a tied head
+            read = unquantized + est.quantized_bytes + (0 if kernel else 2 * est.site_bytes)
             options.append(DraftOption(precision, _slots(offer, with_draft.num_slots + gained), read, host_layers))
     return shape, options, "accept_prior" if measured is None else "trace"
 

@@ -43,6 +43,12 @@ def use(kernel: str) -> None:
     _enabled = kernel == "auto"
 
 
+def serves(device: str, kernel: str) -> bool:
+    """Whether a run on `device` ("cuda", "cuda:1", "cpu") with `hardware.expert_kernel=kernel` runs its
+    quantized drafts' decode forwards here (before any tensor exists: for planning)."""
+    return triton is not None and kernel == "auto" and device.startswith("cuda")
+
+
 def supports(x: torch.Tensor) -> bool:
     """Whether `int8_linear` / `int4_linear` serve inputs x [..., I]."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0

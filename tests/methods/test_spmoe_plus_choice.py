@@ -15,6 +15,7 @@ from conftest import open_with_reference, tiny_run_config, tiny_twin_config
 from experiments.presets import load_preset
 from spmoe.config import CutoffConfig, HardwareConfig, MethodConfig, PlusConfig, SpecConfig
 from spmoe.experiment import Case, run_cases
+from spmoe.plus import draft_choice
 from spmoe.plus.draft_choice import (
     DraftChoice,
     DraftOption,
@@ -251,3 +252,20 @@ def test_the_choice_prices_misses_at_the_link_the_run_copies_over(monkeypatch):
     assert link_gb_per_s(cfg(device="cuda")) == 55.5
     assert link_gb_per_s(cfg(device="cpu", pcie_gb_per_s=25.0)) == 25.0
     assert link_gb_per_s(cfg(device="cpu")) == 7.0
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_quantized_draft_reads_its_sites_once_where_the_kernel_serves(twin, kernel, monkeypatch):
+    """A quantized draft's bytes per token: its unquantized weights and its quantized sites where
+    `quant_gemv` serves the run's device; else twice its sites' full-precision bytes besides (the workspace
+    each site dequantizes into, written then read)."""
+    monkeypatch.setattr(draft_choice.quant_gemv, "serves", lambda device, k: kernel)
+    offer = twin.draft_offer(twin.cfg.hardware, _method("auto"))
+    _, options, _ = inputs(offer)
+    read = {o.name: o.draft_read_bytes for o in options}
+    for precision in ("int8", "int4"):
+        est = estimate_precision(twin.draft, precision, group_size=PlusConfig().draft_group_size)
+        dequantized = 0 if kernel else 2 * est.site_bytes
+        expected = offer.draft_weight_bytes - est.site_bytes + est.quantized_bytes + dequantized
+        assert read[precision] == expected
+        assert (read[precision] < read["bf16"]) == kernel
