@@ -34,7 +34,7 @@ from experiments.presets import load_preset
 from spmoe.io import write_text_atomic
 from spmoe.models.build import hf_config
 from spmoe.plus.draft_precision import quantize_draft
-from spmoe.runtime import quant_gemv
+from spmoe.runtime import moe_gemv
 
 log = logging.getLogger("bench_quant_draft")
 CASES = ("bf16", "int8_dequant", "int8_kernel", "int4_dequant", "int4_kernel")
@@ -121,7 +121,7 @@ def main() -> None:
     model_of = {c: models[c.split("_")[0]] for c in CASES}
     calls, outputs = {}, {}
     for case in CASES:
-        quant_gemv.use(kernel_of[case])
+        moe_gemv.use(kernel_of[case])
         with torch.no_grad():
             outputs[case] = forward(model_of[case], xs).float()
             if cuda:
@@ -136,7 +136,7 @@ def main() -> None:
                 calls[case] = graph.replay
             else:
                 calls[case] = lambda c=case: forward(model_of[c], xs)
-    quant_gemv.use("auto")
+    moe_gemv.use("auto")
     ms: dict[str, list[float]] = {c: [] for c in CASES}
     for _ in range(args.rounds):
         for case in (*CASES, *reversed(CASES)):

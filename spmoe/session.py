@@ -50,7 +50,7 @@ from spmoe.offload.budget import (
 from spmoe.offload.eviction import make_policy
 from spmoe.offload.host_memory import check_host_memory
 from spmoe.offload.store import ExpertStore
-from spmoe.runtime import moe_gemv, quant_gemv
+from spmoe.runtime import moe_gemv
 from spmoe.spec.drafter import ModelDrafter
 from spmoe.methods import STRATEGIES, get_strategy
 from spmoe.strategy import DraftOffer, MethodContext
@@ -326,7 +326,6 @@ def open_session(cfg: RunConfig, cases: Sequence[RunConfig] = (),
             group.path = os.path.expanduser(group.path)
     device = resolve_device(cfg.hardware.device)
     moe_gemv.use(cfg.hardware.expert_kernel)
-    quant_gemv.use(cfg.hardware.expert_kernel)
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # subnormal activations slow CPU matmuls several-fold
     hf_cfg = hf_config(cfg.model)

@@ -51,11 +51,10 @@ def test_int4_matches_dequantize_then_matmul(rows, out_features, in_features, gr
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_rows_beyond_one_tile_are_refused_by_supports():
+def test_rows_beyond_one_tile_and_cpu_tensors_are_refused_by_supports():
     assert not quant_gemv.supports(torch.zeros(quant_gemv.MAX_TOKENS + 1, 8))
     assert not quant_gemv.supports(torch.zeros(1, 8))  # CPU tensors: the caller dequantizes
-    with pytest.raises(ValueError, match="valid: auto, torch"):
-        quant_gemv.use("cutlass")
+    assert not quant_gemv.serves("cpu", "auto") and not quant_gemv.serves("cuda", "torch")
 
 
 @pytest.mark.parametrize("site", ["plus_int8", "plus_int4", "self_int8", "self_int4"])

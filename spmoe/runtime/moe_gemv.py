@@ -39,11 +39,19 @@ _enabled = True
 
 
 def use(kernel: str) -> None:
-    """`hardware.expert_kernel`: "auto" serves decode shapes here, "torch" leaves them to torch's grouped GEMM."""
+    """`hardware.expert_kernel`: "auto" serves decode shapes with the Triton kernels (here and in
+    `spmoe.runtime.quant_gemv`), "torch" leaves them to torch's grouped GEMM (and quantized weights to
+    dequantize-then-matmul)."""
     if kernel not in ("auto", "torch"):
         raise ValueError(f"expert kernel {kernel!r}; valid: auto, torch")
     global _enabled
     _enabled = kernel == "auto"
+
+
+def enabled() -> bool:
+    """Whether `hardware.expert_kernel` lets the Triton decode kernels serve (this module's and
+    `spmoe.runtime.quant_gemv`'s)."""
+    return _enabled
 
 
 def supports(x: torch.Tensor, act_fn: nn.Module) -> bool:

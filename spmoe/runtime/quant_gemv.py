@@ -17,12 +17,14 @@ Numerics: y = x w^T accumulated in float32 and rounded once to x's dtype, then t
 Not bit-equal to dequantize-then-matmul, which rounds each weight to the compute dtype first; within that
 rounding. Callers are drafts, which only propose: the target verifies, so outputs stay lossless.
 Used where `supports` (CUDA, bf16 or fp16, T <= MAX_TOKENS, Triton importable, `hardware.expert_kernel`
-"auto"); elsewhere the caller dequantizes into its workspace. No host sync: CUDA graphs capture it.
+"auto": the switch `spmoe.runtime.moe_gemv.use` sets for both modules' kernels); elsewhere the caller dequantizes into its workspace. No host sync: CUDA graphs capture it.
 """
 
 from __future__ import annotations
 
 import torch
+
+from spmoe.runtime import moe_gemv
 
 try:
     import triton
@@ -32,15 +34,6 @@ except ImportError:
 
 MAX_TOKENS = 16  # rows served here: one BLOCK_M tile
 BLOCK_M, BLOCK_N, BLOCK_K = 16, 32, 128
-_enabled = True
-
-
-def use(kernel: str) -> None:
-    """`hardware.expert_kernel`: "auto" serves decode shapes here, "torch" leaves them to dequantize-then-matmul."""
-    if kernel not in ("auto", "torch"):
-        raise ValueError(f"quantized linear kernel {kernel!r}; valid: auto, torch")
-    global _enabled
-    _enabled = kernel == "auto"
 
 
 def serves(device: str, kernel: str) -> bool:
@@ -52,7 +45,7 @@ def serves(device: str, kernel: str) -> bool:
 def supports(x: torch.Tensor) -> bool:
     """Whether `int8_linear` / `int4_linear` serve inputs x [..., I]."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return (_enabled and triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+    return (moe_gemv.enabled() and triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
             and 0 < rows <= MAX_TOKENS)
 
 
