@@ -17,7 +17,8 @@ Numerics: y = x w^T accumulated in float32 and rounded once to x's dtype, then t
 Not bit-equal to dequantize-then-matmul, which rounds each weight to the compute dtype first; within that
 rounding. Callers are drafts, which only propose: the target verifies, so outputs stay lossless.
 Used where `supports` (CUDA, bf16 or fp16, T <= MAX_TOKENS, Triton importable, `hardware.expert_kernel`
-"auto": the switch `spmoe.runtime.moe_gemv.use` sets for both modules' kernels); elsewhere the caller dequantizes into its workspace. No host sync: CUDA graphs capture it.
+"auto": the switch `spmoe.runtime.moe_gemv.use` sets for both modules' kernels); elsewhere the caller
+dequantizes into its workspace. No host sync: CUDA graphs capture it.
 """
 
 from __future__ import annotations
