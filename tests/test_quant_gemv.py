@@ -38,7 +38,8 @@ def test_int8_matches_dequantize_then_matmul(rows, out_features, in_features, bi
 
 
 @pytest.mark.parametrize("rows", [1, 5, 16])
-@pytest.mark.parametrize("out_features,in_features,group_size", [(40, 64, 16), (96, 300, 128), (33, 50, 16)])
+@pytest.mark.parametrize("out_features,in_features,group_size",
+                         [(40, 64, 16), (96, 300, 128), (33, 50, 16), (40, 512, 128), (33, 256, 256)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_int4_matches_dequantize_then_matmul(rows, out_features, in_features, group_size, bias):
     linear = _linear(out_features, in_features, bias, rows)

@@ -73,8 +73,8 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offs
     y = torch.empty(x2.shape[0], out_features, dtype=x.dtype, device=x.device)  # [T, O]
     _int4_kernel[(triton.cdiv(out_features, BLOCK_N),)](
         x2, packed, scale, offset, bias if bias is not None else scale, y, x2.shape[0], in_features, 2 * half,
-        out_features, num_groups, group, HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        BLOCK_K=BLOCK_K)
+        out_features, num_groups, group, HAS_BIAS=bias is not None, ALIGNED=group % BLOCK_K == 0, BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     return y.view(*x.shape[:-1], out_features)
 
 
@@ -110,10 +110,11 @@ if triton is not None:
 
     @triton.jit
     def _int4_kernel(x_ptr, p_ptr, scale_ptr, offset_ptr, bias_ptr, y_ptr, num_rows, in_features, padded,
-                     out_features, num_groups, group, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     out_features, num_groups, group, HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """As `_int8_kernel`; each K step takes BLOCK_K columns as BLOCK_K / 2 bytes: even columns from the low
-        nibbles, odd ones from the high nibbles, each pair in one group (g is even)."""
+        nibbles, odd ones from the high nibbles, each pair in one group (g is even). ALIGNED (g a multiple of
+        BLOCK_K): a K step lies in one group, so its scale and offset are one value per row."""
         rows = tl.arange(0, BLOCK_M)
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok, col_ok = rows < num_rows, cols < out_features
@@ -128,9 +129,14 @@ if triton is not None:
             x_odd = tl.load(x_rows + odd[None, :], mask=row_ok[:, None] & (odd < in_features)[None, :], other=0.0)
             w_ok = col_ok[:, None] & j_ok[None, :]
             p = tl.load(p_ptr + cols[:, None].to(tl.int64) * half + j[None, :], mask=w_ok, other=0)  # [N, K/2] u8
-            g = cols[:, None] * num_groups + even[None, :] // group  # [BLOCK_N, BLOCK_K / 2]
-            s = tl.load(scale_ptr + g, mask=w_ok, other=0.0).to(tl.float32)
-            o = tl.load(offset_ptr + g, mask=w_ok, other=0.0).to(tl.float32)
+            if ALIGNED:
+                g = cols * num_groups + k0 // group  # [BLOCK_N]
+                s = tl.load(scale_ptr + g, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+                o = tl.load(offset_ptr + g, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+            else:
+                g = cols[:, None] * num_groups + even[None, :] // group  # [BLOCK_N, BLOCK_K / 2]
+                s = tl.load(scale_ptr + g, mask=w_ok, other=0.0).to(tl.float32)
+                o = tl.load(offset_ptr + g, mask=w_ok, other=0.0).to(tl.float32)
             w_even = ((p & 0xF).to(tl.float32) * s + o).to(x_even.dtype)
             w_odd = ((p >> 4).to(tl.float32) * s + o).to(x_odd.dtype)
             acc = tl.dot(x_even, tl.trans(w_even), acc)
