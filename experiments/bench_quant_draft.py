@@ -53,11 +53,11 @@ def site_shapes(draft: str, layers: int | None) -> list[tuple[int, int]]:
 
 def build(shapes: list[tuple[int, int]], device: torch.device) -> nn.Sequential:
     torch.manual_seed(0)
-    sites = nn.Sequential(*[nn.Linear(i, o, bias=False, device="meta") for o, i in shapes])
+    sites = nn.Sequential(*[nn.Linear(i, o, bias=False, device="meta", dtype=torch.bfloat16) for o, i in shapes])
     sites.to_empty(device=device)
     for site in sites:
         nn.init.normal_(site.weight, std=0.02)
-    return sites.to(torch.bfloat16)
+    return sites
 
 
 def forward(sites: nn.Sequential, xs: list[torch.Tensor]) -> torch.Tensor:
