@@ -29,6 +29,8 @@ cutoff with lossy misses); the queue is the provider's prefetch copies still in 
 Numerics: on a CPU device both paths run the same float32 kernels on the same inputs, so outputs
 are bit-identical; on CUDA the host computes in the store's dtype (bf16) with the host's
 accumulation order, which differs from the GPU's within bf16 rounding.
+A layer call with no host expert runs exactly as `OffloadedExperts` (its grouped kernels, as a call-site CUDA
+graph under piecewise decode); one with host experts runs eagerly.
 Invariant: as in `OffloadedExperts`, every expert writes its own rows of a [T, A, H] buffer and the
 weighted sum over A runs in a fixed order afterwards, so the split does not change the sum order.
 """
@@ -39,7 +41,7 @@ import logging
 import os
 import statistics
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -189,8 +191,6 @@ class HostAssistedExperts(OffloadedExperts):
         self.planner.observe((t0 - submitted) * 1e3, times)
         return out
 
-    graph_experts = False  # its layers mix host and device experts: always eager
-
     def compute(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 site=None) -> torch.Tensor:
         # T = tokens, A = experts per token, H = hidden, R = T * A routes
@@ -206,12 +206,13 @@ class HostAssistedExperts(OffloadedExperts):
             cache = self.provider.cache
             missing = sum(1 for e in span if cache.slot_of((self.layer_idx, e)) is None)
             self.on_layer(self.layer_idx, num_tokens, len(span), missing)
+        if not host_ids:  # every expert on the device: the base path (a call-site graph under piecewise decode)
+            self.stats.num_gpu_experts += len(span)
+            return super().compute(hidden_states, top_k_index, top_k_weights, site)
         rows_cpu = order // top_k  # [R]: each route's token
-        future: Future | None = None
-        if host_ids:
-            x_host = hidden_states.to("cpu")  # [T, H]
-            future = self.pool.submit(self._host, x_host, [(e, rows_cpu[span[e][0]:span[e][1]]) for e in host_ids],
-                                      time.perf_counter())
+        x_host = hidden_states.to("cpu")  # [T, H]
+        future = self.pool.submit(self._host, x_host, [(e, rows_cpu[span[e][0]:span[e][1]]) for e in host_ids],
+                                  time.perf_counter())
         on_host = set(host_ids)
         gpu_ids = [e for e in span if e not in on_host]
         served = self._provide(hidden_states, gpu_ids, index_cpu)  # the GPU experts in one grouped matmul if it can
@@ -219,18 +220,17 @@ class HostAssistedExperts(OffloadedExperts):
         # see spmoe.offload.layer_slots); their rows are overwritten by the host outputs below
         ys = self._routes(hidden_states, top_k_index, index_cpu, served, whole=False)  # [T, A, H]
         self.stats.num_gpu_experts += len(gpu_ids)
-        if self.fill and host_ids:
+        if self.fill:
             self.stats.num_filled += self.provider.fill(self.layer_idx, host_ids)
-        if future is not None:
-            t0 = time.perf_counter()
-            results = future.result()
-            self.stats.wait_ms += (time.perf_counter() - t0) * 1e3
-            order_d = order.to(hidden_states.device)  # [R], one host->device copy, only when experts ran on the host
-            rows_all, pos_all = order_d // top_k, order_d % top_k  # [R] each
-            for e, y in results:
-                start, end = span[e]
-                ys[rows_all[start:end], pos_all[start:end]] = y.to(hidden_states.device)
-            self.stats.num_host_experts += len(host_ids)
+        t0 = time.perf_counter()
+        results = future.result()
+        self.stats.wait_ms += (time.perf_counter() - t0) * 1e3
+        order_d = order.to(hidden_states.device)  # [R], one host->device copy, only when experts ran on the host
+        rows_all, pos_all = order_d // top_k, order_d % top_k  # [R] each
+        for e, y in results:
+            start, end = span[e]
+            ys[rows_all[start:end], pos_all[start:end]] = y.to(hidden_states.device)
+        self.stats.num_host_experts += len(host_ids)
         return combine_routes(ys, top_k_weights, self.act_fn)  # [T, H], as OffloadedExperts sums them
 
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from spmoe.engine import StepState
+from spmoe.models.experts import ExpertLayout, OffloadedExperts
 from spmoe.offload.cache import ExpertCache
 from spmoe.offload.eviction import make_policy
 from spmoe.offload.eviction_lookahead import SdLookaheadPolicy
-from spmoe.plus.host_experts import HostCost, HostPlanner
+from spmoe.plus.host_experts import HostAssistedExperts, HostCost, HostPlanner, HostStats
 from spmoe.plus.k_chooser import KChooser
 
 
@@ -306,3 +307,23 @@ def test_lossy_misses_dequantize_on_the_copy_stream(gpu, precision):
     finally:
         transfer.close()
         store.close()
+
+
+def test_a_layer_without_host_experts_runs_the_base_experts_path(monkeypatch):
+    """A layer call whose planner keeps every expert on the device runs `OffloadedExperts.compute` itself, with
+    the call site (so, under piecewise decode, its call-site graph)."""
+    calls = []
+    monkeypatch.setattr(OffloadedExperts, "compute", lambda self, h, i, w, site=None: calls.append(site) or h)
+
+    class Planner:
+        def __init__(self, host):
+            self.host = host
+
+        def split(self, layer, tokens):
+            return self.host
+
+    base = OffloadedExperts(0, ExpertLayout((0,), 4, 2, 8, 4, torch.float32), torch.nn.SiLU(), provider=None)
+    experts = HostAssistedExperts(base, Planner([]), store=None, pool=None, stats=HostStats())
+    h, index = torch.zeros(1, 8), torch.tensor([[0, 2]])
+    assert experts.compute(h, index, torch.ones(1, 2), site="site") is h
+    assert calls == ["site"] and experts.stats.num_gpu_experts == 2
