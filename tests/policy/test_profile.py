@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import spmoe.policy.profile as profile_mod
 from conftest import tiny_run_config
@@ -65,6 +65,8 @@ def _changed(setting: str):
         cfg.routing = RoutingConfig(name="replay", trace_path=f"{TRACES}/humaneval_k1.npz")
     elif setting == "pacing":
         cfg.hardware = dataclasses.replace(cfg.hardware, pace_pcie=True, pcie_gb_per_s=25.0)
+    elif setting == "decode":
+        cfg.hardware = dataclasses.replace(cfg.hardware, decode="graphs")
     elif setting == "capture_point":
         cfg.method.capture_point = "attn_out"
     elif setting == "device":
@@ -79,7 +81,7 @@ def _changed(setting: str):
 
 
 SETTINGS = ["model_shape", "draft_shape", "weights", "twin_noise", "dtype", "draft_dtype", "seed", "routing",
-            "pacing", "capture_point", "device", "slots", "predict_top_k", "hidden_maps"]
+            "pacing", "decode", "capture_point", "device", "slots", "predict_top_k", "hidden_maps"]
 
 
 @pytest.mark.parametrize("setting", SETTINGS)
@@ -169,6 +171,29 @@ def test_copy_check():
     assert check_copy(_measures(13.9, 12.0), 6.4) == (12.0, "flagged")
     assert check_copy(_measures(3.0, 3.1), 6.4) == (3.1, "flagged")  # too fast is as suspect as too slow
     assert check_copy(_measures(13.9), None) == (13.9, "skipped")
+
+
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_draft_time_runs_through_the_runs_decoder(decode, monkeypatch):
+    """t_d times the draft as the run's drafter runs it: a decoder of the run's `hardware.decode` mode, every
+    one-token forward after the same cached prefix."""
+    made, lengths = [], []
+    real = profile_mod.make_decoder
+
+    def spy(model, device, mode, **kw):
+        decoder = real(model, device, mode, **kw)
+        made.append((mode, type(decoder).__name__))
+        forward = decoder.forward
+        decoder.forward = lambda ids, n: lengths.append(decoder.length) or forward(ids, n)
+        return decoder
+
+    monkeypatch.setattr(profile_mod, "make_decoder", spy)
+    torch.manual_seed(0)
+    preset = load_preset("draft", "tiny")
+    model = AutoModelForCausalLM.from_config(_hf(preset.hf_config, preset.family)).eval()
+    ms = profile_mod.draft_forward_ms(model, torch.device("cpu"), decode)
+    assert ms > 0 and made == [(decode, "DynamicDecoder" if decode == "eager" else "StaticDecoder")]
+    assert lengths[0] == 0 and set(lengths[1:]) == {profile_mod.DRAFT_PREFIX}  # the prefill, then the prefix
 
 
 def test_bandwidth_measurement_on_cpu():
