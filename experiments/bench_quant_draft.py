@@ -33,7 +33,7 @@ from torch import nn
 from experiments.presets import load_preset
 from spmoe.io import write_text_atomic
 from spmoe.models.build import hf_config
-from spmoe.plus.draft_precision import quantize_draft
+from spmoe.plus.draft_precision import QuantLinear, quantize_draft
 from spmoe.runtime import moe_gemv
 
 log = logging.getLogger("bench_quant_draft")
@@ -73,7 +73,7 @@ def weight_bytes(sites: nn.Module) -> int:
     for m in sites.modules():
         if isinstance(m, nn.Linear):
             total += m.weight.numel() * m.weight.element_size()
-        elif hasattr(m, "nbytes") and hasattr(m, "bits"):
+        elif isinstance(m, QuantLinear):
             total += m.nbytes
     return total
 

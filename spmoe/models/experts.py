@@ -174,7 +174,13 @@ class OffloadedExperts(nn.Module):
                  site: ExpertsSite) -> torch.Tensor:
         """`compute` at a piecewise call site: a layer whose experts are all pinned runs its kernels and
         the routes' sum through `site.run` (static addresses: the whole storage, the layer's map row)."""
-        index_cpu, served = self._serve(hidden_states, top_k_index)
+        return self._graphed_served(hidden_states, top_k_index, top_k_weights, site,
+                                    *self._serve(hidden_states, top_k_index))
+
+    def _graphed_served(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                        site: ExpertsSite, index_cpu: torch.Tensor,
+                        served: LayerSlots | Iterator[tuple[int, torch.Tensor]]) -> torch.Tensor:
+        """`_graphed` once the provider has served the layer (`_serve`'s pair)."""
         if not isinstance(served, LayerSlots) or not served.static:
             return combine_routes(self._routes(hidden_states, top_k_index, index_cpu, served), top_k_weights, self.act_fn)
         try:

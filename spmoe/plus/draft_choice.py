@@ -171,17 +171,17 @@ def inputs(offer: DraftOffer) -> tuple[ModelShape, list[DraftOption], str]:
         device_gb_per_s=pcfg.choice_device_gb_per_s, layer_ms=pcfg.choice_layer_ms)
     options = [DraftOption(NONE, _slots(offer, offer.without_draft.num_slots))]
     with_draft = offer.with_draft
+    kernel = quant_gemv.serves(cfg.hardware.device, cfg.hardware.expert_kernel)  # quantized sites read once
     if with_draft is None:
         return shape, options, "accept_prior" if measured is None else "trace"
     if cfg.draft.copy_of_target:
         experts = shape.num_moe_layers * shape.top_k * shape.expert_bytes
         ratio = cfg.draft.quant_bits / (8 * layout.expert_bytes // layout.expert_numel)  # quantized / full bytes
-        linear = ratio if quant_gemv.serves(cfg.hardware.device, cfg.hardware.expert_kernel) else 2 + ratio
+        linear = ratio if kernel else 2 + ratio
         read = int(offer.target.non_expert_bytes * linear + experts * (2 + ratio))
         options.append(DraftOption(AS_CONFIGURED, _slots(offer, with_draft.num_slots), read, shape.num_target_host_layers))
     elif offer.draft is not None:
         host_layers = offer.draft.config.num_hidden_layers if eager else 0
-        kernel = quant_gemv.serves(cfg.hardware.device, cfg.hardware.expert_kernel)
         options.append(DraftOption("bf16", _slots(offer, with_draft.num_slots), offer.draft_weight_bytes, host_layers))
         for precision in ("int8", "int4"):
             est = estimate_precision(offer.draft, precision, pcfg.draft_group_size)

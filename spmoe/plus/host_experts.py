@@ -29,8 +29,8 @@ cutoff with lossy misses); the queue is the provider's prefetch copies still in 
 Numerics: on a CPU device both paths run the same float32 kernels on the same inputs, so outputs
 are bit-identical; on CUDA the host computes in the store's dtype (bf16) with the host's
 accumulation order, which differs from the GPU's within bf16 rounding.
-A layer call with no host expert runs exactly as `OffloadedExperts` (its grouped kernels, as a call-site CUDA
-graph under piecewise decode); one with host experts runs eagerly.
+A layer call with no host expert is served as `OffloadedExperts` serves it, from the routes already on the host
+(its grouped kernels, as a call-site CUDA graph under piecewise decode); one with host experts runs eagerly.
 Invariant: as in `OffloadedExperts`, every expert writes its own rows of a [T, A, H] buffer and the
 weighted sum over A runs in a fixed order afterwards, so the split does not change the sum order.
 """
@@ -208,7 +208,11 @@ class HostAssistedExperts(OffloadedExperts):
             self.on_layer(self.layer_idx, num_tokens, len(span), missing)
         if not host_ids:  # every expert on the device: the base path (a call-site graph under piecewise decode)
             self.stats.num_gpu_experts += len(span)
-            return super().compute(hidden_states, top_k_index, top_k_weights, site)
+            served = self._provide(hidden_states, list(span), index_cpu)  # span: the sorted routed ids
+            if site is not None and self.graph_experts and self._kernels(hidden_states):
+                return self._graphed_served(hidden_states, top_k_index, top_k_weights, site, index_cpu, served)
+            ys = self._routes(hidden_states, top_k_index, index_cpu, served)  # [T, A, H]
+            return combine_routes(ys, top_k_weights, self.act_fn)
         rows_cpu = order // top_k  # [R]: each route's token
         x_host = hidden_states.to("cpu")  # [T, H]
         future = self.pool.submit(self._host, x_host, [(e, rows_cpu[span[e][0]:span[e][1]]) for e in host_ids],

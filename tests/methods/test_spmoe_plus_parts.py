@@ -310,10 +310,14 @@ def test_lossy_misses_dequantize_on_the_copy_stream(gpu, precision):
 
 
 def test_a_layer_without_host_experts_runs_the_base_experts_path(monkeypatch):
-    """A layer call whose planner keeps every expert on the device runs `OffloadedExperts.compute` itself, with
-    the call site (so, under piecewise decode, its call-site graph)."""
-    calls = []
-    monkeypatch.setattr(OffloadedExperts, "compute", lambda self, h, i, w, site=None: calls.append(site) or h)
+    """A layer call whose planner keeps every expert on the device is served as `OffloadedExperts` serves it, with
+    the call site (so, under piecewise decode, its call-site graph), from the routes already on the host."""
+    calls, provided = [], []
+    monkeypatch.setattr(OffloadedExperts, "_serve", lambda *a: pytest.fail("the routes were read twice"))
+    monkeypatch.setattr(OffloadedExperts, "_provide", lambda self, h, ids, index_cpu: provided.append(ids) or "served")
+    monkeypatch.setattr(OffloadedExperts, "_kernels", lambda self, h: True)
+    monkeypatch.setattr(OffloadedExperts, "_graphed_served",
+                        lambda self, h, i, w, site, index_cpu, served: calls.append(site) or h)
 
     class Planner:
         def __init__(self, host):
@@ -327,3 +331,4 @@ def test_a_layer_without_host_experts_runs_the_base_experts_path(monkeypatch):
     h, index = torch.zeros(1, 8), torch.tensor([[0, 2]])
     assert experts.compute(h, index, torch.ones(1, 2), site="site") is h
     assert calls == ["site"] and experts.stats.num_gpu_experts == 2
+    assert provided == [[0, 2]]
