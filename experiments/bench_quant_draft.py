@@ -32,7 +32,7 @@ from torch import nn
 
 from experiments.presets import load_preset
 from spmoe.io import write_text_atomic
-from spmoe.models.build import hf_config
+from spmoe.models.draft import draft_hf_config
 from spmoe.plus.draft_precision import QuantLinear, quantize_draft
 from spmoe.runtime import moe_gemv
 
@@ -42,7 +42,7 @@ CASES = ("bf16", "int8_dequant", "int8_kernel", "int4_dequant", "int4_kernel")
 
 def site_shapes(draft: str, layers: int | None) -> list[tuple[int, int]]:
     """(out, in) of every linear layer of one forward of the draft preset, in order."""
-    cfg = hf_config(load_preset("draft", draft))
+    cfg = draft_hf_config(load_preset("draft", draft))
     h, inter = cfg.hidden_size, cfg.intermediate_size
     heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or h // heads

@@ -17,3 +17,10 @@ def test_bench_quant_draft_smoke_on_cpu(tmp_path, monkeypatch):
     assert float(rows["int4_dequant"]["rel_err_vs_bf16"]) < 0.2
     assert float(rows["int8_kernel"]["rel_err_vs_dequant"]) == 0.0
     assert (tmp_path / "table.md").read_text().startswith("# Quantized draft sites")
+
+
+def test_site_shapes_follow_the_draft_preset():
+    shapes = bench_quant_draft.site_shapes("mistral_7b", 2)
+    assert shapes[:7] == [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096),
+                          (14336, 4096), (14336, 4096), (4096, 14336)]
+    assert len(shapes) == 2 * 7 + 1 and shapes[-1] == (32000, 4096)
