@@ -51,6 +51,7 @@ from spmoe.offload.eviction import make_policy
 from spmoe.offload.host_memory import check_host_memory
 from spmoe.offload.store import ExpertStore
 from spmoe.runtime import moe_gemv
+from spmoe.runtime.attention_backend import pin_deterministic_attention
 from spmoe.spec.drafter import ModelDrafter
 from spmoe.methods import STRATEGIES, get_strategy
 from spmoe.strategy import DraftOffer, MethodContext
@@ -326,6 +327,7 @@ def open_session(cfg: RunConfig, cases: Sequence[RunConfig] = (),
             group.path = os.path.expanduser(group.path)
     device = resolve_device(cfg.hardware.device)
     moe_gemv.use(cfg.hardware.expert_kernel)
+    pin_deterministic_attention(device)
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # subnormal activations slow CPU matmuls several-fold
     hf_cfg = hf_config(cfg.model)
