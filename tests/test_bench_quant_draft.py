@@ -5,6 +5,8 @@ where the kernel does not serve."""
 import csv
 import sys
 
+import torch
+
 from experiments import bench_quant_draft
 
 
@@ -24,3 +26,13 @@ def test_site_shapes_follow_the_draft_preset():
     assert shapes[:7] == [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096),
                           (14336, 4096), (14336, 4096), (4096, 14336)]
     assert len(shapes) == 2 * 7 + 1 and shapes[-1] == (32000, 4096)
+
+
+def test_sweep_sites_bytes_per_precision():
+    from experiments import sweep_quant_gemv
+
+    layer = sweep_quant_gemv.sites([(64, 256), (32, 256)], 128, torch.device("cpu"))
+    bf16, int8, int4 = (sweep_quant_gemv.layer_bytes(p, layer[p]) for p in ("bf16", "int8", "int4"))
+    assert bf16 == 2 * (64 + 32) * 256
+    assert int8 == (64 + 32) * 256 + 2 * (64 + 32)  # int8 codes + row scales in the weight's dtype (bf16)
+    assert int8 < bf16 and int4 < int8

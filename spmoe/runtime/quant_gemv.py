@@ -16,12 +16,21 @@ I_pad = G * g), w = q * scale + offset; padding columns meet zero inputs.
 Numerics: y = x w^T accumulated in float32 and rounded once to x's dtype, then the bias added in that dtype.
 Not bit-equal to dequantize-then-matmul, which rounds each weight to the compute dtype first; within that
 rounding. Callers are drafts, which only propose: the target verifies, so outputs stay lossless.
+Two kernels per precision: one row (T = 1, each draft token's forward) is a GEMV: each program reduces
+[BLOCK_N, BLOCK_K] tiles against the row in float32 without padding the row to a matrix tile; for int4 it
+takes each group's dot with the raw 4-bit codes and applies the group's scale and offset once
+(sum_k (q_k s + o) x_k = s sum_k q_k x_k + o sum_k x_k; needs a power-of-two group). 2..MAX_TOKENS rows
+(a draft catching up on accepted tokens) multiply [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] tiles with
+`tl.dot`. Tile sizes, warps and pipeline stages per kernel are `LaunchConfig`s (`ROW_CONFIG`,
+`TILE_CONFIG`; a caller may pass its own, as `experiments.sweep_quant_gemv` does).
 Used where `supports` (CUDA, bf16 or fp16, T <= MAX_TOKENS, Triton importable, `hardware.expert_kernel`
 "auto": the switch `spmoe.runtime.moe_gemv.use` sets for both modules' kernels); elsewhere the caller
 dequantizes into its workspace. No host sync: CUDA graphs capture it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -34,7 +43,19 @@ except ImportError:
     triton = None
 
 MAX_TOKENS = 16  # rows served here: one BLOCK_M tile
-BLOCK_M, BLOCK_N, BLOCK_K = 16, 32, 128
+BLOCK_M = 16
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_n: int  # output features per program
+    block_k: int  # input features per loop step (a power of two)
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+ROW_CONFIG = {"int8": LaunchConfig(32, 512), "int4": LaunchConfig(32, 512)}  # one row
+TILE_CONFIG = {"int8": LaunchConfig(32, 128), "int4": LaunchConfig(32, 128)}  # 2..MAX_TOKENS rows
 
 
 def serves(device: str, kernel: str) -> bool:
@@ -50,31 +71,52 @@ def supports(x: torch.Tensor) -> bool:
             and 0 < rows <= MAX_TOKENS)
 
 
-def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                config: LaunchConfig | None = None) -> torch.Tensor:
     """x [..., I] -> [..., O]: x (q * scale[:, None])^T + bias; q [O, I] int8, scale [O]."""
     out_features, in_features = q.shape
     x2 = x.reshape(-1, in_features).contiguous()  # [T, I]
-    assert x2.shape[0] <= MAX_TOKENS and q.is_contiguous(), (x.shape, q.stride())
-    y = torch.empty(x2.shape[0], out_features, dtype=x.dtype, device=x.device)  # [T, O]
-    _int8_kernel[(triton.cdiv(out_features, BLOCK_N),)](
-        x2, q, scale, bias if bias is not None else scale, y, x2.shape[0], in_features, out_features,
-        HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    rows = x2.shape[0]
+    assert rows <= MAX_TOKENS and q.is_contiguous(), (x.shape, q.stride())
+    y = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)  # [T, O]
+    b = bias if bias is not None else scale
+    if rows == 1:
+        c = config or ROW_CONFIG["int8"]
+        _int8_row_kernel[(triton.cdiv(out_features, c.block_n),)](
+            x2, q, scale, b, y, in_features, out_features, HAS_BIAS=bias is not None, BLOCK_N=c.block_n,
+            BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages)
+    else:
+        c = config or TILE_CONFIG["int8"]
+        _int8_kernel[(triton.cdiv(out_features, c.block_n),)](
+            x2, q, scale, b, y, rows, in_features, out_features, HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M,
+            BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages)
     return y.view(*x.shape[:-1], out_features)
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
-                in_features: int, bias: torch.Tensor | None) -> torch.Tensor:
+                in_features: int, bias: torch.Tensor | None, config: LaunchConfig | None = None) -> torch.Tensor:
     """x [..., I] -> [..., O] through the int4 weight (packed [O, I_pad / 2], scale and offset [O, G])."""
     out_features, half = packed.shape
     num_groups = scale.shape[1]
     group = 2 * half // num_groups  # g columns per group, even
     x2 = x.reshape(-1, in_features).contiguous()  # [T, I]
-    assert x2.shape[0] <= MAX_TOKENS and packed.is_contiguous() and scale.is_contiguous() and offset.is_contiguous()
-    y = torch.empty(x2.shape[0], out_features, dtype=x.dtype, device=x.device)  # [T, O]
-    _int4_kernel[(triton.cdiv(out_features, BLOCK_N),)](
-        x2, packed, scale, offset, bias if bias is not None else scale, y, x2.shape[0], in_features, 2 * half,
-        out_features, num_groups, group, HAS_BIAS=bias is not None, ALIGNED=group % BLOCK_K == 0, BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    rows = x2.shape[0]
+    assert rows <= MAX_TOKENS and packed.is_contiguous() and scale.is_contiguous() and offset.is_contiguous()
+    y = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)  # [T, O]
+    b = bias if bias is not None else scale
+    if rows == 1 and group & (group - 1) == 0:
+        c = config or ROW_CONFIG["int4"]
+        block_k = max(c.block_k, group)  # powers of two: a whole number of groups per step
+        _int4_row_kernel[(triton.cdiv(out_features, c.block_n),)](
+            x2, packed, scale, offset, b, y, in_features, 2 * half, out_features, num_groups,
+            HAS_BIAS=bias is not None, GROUP=group, BLOCK_N=c.block_n, BLOCK_K=block_k, num_warps=c.num_warps,
+            num_stages=c.num_stages)
+    else:
+        c = config or TILE_CONFIG["int4"]
+        _int4_kernel[(triton.cdiv(out_features, c.block_n),)](
+            x2, packed, scale, offset, b, y, rows, in_features, 2 * half, out_features, num_groups, group,
+            HAS_BIAS=bias is not None, ALIGNED=group % c.block_k == 0, BLOCK_M=BLOCK_M, BLOCK_N=c.block_n,
+            BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages)
     return y.view(*x.shape[:-1], out_features)
 
 
@@ -88,6 +130,62 @@ if triton is not None:
             y = y + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(y_ptr.dtype.element_ty)[None, :]
         tl.store(y_ptr + rows[:, None] * out_features + cols[None, :], y,
                  mask=(rows[:, None] < num_rows) & col_ok[None, :])
+
+    @triton.jit
+    def _store_row(acc, y_ptr, bias_ptr, cols, out_features, HAS_BIAS: tl.constexpr):
+        """Round the float32 row [BLOCK_N] to y's dtype, add the bias in it, store the valid part."""
+        col_ok = cols < out_features
+        y = acc.to(y_ptr.dtype.element_ty)
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + cols, y, mask=col_ok)
+
+    @triton.jit
+    def _int8_row_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, y_ptr, in_features, out_features,
+                         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One row; program n: output columns [n * BLOCK_N, (n + 1) * BLOCK_N)."""
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < out_features
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, in_features, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < in_features
+            xs = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
+            q = tl.load(q_ptr + cols[:, None].to(tl.int64) * in_features + k[None, :],
+                        mask=col_ok[:, None] & k_ok[None, :], other=0)  # [BLOCK_N, BLOCK_K] int8
+            acc += tl.sum(q.to(tl.float32) * xs[None, :], axis=1)
+        scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)  # [BLOCK_N]
+        _store_row(acc * scale, y_ptr, bias_ptr, cols, out_features, HAS_BIAS)
+
+    @triton.jit
+    def _int4_row_kernel(x_ptr, p_ptr, scale_ptr, offset_ptr, bias_ptr, y_ptr, in_features, padded, out_features,
+                         num_groups, HAS_BIAS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+        """One row; each K step holds BLOCK_K / GROUP whole groups: per group the dot of the raw codes with the
+        row, then scale * that + offset * the group's row sum."""
+        SUB: tl.constexpr = BLOCK_K // GROUP
+        HALF_G: tl.constexpr = GROUP // 2
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < out_features
+        half = padded // 2
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, padded, BLOCK_K):
+            j = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # byte index within a row
+            even, odd = 2 * j, 2 * j + 1  # columns
+            x_even = tl.load(x_ptr + even, mask=even < in_features, other=0.0).to(tl.float32)  # [BLOCK_K / 2]
+            x_odd = tl.load(x_ptr + odd, mask=odd < in_features, other=0.0).to(tl.float32)
+            p = tl.load(p_ptr + cols[:, None].to(tl.int64) * half + j[None, :],
+                        mask=col_ok[:, None] & (j < half)[None, :], other=0)  # [BLOCK_N, BLOCK_K / 2] uint8
+            qx = (p & 0xF).to(tl.float32) * x_even[None, :] + (p >> 4).to(tl.float32) * x_odd[None, :]
+            qx = tl.sum(tl.reshape(qx, (BLOCK_N, SUB, HALF_G)), axis=2)  # [BLOCK_N, SUB]
+            xg = tl.sum(tl.reshape(x_even + x_odd, (SUB, HALF_G)), axis=1)  # [SUB]
+            g = k0 // GROUP + tl.arange(0, SUB)
+            g_at = cols[:, None] * num_groups + g[None, :]  # [BLOCK_N, SUB]
+            g_ok = col_ok[:, None] & (g < num_groups)[None, :]
+            s = tl.load(scale_ptr + g_at, mask=g_ok, other=0.0).to(tl.float32)
+            o = tl.load(offset_ptr + g_at, mask=g_ok, other=0.0).to(tl.float32)
+            acc += tl.sum(s * qx + o * xg[None, :], axis=1)
+        _store_row(acc, y_ptr, bias_ptr, cols, out_features, HAS_BIAS)
 
     @triton.jit
     def _int8_kernel(x_ptr, q_ptr, scale_ptr, bias_ptr, y_ptr, num_rows, in_features, out_features,
