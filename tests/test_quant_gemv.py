@@ -79,3 +79,19 @@ def test_quantized_sites_dispatch_to_the_kernel_where_it_serves(site, monkeypatc
     y = module(x)
     assert calls == [1]
     torch.testing.assert_close(y, dequantized, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("block_n,block_k", [(16, 64), (64, 256)])
+def test_launch_configs_give_the_same_outputs(rows, block_n, block_k):
+    """A sweep's configs change tiling only: int8 and int4 (group 32, so one K step spans several groups or one
+    group several steps) agree with the defaults."""
+    linear = _linear(72, 200, True, rows)
+    config = quant_gemv.LaunchConfig(block_n, block_k, num_warps=4, num_stages=2)
+    x = torch.randn(rows, 200)
+    q, scale = quantize_rows(linear.weight.data)
+    torch.testing.assert_close(quant_gemv.int8_linear(x, q, scale, linear.bias, config),
+                               quant_gemv.int8_linear(x, q, scale, linear.bias), rtol=1e-5, atol=1e-5)
+    packed, s4, o4 = int4.quantize(linear.weight.data, 32)
+    torch.testing.assert_close(quant_gemv.int4_linear(x, packed, s4, o4, 200, linear.bias, config),
+                               quant_gemv.int4_linear(x, packed, s4, o4, 200, linear.bias), rtol=1e-5, atol=1e-5)
