@@ -100,8 +100,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     quant_gemv.moe_gemv.use("auto")
     rows = []
     for precision in ("bf16", "int8", "int4"):
-        configs = [None] if precision == "bf16" else [quant_gemv.ROW_CONFIG[precision]] + [
-            LaunchConfig(*c) for c in itertools.product(*GRID.values())]
+        grid = [LaunchConfig(*c) for c in itertools.product(*GRID.values())]
+        current = quant_gemv.ROW_CONFIG.get(precision)
+        configs = [None] if precision == "bf16" else [current] + [c for c in grid if c != current]
         nbytes = layer_bytes(precision, layer[precision])
         for config in configs:
             try:

@@ -54,7 +54,7 @@ class LaunchConfig:
     num_stages: int = 3
 
 
-ROW_CONFIG = {"int8": LaunchConfig(32, 512), "int4": LaunchConfig(32, 512)}  # one row
+ROW_CONFIG = {"int8": LaunchConfig(16, 1024), "int4": LaunchConfig(16, 1024)}  # one row (swept on an H200)
 TILE_CONFIG = {"int8": LaunchConfig(32, 128), "int4": LaunchConfig(32, 128)}  # 2..MAX_TOKENS rows
 
 
