@@ -19,11 +19,11 @@ import csv
 import io
 import itertools
 import logging
-import statistics
 from pathlib import Path
 
 import torch
 
+from experiments.bench_expert_kernel import time_graph
 from experiments.bench_quant_draft import site_shapes
 from spmoe.io import write_text_atomic
 from spmoe.models import int4
@@ -58,26 +58,11 @@ def call(precision: str, args: tuple, config: LaunchConfig | None) -> None:
 
 def time_layer_us(precision: str, layer: list, config: LaunchConfig | None, launches: int, reps: int) -> float:
     """Median us of one pass over the layer's sites, from a CUDA graph of `launches` passes."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compile and warm up outside the capture
-        for args in layer:
-            call(precision, args, config)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    def passes() -> None:
         for _ in range(launches):
             for args in layer:
                 call(precision, args, config)
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / launches)
-    return statistics.median(times)
+    return time_graph([passes], reps) * 1e3 / launches
 
 
 def layer_bytes(precision: str, layer: list) -> int:
