@@ -8,7 +8,7 @@ differs at the attention block of single layers, by one bf16 ulp, which random-w
 into different greedy tokens). Flash and memory-efficient attention (and the math fallback) are
 deterministic in the forward, so with cuDNN excluded a method and its reference agree wherever their
 inputs do. The switch is process-wide (`torch.backends.cuda`), set once when a session opens on a
-CUDA device; decode speed is unaffected at these shapes (attention is a few percent of a step).
+CUDA device.
 """
 
 from __future__ import annotations
