@@ -96,14 +96,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 log.warning("%s %s: %s", precision, config, str(exc).splitlines()[0][:200])
                 continue
             rows.append({"precision": precision, **(vars(config) if config else {}), "layer_us": round(us, 2),
-                         "gb_per_s": round(nbytes / us / 1e3, 1), "current": config == quant_gemv.ROW_CONFIG.get(precision)})
+                         "gb_per_s": round(nbytes / us / 1e3, 1), "current": config == current})
     out = Path(args.out)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["precision", *GRID, "layer_us", "gb_per_s", "current"], restval="")
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomic(out / "sweep.csv", buf.getvalue())
-    lines = [f"# One-row quantized GEMV: one {args.draft} decoder layer (7 sites, T = 1), {torch.cuda.get_device_name()}",
+    device = torch.cuda.get_device_name()
+    lines = [f"# One-row quantized GEMV: one {args.draft} decoder layer (7 sites, T = 1), {device}",
              "", "| precision | config | layer us | GB/s |", "|---|---|---|---|"]
     for precision in ("bf16", "int8", "int4"):
         mine = [r for r in rows if r["precision"] == precision]
