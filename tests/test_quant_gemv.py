@@ -84,8 +84,8 @@ def test_quantized_sites_dispatch_to_the_kernel_where_it_serves(site, monkeypatc
 @pytest.mark.parametrize("rows", [1, 4])
 @pytest.mark.parametrize("block_n,block_k", [(16, 64), (64, 256)])
 def test_launch_configs_give_the_same_outputs(rows, block_n, block_k):
-    """A sweep's configs change tiling only: int8 and int4 (group 32: one K step spans several groups; the tile kernels for 4 rows take the unaligned path)
-    agree with the defaults."""
+    """A sweep's configs change tiling only: int8 and int4 (group 32: a one-row K step spans several groups, the
+    4-row tiles take the unaligned path) agree with the defaults."""
     linear = _linear(72, 200, True, rows)
     config = quant_gemv.LaunchConfig(block_n, block_k, num_warps=4, num_stages=2)
     x = torch.randn(rows, 200)
