@@ -46,7 +46,7 @@ log = logging.getLogger("record_traces")
 ROOT = Path(__file__).resolve().parent.parent
 TRACE_DIR = ROOT / "results" / "real_pair" / "traces"
 DATASETS = ("humaneval", "gsm8k", "mtbench", "sharegpt")
-DRAFT_LENGTHS = (1, 3)
+DRAFT_LENGTHS = (1, 3, 5, 7)
 NUM_PROMPTS, MAX_NEW_TOKENS = 10, 100
 MAX_TRACE_BYTES = 1 << 20
 RECORD_OVERRIDES = ("model=smollm2_moe", "draft=smollm2", "method=spmoe", "method.cutoff.mode=all",
