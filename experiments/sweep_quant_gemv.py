@@ -28,7 +28,7 @@ from experiments.bench_quant_draft import site_shapes
 from spmoe.io import write_text_atomic
 from spmoe.models import int4
 from spmoe.models.quantized_draft import quantize_rows
-from spmoe.runtime import quant_gemv
+from spmoe.runtime import moe_gemv, quant_gemv
 from spmoe.runtime.quant_gemv import LaunchConfig
 
 log = logging.getLogger("sweep_quant_gemv")
@@ -65,7 +65,8 @@ def time_layer_us(precision: str, layer: list, config: LaunchConfig | None, laun
     return time_graph([passes], reps) * 1e3 / launches
 
 
-def layer_bytes(precision: str, layer: list) -> int:
+def layer_bytes(layer: list) -> int:
+    """Bytes the sites' weights (and scales, offsets) occupy."""
     return sum(t.numel() * t.element_size() for args in layer for t in args[1:] if isinstance(t, torch.Tensor))
 
 
@@ -82,13 +83,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit("sweep_quant_gemv needs CUDA and Triton")
     torch.manual_seed(0)
     layer = sites(site_shapes(args.draft, 1)[:7], args.group_size, torch.device("cuda"))
-    quant_gemv.moe_gemv.use("auto")
+    moe_gemv.use("auto")
+    grid = [LaunchConfig(*c) for c in itertools.product(*GRID.values())]
     rows = []
     for precision in ("bf16", "int8", "int4"):
-        grid = [LaunchConfig(*c) for c in itertools.product(*GRID.values())]
         current = quant_gemv.ROW_CONFIG.get(precision)
         configs = [None] if precision == "bf16" else [current] + [c for c in grid if c != current]
-        nbytes = layer_bytes(precision, layer[precision])
+        nbytes = layer_bytes(layer[precision])
         for config in configs:
             try:
                 us = time_layer_us(precision, layer[precision], config, args.launches, args.reps)
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 log.warning("%s %s: %s", precision, config, str(exc).splitlines()[0][:200])
                 continue
             rows.append({"precision": precision, **(vars(config) if config else {}), "layer_us": round(us, 2),
-                         "gb_per_s": round(nbytes / us / 1e3, 1), "current": config == current})
+                         "gb_per_s": round(nbytes / us / 1e3, 1), "current": config is not None and config == current})
     out = Path(args.out)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["precision", *GRID, "layer_us", "gb_per_s", "current"], restval="")
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for precision in ("bf16", "int8", "int4"):
         mine = [r for r in rows if r["precision"] == precision]
         picks = [("best", min(mine, key=lambda r: r["layer_us"]))] if mine else []
-        picks += [("current", r) for r in mine if r["current"] and precision != "bf16"]
+        picks += [("current", r) for r in mine if r["current"]]
         for label, r in picks:
             cfg = "cuBLAS" if precision == "bf16" else f"{label}: " + ", ".join(f"{k}={r[k]}" for k in GRID)
             lines.append(f"| {precision} | {cfg} | {r['layer_us']} | {r['gb_per_s']} |")

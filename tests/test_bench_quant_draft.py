@@ -32,7 +32,7 @@ def test_sweep_sites_bytes_per_precision():
     from experiments import sweep_quant_gemv
 
     layer = sweep_quant_gemv.sites([(64, 256), (32, 256)], 128, torch.device("cpu"))
-    bf16, int8, int4 = (sweep_quant_gemv.layer_bytes(p, layer[p]) for p in ("bf16", "int8", "int4"))
+    bf16, int8, int4 = (sweep_quant_gemv.layer_bytes(layer[p]) for p in ("bf16", "int8", "int4"))
     assert bf16 == 2 * (64 + 32) * 256
     assert int8 == (64 + 32) * 256 + 2 * (64 + 32)  # int8 codes + row scales in the weight's dtype (bf16)
     assert int8 < bf16 and int4 < int8
