@@ -26,6 +26,7 @@ import json
 import logging
 import pstats
 import shutil
+import traceback
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -391,8 +392,9 @@ def _attempt(isolate: bool, done: dict, case: Case, experiment: str | None, fn) 
         fn()
     except Exception as exc:  # one case's failure must not cost the other cases' numbers
         error = f"{type(exc).__name__}: {exc}"
-        log.error("case %s failed, dropped from the remaining rounds: %s", case.name, error)
-        done[id(case)] = {"case": case.name, "experiment": experiment, "error": error}
+        log.exception("case %s failed, dropped from the remaining rounds: %s", case.name, error)
+        done[id(case)] = {"case": case.name, "experiment": experiment, "error": error,
+                          "traceback": traceback.format_exc()}
         write_json_atomic(case.out_dir / "error.json", done[id(case)])
 
 

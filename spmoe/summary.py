@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import platform
 import subprocess
+import traceback
 from pathlib import Path
 
 import torch
@@ -153,4 +154,5 @@ def write_partial(out_dir: Path, session, gens: list[Generation], exc: BaseExcep
     write_jsonl_atomic(partial / "generations.jsonl", (
         {"prompt_idx": i, "prompt_id": p.prompt_id, "token_ids": g.token_ids} for i, (p, g) in
         enumerate(zip(session.prompts, gens))))
-    write_json_atomic(partial / "error.json", {"error": repr(exc), "finished_prompts": len(gens)})
+    write_json_atomic(partial / "error.json", {"error": repr(exc), "finished_prompts": len(gens),
+                                                "traceback": "".join(traceback.format_exception(exc))})

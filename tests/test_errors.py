@@ -8,6 +8,7 @@ replacing both with functions that fail the test if they are reached (`guard`).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -414,7 +415,8 @@ def test_engine_failure_mid_run_keeps_finished_prompts_only(monkeypatch, tmp_pat
     assert not (out / "summary.json").exists()  # never a summary for a failed run
     partial = out / "partial"  # but the finished prompt is kept, with the error
     assert len((partial / "generations.jsonl").read_text().splitlines()) == 1
-    assert "boom in the engine" in (partial / "error.json").read_text()
+    error = json.loads((partial / "error.json").read_text())
+    assert "boom in the engine" in error["error"] and "in generate" in error["traceback"]
     assert not list(out.rglob("*.tmp"))
 
 

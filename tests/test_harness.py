@@ -324,6 +324,7 @@ def test_a_failing_case_does_not_cost_the_others(tmp_path):
     assert "== mo: FAILED" in proc.stdout
     error = json.loads((tmp_path / "mo" / "error.json").read_text())
     assert "per-layer cache" in error["error"] and not (tmp_path / "mo" / "summary.json").exists()
+    assert "Traceback" in error["traceback"] and "per-layer cache" in error["traceback"]
     for case in ("lru_nosd", "lru", "spmoe", "moe_infinity_nosd"):
         assert len(json.loads((tmp_path / case / "summary.json").read_text())["tpot_ms_rounds"]) == 2
 
