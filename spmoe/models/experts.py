@@ -158,17 +158,27 @@ class OffloadedExperts(nn.Module):
         piecewise graph's call site when these are its static tensors; a layer whose experts are all
         pinned then runs its expert kernels through `site.run` (a CUDA graph of them)."""
         # T = tokens, A = experts per token, H = hidden
-        table = None
+        table = self._resident_table(hidden_states, top_k_index)
+        if table is None and site is not None and self.graph_experts and self._kernels(hidden_states):
+            return self._graphed(hidden_states, top_k_index, top_k_weights, site)
+        return combine_routes(self._outputs(hidden_states, top_k_index, table), top_k_weights, self.act_fn)  # [T, H]
+
+    def route_outputs(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
+        """[T, A, H]: every route's expert output, as `compute` gets them outside a piecewise call site."""
+        return self._outputs(hidden_states, top_k_index, self._resident_table(hidden_states, top_k_index))
+
+    def _resident_table(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor):
+        """The provider's slot table when the cache holds every expert for good and the grouped path serves."""
         serve = getattr(self.provider, "serve_resident", None)
         if serve is not None and self.grouped and grouped_supported(hidden_states):
-            table = serve(self.layer_idx, top_k_index)
+            return serve(self.layer_idx, top_k_index)
+        return None
+
+    def _outputs(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, table) -> torch.Tensor:
+        """[T, A, H]: over the resident `table` in one grouped matmul, else served by the provider."""
         if table is not None:
-            ys = grouped_expert_mlp(hidden_states, top_k_index, *table, self.layout, self.act_fn)  # [T, A, H]
-        elif site is not None and self.graph_experts and self._kernels(hidden_states):
-            return self._graphed(hidden_states, top_k_index, top_k_weights, site)
-        else:
-            ys = self._per_expert(hidden_states, top_k_index)  # [T, A, H]
-        return combine_routes(ys, top_k_weights, self.act_fn)  # [T, H]
+            return grouped_expert_mlp(hidden_states, top_k_index, *table, self.layout, self.act_fn)
+        return self._per_expert(hidden_states, top_k_index)
 
     def _graphed(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                  site: ExpertsSite) -> torch.Tensor:

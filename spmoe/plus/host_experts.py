@@ -181,12 +181,7 @@ class HostAssistedExperts(OffloadedExperts):
     def _host(self, x: torch.Tensor, jobs: list[tuple[int, torch.Tensor]], submitted: float,
               ) -> list[tuple[int, torch.Tensor]]:
         t0 = time.perf_counter()
-        out, times = [], []
-        for e, rows in jobs:
-            t = time.perf_counter()
-            gate_up, down = self.layout.split(self.store.flat((self.layer_idx, e)))
-            out.append((e, expert_mlp(x[rows], gate_up, down, self.act_fn)))  # [n_e, H]
-            times.append((len(rows), (time.perf_counter() - t) * 1e3))
+        out, times = host_expert_outputs(x, jobs, self.store, self.layer_idx, self.act_fn)
         self.stats.host_ms += (time.perf_counter() - t0) * 1e3
         self.planner.observe((t0 - submitted) * 1e3, times)
         return out
@@ -196,11 +191,7 @@ class HostAssistedExperts(OffloadedExperts):
         # T = tokens, A = experts per token, H = hidden, R = T * A routes
         num_tokens, top_k = top_k_index.shape
         index_cpu = top_k_index.cpu()  # [T, A]; the layer's one device->host sync
-        sorted_ids, order = torch.sort(index_cpu.flatten(), stable=True)  # [R]
-        ids, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
-        ends = counts.cumsum(0).tolist()
-        span = {e: (end - n, end) for e, n, end in zip(ids.tolist(), counts.tolist(), ends)
-                if 0 <= e < self.layout.num_experts}
+        order, span = route_spans(index_cpu, self.layout.num_experts)
         host_ids = self.planner.split(self.layer_idx, {e: b - a for e, (a, b) in span.items()})
         if self.on_layer is not None:
             cache = self.provider.cache
@@ -223,17 +214,14 @@ class HostAssistedExperts(OffloadedExperts):
         # over the span: the host experts' routes read its spare slot (the provider did not serve them,
         # see spmoe.offload.layer_slots); their rows are overwritten by the host outputs below
         ys = self._routes(hidden_states, top_k_index, index_cpu, served, whole=False)  # [T, A, H]
+        self.provider.events.mark_host(self.layer_idx, host_ids)  # after `_routes`: the layer's record exists
         self.stats.num_gpu_experts += len(gpu_ids)
         if self.fill:
             self.stats.num_filled += self.provider.fill(self.layer_idx, host_ids)
         t0 = time.perf_counter()
         results = future.result()
         self.stats.wait_ms += (time.perf_counter() - t0) * 1e3
-        order_d = order.to(hidden_states.device)  # [R], one host->device copy, only when experts ran on the host
-        rows_all, pos_all = order_d // top_k, order_d % top_k  # [R] each
-        for e, y in results:
-            start, end = span[e]
-            ys[rows_all[start:end], pos_all[start:end]] = y.to(hidden_states.device)
+        place_host_rows(ys, order, span, top_k, results)
         self.stats.num_host_experts += len(host_ids)
         return combine_routes(ys, top_k_weights, self.act_fn)  # [T, H], as OffloadedExperts sums them
 
@@ -251,3 +239,35 @@ def install_host_experts(model: torch.nn.Module, moe_layers, planner: HostPlanne
     for idx in moe_layers:
         mlp = model.model.layers[idx].mlp
         mlp.experts = HostAssistedExperts(mlp.experts, planner, store, pool, stats, on_layer, fill)
+
+
+def route_spans(index_cpu: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, dict[int, tuple[int, int]]]:
+    """Routes [T, A] on the host grouped by expert: (order [R], the routes sorted by expert, stable; expert ->
+    its [start, end) in `order`), routed experts only (ids outside [0, E) are "no expert")."""
+    sorted_ids, order = torch.sort(index_cpu.flatten(), stable=True)  # [R]
+    ids, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    ends = counts.cumsum(0).tolist()
+    return order, {e: (end - n, end) for e, n, end in zip(ids.tolist(), counts.tolist(), ends) if 0 <= e < num_experts}
+
+
+def host_expert_outputs(x: torch.Tensor, jobs: list[tuple[int, torch.Tensor]], store: ExpertStore, layer: int,
+                        act_fn: torch.nn.Module) -> tuple[list[tuple[int, torch.Tensor]], list[tuple[int, float]]]:
+    """On the host, for each (expert, token rows) job of `layer`: (expert, output [n_e, H]) from the store's
+    weights and x [T, H] (host), and (n_e, ms) per expert."""
+    out, times = [], []
+    for e, rows in jobs:
+        t = time.perf_counter()
+        gate_up, down = store.layout.split(store.flat((layer, e)))
+        out.append((e, expert_mlp(x[rows], gate_up, down, act_fn)))  # [n_e, H]
+        times.append((len(rows), (time.perf_counter() - t) * 1e3))
+    return out, times
+
+
+def place_host_rows(ys: torch.Tensor, order: torch.Tensor, span: dict[int, tuple[int, int]], top_k: int,
+                    results: list[tuple[int, torch.Tensor]]) -> None:
+    """Write each host expert's output rows into ys [T, A, H] at its routes (`route_spans`' order and span)."""
+    order_d = order.to(ys.device)  # [R], one host->device copy, only when experts ran on the host
+    rows_all, pos_all = order_d // top_k, order_d % top_k  # [R] each
+    for e, y in results:
+        start, end = span[e]
+        ys[rows_all[start:end], pos_all[start:end]] = y.to(ys.device)

@@ -34,6 +34,12 @@ Which positions are checked:
   differently from plain decoding); `lossless` is null with the reason, and the distribution
   tests (tests/spec) are the check.
 
+Runs with CPU-assisted experts (spmoe_plus) compute some experts on the host, whose arithmetic
+differs from the device kernels' within rounding: their records name those experts per step and
+layer (`LayerEvents.host`), and the reference recomputes exactly those on the host with the run's
+function (`spmoe.plus.host_mirror`), so the same tie-aware rule applies to them (not under replay,
+whose forced steps are not the run's).
+
 Methods that change the computed function by design (spmoe_plus's `lossy_misses`) put a
 `lossy_reason` in their summary totals: `declare_lossy` then reports `lossless = false` with that
 reason, whatever the tokens show, and keeps the token check's agreement.
@@ -50,6 +56,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from spmoe.config import MethodConfig
+from spmoe.plus.host_mirror import HostMirror, has_host_experts
 from spmoe.runtime.decoder import DynamicDecoder, StaticDecoder
 
 log = logging.getLogger(__name__)
@@ -82,6 +89,8 @@ class LosslessCheck:
     losses: list[TieDivergence] = field(default_factory=list)  # same fields; gap > tolerance
     replay_verified_argmax: bool | None = None
     tolerance_ulps: int | None = None  # half types: the tolerance is also this many units in the top logit's last place
+    host_mirrored: int | None = None  # host experts the reference recomputed on the host (runs with CPU-assisted experts)
+    host_unrouted: int | None = None  # of the run's host experts, those the reference did not route (prefix differed)
 
     @property
     def token_agreement(self) -> float | None:
@@ -95,6 +104,9 @@ class LosslessCheck:
                "tie_divergence_sites": [vars(t) for t in self.ties[:MAX_REPORTED_SITES]]}
         if self.replay_verified_argmax is not None:
             out["replay_verified_argmax"] = self.replay_verified_argmax
+        if self.host_mirrored is not None:
+            out["lossless_host_mirrored"] = self.host_mirrored
+            out["lossless_host_unrouted"] = self.host_unrouted
         return out
 
 
@@ -279,15 +291,29 @@ def check_lossless(session, gens: list, tolerance: float | None = None, temperat
     replay = session.routing_trace is not None
     runtime = reference.get()
     check = LosslessCheck(None, "", tolerance, tolerance_ulps=HALF_ULPS if relative_eps else None)
-    for i, (prompt, gen) in enumerate(zip(session.prompts, gens)):
-        if reference.replay is not None:  # shared by the session's checks: each starts again at prompt 0
-            reference.replay.seek(i)
-        tokens = gen.token_ids
-        steps = [ForcedStep([t], 1) for t in tokens[:-1]] if replay else mirror_steps(gen)
-        logits = forced_logits(runtime, session.device, prompt.token_ids, tokens, steps,
-                               gen.kv_capacity)  # [N, V]
-        positions = verified_positions(gen) if replay else list(range(len(tokens)))
-        compare(tokens, logits, positions, step_of_positions(gen), tolerance, i, check, relative_eps)
+    mirror = None
+    if not replay and has_host_experts(gens):
+        mirror = HostMirror(runtime.model, session.target.layout.moe_layers, session.target.store,
+                            cfg.method.plus.host_threads)
+        runtime.listeners.append(mirror)
+    try:
+        for i, (prompt, gen) in enumerate(zip(session.prompts, gens)):
+            if reference.replay is not None:  # shared by the session's checks: each starts again at prompt 0
+                reference.replay.seek(i)
+            tokens = gen.token_ids
+            steps = [ForcedStep([t], 1) for t in tokens[:-1]] if replay else mirror_steps(gen)
+            if mirror is not None:
+                mirror.follow(gen.records)
+            logits = forced_logits(runtime, session.device, prompt.token_ids, tokens, steps,
+                                   gen.kv_capacity)  # [N, V]
+            positions = verified_positions(gen) if replay else list(range(len(tokens)))
+            compare(tokens, logits, positions, step_of_positions(gen), tolerance, i, check, relative_eps)
+    finally:
+        if mirror is not None:
+            runtime.listeners.remove(mirror)
+            mirror.close()
+    if mirror is not None:
+        check.host_mirrored, check.host_unrouted = mirror.num_mirrored, mirror.num_unrouted
     return _conclude(check, replay)
 
 
@@ -309,6 +335,9 @@ def _conclude(check: LosslessCheck, replay: bool) -> LosslessCheck:
         check.lossless = first is None
         kind = "exact" if check.tolerance == 0 else "tie-aware"
         check.reason = loss or f"{kind}: every token is the reference argmax on the run's prefix ({ties})"
+        if check.host_mirrored is not None:
+            check.reason += (f"; the reference computed the run's {check.host_mirrored} host experts on the host"
+                             + (f" ({check.host_unrouted} it did not route)" if check.host_unrouted else ""))
     if first is not None:
         log.warning("lossless check: %s", loss)
     return check

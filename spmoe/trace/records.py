@@ -3,7 +3,8 @@ Trace schema: the records the engine and the expert provider emit.
 
 - `LayerEvents`: for one forward of one MoE layer, the experts it needed and which of them were
   hits (resident before needed) or misses (loaded on demand). Prefetch kinds come with the
-  prefetching methods.
+  prefetching methods; `host` lists the experts computed on the host instead (spmoe_plus), which
+  are not in `needed` (the lossless check's reference computes exactly those on the host too).
 - `StepRecord`: one engine step (prefill, one decode token, or one draft+verify step), with
   its wall time, the tokens it emitted, transfer totals and its per-layer events.
 Times are milliseconds, sizes bytes. Records are plain dataclasses; files are written by the
@@ -30,6 +31,7 @@ class LayerEvents:
     predicted: list[int] | None = None  # experts the predictor named for this layer and step
     top1_correct: int = 0  # verify positions whose top-1 expert the predictor named first
     top1_total: int = 0
+    host: list[int] = field(default_factory=list)  # computed on the host from the store, not served by the cache
 
 
 @dataclass
@@ -71,6 +73,15 @@ class ExpertEventLog:
 
     def record(self, layer: int, needed: list[int], hits: list[int], misses: list[int], **extra) -> None:
         self._events.append(LayerEvents(layer, needed, hits, misses, **extra))
+
+    def mark_host(self, layer: int, expert_ids: list[int]) -> None:
+        """The layer forward recorded last also computed `expert_ids` on the host (a record of its own
+        when the last one is not that layer's)."""
+        last = self._events[-1] if self._events else None
+        if isinstance(last, LayerEvents) and last.layer == layer:
+            last.host = list(expert_ids)
+        else:
+            self._events.append(LayerEvents(layer, [], [], [], host=list(expert_ids)))
 
     def record_routes(self, layer: int, top_k_index: torch.Tensor, num_experts: int) -> None:
         """A layer whose routed experts [T, A] were all resident; ids outside [0, num_experts) are no expert."""

@@ -244,3 +244,34 @@ def test_lossy_misses_never_used_leave_the_run_judged_by_its_tokens(twin):
     extra = twin.last_extra
     assert extra["lossy_first_layer"] is None and extra["lossy_loads"] == extra["lossy_expert_computes"] == 0
     assert extra["lossy_reason"] is None
+
+
+def test_host_experts_are_recorded_per_layer_forward(twin):
+    """Each layer forward names the experts it computed on the host (`LayerEvents.host`), apart from the
+    device-served ones in `needed`; their count is the run's host expert count."""
+    gens, _, _ = _plus(twin, "host_all")
+    layers = [ev for g in gens for r in g.records for ev in r.layers]
+    assert any(ev.host for ev in layers)
+    assert all(not set(ev.host) & set(ev.needed) for ev in layers)
+    assert sum(len(ev.host) for ev in layers) == twin.last_extra["host_experts"]
+
+
+def test_lossless_check_recomputes_the_runs_host_experts_on_the_host(twin, monkeypatch):
+    """A host arithmetic that differs from the device's (planted: host outputs scaled) changes the run's
+    tokens; the check's reference recomputes exactly the run's host experts with the run's function, so
+    the run is judged lossless against it, and with that mirror switched off the same tokens are not."""
+    import spmoe.plus.host_experts as host_experts
+    import spmoe.trace.lossless as lossless
+
+    real = host_experts.expert_mlp
+    monkeypatch.setattr(host_experts, "expert_mlp", lambda *a, **k: 4.0 * real(*a, **k))
+    gens, _, _ = _plus(twin, "host_all")
+    assert [g.token_ids for g in gens] != twin.reference  # the planted arithmetic shows in the tokens
+    check = lossless.check_lossless(twin, gens)
+    assert check.lossless is True and check.host_mirrored > 0 and check.host_unrouted == 0, check.reason
+    assert "host experts on the host" in check.reason
+    assert check.summary()["lossless_host_mirrored"] == check.host_mirrored
+    monkeypatch.setattr(lossless, "has_host_experts", lambda gens: False)
+    assert lossless.check_lossless(twin, gens).lossless is False
+    for idx in twin.target.layout.moe_layers:  # the reference's own experts modules are back
+        assert type(twin.target.model.model.layers[idx].mlp.experts).__name__ != "HostMirroredExperts"
