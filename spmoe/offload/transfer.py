@@ -42,6 +42,7 @@ from typing import Callable
 import torch
 
 from spmoe.offload.pacing import Pacer
+from spmoe.runtime.streams import dedicated_stream
 
 
 @dataclass
@@ -67,8 +68,8 @@ class TransferEngine:
         self._stall_spans: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._lock = threading.Lock()
         if self.cuda:
-            self.copy_stream = torch.cuda.Stream(device, priority=-1)  # on-demand: highest priority
-            self.prefetch_stream = torch.cuda.Stream(device)
+            self.copy_stream = dedicated_stream(device, "copy")  # on-demand: highest priority
+            self.prefetch_stream = dedicated_stream(device, "prefetch")
             self.ready = [torch.cuda.Event() for _ in range(num_slots)]
             self._own_free = [torch.cuda.Event() for _ in range(num_slots)]
             self.free = list(self._own_free)  # slot -> the event its next copy waits on

@@ -33,6 +33,7 @@ from spmoe.hooks import HookOwner, is_building, mark_graph_safe
 from spmoe.offload.prefetch import PrefetchProvider, PrefetchRequest
 from spmoe.predict.capture import CAPTURE_POINTS, router_of
 from spmoe.predict.hidden_map import layer_pairs
+from spmoe.runtime.streams import dedicated_stream
 
 
 def is_twin(draft: nn.Module, target: nn.Module) -> bool:
@@ -65,7 +66,7 @@ class DraftRouterPredictor(HookOwner):
         self._static = torch.zeros(len(layers), 1, top_k, dtype=torch.long, device=device)  # [L, 1, A]
         cuda = device.type == "cuda"
         self._landed = [torch.cuda.Event(external=True) for _ in layers] if cuda else []  # row i written
-        self._side = torch.cuda.Stream(device) if cuda else None
+        self._side = dedicated_stream(device, "predict") if cuda else None
         self._handles = []
         for i, layer in enumerate(layers):
             module = draft.model.layers[pairs[layer]]

@@ -33,6 +33,7 @@ from torch import nn
 
 from spmoe.hooks import building, is_graph_safe
 from spmoe.models.experts import OffloadedExperts
+from spmoe.runtime.streams import dedicated_stream
 from spmoe.trace.records import ExpertEventLog
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class StepGraph:
         self.inputs[num_tokens] = capacity - num_tokens  # warm-up writes the cache's last T positions
         held = events.take() if events is not None else []
         try:
-            side = torch.cuda.Stream(device)
+            side = dedicated_stream(device, "capture")
             side.wait_stream(torch.cuda.current_stream(device))
             with building(), torch.cuda.stream(side):
                 for _ in range(WARMUP_FORWARDS):
@@ -81,7 +82,8 @@ class StepGraph:
             if events is not None:
                 events.take()
             self.graph = torch.cuda.CUDAGraph()
-            with building(), torch.cuda.graph(self.graph, pool=pool):
+            with building(), torch.cuda.graph(self.graph, pool=pool, stream=side,
+                                                    capture_error_mode="thread_local"):
                 self.logits = step(self.inputs, num_tokens, num_logits)  # [num_logits, V], static
             self.routes = events.take() if events is not None else []
         finally:

@@ -47,6 +47,7 @@ from torch import nn
 from spmoe.hooks import building
 from spmoe.models.experts import OffloadedExperts
 from spmoe.runtime.graphs import StepFn, graph_safe
+from spmoe.runtime.streams import dedicated_stream
 
 
 class ExpertsGraph:
@@ -74,7 +75,7 @@ class ExpertsGraph:
         """Capture on a side stream ordered after the current one; unlike `torch.cuda.graph`, no device
         synchronize, garbage collection or cache release: this runs inside a timed decode step."""
         current = torch.cuda.current_stream(self.out.device)
-        side = torch.cuda.Stream(self.out.device)
+        side = dedicated_stream(self.out.device, "capture")
         side.wait_stream(current)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.stream(side):
@@ -107,7 +108,7 @@ class PiecewiseGraph:
         self._sites_pool = None  # one memory pool for the call sites' expert graphs
         self.inputs = torch.zeros(self.num_tokens + 1, dtype=torch.long, device=device)  # [T + 1]: ids, start
         experts = [m for m in model.modules() if isinstance(m, OffloadedExperts)]
-        side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        side = dedicated_stream(device, "capture") if device.type == "cuda" else None
         if side is not None:
             side.wait_stream(torch.cuda.current_stream(device))
         with building(), torch.cuda.stream(side) if side is not None else nullcontext():

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from spmoe.offload.transfer import TransferEngine
+from spmoe.runtime import streams
 
 LOG: list[str] = []
 
@@ -32,6 +33,7 @@ class FakeEvent:
 class FakeStream:
     def __init__(self, name: str):
         self.name, self.waits = name, []
+        self.cuda_stream = id(self)
 
     def wait_event(self, event: FakeEvent) -> None:
         self.waits.append(event.at)
@@ -43,6 +45,7 @@ def engine(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Stream", lambda device, priority=0: FakeStream(f"copy{priority}"))
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream("compute"))
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(streams, "_streams", {})  # the fakes stay out of the process's stream registry
     LOG.clear()
     eng = TransferEngine(torch.device("cuda"), 4)
     eng.device = torch.device("cpu")
