@@ -56,21 +56,25 @@ def demand_accesses(trace: RoutingTrace, num_layers: int, speculative: bool = Tr
     return out
 
 
-def hinted_accesses(trace: RoutingTrace, num_layers: int) -> list[tuple]:
+def hinted_accesses(trace: RoutingTrace, num_layers: int, perfect: bool = False) -> list[tuple]:
     """The SD demand accesses as ('access', key, counted), each verify row preceded by the draft's
     predictions for it at every layer, ('hint', row, layer, predicted ids), as the draft produces them
-    before verification (what `sd_lookahead` eviction reads)."""
+    before verification (what `sd_lookahead` eviction reads). `perfect`: the hints of every decode row
+    are the experts it will actually route (an oracle for the coming step, the best any one-step
+    predictor could give)."""
     pos, draft0 = trace.row_starts()
     layer_of = [map_layer(l, num_layers, trace.num_layers) for l in range(num_layers)]
     out = []
     for row in range(len(trace.row_step)):
         start, counted = int(pos[row]), bool(trace.row_step[row] > 0)
-        for j in range(int(trace.row_drafted[row])):
+        routes = trace.routes[start:start + int(trace.row_positions[row])]  # [T, L_t, A]
+        routed = [sorted({int(e) for e in routes[:, src].flatten() if 0 <= e < trace.num_experts}) for src in layer_of]
+        if perfect and counted:
+            out.extend(("hint", row, l, ids) for l, ids in enumerate(routed))
+        for j in range(0 if perfect else int(trace.row_drafted[row])):
             for l, src in enumerate(layer_of):
                 out.append(("hint", row, l, [int(e) for e in trace.predicted[draft0[row] + j, src] if e >= 0]))
-        routes = trace.routes[start:start + int(trace.row_positions[row])]  # [T, L_t, A]
-        for l, src in enumerate(layer_of):
-            ids = sorted({int(e) for e in routes[:, src].flatten() if 0 <= e < trace.num_experts})
+        for l, ids in enumerate(routed):
             out.extend(("access", (l, e), counted) for e in ids)
     return out
 
@@ -102,6 +106,8 @@ def main() -> None:
     ap.add_argument("--policies", default=",".join(policy_names()))
     ap.add_argument("--hints", action="store_true",
                     help="SD rows carry the draft's predictions (for sd_lookahead); only the SD slot counts run")
+    ap.add_argument("--perfect-hints", action="store_true",
+                    help="with --hints: each decode row's hints are the experts it will route (a one-step oracle)")
     ap.add_argument("--out", default="results/eviction_sim")
     args = ap.parse_args()
     trace = load_trace(args.trace)
@@ -111,7 +117,7 @@ def main() -> None:
         if not slot_list:
             counted_of[mode] = None
             continue
-        items = hinted_accesses(trace, args.layers) if args.hints else demand_accesses(
+        items = hinted_accesses(trace, args.layers, args.perfect_hints) if args.hints else demand_accesses(
             trace, args.layers, speculative=mode == "SD")
         accesses = [item[-2:] for item in items if item[0] != "hint"]
         counted = counted_of[mode] = sum(c for _, c in accesses)
@@ -130,7 +136,8 @@ def main() -> None:
     head = (f"- trace: {args.trace} ({trace.meta.get('model')}, k={trace.meta.get('spec_k')}, "
             f"{trace.num_prompts} prompts), mapped onto {args.layers} MoE layers\n"
             f"- counted accesses (decode forwards): SD {counted_of['SD']}, no-SD {counted_of['no-SD']}"
-            + ("; SD rows carry the draft's predictions (sd_lookahead reads them)" if args.hints else "") + "\n"
+            + ("; SD rows carry " + ("the experts they will route (a one-step oracle)" if args.perfect_hints else
+                                     "the draft's predictions") + " (sd_lookahead reads them)" if args.hints else "") + "\n"
             "- cells: policy efficiency = misses / Belady misses for the same accesses and slots\n\n")
     write_text_atomic(out / "eviction.md", head + wide.to_markdown(floatfmt=".3f") + "\n")
     print(wide.to_string(float_format=lambda x: f"{x:.3f}"))

@@ -31,6 +31,17 @@ def test_eviction_sim_sees_the_same_accesses_plus_hints():
     oracle = belady_misses(accesses, 12)
     for policy in ("layer_distance", "sd_lookahead"):
         assert policy_misses(items, 12, policy, 8) >= oracle
+    perfect = hinted_accesses(trace, 8, perfect=True)  # the same accesses; each decode row's hints = its routes
+    assert [(it[1], it[2]) for it in perfect if it[0] == "access"] == accesses
+    routed = {}
+    for it in perfect:
+        if it[0] == "access" and it[2]:
+            routed.setdefault(it[1][0], set()).add(it[1][1])
+    hinted = {}
+    for it in perfect:
+        if it[0] == "hint":
+            hinted.setdefault(it[2], set()).update(it[3])
+    assert hinted == routed  # every hint names what its row routes, and every decode route was hinted
 
 
 def test_table_reads_case_summaries(tmp_path, monkeypatch):
