@@ -135,7 +135,7 @@ UNCHECKED = "not checked"  # a lossless_reason's start when the time limit skipp
 
 # a lossless check teacher-forces the GPU-resident reference over a case's tokens: under a time limit, each
 # case run with check_lossless=true is owed this share of the slowest case run for its check
-CHECK_SHARE = 0.5
+CHECK_SHARE = 0.35
 
 
 def _check_demanded(case: Case) -> bool:
