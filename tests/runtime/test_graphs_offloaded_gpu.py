@@ -80,3 +80,15 @@ def test_replayed_routing_under_graphs_matches_it_uncaptured(gpu, tmp_path):
                 assert plain[1] == recorded[1]
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("name", ["mixtral_offloading", "adapmoe"])
+def test_gate_lookahead_with_its_worker_thread_under_graphs(gpu, name):
+    """The baselines that prefetch at every layer of verification, with their worker thread copying while the
+    call sites' expert graphs are captured (on the capture stream, never the worker's): the static run's tokens."""
+    method = MethodConfig(name=name, num_slots=8, worker_thread=True)
+    s = open_session(_cfg())
+    try:
+        assert _run(s, method, "graphs")[0] == _run(s, method, "static")[0]
+    finally:
+        s.close()

@@ -3,6 +3,10 @@ pool they are drawn from hands out the same streams round-robin."""
 
 from __future__ import annotations
 
+import re
+import threading
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -54,3 +58,59 @@ def test_devices_are_separate_and_errors_are_clear():
         streams.dedicated_stream(torch.device("cuda", 0), "prefetch", pool)
     with pytest.raises(ValueError, match="valid: .*capture"):
         streams.dedicated_stream(torch.device("cuda", 0), "compute", pool)
+
+
+def test_the_library_draws_no_pool_stream_but_through_dedicated_stream():
+    """Every stream the library captures on or copies on is a dedicated one: a `torch.cuda.Stream()` drawn
+    anywhere else could be the prefetch worker's stream (the pool wraps around)."""
+    root = Path(streams.__file__).parents[1]
+    pool_draw = re.compile(r"torch\.cuda\.Stream\(|torch\.cuda\.graph\((?![^)]*stream=)")  # graph(): its own stream
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
+                 if p.name != "streams.py" and pool_draw.search(p.read_text())]
+    assert offenders == []
+
+
+def test_captures_and_worker_copies_run_side_by_side(gpu):
+    """After the pool has wrapped many times, a worker thread copying on the prefetch stream (waiting on events
+    of the compute stream) while the main thread captures and replays graphs on the capture stream: no error, and
+    every copy and every replay lands."""
+    for _ in range(70):
+        torch.cuda.Stream(gpu), torch.cuda.Stream(gpu, priority=-1)  # wrap PyTorch's pools
+    capture, prefetch = streams.dedicated_stream(gpu, "capture"), streams.dedicated_stream(gpu, "prefetch")
+    assert capture.cuda_stream != prefetch.cuda_stream
+    src = torch.arange(1 << 20, dtype=torch.float32).pin_memory()
+    dst = torch.empty(64, 1 << 20, device=gpu)
+    free = torch.cuda.Event()
+    free.record()
+    errors = []
+
+    def worker():
+        try:
+            torch.cuda.set_device(gpu)
+            with torch.cuda.stream(prefetch):
+                for i in range(64):
+                    prefetch.wait_event(free)
+                    dst[i].copy_(src, non_blocking=True)
+            prefetch.synchronize()
+        except BaseException as exc:
+            errors.append(exc)
+
+    x = torch.ones(256, device=gpu)
+    outs = []
+    thread = threading.Thread(target=worker)
+    thread.start()
+    for _ in range(64):
+        graph = torch.cuda.CUDAGraph()
+        capture.wait_stream(torch.cuda.current_stream(gpu))
+        with torch.cuda.stream(capture):
+            graph.capture_begin(capture_error_mode="thread_local")
+            y = x * 2
+            graph.capture_end()
+        torch.cuda.current_stream(gpu).wait_stream(capture)
+        graph.replay()
+        outs.append(y)
+    thread.join()
+    torch.cuda.synchronize()
+    assert errors == []
+    assert all(torch.equal(y, x * 2) for y in outs)
+    assert torch.equal(dst, src.to(gpu).expand(64, -1))
