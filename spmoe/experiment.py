@@ -175,7 +175,8 @@ def _summarize(session: Session, case: Case, experiment: str | None, reference: 
     if _wants_reference(case.cfg, reference):
         if limit.allows("check"):
             with limit.timed("check"):
-                check = check_lossless(session, gens, temperature=case.cfg.spec.temperature, reference=reference)
+                check = check_lossless(session, gens, temperature=case.cfg.spec.temperature, reference=reference,
+                                       method=case.cfg.method)
         else:
             check = LosslessCheck(None, f"{UNCHECKED}: experiment.time_limit_s={limit.limit_s} reached")
     if check is not None and case.name is not None:  # a plain run's digest says it; an experiment's log names the case

@@ -274,9 +274,10 @@ class ReferenceRuntime:
 
 
 def check_lossless(session, gens: list, tolerance: float | None = None, temperature: float | None = None,
-                   reference: ReferenceRuntime | None = None) -> LosslessCheck:
+                   reference: ReferenceRuntime | None = None, method: MethodConfig | None = None) -> LosslessCheck:
     """Teacher-force the GPU-resident reference on the run's outputs (`gens`, one per prompt in order).
-    `reference`: a shared `ReferenceRuntime` of this session (default: one built and closed here)."""
+    `reference`: a shared `ReferenceRuntime` of this session (default: one built and closed here); `method`:
+    the run's method config (default the session's), whose host threads the host mirror uses."""
     cfg = session.cfg
     temperature = cfg.spec.temperature if temperature is None else temperature
     if temperature > 0:
@@ -285,7 +286,7 @@ def check_lossless(session, gens: list, tolerance: float | None = None, temperat
                            " distribution tests are the check")
     if reference is None:
         with ReferenceRuntime(session) as own:
-            return check_lossless(session, gens, tolerance, temperature, own)
+            return check_lossless(session, gens, tolerance, temperature, own, method)
     relative_eps = relative_eps_for(session.target.layout.dtype) if tolerance is None else 0.0
     tolerance = tolerance_for(session.target.layout.dtype) if tolerance is None else tolerance
     replay = session.routing_trace is not None
@@ -294,7 +295,7 @@ def check_lossless(session, gens: list, tolerance: float | None = None, temperat
     mirror = None
     if not replay and has_host_experts(gens):
         mirror = HostMirror(runtime.model, session.target.layout.moe_layers, session.target.store,
-                            cfg.method.plus.host_threads)
+                            (method or cfg.method).plus.host_threads)
         runtime.listeners.append(mirror)
     try:
         for i, (prompt, gen) in enumerate(zip(session.prompts, gens)):
