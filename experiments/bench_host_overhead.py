@@ -7,7 +7,8 @@ Host time of offloaded decode with the cache's victim shortcuts on and off, side
 
 Cases, on the layer-grouped path: `shortcut` (LRU names its victim with `victim_where`, scanning its keys
 in touch order; layer_distance scores only the farthest layer with an evictable key; MoE-Infinity's
-priority victim computes each layer's factors once per call) and `listed` (the cache lists every
+priority victim computes each layer's factors once per call; expected_reuse and sd_lookahead take each layer's
+best key from a heap, `spmoe.offload.layer_heaps`) and `listed` (the cache lists every
 evictable key and the policy scores each with its plain rule), the rules the engine used before the
 shortcuts. A method may name another eviction policy: `lru_nosd@layer_distance`. Rounds interleave (shortcut listed listed shortcut ...) after one warm-up
 each; the machine's other load inflates some rounds, so the table gives the minimum beside the median.
@@ -32,7 +33,8 @@ import torch
 from experiments.bench_layer_grouped import generate, method_case
 from experiments.presets import load_preset
 from spmoe.config import MethodConfig, RoutingConfig, RunConfig, SpecConfig
-from spmoe.offload.eviction import LayerDistancePolicy, LruPolicy
+from spmoe.offload.eviction import ExpectedReusePolicy, LayerDistancePolicy, LruPolicy
+from spmoe.offload.eviction_lookahead import SdLookaheadPolicy
 from spmoe.offload.eviction_priority import PriorityPolicy
 from spmoe.session import open_session
 
@@ -44,15 +46,23 @@ def _listed_priority_victim(self: PriorityPolicy, candidates):
         return min(candidates, key=lambda k: (self.score(k), self._last_use.get(k, 0)))
 
 
+SHORTCUTS = [(LruPolicy, "victim_where", None), (LayerDistancePolicy, "victim_by_layer", None),
+             (ExpectedReusePolicy, "victim_by_layer", None), (SdLookaheadPolicy, "victim_by_layer", None),
+             (PriorityPolicy, "victim", _listed_priority_victim)]
+
+
 @contextlib.contextmanager
 def listed_victims():
-    """The `listed` case: no LRU or layer_distance shortcut, MoE-Infinity's victim through `score` per key."""
-    saved = LruPolicy.victim_where, LayerDistancePolicy.victim_by_layer, PriorityPolicy.victim
-    LruPolicy.victim_where, LayerDistancePolicy.victim_by_layer, PriorityPolicy.victim = None, None, _listed_priority_victim
+    """The `listed` case: no LRU, layer_distance, expected_reuse or sd_lookahead shortcut, MoE-Infinity's victim
+    through `score` per key."""
+    saved = [(cls, name, cls.__dict__[name]) for cls, name, _ in SHORTCUTS]
+    for cls, name, listed in SHORTCUTS:
+        setattr(cls, name, listed)
     try:
         yield
     finally:
-        LruPolicy.victim_where, LayerDistancePolicy.victim_by_layer, PriorityPolicy.victim = saved
+        for cls, name, value in saved:
+            setattr(cls, name, value)
 
 
 def main() -> None:

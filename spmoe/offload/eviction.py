@@ -44,6 +44,7 @@ import importlib
 from collections import Counter
 from typing import Callable, Iterable, Protocol
 
+from spmoe.offload.layer_heaps import LayerHeaps
 from spmoe.types import ExpertKey
 
 
@@ -126,20 +127,52 @@ class ExpectedReusePolicy:
         self._visits = [0] * len(self._order)  # V_l
         self._uses: Counter[ExpertKey] = Counter()  # u_k
         self._last_visit: dict[ExpertKey, int] = {}
+        self._heaps = LayerHeaps()  # resident keys per layer, by `_within_layer` (for `victim_by_layer`)
 
     def touch(self, key: ExpertKey, demand: bool = True) -> None:
+        if (self._count_use(key, demand) or key not in self._heaps) and key[0] in self._order:
+            self._heaps.push(key, self._within_layer(key))
+
+    def _count_use(self, key: ExpertKey, demand: bool) -> bool:
+        """Update the visit and use counts for a touch; whether `key`'s own statistics changed."""
         i = self._order.get(key[0])
         if not demand or i is None:
-            return
+            return False
         if i != self._current:
             self._current = i
             self._visits[i] += 1
         if self._last_visit.get(key) != self._visits[i]:
             self._uses[key] += 1
             self._last_visit[key] = self._visits[i]
+            return True
+        return False
+
+    def _within_layer(self, key: ExpertKey) -> tuple:
+        """Orders a layer's keys as `victim` ranks them there, best victim first: fewest uses, then oldest."""
+        return self._uses[key], self._last_visit.get(key, 0)
 
     def on_evict(self, key: ExpertKey) -> None:
-        pass  # use counts are kept: they estimate the expert's routing frequency, not its residency
+        self._heaps.remove(key)  # use counts are kept: they estimate the expert's routing frequency
+
+    def victim_by_layer(self, resident_by_layer: dict[int, Iterable[ExpertKey]],
+                        evictable: Callable[[ExpertKey], bool]) -> ExpertKey | None:
+        """`victim` over the evictable keys of `resident_by_layer` (layer -> keys), from each layer's best
+        key only (`LayerHeaps`); None if no key is evictable."""
+        best, best_key = None, None
+        for layer, keys in resident_by_layer.items():
+            found = self._layer_best(layer, lambda k, keys=keys: k in keys and evictable(k))
+            if found is not None and (best is None or found[0] > best):
+                best, best_key = found[0], found[1]
+        return best_key
+
+    def _layer_best(self, layer: int, accept: Callable[[ExpertKey], bool]) -> tuple | None:
+        """((rank, -residency), key) of the layer's best victim among the keys `accept` takes; rank as in `victim`."""
+        entry = self._heaps.best(layer, accept)
+        if entry is None:
+            return None
+        k, n, i = entry[-1], len(self._order), self._order[layer]
+        use = (i - self._current - 1) % n + n * (1 / ((self._uses[k] + 1) / (self._visits[i] + 2)) - 1)
+        return ((use, -self._last_visit.get(k, 0)), -entry[-2]), k
 
     def next_use(self, key: ExpertKey) -> float:
         """Estimated layer visits until `key` is used again (the docstring's d_k + n (1/q_k - 1))."""

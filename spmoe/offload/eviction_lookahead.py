@@ -23,6 +23,7 @@ predictions and discount 1 the policy is `expected_reuse` exactly.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Iterable
 
@@ -64,18 +65,50 @@ class SdLookaheadPolicy(ExpectedReusePolicy):
             self._pending.popleft()
             self.predict(request.step, request.layer, request.expert_ids.flatten().tolist())
 
-    def touch(self, key: ExpertKey, demand: bool = True) -> None:
+    def _count_use(self, key: ExpertKey, demand: bool) -> bool:
         fresh = demand and key[0] in self._order
         if fresh:
             self._resolve()
             self._verified.add(key[0])
             self._predicted.pop(key[0], None)
-        super().touch(key, demand)
+        changed = super()._count_use(key, demand)
         if fresh:
             visits = self._visits[self._order[key[0]]]
             uses, at = self._recent.get(key, (0.0, 0))
             if at != visits:  # once per visit
                 self._recent[key] = (uses * self.discount ** (visits - at) + 1, visits)
+                changed = True
+        return changed
+
+    def _within_layer(self, key: ExpertKey) -> tuple:
+        """Fewest discounted uses first (U_k g^-at_k, in logs: the same order at every later visit of the
+        layer, since every key's count decays by the same g per visit), then oldest."""
+        uses, at = self._recent.get(key, (0.0, 0))
+        score = math.log(uses) - at * math.log(self.discount) if uses > 0 else -math.inf
+        return score, self._last_visit.get(key, 0)
+
+    def victim_by_layer(self, resident_by_layer, evictable) -> ExpertKey | None:
+        self._resolve()
+        return super().victim_by_layer(resident_by_layer, evictable)
+
+    def _layer_best(self, layer: int, accept) -> tuple | None:
+        """As `ExpectedReusePolicy._layer_best`, with predicted keys (next use d, the least a key of the layer
+        can have) only when the layer has no other candidate."""
+        predicted = self._predicted.get(layer, ())
+        entry = self._heaps.best(layer, lambda k: k[1] not in predicted and accept(k))
+        n, i, last = len(self._order), self._order[layer], self._last_visit
+        dist = (i - self._current - 1) % n
+        if entry is not None:
+            k, g, visits = entry[-1], self.discount, self._visits[i]
+            uses, at = self._recent.get(k, (0.0, 0))
+            window = visits if g == 1 else (1 - g ** visits) / (1 - g)
+            use = dist + n * (1 / ((uses * g ** (visits - at) + 1) / (window + 2)) - 1)
+            return ((use, -last.get(k, 0)), -entry[-2]), k
+        keys = [(layer, e) for e in predicted if (layer, e) in self._heaps and accept((layer, e))]
+        if not keys:
+            return None
+        k = min(keys, key=lambda k: (last.get(k, 0), self._heaps.seq(k)))
+        return ((dist, -last.get(k, 0)), -self._heaps.seq(k)), k
 
     def next_use(self, key: ExpertKey) -> float:
         n, i = len(self._order), self._order[key[0]]

@@ -102,3 +102,52 @@ def test_expected_reuse_and_sd_lookahead_victims_match_next_use():
             cands = rng.sample([(lay, e) for lay in layers for e in range(8)], 12)
             cands += cands[:2]  # repeated keys: the first of equals wins, as with max()
             assert policy.victim(cands) == _scored_victim(policy, cands)
+
+
+class ListedExpectedReuse(ExpectedReusePolicy):
+    victim_by_layer = None
+
+
+class ListedSdLookahead(SdLookaheadPolicy):
+    victim_by_layer = None
+
+
+def _cache_trace(policy, seed: int, slots_per_layer=None, num_slots: int = 14) -> list:
+    """Admissions (demand and prefetch), hits, pins and the draft's predictions through a real cache: every
+    admission's slot and victim, then the counts."""
+    rng = random.Random(seed)
+    layers = [0, 1, 2, 3]
+    cache = ExpertCache(num_slots, 1, torch.float32, "cpu", policy, slots_per_layer)
+    out, pinned = [], []
+    for step in range(700):
+        layer = rng.choice([0, 0, 1, 2, 3])  # uneven visits
+        if isinstance(policy, SdLookaheadPolicy) and step % 5 == 0:
+            policy.predict(step // 5, layers[(layers.index(layer) + 1) % 4], rng.sample(range(8), 3))
+        for e in rng.sample(range(8), 3):
+            key = (layer, e)
+            slot = cache.lookup(key)
+            if slot is None and cache.can_admit(key):
+                slot, evicted = cache.admit(key, count_miss=rng.random() < 0.85)
+                out.append((key, slot, evicted))
+            if slot is not None and rng.random() < 0.3:
+                cache.pin(slot)
+                pinned.append(slot)
+        while pinned and (len(pinned) > 6 or rng.random() < 0.3):
+            cache.unpin(pinned.pop(rng.randrange(len(pinned))))
+        if rng.random() < 0.2:
+            out.append(("sooner", cache.would_evict_sooner_needed((rng.choice(layers), rng.randrange(8)))))
+    return out + [(cache.hits, cache.misses, cache.evictions)]
+
+
+def test_expected_reuse_and_sd_lookahead_layer_heaps_name_the_listed_victims():
+    """`victim_by_layer` (each layer's best key from its heap, then the best layer) names the victim the full
+    scan over listed candidates names, through admissions, evictions, pins, prefetches and predictions."""
+    layers = [0, 1, 2, 3]
+    for seed in range(4):
+        for fast, listed in ((ExpectedReusePolicy(layers), ListedExpectedReuse(layers)),
+                             (SdLookaheadPolicy(layers), ListedSdLookahead(layers)),
+                             (SdLookaheadPolicy(layers, discount=1.0), ListedSdLookahead(layers, discount=1.0))):
+            a, b = _cache_trace(fast, seed), _cache_trace(listed, seed)
+            assert a == b and sum(1 for x in a if len(x) == 3 and x[2] is not None) > 100  # evictions happened
+        parts = {0: 4, 1: 3, 2: 3, 3: 4}
+        assert _cache_trace(SdLookaheadPolicy(layers), seed, parts) == _cache_trace(ListedSdLookahead(layers), seed, parts)
