@@ -30,7 +30,10 @@ kept in touch order, so the scan stops at the first), the key `victim` names amo
 seen; a cache whose resident keys have all been touched uses it instead of listing candidates.
 layer_distance also has `victim_by_layer(resident_by_layer, evictable)`: its distance ranks first and
 differs between layers, so it scores only the farthest layer that has an evictable key, the key
-`victim` names over all of them. A subclass that overrides `victim` must drop these shortcuts.
+`victim` names over all of them. expected_reuse (and sd_lookahead) have one too: within a layer their
+rank is a static order of the keys' own statistics, so each layer's best key comes from a heap of its
+resident keys (`spmoe.offload.layer_heaps`, fed by `touch` and `on_evict`) and only those are scored.
+A subclass that overrides `victim` must drop these shortcuts.
 Threads: policies take no lock. A policy is called only through its cache, and a cache shared by
 threads is called under its owner's lock (`PrefetchProvider.lock`, held for every call of the
 prefetch worker and of verification), so no scan of a policy's dicts (LRU's touch order) overlaps

@@ -18,7 +18,9 @@ Terms: a *prediction* (step s, layer l, experts) arrives as a `PrefetchRequest` 
 `predict`. Predictions of a newer step replace the older ones; a demand access at layer l consumes
 layer l's prediction for the step (verification has passed it).
 Invariants: `victim(candidates)` returns one of `candidates`; observing never blocks; with no
-predictions and discount 1 the policy is `expected_reuse` exactly.
+predictions and discount 1 the policy is `expected_reuse` exactly. `victim_by_layer` names `victim`'s
+key from each layer's heap (non-predicted keys by discounted count, kept in logs: U_k g^-at_k orders a
+layer's keys the same at every later visit), predicted keys only where a layer has no other candidate.
 """
 
 from __future__ import annotations
