@@ -28,21 +28,30 @@ class ListedLayerDistance(LayerDistancePolicy):
     victim_by_layer = None
 
 
+def _access(cache: ExpertCache, key, rng: random.Random, out: list, pinned: list, demand_p: float = 1.0) -> None:
+    """Look `key` up, admit it on a miss (a demand miss with probability `demand_p`, else a prefetch),
+    recording (key, slot, evicted); pin the slot with probability 0.3."""
+    slot = cache.lookup(key)
+    if slot is None and cache.can_admit(key):
+        slot, evicted = cache.admit(key, count_miss=demand_p >= 1.0 or rng.random() < demand_p)
+        out.append((key, slot, evicted))
+    if slot is not None and rng.random() < 0.3:
+        cache.pin(slot)
+        pinned.append(slot)
+
+
+def _unpin_some(cache: ExpertCache, rng: random.Random, pinned: list, most: int, p: float) -> None:
+    while pinned and (len(pinned) > most or rng.random() < p):
+        cache.unpin(pinned.pop(rng.randrange(len(pinned))))
+
+
 def _trace(policy, slots_per_layer=None, seed=0) -> list:
     rng = random.Random(seed)
     cache = ExpertCache(12, 1, torch.float32, "cpu", policy, slots_per_layer)
     out, pinned = [], []
     for _ in range(600):
-        key = (rng.randrange(3), rng.randrange(10))
-        slot = cache.lookup(key)
-        if slot is None and cache.can_admit(key):
-            slot, evicted = cache.admit(key)
-            out.append((key, slot, evicted))
-        if slot is not None and rng.random() < 0.3:
-            cache.pin(slot)
-            pinned.append(slot)
-        while pinned and (len(pinned) > 5 or rng.random() < 0.2):
-            cache.unpin(pinned.pop(rng.randrange(len(pinned))))
+        _access(cache, (rng.randrange(3), rng.randrange(10)), rng, out, pinned)
+        _unpin_some(cache, rng, pinned, 5, 0.2)
     return out + [(cache.hits, cache.misses, cache.evictions)]
 
 
@@ -124,16 +133,8 @@ def _cache_trace(policy, seed: int, slots_per_layer=None, num_slots: int = 14) -
         if isinstance(policy, SdLookaheadPolicy) and step % 5 == 0:
             policy.predict(step // 5, layers[(layers.index(layer) + 1) % 4], rng.sample(range(8), 3))
         for e in rng.sample(range(8), 3):
-            key = (layer, e)
-            slot = cache.lookup(key)
-            if slot is None and cache.can_admit(key):
-                slot, evicted = cache.admit(key, count_miss=rng.random() < 0.85)
-                out.append((key, slot, evicted))
-            if slot is not None and rng.random() < 0.3:
-                cache.pin(slot)
-                pinned.append(slot)
-        while pinned and (len(pinned) > 6 or rng.random() < 0.3):
-            cache.unpin(pinned.pop(rng.randrange(len(pinned))))
+            _access(cache, (layer, e), rng, out, pinned, demand_p=0.85)
+        _unpin_some(cache, rng, pinned, 6, 0.3)
         if rng.random() < 0.2:
             out.append(("sooner", cache.would_evict_sooner_needed((rng.choice(layers), rng.randrange(8)))))
     return out + [(cache.hits, cache.misses, cache.evictions)]
