@@ -169,13 +169,13 @@ class ExpectedReusePolicy:
         return best_key
 
     def _layer_best(self, layer: int, accept: Callable[[ExpertKey], bool]) -> tuple | None:
-        """((rank, -residency), key) of the layer's best victim among the keys `accept` takes; rank as in `victim`."""
+        """`_ranked` of the layer's best victim among the keys `accept` takes (None if there is none)."""
         entry = self._heaps.best(layer, accept)
-        if entry is None:
-            return None
-        k, n, i = entry[-1], len(self._order), self._order[layer]
-        use = (i - self._current - 1) % n + n * (1 / ((self._uses[k] + 1) / (self._visits[i] + 2)) - 1)
-        return ((use, -self._last_visit.get(k, 0)), -entry[-2]), k
+        return None if entry is None else self._ranked(entry[-1])
+
+    def _ranked(self, key: ExpertKey) -> tuple:
+        """((rank as in `victim`, -residency rank), key): the larger, the better the victim."""
+        return ((self.next_use(key), -self._last_visit.get(key, 0)), -self._heaps.seq(key)), key
 
     def next_use(self, key: ExpertKey) -> float:
         """Estimated layer visits until `key` is used again (the docstring's d_k + n (1/q_k - 1))."""

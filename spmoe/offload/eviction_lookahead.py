@@ -95,22 +95,13 @@ class SdLookaheadPolicy(ExpectedReusePolicy):
 
     def _layer_best(self, layer: int, accept) -> tuple | None:
         """As `ExpectedReusePolicy._layer_best`, with predicted keys (next use d, the least a key of the layer
-        can have) only when the layer has no other candidate."""
+        can have) only when the layer has no other candidate, the oldest of them first."""
         predicted = self._predicted.get(layer, ())
-        entry = self._heaps.best(layer, lambda k: k[1] not in predicted and accept(k))
-        n, i, last = len(self._order), self._order[layer], self._last_visit
-        dist = (i - self._current - 1) % n
-        if entry is not None:
-            k, g, visits = entry[-1], self.discount, self._visits[i]
-            uses, at = self._recent.get(k, (0.0, 0))
-            window = visits if g == 1 else (1 - g ** visits) / (1 - g)
-            use = dist + n * (1 / ((uses * g ** (visits - at) + 1) / (window + 2)) - 1)
-            return ((use, -last.get(k, 0)), -entry[-2]), k
+        found = super()._layer_best(layer, lambda k: k[1] not in predicted and accept(k))
+        if found is not None:
+            return found
         keys = [(layer, e) for e in predicted if (layer, e) in self._heaps and accept((layer, e))]
-        if not keys:
-            return None
-        k = min(keys, key=lambda k: (last.get(k, 0), self._heaps.seq(k)))
-        return ((dist, -last.get(k, 0)), -self._heaps.seq(k)), k
+        return max((self._ranked(k) for k in keys), default=None)
 
     def next_use(self, key: ExpertKey) -> float:
         n, i = len(self._order), self._order[key[0]]
