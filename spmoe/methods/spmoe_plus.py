@@ -225,6 +225,8 @@ def _build_nosd(ctx: MethodContext, staging: int) -> tuple[Runtime, DraftPrecisi
 def build(ctx: MethodContext) -> Runtime:
     mcfg, pcfg, layout = ctx.cfg.method, ctx.cfg.method.plus, ctx.target.layout
     choice = decide(ctx.draft_offer) if ctx.draft_offer is not None else None
+    if choice is not None and choice.fallback:
+        log.warning("spmoe_plus: %s", choice.fallback)
     staging = 0 if pcfg.lossy_misses == "off" else staging_slots(layout, pcfg.lossy_misses, pcfg.lossy_group_size)
     if ctx.draft is None:
         runtime, precision, unstaged_total = _build_nosd(ctx, staging)

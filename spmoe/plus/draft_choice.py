@@ -43,6 +43,10 @@ are higher than h_o for every option: the model ranks options, it does not predi
 adaptive k (k is spec.num_draft_tokens), lossy staging slots, a quantized draft's lower acceptance
 (a quantized pick is checked by calibration agreement when the method builds).
 Decision: the option with the least TPOT_o; ties to the earlier of none, bf16, int8, int4.
+Fallback: a configured draft (bf16, int8, int4, as_configured) that does not fit the budget beside the target
+(the session's plan with the draft has fewer slots than top_k) is not taken: the run decodes without a draft
+and its summary says why (`draft_choice_fallback`). The plan counts a dense draft at its full precision, so a
+draft that would fit only once quantized falls back too.
 Invariants: pure given its inputs (the session asks at every plan of a run and must get the same
 answer); a `none` run never counts the draft in its memory plan.
 """
@@ -99,12 +103,13 @@ class DraftChoice:
     acceptance: float
     acceptance_source: str  # trace | accept_prior
     link_gb_per_s: float
+    fallback: str | None = None  # why a configured draft was not taken (it does not fit the budget)
 
     def summary(self) -> dict:
         return {"draft_choice": self.choice, "draft_choice_predicted_ms": self.predicted_ms,
                 "draft_choice_slots": self.num_slots, "draft_choice_acceptance": self.acceptance,
                 "draft_choice_acceptance_source": self.acceptance_source,
-                "draft_choice_link_gb_per_s": self.link_gb_per_s}
+                "draft_choice_link_gb_per_s": self.link_gb_per_s, "draft_choice_fallback": self.fallback}
 
 
 def predict_tpot_ms(shape: ModelShape, option: DraftOption) -> float:
@@ -200,14 +205,20 @@ def decide(offer: DraftOffer) -> DraftChoice:
         raise ValueError(f"method.plus.draft_precision={mode!r}; valid: {', '.join(DRAFT_PRECISIONS)}")
     shape, options, source = inputs(offer)
     best, predicted = choose(shape, options)
+    fallback = None
     if mode == "auto":
         choice = best
     elif mode == NONE:
         choice = NONE
+    elif offer.with_draft is None and offer.draft_weight_bytes:
+        choice = NONE
+        fallback = (f"draft_precision={mode}: the draft ({offer.draft_weight_bytes / 2**30:.2f} GiB of weights) does"
+                    f" not fit the {offer.without_draft.budget_bytes / 2**30:.2f} GiB budget beside the target;"
+                    f" decoding without a draft")
     else:
         choice = AS_CONFIGURED if offer.cfg.draft.copy_of_target else mode
     return DraftChoice(choice, predicted, {o.name: o.num_slots for o in options}, shape.acceptance, source,
-                       shape.link_gb_per_s)
+                       shape.link_gb_per_s, fallback)
 
 
 def accepts_draft(offer: DraftOffer) -> bool:

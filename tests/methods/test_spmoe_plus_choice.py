@@ -15,6 +15,7 @@ from conftest import open_with_reference, tiny_run_config, tiny_twin_config
 from experiments.presets import load_preset
 from spmoe.config import CutoffConfig, HardwareConfig, MethodConfig, PlusConfig, SpecConfig
 from spmoe.experiment import Case, run_cases
+from spmoe.offload.budget import BudgetError
 from spmoe.plus import draft_choice
 from spmoe.plus.draft_choice import (
     DraftChoice,
@@ -167,6 +168,25 @@ def test_no_draft_run_is_lossless_plans_no_draft_and_gets_more_slots(twin):
     assert extra["extra_slots"] == plan.num_slots - 6 > 0
     assert set(extra["draft_choice_predicted_ms"]) == {"none", "bf16", "int8", "int4"}
     assert extra["draft_choice_slots"]["none"] == plan.num_slots and extra["draft_choice_slots"]["bf16"] == 6
+
+
+def test_a_draft_that_does_not_fit_the_budget_falls_back_to_no_draft(twin):
+    """A budget that holds the target's non-expert weights and top_k experts but not the draft beside them: a
+    fixed precision decodes without a draft and says why; a method without the fallback refuses the budget."""
+    hw = _budget_for_slots(twin, 6)
+    plan_sd = twin.plan(hw, "spmoe_plus", _method("bf16"))
+    small = replace(hw, gpu_budget_gib=hw.gpu_budget_gib - (plan_sd.draft_bytes + 4 * plan_sd.expert_bytes) / 2**30)
+    with pytest.raises(BudgetError, match="too small"):
+        twin.plan(small, "spmoe", replace(_method("bf16"), name="spmoe"))
+    gens, plan, _ = twin.generate(_method("int8", host_compute="off"), small, 16, spec_cfg=SpecConfig(num_draft_tokens=2))
+    extra = twin.last_extra
+    assert plan.draft_bytes == 0 and plan.num_slots >= twin.target.layout.top_k
+    assert extra["draft_choice"] == extra["draft_precision"] == "none"
+    assert "does not fit" in extra["draft_choice_fallback"] and "draft_precision=int8" in extra["draft_choice_fallback"]
+    assert all(not r.num_drafted for g in gens for r in g.records)
+    assert [g.token_ids for g in gens] == twin.reference
+    twin.generate(_method("int8", host_compute="off"), hw, 4, spec_cfg=SpecConfig(num_draft_tokens=2))
+    assert twin.last_extra["draft_choice_fallback"] is None and twin.last_extra["draft_choice"] == "int8"
 
 
 def test_auto_follows_the_model_and_a_quantized_pick_is_calibrated(twin):

@@ -83,10 +83,11 @@ def test_captures_and_worker_copies_run_side_by_side(gpu):
     free = torch.cuda.Event()
     free.record()
     errors = []
+    index = torch.cuda.current_device()
 
     def worker():
         try:
-            torch.cuda.set_device(gpu)
+            torch.cuda.set_device(index)
             with torch.cuda.stream(prefetch):
                 for i in range(64):
                     prefetch.wait_event(free)
