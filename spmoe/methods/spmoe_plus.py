@@ -257,7 +257,8 @@ def build(ctx: MethodContext) -> Runtime:
                 cost = pool.submit(measure_host_cost, ctx.target.store, act_fn, copy_ms).result()
                 log.info("spmoe_plus host cost: %s", cost)
             planner = HostPlanner(provider, pcfg.host_compute, cost, pcfg.host_max_per_layer,
-                                  copy_fraction=lossy.copy_fraction if lossy is not None else None)
+                                  copy_fraction=lossy.copy_fraction if lossy is not None else None,
+                                  reuse=pcfg.host_reuse)
             if adaptive_k:
                 miss_ms = min(copy_ms, cost.host_ms(2)) if cost else copy_ms
                 chooser = KChooser(pcfg.k_min, len(layout.moe_layers), layout.num_experts, layout.top_k, miss_ms,

@@ -18,7 +18,13 @@ move no bytes, and a cache with room stays as cold as the host's share.
 Cost model (per missing expert e with n_e routed tokens, greedy, most tokens first): GPU finish =
 copies already queued x copy_ms + (GPU experts so far + 1) x copy_ms x f(layer); host finish = the k-th host
 expert's finish on the one host worker = start_ms + the sum of expert_ms(n) over the host experts so
-far, e included; e goes where it finishes first (ties stay on the link). `HostTimes` holds the
+far, e included; e goes to the host when it finishes there before GPU finish - credit (ties stay on the
+link). The credit (`reuse`, `method.plus.host_reuse`) prices what a load buys beyond this layer call: a
+host-computed expert stays cold, so its next access misses again, while a loaded one hits with the probability
+that a routed expert is found resident; credit = r x copy_ms, r an EWMA (weight `ema`) over layer calls of the
+fraction of a call's routed experts already resident (before any is loaded or computed). With r near 1 (a
+cache that holds most of the working set) host compute wins only behind a queue of copies; without the credit
+such a cache turns every host expert into a recurring miss. `HostTimes` holds the
 in-run host cost: expert_ms(n) is an EWMA of the measured time of one host expert with n routed
 tokens, per n (a count not yet observed scales the profiled line a + b n, fitted on the host's
 time per expert at 1 and 4 tokens, by the in-run/profiled ratio of the nearest observed count);
@@ -128,12 +134,14 @@ class HostPlanner:
     `copy_fraction(layer)`: the fraction of an expert's bytes a demand copy moves at that layer."""
 
     def __init__(self, provider: PrefetchProvider, mode: str, cost: HostCost | None, max_per_layer: int | None,
-                 ema: float = 0.2, copy_fraction=None):
+                 ema: float = 0.2, copy_fraction=None, reuse: bool = False):
         if mode == "auto" and cost is None:
             raise ValueError("host_compute=auto needs a measured HostCost")
         self.provider, self.mode, self.cost, self.max_per_layer = provider, mode, cost, max_per_layer
         self.times = HostTimes(cost, ema) if cost is not None else None
         self.copy_fraction = copy_fraction or (lambda layer: 1.0)
+        self.reuse, self.ema = reuse, ema
+        self.resident_rate: float | None = None  # r: EWMA of the resident fraction of a call's routed experts
 
     def observe(self, start_ms: float, expert_ms: list[tuple[int, float]]) -> None:
         """The host worker started `start_ms` after the submit and took these (routed tokens, ms) per
@@ -156,11 +164,17 @@ class HostPlanner:
         if self.mode == "all":
             return missing[:cap]
         copy_ms = self.cost.copy_ms * self.copy_fraction(layer)
+        credit = 0.0
+        if self.reuse and tokens_of:
+            rate = 1 - len(missing) / len(tokens_of)
+            old = self.resident_rate
+            self.resident_rate = rate if old is None else (1 - self.ema) * old + self.ema * rate
+            credit = self.resident_rate * copy_ms
         host, host_t = [], self.times.start_ms or 0.0
         gpu_t = self.provider.num_in_flight() * self.cost.copy_ms  # prefetch copies move whole experts
         for e in missing:
             g, h = gpu_t + copy_ms, host_t + self.times.expert_ms(tokens_of[e])
-            if h < g and len(host) < cap:
+            if h < g - credit and len(host) < cap:
                 host.append(e)
                 host_t = h
             else:

@@ -166,6 +166,22 @@ def test_host_planner_balances_host_against_the_copy_queue():
     assert HostPlanner(_Provider([], 0), "off", None, None).split(0, tokens) == []
 
 
+def test_host_reuse_credits_a_load_with_the_residency_it_buys():
+    cost = HostCost(fixed_ms=4.0, per_token_ms=1.0, copy_ms=6.0)
+    tokens = {e: 1 for e in range(6)}  # experts 3, 4, 5 resident: r = 0.5, credit 3 ms
+    resident = [(0, 3), (0, 4), (0, 5)]
+    assert HostPlanner(_Provider(resident, 0), "auto", cost, None).split(0, tokens) == [0, 2]  # no credit: host 5 < 6
+    planner = HostPlanner(_Provider(resident, 0), "auto", cost, None, ema=0.5, reuse=True)
+    # e0: host 5 vs GPU 6 - 3 -> GPU; e1: host 5 < 12 - 3 -> host; e2: host 10 vs 12 - 3 -> GPU
+    assert planner.split(0, tokens) == [1] and planner.resident_rate == 0.5
+    # a call with nothing resident: r = 0.5 x 0.5 + 0.5 x 0 = 0.25, credit 1.5: e0 GPU (5 > 4.5), e1 host, e2 host
+    assert planner.split(0, {0: 1, 1: 1, 2: 1}) == [1, 2] and planner.resident_rate == 0.25
+    # a cache that holds most of what is routed (r = 5/6, credit 5): no host expert unless copies queue
+    most = [(0, e) for e in range(1, 6)]
+    assert HostPlanner(_Provider(most, 0), "auto", cost, None, reuse=True).split(0, tokens) == []
+    assert HostPlanner(_Provider(most, 2), "auto", cost, None, reuse=True).split(0, tokens) == [0]  # 5 < 18 - 5
+
+
 def test_host_times_follow_in_run_measurements():
     cost = HostCost(fixed_ms=4.0, per_token_ms=1.0, copy_ms=6.0)
     planner = HostPlanner(_Provider([], 0), "auto", cost, None, ema=0.5)
