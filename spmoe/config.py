@@ -134,7 +134,7 @@ class PlusConfig:
     host_threads: int | None = None  # host compute threads (default: all cores but two)
     host_max_per_layer: int | None = None  # cap on experts computed on the host per layer forward
     host_fill: bool = False  # also load host-computed experts into free slots (never evicting), so they hit later
-    host_reuse: bool = True  # auto: credit a load with the residency it buys (the layer calls' hit rate x copy_ms)
+    host_reuse: bool = False  # auto: credit a load with the residency it buys (the layer calls' hit rate x copy_ms)
     adaptive_k: bool = False  # union-aware draft length per step (off: spec.num_draft_tokens every step)
     k_min: int = 0  # adaptive_k: the smallest k it may choose
     accept_prior: float = 0.8  # acceptance per draft token where none is measured (adaptive_k, draft choice)

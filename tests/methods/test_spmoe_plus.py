@@ -23,6 +23,7 @@ PARTS = {
     "host_all": dict(OFF, host_compute="all"),
     "host_all_fill": dict(OFF, host_compute="all", host_fill=True),
     "host_auto": dict(OFF, host_compute="auto"),
+    "host_reuse": dict(OFF, host_compute="auto", host_reuse=True),
     "adaptive_k": dict(OFF, adaptive_k=True),
     "sd_lookahead": dict(OFF),
     "all": dict(adaptive_k=True),
