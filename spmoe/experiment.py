@@ -32,12 +32,10 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from spmoe.config import RunConfig
 from spmoe.io import write_json_atomic, write_text_atomic
 from spmoe.offload.budget import BudgetError
-from spmoe.policy.profile import measure_bandwidth_gb_per_s
+from spmoe.offload.pacing import pinned_gb_per_s
 from spmoe.rundir import config_hash, discard_summary, finished_summary
 from spmoe.session import GIB, Session, open_session
 from spmoe.strategy import get_strategy
@@ -196,16 +194,13 @@ def _summarize(session: Session, case: Case, experiment: str | None, reference: 
 
 
 def link_gb_per_s(session: Session, summary: dict) -> float | None:
-    """The link a run's copies crossed: the paced rate, or the measured pinned bandwidth (CUDA only)."""
+    """The link a run's copies crossed: the paced rate, or the measured pinned bandwidth (CUDA only; the one
+    measurement the pacer and the draft choice use, `spmoe.offload.pacing.pinned_gb_per_s`)."""
     if summary.get("pcie_paced_gb_per_s"):
         return summary["pcie_paced_gb_per_s"]
     if session.device.type != "cuda":
         return None
-    if session.pinned_gb_per_s is None:
-        nbytes = 256 * 2**20
-        dst = torch.empty(nbytes, dtype=torch.uint8, device=session.device)
-        session.pinned_gb_per_s = measure_bandwidth_gb_per_s(session.device, dst, nbytes)
-    return session.pinned_gb_per_s
+    return pinned_gb_per_s(session.device)
 
 
 def sibling_floor(cases: list[Case]) -> list[dict]:

@@ -121,7 +121,6 @@ class Session:
     last_extra: dict = field(default_factory=dict)  # the last run's method-specific totals (Runtime.extra_summary)
     routing_trace: RoutingTrace | None = None  # routing=replay: the trace every method replays
     last_routing: RoutingTrace | None = None  # trace.routing=true: the last run's recorded routing
-    pinned_gb_per_s: float | None = None  # measured host-to-device bandwidth (once, when first needed)
 
     @property
     def has_draft(self) -> bool:

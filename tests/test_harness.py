@@ -298,7 +298,7 @@ def test_runtime_efficiency_against_the_experiments_own_compute_floor():
 
     from spmoe.experiment import add_runtime_efficiency
 
-    session = SimpleNamespace(device=SimpleNamespace(type="cpu"), pinned_gb_per_s=None)
+    session = SimpleNamespace(device=SimpleNamespace(type="cpu"))
     summaries = [
         {"method": "gpu_resident", "tpot_ms": 40.0, "acceptance_rate": None, "h2d_bytes_per_token": 0},
         {"method": "gpu_resident_sd", "tpot_ms": 100.0, "acceptance_rate": 0.9, "h2d_bytes_per_token": 0},
@@ -313,6 +313,22 @@ def test_runtime_efficiency_against_the_experiments_own_compute_floor():
     assert summaries[3]["runtime_efficiency"] == pytest.approx(700.0 / (15e9 / 25e6 + 100.0))  # SD floor
     assert "runtime_efficiency" not in summaries[4]  # no link bandwidth known on the CPU
     assert "runtime_efficiency" not in summaries[0]
+
+
+def test_unpaced_runtime_efficiency_uses_the_pinned_link_measurement(monkeypatch):
+    """On CUDA without pacing the link is the pinned bandwidth the pacer and the draft choice measure (one
+    measurement: a registered-buffer measurement once fell back to a pageable copy at half the link)."""
+    from types import SimpleNamespace
+
+    import spmoe.experiment as experiment
+
+    monkeypatch.setattr(experiment, "pinned_gb_per_s", lambda device: 50.0)
+    session = SimpleNamespace(device=SimpleNamespace(type="cuda"))
+    runs = [{"method": "gpu_resident", "tpot_ms": 10.0, "acceptance_rate": None, "h2d_bytes_per_token": 0},
+            {"method": "lru_nosd", "tpot_ms": 120.0, "acceptance_rate": None, "h2d_bytes_per_token": 5e9}]
+    experiment.add_runtime_efficiency(session, runs)
+    assert runs[1]["runtime_efficiency_link_gb_per_s"] == 50.0
+    assert runs[1]["runtime_efficiency"] == pytest.approx(120.0 / (5e9 / 50e6 + 10.0))
 
 
 def test_a_failing_case_does_not_cost_the_others(tmp_path):
@@ -406,7 +422,7 @@ def test_runtime_efficiency_reads_the_floor_of_a_resumed_reference():
 
     from spmoe.experiment import add_runtime_efficiency
 
-    session = SimpleNamespace(device=SimpleNamespace(type="cpu"), pinned_gb_per_s=None)
+    session = SimpleNamespace(device=SimpleNamespace(type="cpu"))
     resumed = [{"method": "gpu_resident", "tpot_ms": 40.0, "acceptance_rate": None}]
     new = [{"method": "lru_nosd", "tpot_ms": 500.0, "acceptance_rate": None, "h2d_bytes_per_token": 10e9,
             "pcie_paced_gb_per_s": 25.0}]
