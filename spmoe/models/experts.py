@@ -22,6 +22,8 @@ Two ways to compute a layer:
   as two grouped matmuls over the cache's slot storage (`grouped_expert_mlp`), with no host sync,
   so the host can run ahead of the device. Used where `grouped_supported` (CPU; CUDA bf16 on
   sm90+, torch's grouped GEMM); elsewhere, and when `OffloadedExperts.grouped` is False, per expert;
+- on the provider's device (providers with `device_routes`, a quantized draft's resident experts): the
+  provider computes every route's output from the device routes itself, no host sync;
 - layer-grouped (offloading providers with `serve_layer`): the routes go to the host as per expert,
   the provider pins every routed expert of the layer at once (issuing the misses' copies) and hands
   back a slot map; the layer runs as the same grouped matmuls over the span of the cache's slots
@@ -158,6 +160,9 @@ class OffloadedExperts(nn.Module):
         piecewise graph's call site when these are its static tensors; a layer whose experts are all
         pinned then runs its expert kernels through `site.run` (a CUDA graph of them)."""
         # T = tokens, A = experts per token, H = hidden
+        ys = self._device_routes(hidden_states, top_k_index)
+        if ys is not None:
+            return combine_routes(ys, top_k_weights, self.act_fn)  # [T, H]
         table = self._resident_table(hidden_states, top_k_index)
         if table is None and site is not None and self.graph_experts and self._kernels(hidden_states):
             return self._graphed(hidden_states, top_k_index, top_k_weights, site)
@@ -165,7 +170,16 @@ class OffloadedExperts(nn.Module):
 
     def route_outputs(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
         """[T, A, H]: every route's expert output, as `compute` gets them outside a piecewise call site."""
+        ys = self._device_routes(hidden_states, top_k_index)
+        if ys is not None:
+            return ys
         return self._outputs(hidden_states, top_k_index, self._resident_table(hidden_states, top_k_index))
+
+    def _device_routes(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor | None:
+        """[T, A, H] from a provider that computes routes on the device itself (`device_routes`, e.g. a quantized
+        draft's resident experts), where it serves this shape; else None."""
+        serve = getattr(self.provider, "device_routes", None)
+        return None if serve is None else serve(self.layer_idx, hidden_states, top_k_index, self.act_fn)
 
     def _resident_table(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor):
         """The provider's slot table when the cache holds every expert for good and the grouped path serves."""
@@ -204,6 +218,8 @@ class OffloadedExperts(nn.Module):
         """Whether `forward` on `device` runs without a device->host sync: the grouped path over the slot
         table of a provider whose cache can no longer change (providers with `serve_resident` keep
         it as `resident`, a `spmoe.runtime.resident.ResidentTable`), so a CUDA graph can capture it."""
+        if getattr(self.provider, "device_routes", None) is not None:
+            return True  # serves every decode shape on the device (T <= its limit, above every captured shape)
         resident = getattr(self.provider, "resident", None)
         probe = torch.empty(0, dtype=self.layout.dtype, device=device)
         return (self.grouped and resident is not None and getattr(self.provider, "serve_resident", None) is not None

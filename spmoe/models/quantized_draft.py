@@ -12,8 +12,10 @@ Weights are stored quantized on the device (so the budget sees their bytes). At 
 linear layer runs `spmoe.runtime.quant_gemv`'s kernel, which reads its quantized weight once; elsewhere it
 dequantizes per use into one workspace in the compute dtype, allocated with the copy and shared by
 all its linear layers (within the planned `dequant_workspace_bytes`), so a forward allocates only its
-outputs and a captured graph's pool keeps no per-layer transients; an expert dequantizes per use into
-a temporary (experts run outside captured graphs). The whole draft is resident: its experts are served
+outputs and a captured graph's pool keeps no per-layer transients. An expert dequantizes per use into a
+transient: int8 experts at decode shapes on the device, one token's routed experts at a time, without a host
+sync (so the draft's whole forward is captured as one CUDA graph); int4 experts and longer inputs one expert at a
+time after the routes reach the host (outside captured graphs). The whole draft is resident: its experts are served
 from device buffers by `Int8ResidentExperts` / `Int4ResidentExperts` through the same
 `OffloadedExperts` module as the target's, so the draft computes the target's function up to
 quantization error (the knob that sets acceptance).
@@ -75,31 +77,70 @@ class Int8Linear(nn.Module):
         return nn.functional.linear(x, w, self.bias)
 
 
+DEVICE_MAX_TOKENS = 16  # tokens per call that `Int8ResidentExperts.device_routes` serves (every captured decode shape)
+
+
 class Int8ResidentExperts(nn.Module):
-    """Every routed expert of the target in int8 on the device; an ExpertProvider for the draft."""
+    """Every routed expert of the target in int8 on the device; an ExpertProvider for the draft.
+
+    Stacked over the K expert keys: `q` [K, N] int8 (gate_up [2I, H], then down [H, I], row-major) and `s`
+    [K, 2I + H], one scale per row. Two ways to serve a layer:
+    - `device_routes` (T <= DEVICE_MAX_TOKENS, the decode shapes): each route's row is looked up on the device and
+      one token's A routed experts at a time are dequantized into a transient [A, N] and run as two batched
+      matmuls; no device->host sync, so a CUDA graph captures the draft's experts with the rest of its forward;
+    - `experts_for` (any T, e.g. the prefill): one expert at a time, dequantized into a transient [N].
+    Transients: A x N x (1 + dtype bytes) on the device path, N x dtype bytes per expert otherwise
+    (`dequant_workspace_bytes` plans the larger)."""
 
     def __init__(self, target: TargetModel, device: torch.device):
         super().__init__()
         layout = self.layout = target.layout
+        h, inter = layout.hidden_size, layout.intermediate_size
+        self.register_buffer("q", torch.empty(len(layout.keys), layout.expert_numel, dtype=torch.int8, device=device))
+        self.register_buffer("s", torch.empty(len(layout.keys), 2 * inter + h, dtype=layout.dtype, device=device))
         self._index = {}
         for i, key in enumerate(layout.keys):
             gate_up, down = layout.split(target.store.flat(key))
             gu_q, gu_s = quantize_rows(gate_up.to(device))
             d_q, d_s = quantize_rows(down.to(device))
-            self.register_buffer(f"q{i}", torch.cat([gu_q.flatten(), d_q.flatten()]))  # [N] int8
-            self.register_buffer(f"s{i}", torch.cat([gu_s, d_s]))  # [2I + H]
+            self.q[i] = torch.cat([gu_q.flatten(), d_q.flatten()])
+            self.s[i] = torch.cat([gu_s, d_s])
             self._index[key] = i
+        rows = torch.zeros(max(layout.moe_layers) + 1, layout.num_experts, dtype=torch.long)  # [L, E]
+        for (layer, e), i in self._index.items():
+            rows[layer, e] = i
+        self.row_of = rows.to(device)  # a plain attribute: not part of the draft's planned quantized bytes
 
     def experts_for(self, layer: int, expert_ids: list[int], token_experts=None) -> Iterator[tuple[int, torch.Tensor]]:
         h, inter = self.layout.hidden_size, self.layout.intermediate_size
         for e in expert_ids:
             i = self._index[(layer, e)]
-            q, s = getattr(self, f"q{i}"), getattr(self, f"s{i}")
+            q, s = self.q[i], self.s[i]
             flat = torch.empty(self.layout.expert_numel, dtype=s.dtype, device=q.device)  # [N], the one transient
             gu, dn = self.layout.split(flat)  # [2I, H], [H, I]
             gu.copy_(q[: 2 * inter * h].view(2 * inter, h)).mul_(s[: 2 * inter, None])
             dn.copy_(q[2 * inter * h:].view(h, inter)).mul_(s[2 * inter:, None])
             yield e, flat
+
+    def device_routes(self, layer: int, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                      act_fn: nn.Module) -> torch.Tensor | None:
+        """[T, A, H]: every route's expert output, all on the device; None when T > DEVICE_MAX_TOKENS.
+        hidden_states [T, H]; top_k_index [T, A] ids in [0, E] (E, "no expert", gives a zero row)."""
+        num_tokens, top_k = top_k_index.shape
+        if num_tokens > DEVICE_MAX_TOKENS:
+            return None
+        h, inter, num_experts = self.layout.hidden_size, self.layout.intermediate_size, self.layout.num_experts
+        rows = self.row_of[layer][top_k_index.clamp(0, num_experts - 1)]  # [T, A]
+        out = hidden_states.new_empty(num_tokens, top_k, h)  # [T, A, H]
+        for t in range(num_tokens):
+            w = self.q[rows[t]].to(hidden_states.dtype)  # [A, N]
+            scale = self.s[rows[t]]  # [A, 2I + H]
+            gate_up = w[:, :2 * inter * h].view(top_k, 2 * inter, h).mul_(scale[:, :2 * inter, None])  # [A, 2I, H]
+            down = w[:, 2 * inter * h:].view(top_k, h, inter).mul_(scale[:, 2 * inter:, None])  # [A, H, I]
+            x = hidden_states[t].expand(top_k, h).unsqueeze(-1)  # [A, H, 1]
+            gate, up = torch.bmm(gate_up, x).squeeze(-1).chunk(2, dim=-1)  # [A, I] each
+            out[t] = torch.bmm(down, (act_fn(gate) * up).unsqueeze(-1)).squeeze(-1)  # [A, H]
+        return out * (top_k_index < num_experts)[..., None]  # [T, A, H]
 
 
 class Int4Linear(nn.Module):
@@ -234,14 +275,17 @@ def quantized_copy_bytes(target: TargetModel, bits: int = 8, group_size: int = 1
 def dequant_workspace_bytes(target: TargetModel, bits: int = 8, group_size: int = 128) -> int:
     """Device bytes a quantized copy's dequantization needs beside its quantized weights: the linear layers'
     shared workspace (`linear_workspace_bytes`: the LM head's, for DeepSeek-V2-Lite 0.42 GB), allocated with
-    the copy, plus one expert's transient while the experts run (its [N] weights in the compute dtype; int4
-    adds the nibble plane of its larger matrix, and a padded matrix its own temporary before the copy into
-    the expert's buffer)."""
+    the copy, plus the experts' transient while they run: int8, the larger of one token's A routed experts on
+    the device path (their [A, N] int8 rows and the same in the compute dtype, `Int8ResidentExperts`) and one
+    expert's [N] weights in the compute dtype; int4, one expert's [N] weights plus the nibble plane of its larger
+    matrix, and a padded matrix its own temporary before the copy into the expert's buffer."""
     _check_bits(bits)
     layout = target.layout
     dsize = layout.expert_bytes // layout.expert_numel
     linear = linear_workspace_bytes(target.model, layout.dtype, bits, group_size)
     expert = layout.expert_numel * dsize
+    if bits == 8:
+        expert = max(expert, layout.top_k * layout.expert_numel * (1 + dsize))
     if bits == 4:
         h, inter = layout.hidden_size, layout.intermediate_size
 

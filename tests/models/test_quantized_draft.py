@@ -14,7 +14,9 @@ from spmoe.session import Session, open_session
 from spmoe.config import MethodConfig, SpecConfig, parse_dtype
 from spmoe.data.prompts import Prompt
 from spmoe.models.build import TargetModel, hf_config, param_bytes, skeleton
+from spmoe.models.experts import expert_by_expert, find_experts
 from spmoe.models.quantized_draft import (
+    DEVICE_MAX_TOKENS,
     Int4Linear,
     Int8Linear,
     dequant_workspace_bytes,
@@ -22,6 +24,7 @@ from spmoe.models.quantized_draft import (
     quantized_copy_bytes,
 )
 from spmoe.offload.budget import BudgetError
+from spmoe.runtime.graphs import graph_safe
 
 GIB = 2**30
 
@@ -45,10 +48,11 @@ def test_self_draft_is_small_accepted_and_lossless(model):
         assert actual < 0.6 * target_bytes  # int8 weights of a float32 target (embeddings/norms stay float32)
         assert abs(quantized_copy_bytes(s.target) - actual) < 0.02 * actual  # the plan's estimate
         # the planned dequant bytes: the largest linear weight (the LM head here) in the compute dtype, which
-        # the copy's linear layers share, plus one expert's transient while the experts run
+        # the copy's linear layers share, plus the experts' transient while they run: one token's A routed
+        # experts on the device path, in int8 and in the compute dtype
         head, layout = s.target.model.lm_head.weight, s.target.layout
-        expert = layout.expert_numel * (layout.expert_bytes // layout.expert_numel)
-        assert dequant_workspace_bytes(s.target) == head.numel() * head.element_size() + expert
+        experts = layout.top_k * layout.expert_numel * (1 + layout.expert_bytes // layout.expert_numel)
+        assert dequant_workspace_bytes(s.target) == head.numel() * head.element_size() + experts
         assert s.draft_bytes() >= actual + dequant_workspace_bytes(s.target)
         _assert_one_shared_workspace(s, dequant_workspace_bytes(s.target))
         assert _lossless_sd_acceptance(s) > 0.8
@@ -131,3 +135,56 @@ def test_deepseek_v2_lite_16gib_fits_int4_self_not_int8_self():
         int4.plan(replace(int4.cfg.hardware, gpu_budget_gib=8), "spmoe")
     # and at 24 GiB the int8 copy fits again (rtx4090), as the existing DeepSeek runs do
     assert int8.plan(replace(int8.cfg.hardware, gpu_budget_gib=24), "spmoe").num_slots > 0
+
+
+@pytest.mark.parametrize("model", ["tiny_deepseek_v2", "tiny"])
+def test_int8_device_routes_compute_what_the_per_expert_path_does(model):
+    """The draft's int8 experts at decode shapes: every route's output on the device equals the per-expert
+    dequantize-then-matmul path (float32, within summation-order error), a "no expert" route gives a zero row,
+    and longer inputs are left to the per-expert path."""
+    cfg = tiny_run_config(model, num_prompts=1, max_new_tokens=4)
+    cfg.draft = load_preset("draft", "int8_self_fp32")
+    s = open_session(cfg)
+    try:
+        experts = s.draft.quantized_experts
+        layout = experts.layout
+        layer = layout.moe_layers[-1]
+        module = find_experts(s.draft)[layer]
+        gen = torch.Generator().manual_seed(0)
+        for num_tokens in (1, 2, 5):
+            x = torch.randn(num_tokens, layout.hidden_size, generator=gen)  # [T, H]
+            index = torch.stack([torch.randperm(layout.num_experts, generator=gen)[:layout.top_k]
+                                 for _ in range(num_tokens)])  # [T, A]
+            index[-1, -1] = layout.num_experts  # "no expert"
+            got = experts.device_routes(layer, x, index, module.act_fn)  # [T, A, H]
+            want = expert_by_expert(x, index, experts.experts_for(layer, sorted(set(index.flatten().tolist()) - {
+                layout.num_experts})), layout, module.act_fn)
+            assert got.shape == (num_tokens, layout.top_k, layout.hidden_size)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+            assert torch.count_nonzero(got[-1, -1]) == 0
+        long = torch.zeros(DEVICE_MAX_TOKENS + 1, layout.top_k, dtype=torch.long)
+        assert experts.device_routes(layer, torch.zeros(DEVICE_MAX_TOKENS + 1, layout.hidden_size), long,
+                                     module.act_fn) is None
+    finally:
+        s.close()
+
+
+def test_int8_draft_decodes_without_sending_routes_to_the_host():
+    """The int8 draft's experts modules are sync-free (so CUDA graphs capture its whole forward): a decode
+    forward sends no routes to the host, a prefill longer than the device path's limit does."""
+    cfg = tiny_run_config("tiny_deepseek_v2", num_prompts=1, max_new_tokens=4)
+    cfg.draft = load_preset("draft", "int8_self_fp32")
+    s = open_session(cfg)
+    try:
+        modules = list(find_experts(s.draft).values())
+        assert modules and all(m.sync_free(torch.device("cpu")) for m in modules)
+        assert graph_safe(s.draft, torch.device("cpu"))  # on CUDA: capturable whole
+        ids = torch.arange(DEVICE_MAX_TOKENS + 4).view(1, -1) % s.draft.config.vocab_size
+        with torch.no_grad():
+            out = s.draft(ids, use_cache=True)
+            synced = [m.route_sync_s for m in modules]
+            assert all(t > 0 for t in synced)  # the prefill: routes went to the host, one expert at a time
+            s.draft(ids[:, :1], past_key_values=out.past_key_values, use_cache=True)
+        assert [m.route_sync_s for m in modules] == synced  # the decode step: none did
+    finally:
+        s.close()

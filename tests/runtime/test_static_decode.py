@@ -159,6 +159,24 @@ def test_graph_replay_gives_the_static_decoders_tokens(gpu):
         s.close()
 
 
+def test_int8_self_draft_is_captured_whole_and_drafts_as_its_static_decoder(gpu):
+    """On CUDA (bf16 tiny DeepSeek-V2, int8 self-draft): the draft's forward is capturable whole, its experts
+    computed on the device without a host sync, and SD under graphs accepts the same drafts and emits the
+    same tokens as under the static decoder, which runs the same draft step eagerly."""
+    cfg = tiny_run_config("tiny_deepseek_v2", hardware=load_preset("hardware", "h200"), num_prompts=2)
+    cfg.model.dtype = "bfloat16"
+    cfg.draft = load_preset("draft", "int8_self")
+    s = open_session(cfg)
+    try:
+        assert capturable(s.draft, s.device)
+        static, graphs = _tokens(s, "gpu_resident_sd", "static"), _tokens(s, "gpu_resident_sd", "graphs")
+        assert [g.token_ids for g in graphs] == [g.token_ids for g in static]
+        assert [[r.num_accepted for r in g.records] for g in graphs] == \
+               [[r.num_accepted for r in g.records] for g in static]
+    finally:
+        s.close()
+
+
 def test_lossless_reference_mirrors_a_static_run(session):
     """A static run records its cache's capacity; the check's reference decodes over a static cache of
     that capacity, and the run is exact against it (CPU float32)."""
