@@ -5,6 +5,7 @@ host planner's split."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -348,3 +349,34 @@ def test_a_layer_without_host_experts_runs_the_base_experts_path(monkeypatch):
     assert experts.compute(h, index, torch.ones(1, 2), site="site") is h
     assert calls == ["site"] and experts.stats.num_gpu_experts == 2
     assert provided == [[0, 2]]
+
+
+def test_planner_copy_time_is_the_copy_engines_not_the_hosts_round_trip():
+    """The host planner's copy time per expert is what the copy engine measures (its spans), not the wall time of a
+    load and a sync: a link whose every load carries 5 ms of host latency outside its 1 ms span prices a copy at 1."""
+    from types import SimpleNamespace
+
+    from spmoe.methods.spmoe_plus import _copy_ms
+    from spmoe.offload.transfer import TransferStats
+
+    class SlowIssueLink:
+        def __init__(self):
+            self.pending = TransferStats()
+
+        def load(self, slot, dst, src, prefetch=False, finish=None):
+            time.sleep(0.005)  # host-side latency, outside the copy
+            dst.copy_(src)
+            self.pending.copy_ms += 1.0
+            self.pending.h2d_bytes += src.numel() * src.element_size()
+
+        def collect(self):
+            out, self.pending = self.pending, TransferStats()
+            return out
+
+    layout = ExpertLayout((0,), 2, 1, 4, 2, torch.float32)
+    store = SimpleNamespace(flat=lambda key: torch.ones(layout.expert_numel))
+    cache = SimpleNamespace(slot=lambda s: torch.empty(layout.expert_numel))
+    runtime = SimpleNamespace(transfer=SlowIssueLink(), cache=cache)
+    ctx = SimpleNamespace(target=SimpleNamespace(store=store, layout=layout), device=torch.device("cpu"))
+    assert _copy_ms(runtime, ctx) == pytest.approx(1.0)
+    assert runtime.transfer.collect().copy_ms == 0.0  # calibration copies are not the run's traffic
