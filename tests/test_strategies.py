@@ -83,3 +83,19 @@ def test_sd_verify_needs_the_union_of_experts(session):
              for ev in r.layers]
     assert sizes and max(sizes) > layout.top_k
     assert all(layout.top_k <= n <= min(layout.num_experts, 6 * layout.top_k) for n in sizes)
+
+
+@pytest.mark.parametrize("method", ["lru_nosd", "spmoe", "mixtral_offloading_nosd", "spmoe_plus"])
+def test_a_cache_with_a_slot_for_every_expert_starts_full(session, method):
+    """With room for every expert (per layer where the cache is partitioned) the run never misses and moves no
+    expert bytes, prefill included; one slot fewer and it starts empty and loads on demand."""
+    total = len(session.target.layout.keys)
+    tokens, gens = _run(session, MethodConfig(name=method, num_slots=total))
+    assert tokens == session.reference
+    records = [r for g in gens for r in g.records]
+    assert sum(len(ev.misses) for r in records for ev in r.layers) == 0
+    assert sum(r.h2d_bytes for r in records) == 0
+    if method == "mixtral_offloading_nosd":
+        return  # its per-layer caches split fewer slots unevenly: no single "one fewer" case
+    _, gens = _run(session, MethodConfig(name=method, num_slots=total - 1))
+    assert sum(len(ev.misses) for g in gens for r in g.records for ev in r.layers) > 0

@@ -97,18 +97,23 @@ def _apply_draft_precision(ctx: MethodContext, choice: DraftChoice | None) -> Dr
 def _copy_ms(runtime: Runtime, ctx: MethodContext, warmup: int = 2, reps: int = 7) -> float:
     """Time of one expert copy on the run's own link (paced when pacing is on) as the copy engine times it (CUDA
     events around each copy), which is what a demand copy adds before its layer can run: not the host's round
-    trip, whose launch and sync latency the run's streamed copies do not pay (for a 17 MB expert it doubles it)."""
-    store, keys, device = ctx.target.store, ctx.target.layout.keys, ctx.device
+    trip, whose launch and sync latency the run's streamed copies do not pay (for a 17 MB expert it doubles it).
+    The copies land in slot 0, which then gets back the expert it held (a cache that started full)."""
+    store, keys, device, cache = ctx.target.store, ctx.target.layout.keys, ctx.device, runtime.cache
+    held = next((key for key in cache.resident() if cache.slot_of(key) == 0), None)
 
-    def copies(count: int, first: int) -> float:
-        for i in range(first, first + count):
-            runtime.transfer.load(0, runtime.cache.slot(0), store.flat(keys[i % len(keys)]))
+    def copies(batch: list) -> float:
+        for key in batch:
+            runtime.transfer.load(0, cache.slot(0), store.flat(key))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return runtime.transfer.collect().copy_ms  # calibration copies are not the run's traffic
 
-    copies(warmup, 0)
-    return copies(reps, warmup) / reps
+    copies([keys[i % len(keys)] for i in range(warmup)])
+    copy_ms = copies([keys[i % len(keys)] for i in range(warmup, warmup + reps)]) / reps
+    if held is not None:
+        copies([held])
+    return copy_ms
 
 
 def _lookahead_hints(ctx: MethodContext, runtime: Runtime, policy: SdLookaheadPolicy, cutoff: int, slots: int) -> None:

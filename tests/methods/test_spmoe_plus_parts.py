@@ -353,7 +353,8 @@ def test_a_layer_without_host_experts_runs_the_base_experts_path(monkeypatch):
 
 def test_planner_copy_time_is_the_copy_engines_not_the_hosts_round_trip():
     """The host planner's copy time per expert is what the copy engine measures (its spans), not the wall time of a
-    load and a sync: a link whose every load carries 5 ms of host latency outside its 1 ms span prices a copy at 1."""
+    load and a sync: a link whose every load carries 5 ms of host latency outside its 1 ms span prices a copy at 1.
+    The calibration copies land in slot 0, which gets its expert back (a cache that started full)."""
     from types import SimpleNamespace
 
     from spmoe.methods.spmoe_plus import _copy_ms
@@ -374,9 +375,13 @@ def test_planner_copy_time_is_the_copy_engines_not_the_hosts_round_trip():
             return out
 
     layout = ExpertLayout((0,), 2, 1, 4, 2, torch.float32)
-    store = SimpleNamespace(flat=lambda key: torch.ones(layout.expert_numel))
-    cache = SimpleNamespace(slot=lambda s: torch.empty(layout.expert_numel))
+    store = SimpleNamespace(flat=lambda key: torch.full((layout.expert_numel,), float(key[1] + 1)))
+    storage = torch.zeros(2, layout.expert_numel)  # slot 0 holds expert (0, 1)
+    storage[0] = store.flat((0, 1))
+    cache = SimpleNamespace(slot=lambda s: storage[s], resident=lambda: [(0, 1)],
+                            slot_of=lambda key: 0 if key == (0, 1) else None)
     runtime = SimpleNamespace(transfer=SlowIssueLink(), cache=cache)
     ctx = SimpleNamespace(target=SimpleNamespace(store=store, layout=layout), device=torch.device("cpu"))
     assert _copy_ms(runtime, ctx) == pytest.approx(1.0)
+    assert torch.equal(storage[0], store.flat((0, 1)))
     assert runtime.transfer.collect().copy_ms == 0.0  # calibration copies are not the run's traffic
