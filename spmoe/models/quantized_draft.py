@@ -86,8 +86,8 @@ class Int8ResidentExperts(nn.Module):
     Stacked over the K expert keys: `q` [K, N] int8 (gate_up [2I, H], then down [H, I], row-major) and `s`
     [K, 2I + H], one scale per row. Two ways to serve a layer:
     - `device_routes` (T <= DEVICE_MAX_TOKENS, the decode shapes): each route's row is looked up on the device and
-      one token's A routed experts at a time are dequantized into a transient [A, N] and run as two batched
-      matmuls; no device->host sync, so a CUDA graph captures the draft's experts with the rest of its forward;
+      one token's A routed experts at a time are cast to the compute dtype into a transient [A, N] and run as two
+      batched matmuls whose outputs take the row scales; no device->host sync, so a CUDA graph captures the draft's experts with the rest of its forward;
     - `experts_for` (any T, e.g. the prefill): one expert at a time, dequantized into a transient [N].
     Transients: A x N x (1 + dtype bytes) on the device path, N x dtype bytes per expert otherwise
     (`dequant_workspace_bytes` plans the larger)."""
@@ -132,14 +132,14 @@ class Int8ResidentExperts(nn.Module):
         h, inter, num_experts = self.layout.hidden_size, self.layout.intermediate_size, self.layout.num_experts
         rows = self.row_of[layer][top_k_index.clamp(0, num_experts - 1)]  # [T, A]
         out = hidden_states.new_empty(num_tokens, top_k, h)  # [T, A, H]
-        for t in range(num_tokens):
-            w = self.q[rows[t]].to(hidden_states.dtype)  # [A, N]
+        for t in range(num_tokens):  # one row scale per output: applied to the products, not to the weights
+            w = self.q[rows[t]].to(hidden_states.dtype)  # [A, N], integer values
             scale = self.s[rows[t]]  # [A, 2I + H]
-            gate_up = w[:, :2 * inter * h].view(top_k, 2 * inter, h).mul_(scale[:, :2 * inter, None])  # [A, 2I, H]
-            down = w[:, 2 * inter * h:].view(top_k, h, inter).mul_(scale[:, 2 * inter:, None])  # [A, H, I]
+            gate_up = w[:, :2 * inter * h].view(top_k, 2 * inter, h)  # [A, 2I, H]
+            down = w[:, 2 * inter * h:].view(top_k, h, inter)  # [A, H, I]
             x = hidden_states[t].expand(top_k, h).unsqueeze(-1)  # [A, H, 1]
-            gate, up = torch.bmm(gate_up, x).squeeze(-1).chunk(2, dim=-1)  # [A, I] each
-            out[t] = torch.bmm(down, (act_fn(gate) * up).unsqueeze(-1)).squeeze(-1)  # [A, H]
+            gate, up = (torch.bmm(gate_up, x).squeeze(-1) * scale[:, :2 * inter]).chunk(2, dim=-1)  # [A, I] each
+            out[t] = torch.bmm(down, (act_fn(gate) * up).unsqueeze(-1)).squeeze(-1) * scale[:, 2 * inter:]  # [A, H]
         return out * (top_k_index < num_experts)[..., None]  # [T, A, H]
 
 
