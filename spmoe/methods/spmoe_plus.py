@@ -100,7 +100,7 @@ def _copy_ms(runtime: Runtime, ctx: MethodContext, warmup: int = 2, reps: int = 
     trip, whose launch and sync latency the run's streamed copies do not pay (for a 17 MB expert it doubles it).
     The copies land in slot 0, which then gets back the expert it held (a cache that started full)."""
     store, keys, device, cache = ctx.target.store, ctx.target.layout.keys, ctx.device, runtime.cache
-    held = next((key for key in cache.resident() if cache.slot_of(key) == 0), None)
+    held = cache.key_at(0)  # at build: the prefetch worker has no request yet
 
     def copies(batch: list) -> float:
         for key in batch:

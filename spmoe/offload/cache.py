@@ -80,6 +80,10 @@ class ExpertCache:
     def slot(self, slot: int) -> torch.Tensor:
         return self.storage[slot]
 
+    def key_at(self, slot: int) -> ExpertKey | None:
+        """The key slot `slot` holds, if any."""
+        return self._key_of[slot]
+
     def slot_of(self, key: ExpertKey) -> int | None:
         """The slot holding `key`, without counting an access."""
         return self._slot_of.get(key)

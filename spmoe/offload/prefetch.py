@@ -25,6 +25,7 @@ Failure behaviour: an exception in the worker is re-raised on the main thread at
 every wait of the main thread (on the worker, or inline on a prediction) is bounded by `timeout_s`
 and becomes a TimeoutError; the worker itself blocks GIL-free on predictions, and a worker stuck
 on a dead device surfaces as that timeout.
+A cache that started full (`spmoe.offload.assemble`) is served through `serve_resident`, without a host sync.
 Invariants: all cache bookkeeping happens under `self.lock`; protections of a step are all
 released by `end_step`, so no slot stays pinned across steps.
 """
@@ -47,10 +48,23 @@ from spmoe.offload.layer_slots import LayerSlots
 from spmoe.offload.provider import serve_in_order, serve_layer, slot_tables
 from spmoe.offload.store import ExpertStore
 from spmoe.offload.transfer import TransferEngine
+from spmoe.runtime.resident import ResidentTable
 from spmoe.trace.records import ExpertEventLog
 from spmoe.types import ExpertKey
 
 log = logging.getLogger(__name__)
+
+
+class _LockedResidentTable(ResidentTable):
+    """A `ResidentTable` whose cache reads hold the provider's lock (the worker thread admits concurrently)."""
+
+    def __init__(self, cache: ExpertCache, layout, lock: threading.RLock):
+        super().__init__(cache, layout)
+        self.lock = lock
+
+    def get(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        with self.lock:
+            return super().get(layer)
 
 
 @dataclass
@@ -83,6 +97,7 @@ class PrefetchProvider:
         self.batched_io = batched_io
         self.timeout_s = timeout_s
         self.lock = threading.RLock()
+        self.resident = _LockedResidentTable(cache, store.layout, self.lock)
         self.step = -1
         self.verify_layer = -1  # deepest layer verification of `self.step` has reached
         self._protected: dict[tuple[int, int], list[int]] = defaultdict(list)  # (step, layer) -> pinned slots
@@ -268,6 +283,14 @@ class PrefetchProvider:
         return out
 
     # -- verification (the ExpertProvider seam) --------------------------------------------------
+
+    def serve_resident(self, layer: int, top_k_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """When the cache holds every expert for good (it started full): the layer's slot table, as
+        `OnDemandProvider.serve_resident` (predictions then have nothing to load). Else None."""
+        table = self.resident.get(layer)
+        if table is not None:
+            self.events.record_routes(layer, top_k_index, self.store.layout.num_experts)
+        return table
 
     def experts_for(self, layer: int, expert_ids: list[int], token_experts: torch.Tensor | None = None,
                     ) -> Iterator[tuple[int, torch.Tensor]]:

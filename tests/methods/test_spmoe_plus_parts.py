@@ -378,8 +378,7 @@ def test_planner_copy_time_is_the_copy_engines_not_the_hosts_round_trip():
     store = SimpleNamespace(flat=lambda key: torch.full((layout.expert_numel,), float(key[1] + 1)))
     storage = torch.zeros(2, layout.expert_numel)  # slot 0 holds expert (0, 1)
     storage[0] = store.flat((0, 1))
-    cache = SimpleNamespace(slot=lambda s: storage[s], resident=lambda: [(0, 1)],
-                            slot_of=lambda key: 0 if key == (0, 1) else None)
+    cache = SimpleNamespace(slot=lambda s: storage[s], key_at=lambda s: (0, 1) if s == 0 else None)
     runtime = SimpleNamespace(transfer=SlowIssueLink(), cache=cache)
     ctx = SimpleNamespace(target=SimpleNamespace(store=store, layout=layout), device=torch.device("cpu"))
     assert _copy_ms(runtime, ctx) == pytest.approx(1.0)
