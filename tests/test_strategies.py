@@ -4,6 +4,7 @@ with and without speculative decoding, on two model families."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import open_with_reference, tiny_run_config
 from experiments.presets import load_preset
@@ -99,3 +100,25 @@ def test_a_cache_with_a_slot_for_every_expert_starts_full(session, method):
         return  # its per-layer caches split fewer slots unevenly: no single "one fewer" case
     _, gens = _run(session, MethodConfig(name=method, num_slots=total - 1))
     assert sum(len(ev.misses) for g in gens for r in g.records for ev in r.layers) > 0
+
+
+@pytest.mark.parametrize("method", ["lru_nosd", "spmoe", "moe_infinity_nosd", "spmoe_plus"])
+def test_a_cache_that_started_full_serves_its_layers_without_a_host_sync(session, method):
+    """Every experts module of a runtime whose cache started full is sync-free (so CUDA graphs may capture its
+    forward), whether its provider loads on demand or prefetches; with one slot fewer none is."""
+    from dataclasses import replace
+
+    from spmoe.models.experts import OffloadedExperts
+    from spmoe.strategy import MethodContext
+
+    cpu, total = torch.device("cpu"), len(session.target.layout.keys)
+    for slots, sync_free in ((total, True), (total - 1, False)):
+        cfg = replace(session.cfg, method=MethodConfig(name=method, num_slots=slots))
+        plan = session.plan(cfg.hardware, method)
+        ctx = MethodContext(cfg, session.target, cpu, replace(plan, num_slots=slots), session.draft)
+        runtime = get_strategy(method).build(ctx)
+        try:
+            modules = [m for m in runtime.model.modules() if isinstance(m, OffloadedExperts)]
+            assert modules and all(m.sync_free(cpu) == sync_free for m in modules)
+        finally:
+            runtime.close()
