@@ -14,8 +14,7 @@ drafter) and the cache. `hardware.decode` picks one for the target and the draft
 Interface (both classes): `reserve(max_len)` sizes the cache once for a run's longest sequence
 (so graphs are captured once per shape); `precapture(shapes)` captures the whole-step graphs of
 those (T, num_logits) shapes before any sequence, where capturable, so timed steps only replay
-them (a forward judged piecewise that has since become capturable whole, e.g. its offloading cache
-now holds every expert, drops its piecewise graphs there and is captured whole); `begin(max_len)` starts a sequence that will hold at most `max_len` positions; `forward(ids, num_logits)` feeds `ids` after the cached positions and
+them; `begin(max_len)` starts a sequence that will hold at most `max_len` positions; `forward(ids, num_logits)` feeds `ids` after the cached positions and
 returns the logits of the last `num_logits` [num_logits, V] (on the device, the model's dtype; a
 graph's output stays valid until the decoder's next forward); `crop(n)` keeps the first n
 positions; `length` is the number of cached positions. Prefill (the first forward of a
@@ -127,24 +126,11 @@ class StaticDecoder:
         run's timed steps replay them (a graph's warm-up writes only the cache's tail: see
         `spmoe.runtime.graphs`). Only where the forward is capturable whole; other shapes and kinds are
         still captured at their first use."""
-        if not self.graphs or self.kv is None:
-            return
-        if self._kind == "piecewise" and capturable(self.model, self.device):
-            self._rejudge()  # e.g. an offloading cache that has come to hold every expert: no host sync left
-        if self._kind is None and not capturable(self.model, self.device):
+        if not self.graphs or self.kv is None or (self._kind is None and not capturable(self.model, self.device)):
             return  # the kind is judged at the first decode step (a cache may yet come to hold every expert)
         for num_tokens, num_logits in shapes:
             if num_tokens <= self.max_graph_tokens and (num_tokens, num_logits) not in self._graphs:
                 self._capture_whole(num_tokens, num_logits)
-
-    def _rejudge(self) -> None:
-        """Drop the piecewise graphs of a forward that has become capturable whole, so it is judged again."""
-        log.info("%s on %s: capturable whole now; dropping %d piecewise graph(s)", type(self.model).__name__,
-                 self.device.type, len(self._graphs))
-        self._graphs.clear()
-        self._pool = None
-        self._kind = None
-        self._warm.clear()
 
     def _capture_whole(self, num_tokens: int, num_logits: int) -> StepGraph | None:
         if self._kind is None:

@@ -188,30 +188,3 @@ def test_lossless_reference_mirrors_a_static_run(session):
         check = check_lossless(session, gens, temperature=0.0)
         assert check.lossless and check.token_agreement == 1.0
     assert _tokens(session, "gpu_resident", "eager")[0].kv_capacity is None
-
-
-def test_a_piecewise_forward_that_became_capturable_is_captured_whole_before_the_next_run(session, monkeypatch):
-    """A decoder judged piecewise (an offloading cache that did not yet hold every expert) drops its piecewise graphs
-    and captures the whole step at the next `precapture` once the forward is capturable; while it is not, it keeps
-    them."""
-    import spmoe.runtime.decoder as decoder_mod
-
-    captured = []
-
-    class FakeStepGraph:
-        def __init__(self, step, num_tokens, num_logits, *args):
-            captured.append((num_tokens, num_logits))
-
-    monkeypatch.setattr(decoder_mod, "StepGraph", FakeStepGraph)
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
-    decoder = StaticDecoder(session.target.model, torch.device("cpu"), graphs=True, max_graph_tokens=2)
-    decoder.reserve(32)
-    piecewise = object()
-    decoder._kind, decoder._graphs = "piecewise", {(2, 2): piecewise}
-    monkeypatch.setattr(decoder_mod, "capturable", lambda model, device: False)
-    decoder.precapture([(2, 2)])
-    assert decoder._kind == "piecewise" and decoder._graphs == {(2, 2): piecewise} and not captured
-    monkeypatch.setattr(decoder_mod, "capturable", lambda model, device: True)
-    decoder.precapture([(2, 2)])
-    assert decoder._kind == "whole" and captured == [(2, 2)]
-    assert isinstance(decoder._graphs[(2, 2)], FakeStepGraph)
