@@ -87,7 +87,8 @@ class Int8ResidentExperts(nn.Module):
     [K, 2I + H], one scale per row. Two ways to serve a layer:
     - `device_routes` (T <= DEVICE_MAX_TOKENS, the decode shapes): each route's row is looked up on the device and
       one token's A routed experts at a time are cast to the compute dtype into a transient [A, N] and run as two
-      batched matmuls whose outputs take the row scales; no device->host sync, so a CUDA graph captures the draft's experts with the rest of its forward;
+      batched matmuls whose outputs take the row scales; no device->host sync, so a CUDA graph captures the
+      draft's experts with the rest of its forward;
     - `experts_for` (any T, e.g. the prefill): one expert at a time, dequantized into a transient [N].
     Transients: A x N x (1 + dtype bytes) on the device path, N x dtype bytes per expert otherwise
     (`dequant_workspace_bytes` plans the larger)."""

@@ -63,22 +63,21 @@ def prefetch_runtime(ctx: MethodContext, policy: EvictionPolicy, num_slots: int,
 
 
 def preload_if_all_fit(cache: ExpertCache, transfer: TransferEngine, ctx: MethodContext,
-                       slots_per_layer: dict[int, int] | None = None) -> bool:
-    """Copy every expert in when the cache has a slot for each (per layer where partitioned); whether it did."""
+                       slots_per_layer: dict[int, int] | None = None) -> None:
+    """Copy every expert in when the cache has a slot for each (per layer where partitioned)."""
     layout, store = ctx.target.layout, ctx.target.store
     if slots_per_layer is None:
         fits = cache.num_slots >= len(layout.keys)
     else:
         fits = all(slots_per_layer.get(layer, 0) >= layout.num_experts for layer in layout.moe_layers)
     if not fits:
-        return False
+        return
     for key in layout.keys:
         slot = cache.preload(key)
         transfer.load(slot, cache.slot(slot), store.flat(key))
     if ctx.device.type == "cuda":
         torch.cuda.synchronize(ctx.device)
     transfer.collect()
-    return True
 
 
 def pace_gb_per_s(ctx: MethodContext) -> float | None:
