@@ -13,9 +13,9 @@ linear layer runs `spmoe.runtime.quant_gemv`'s kernel, which reads its quantized
 dequantizes per use into one workspace in the compute dtype, allocated with the copy and shared by
 all its linear layers (within the planned `dequant_workspace_bytes`), so a forward allocates only its
 outputs and a captured graph's pool keeps no per-layer transients. An expert dequantizes per use into a
-transient: int8 experts at decode shapes on the device, one token's routed experts at a time, without a host
-sync (so the draft's whole forward is captured as one CUDA graph); int4 experts and longer inputs one expert at a
-time after the routes reach the host (outside captured graphs). The whole draft is resident: its experts are served
+transient: at decode shapes on the device, one token's routed experts at a time, without a host sync (so the
+draft's whole forward is captured as one CUDA graph); longer inputs (the prefill) one expert at a time after the
+routes reach the host. The whole draft is resident: its experts are served
 from device buffers by `Int8ResidentExperts` / `Int4ResidentExperts` through the same
 `OffloadedExperts` module as the target's, so the draft computes the target's function up to
 quantization error (the knob that sets acceptance).
@@ -77,7 +77,40 @@ class Int8Linear(nn.Module):
         return nn.functional.linear(x, w, self.bias)
 
 
-DEVICE_MAX_TOKENS = 16  # tokens per call that `Int8ResidentExperts.device_routes` serves (every captured decode shape)
+DEVICE_MAX_TOKENS = 16  # tokens per call that the resident experts' `device_routes` serve (every captured decode shape)
+
+
+def _row_table(index: dict, layout, device: torch.device) -> torch.Tensor:
+    """[L, E] long on `device`: the stacked row of each (layer, expert) key (0 where a layer has no experts)."""
+    rows = torch.zeros(max(layout.moe_layers) + 1, layout.num_experts, dtype=torch.long)  # [L, E]
+    for (layer, e), i in index.items():
+        rows[layer, e] = i
+    return rows.to(device)
+
+
+def _token_routes(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, act_fn: nn.Module,
+                  gate_up_scale: torch.Tensor | None = None, down_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """[A, H]: one token x [H] through its A routed experts, gate_up [A, 2I, H] and down [A, H, I], as two batched
+    matmuls; row scales [A, 2I] / [A, H], where given, multiply the products."""
+    top_k, h = down.shape[0], x.shape[-1]
+    gu = torch.bmm(gate_up, x.expand(top_k, h).unsqueeze(-1)).squeeze(-1)  # [A, 2I]
+    gate, up = (gu if gate_up_scale is None else gu * gate_up_scale).chunk(2, dim=-1)  # [A, I] each
+    y = torch.bmm(down, (act_fn(gate) * up).unsqueeze(-1)).squeeze(-1)  # [A, H]
+    return y if down_scale is None else y * down_scale
+
+
+def _device_routes(layer: int, hidden_states: torch.Tensor, top_k_index: torch.Tensor, row_of: torch.Tensor,
+                   num_experts: int, token_routes) -> torch.Tensor | None:
+    """[T, A, H] (None when T > DEVICE_MAX_TOKENS): `token_routes(rows [A], x [H])` per token, its "no expert"
+    routes (id E) zeroed. hidden_states [T, H]; top_k_index [T, A] ids in [0, E]."""
+    num_tokens, top_k = top_k_index.shape
+    if num_tokens > DEVICE_MAX_TOKENS:
+        return None
+    rows = row_of[layer][top_k_index.clamp(0, num_experts - 1)]  # [T, A]
+    out = hidden_states.new_empty(num_tokens, top_k, hidden_states.shape[-1])  # [T, A, H]
+    for t in range(num_tokens):
+        out[t] = token_routes(rows[t], hidden_states[t])
+    return out * (top_k_index < num_experts)[..., None]  # [T, A, H]
 
 
 class Int8ResidentExperts(nn.Module):
@@ -107,10 +140,7 @@ class Int8ResidentExperts(nn.Module):
             self.q[i] = torch.cat([gu_q.flatten(), d_q.flatten()])
             self.s[i] = torch.cat([gu_s, d_s])
             self._index[key] = i
-        rows = torch.zeros(max(layout.moe_layers) + 1, layout.num_experts, dtype=torch.long)  # [L, E]
-        for (layer, e), i in self._index.items():
-            rows[layer, e] = i
-        self.row_of = rows.to(device)  # a plain attribute: not part of the draft's planned quantized bytes
+        self.row_of = _row_table(self._index, layout, device)  # a plain attribute: not in the planned quantized bytes
 
     def experts_for(self, layer: int, expert_ids: list[int], token_experts=None) -> Iterator[tuple[int, torch.Tensor]]:
         h, inter = self.layout.hidden_size, self.layout.intermediate_size
@@ -127,21 +157,15 @@ class Int8ResidentExperts(nn.Module):
                       act_fn: nn.Module) -> torch.Tensor | None:
         """[T, A, H]: every route's expert output, all on the device; None when T > DEVICE_MAX_TOKENS.
         hidden_states [T, H]; top_k_index [T, A] ids in [0, E] (E, "no expert", gives a zero row)."""
-        num_tokens, top_k = top_k_index.shape
-        if num_tokens > DEVICE_MAX_TOKENS:
-            return None
-        h, inter, num_experts = self.layout.hidden_size, self.layout.intermediate_size, self.layout.num_experts
-        rows = self.row_of[layer][top_k_index.clamp(0, num_experts - 1)]  # [T, A]
-        out = hidden_states.new_empty(num_tokens, top_k, h)  # [T, A, H]
-        for t in range(num_tokens):  # one row scale per output: applied to the products, not to the weights
-            w = self.q[rows[t]].to(hidden_states.dtype)  # [A, N], integer values
-            scale = self.s[rows[t]]  # [A, 2I + H]
-            gate_up = w[:, :2 * inter * h].view(top_k, 2 * inter, h)  # [A, 2I, H]
-            down = w[:, 2 * inter * h:].view(top_k, h, inter)  # [A, H, I]
-            x = hidden_states[t].expand(top_k, h).unsqueeze(-1)  # [A, H, 1]
-            gate, up = (torch.bmm(gate_up, x).squeeze(-1) * scale[:, :2 * inter]).chunk(2, dim=-1)  # [A, I] each
-            out[t] = torch.bmm(down, (act_fn(gate) * up).unsqueeze(-1)).squeeze(-1) * scale[:, 2 * inter:]  # [A, H]
-        return out * (top_k_index < num_experts)[..., None]  # [T, A, H]
+        h, inter = self.layout.hidden_size, self.layout.intermediate_size
+
+        def token_routes(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # row scales go on the products
+            w = self.q[rows].to(x.dtype)  # [A, N], integer values
+            scale = self.s[rows]  # [A, 2I + H]
+            return _token_routes(w[:, :2 * inter * h].view(-1, 2 * inter, h), w[:, 2 * inter * h:].view(-1, h, inter),
+                                 x, act_fn, scale[:, :2 * inter], scale[:, 2 * inter:])
+
+        return _device_routes(layer, hidden_states, top_k_index, self.row_of, self.layout.num_experts, token_routes)
 
 
 class Int4Linear(nn.Module):
@@ -166,7 +190,8 @@ class Int4ResidentExperts(nn.Module):
     """Every routed expert of the target in packed int4 on the device; an ExpertProvider for the draft.
 
     Stacked over experts (K = number of expert keys): `{gate_up,down}_{q,s,o}` = packed nibbles,
-    scales and offsets of each expert's gate_up [2I, H] and down [H, I] (see `spmoe.models.int4`)."""
+    scales and offsets of each expert's gate_up [2I, H] and down [H, I] (see `spmoe.models.int4`).
+    Served as `Int8ResidentExperts` is: `device_routes` at decode shapes, `experts_for` otherwise."""
 
     def __init__(self, target: TargetModel, device: torch.device, group_size: int):
         super().__init__()
@@ -183,6 +208,7 @@ class Int4ResidentExperts(nn.Module):
             for name, w in zip(self._mats(), layout.split(target.store.flat(key))):
                 for part, t in zip("qso", int4.quantize(w.to(device), group_size)):
                     getattr(self, f"{name}_{part}")[i] = t
+        self.row_of = _row_table(self._index, layout, device)  # a plain attribute: not in the planned quantized bytes
 
     def _mats(self) -> dict[str, tuple[int, int]]:
         h, inter = self.layout.hidden_size, self.layout.intermediate_size
@@ -196,6 +222,22 @@ class Int4ResidentExperts(nn.Module):
                 int4.dequantize(getattr(self, f"{name}_q")[i], getattr(self, f"{name}_s")[i],
                                 getattr(self, f"{name}_o")[i], cols, self.layout.dtype, out=out)
             yield e, flat  # [N], the one transient
+
+    def device_routes(self, layer: int, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                      act_fn: nn.Module) -> torch.Tensor | None:
+        """As `Int8ResidentExperts.device_routes`: one token's A routed experts dequantized (their rows stacked
+        as one [A O, I] matrix per kind) into transients and run as two batched matmuls."""
+        def token_routes(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            mats = []
+            for name, (out_features, cols) in self._mats().items():
+                q, scale, offset = (getattr(self, f"{name}_{part}")[rows] for part in "qso")  # [A, O, .]
+                top_k = q.shape[0]
+                w = int4.dequantize(q.view(top_k * out_features, -1), scale.view(top_k * out_features, -1),
+                                    offset.view(top_k * out_features, -1), cols, x.dtype)  # [A O, I]
+                mats.append(w.view(top_k, out_features, cols))
+            return _token_routes(*mats, x, act_fn)
+
+        return _device_routes(layer, hidden_states, top_k_index, self.row_of, self.layout.num_experts, token_routes)
 
 
 def _check_bits(bits: int) -> None:
@@ -276,10 +318,11 @@ def quantized_copy_bytes(target: TargetModel, bits: int = 8, group_size: int = 1
 def dequant_workspace_bytes(target: TargetModel, bits: int = 8, group_size: int = 128) -> int:
     """Device bytes a quantized copy's dequantization needs beside its quantized weights: the linear layers'
     shared workspace (`linear_workspace_bytes`: the LM head's, for DeepSeek-V2-Lite 0.42 GB), allocated with
-    the copy, plus the experts' transient while they run: int8, the larger of one token's A routed experts on
-    the device path (their [A, N] int8 rows and the same in the compute dtype, `Int8ResidentExperts`) and one
-    expert's [N] weights in the compute dtype; int4, one expert's [N] weights plus the nibble plane of its larger
-    matrix, and a padded matrix its own temporary before the copy into the expert's buffer."""
+    the copy, plus the experts' transient while they run, the larger of the device path's (one token's A routed
+    experts: int8, their [A, N] rows and the same in the compute dtype; int4, their gathered nibbles, scales and
+    offsets, dequantized padded weights, and one matrix's nibble plane) and the per-expert path's (one expert's [N]
+    weights in the compute dtype; int4 adds the nibble plane of its larger matrix, and a padded matrix its own
+    temporary before the copy into the expert's buffer)."""
     _check_bits(bits)
     layout = target.layout
     dsize = layout.expert_bytes // layout.expert_numel
@@ -293,6 +336,10 @@ def dequant_workspace_bytes(target: TargetModel, bits: int = 8, group_size: int 
         def padded(o: int, i: int) -> int:
             return o * math.prod(int4.group_shape(i, group_size))
 
-        expert += max(padded(o, i) // 2 + (padded(o, i) * dsize if padded(o, i) != o * i else 0)
-                      for o, i in [(2 * inter, h), (h, inter)])
+        mats = [(2 * inter, h), (h, inter)]
+        expert += max(padded(o, i) // 2 + (padded(o, i) * dsize if padded(o, i) != o * i else 0) for o, i in mats)
+        device = layout.top_k * (sum(padded(o, i) * dsize + padded(o, i) // 2  # dequantized, gathered nibbles
+                                     + 2 * o * int4.group_shape(i, group_size)[0] * dsize for o, i in mats)
+                                 + max(padded(o, i) // 2 for o, i in mats))  # one nibble plane at a time
+        expert = max(expert, device)
     return linear + expert

@@ -137,13 +137,14 @@ def test_deepseek_v2_lite_16gib_fits_int4_self_not_int8_self():
     assert int8.plan(replace(int8.cfg.hardware, gpu_budget_gib=24), "spmoe").num_slots > 0
 
 
+@pytest.mark.parametrize("draft", ["int8_self_fp32", "int4_self_fp32"])
 @pytest.mark.parametrize("model", ["tiny_deepseek_v2", "tiny"])
-def test_int8_device_routes_compute_what_the_per_expert_path_does(model):
-    """The draft's int8 experts at decode shapes: every route's output on the device equals the per-expert
+def test_device_routes_compute_what_the_per_expert_path_does(model, draft):
+    """The draft's quantized experts at decode shapes: every route's output on the device equals the per-expert
     dequantize-then-matmul path (float32, within summation-order error), a "no expert" route gives a zero row,
     and longer inputs are left to the per-expert path."""
     cfg = tiny_run_config(model, num_prompts=1, max_new_tokens=4)
-    cfg.draft = load_preset("draft", "int8_self_fp32")
+    cfg.draft = load_preset("draft", draft)
     s = open_session(cfg)
     try:
         experts = s.draft.quantized_experts
@@ -169,11 +170,12 @@ def test_int8_device_routes_compute_what_the_per_expert_path_does(model):
         s.close()
 
 
-def test_int8_draft_decodes_without_sending_routes_to_the_host():
-    """The int8 draft's experts modules are sync-free (so CUDA graphs capture its whole forward): a decode
+@pytest.mark.parametrize("draft", ["int8_self_fp32", "int4_self_fp32"])
+def test_quantized_draft_decodes_without_sending_routes_to_the_host(draft):
+    """The quantized draft's experts modules are sync-free (so CUDA graphs capture its whole forward): a decode
     forward sends no routes to the host, a prefill longer than the device path's limit does."""
     cfg = tiny_run_config("tiny_deepseek_v2", num_prompts=1, max_new_tokens=4)
-    cfg.draft = load_preset("draft", "int8_self_fp32")
+    cfg.draft = load_preset("draft", draft)
     s = open_session(cfg)
     try:
         modules = list(find_experts(s.draft).values())

@@ -159,13 +159,14 @@ def test_graph_replay_gives_the_static_decoders_tokens(gpu):
         s.close()
 
 
-def test_int8_self_draft_is_captured_whole_and_drafts_as_its_static_decoder(gpu):
-    """On CUDA (bf16 tiny DeepSeek-V2, int8 self-draft): the draft's forward is capturable whole, its experts
-    computed on the device without a host sync, and SD under graphs accepts the same drafts and emits the
-    same tokens as under the static decoder, which runs the same draft step eagerly."""
+@pytest.mark.parametrize("draft", ["int8_self", "int4_self"])
+def test_quantized_self_draft_is_captured_whole_and_drafts_as_its_static_decoder(gpu, draft):
+    """On CUDA (bf16 tiny DeepSeek-V2, a quantized self-draft): the draft's forward is capturable whole, its
+    experts computed on the device without a host sync, and SD under graphs accepts the same drafts and emits
+    the same tokens as under the static decoder, which runs the same draft step eagerly."""
     cfg = tiny_run_config("tiny_deepseek_v2", hardware=load_preset("hardware", "h200"), num_prompts=2)
     cfg.model.dtype = "bfloat16"
-    cfg.draft = load_preset("draft", "int8_self")
+    cfg.draft = load_preset("draft", draft)
     s = open_session(cfg)
     try:
         assert capturable(s.draft, s.device)
