@@ -3,6 +3,8 @@ with and without speculative decoding, on two model families."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -10,6 +12,8 @@ from conftest import open_with_reference, tiny_run_config
 from experiments.presets import load_preset
 from spmoe.config import MethodConfig, SpecConfig
 from spmoe.methods import STRATEGIES, get_strategy
+from spmoe.models.experts import OffloadedExperts
+from spmoe.strategy import MethodContext
 
 get_strategy("gpu_resident")  # populate the registry
 METHODS = sorted(STRATEGIES)
@@ -106,11 +110,6 @@ def test_a_cache_with_a_slot_for_every_expert_starts_full(session, method):
 def test_a_cache_that_started_full_serves_its_layers_without_a_host_sync(session, method):
     """Every experts module of a runtime whose cache started full is sync-free (so CUDA graphs may capture its
     forward), whether its provider loads on demand or prefetches; with one slot fewer none is."""
-    from dataclasses import replace
-
-    from spmoe.models.experts import OffloadedExperts
-    from spmoe.strategy import MethodContext
-
     cpu, total = torch.device("cpu"), len(session.target.layout.keys)
     for slots, sync_free in ((total, True), (total - 1, False)):
         cfg = replace(session.cfg, method=MethodConfig(name=method, num_slots=slots))
