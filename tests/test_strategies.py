@@ -100,6 +100,7 @@ def test_a_cache_with_a_slot_for_every_expert_starts_full(session, method):
     records = [r for g in gens for r in g.records]
     assert sum(len(ev.misses) for r in records for ev in r.layers) == 0
     assert sum(r.h2d_bytes for r in records) == 0
+    assert all(len({ev.layer for ev in r.layers}) == len(r.layers) for r in records)  # each layer recorded once
     if method == "mixtral_offloading_nosd":
         return  # its per-layer caches split fewer slots unevenly: no single "one fewer" case
     _, gens = _run(session, MethodConfig(name=method, num_slots=total - 1))

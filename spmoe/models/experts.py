@@ -220,10 +220,15 @@ class OffloadedExperts(nn.Module):
         it as `resident`, a `spmoe.runtime.resident.ResidentTable`), so a CUDA graph can capture it."""
         if getattr(self.provider, "device_routes", None) is not None:
             return True  # serves every decode shape on the device (T <= its limit, above every captured shape)
-        resident = getattr(self.provider, "resident", None)
         probe = torch.empty(0, dtype=self.layout.dtype, device=device)
-        return (self.grouped and resident is not None and getattr(self.provider, "serve_resident", None) is not None
-                and grouped_supported(probe) and resident.get(self.layer_idx) is not None)
+        return (self.grouped and getattr(self.provider, "serve_resident", None) is not None
+                and grouped_supported(probe) and self.holds_all())
+
+    def holds_all(self) -> bool:
+        """Whether the provider's cache holds this layer's experts for good (its `resident` table), without
+        serving anything (no events recorded)."""
+        resident = getattr(self.provider, "resident", None)
+        return resident is not None and resident.get(self.layer_idx) is not None
 
     def _per_expert(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor) -> torch.Tensor:
         """[T, A, H]: each route's expert output, served by the provider (see `_serve`)."""

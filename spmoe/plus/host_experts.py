@@ -203,7 +203,7 @@ class HostAssistedExperts(OffloadedExperts):
     def compute(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 site=None) -> torch.Tensor:
         # T = tokens, A = experts per token, H = hidden, R = T * A routes
-        if self._resident_table(hidden_states, top_k_index) is not None:  # nothing can miss: nothing for the host
+        if self.holds_all():  # nothing can miss: nothing for the host
             return super().compute(hidden_states, top_k_index, top_k_weights, site)
         num_tokens, top_k = top_k_index.shape
         index_cpu = top_k_index.cpu()  # [T, A]; the layer's one device->host sync
