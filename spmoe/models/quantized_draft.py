@@ -99,7 +99,7 @@ def _token_routes(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor, ac
     return y if down_scale is None else y * down_scale
 
 
-def _device_routes(layer: int, hidden_states: torch.Tensor, top_k_index: torch.Tensor, row_of: torch.Tensor,
+def _routes_by_token(layer: int, hidden_states: torch.Tensor, top_k_index: torch.Tensor, row_of: torch.Tensor,
                    num_experts: int, token_routes) -> torch.Tensor | None:
     """[T, A, H] (None when T > DEVICE_MAX_TOKENS): `token_routes(rows [A], x [H])` per token, its "no expert"
     routes (id E) zeroed. hidden_states [T, H]; top_k_index [T, A] ids in [0, E]."""
@@ -165,7 +165,7 @@ class Int8ResidentExperts(nn.Module):
             return _token_routes(w[:, :2 * inter * h].view(-1, 2 * inter, h), w[:, 2 * inter * h:].view(-1, h, inter),
                                  x, act_fn, scale[:, :2 * inter], scale[:, 2 * inter:])
 
-        return _device_routes(layer, hidden_states, top_k_index, self.row_of, self.layout.num_experts, token_routes)
+        return _routes_by_token(layer, hidden_states, top_k_index, self.row_of, self.layout.num_experts, token_routes)
 
 
 class Int4Linear(nn.Module):
@@ -237,7 +237,7 @@ class Int4ResidentExperts(nn.Module):
                 mats.append(w.view(top_k, out_features, cols))
             return _token_routes(*mats, x, act_fn)
 
-        return _device_routes(layer, hidden_states, top_k_index, self.row_of, self.layout.num_experts, token_routes)
+        return _routes_by_token(layer, hidden_states, top_k_index, self.row_of, self.layout.num_experts, token_routes)
 
 
 def _check_bits(bits: int) -> None:
