@@ -16,7 +16,9 @@ Each step ends with its tokens on the host; then the step's transfer totals and 
 expert events are collected into a `StepRecord`. Methods differ only in the `Runtime` they plug
 in (how experts are served) and whether they draft; the loop, timers and records are the same
 for all, which is what makes comparisons fair. Under routing replay the runtime's
-`accept_override` supplies each step's recorded number of accepted drafts.
+`accept_override` supplies each step's recorded number of accepted drafts. `reserve` sizes both
+caches and captures, before any timed step, the graphs of every shape a step may feed (verify widths
+1..k+1, the draft's `STEP_SHAPES`); shapes that only piecewise graphs serve are captured at first use.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import torch
 
 from spmoe.config import SpecConfig
 from spmoe.runtime.decoder import make_decoder
-from spmoe.spec.drafter import ModelDrafter
+from spmoe.spec.drafter import STEP_SHAPES, ModelDrafter
 from spmoe.spec.verify import (
     AcceptResult,
     probs_from_logits,
@@ -82,10 +84,11 @@ class Engine:
         """Size the target's and the draft's KV caches once for the longest sequence of a run."""
         max_len = self._max_len(max_prompt_len, max_new_tokens)
         self.decoder.reserve(max_len)
-        self.decoder.precapture([(self._step_tokens, self._step_tokens)])  # the run's usual step, captured before timing
+        # every verify width a step may feed (k shrinks near the end and under adaptive k), captured before timing
+        self.decoder.precapture([(t, t) for t in range(1, self._step_tokens + 1)])
         if self.drafter is not None:
             self.drafter.decoder.reserve(max_len)
-            self.drafter.decoder.precapture([(1, 1)])
+            self.drafter.decoder.precapture(list(STEP_SHAPES))
 
     def _target(self, ids: list[int], num_logits: int) -> torch.Tensor:
         logits = self.decoder.forward(ids, num_logits).float()  # [num_logits, V]

@@ -7,7 +7,8 @@ the last, so afterwards the cache holds `seq + drafts[:-1]`. `rollback(n)` crops
 n tokens, which the engine calls with the number still valid after acceptance.
 
 The forward and its cache are a decoder (`spmoe.runtime.decoder`, `decode` as the target's); a
-draft step feeds one token, or two after a fully accepted step (the last draft and the bonus).
+draft step feeds one token, or two after a fully accepted step (the last draft and the bonus):
+`STEP_SHAPES`, the (tokens, logits) shapes a run precaptures before timing.
 
 After every draft forward is launched (before its logits are read), `on_forward` listeners are called
 with whether it ran as a CUDA graph (`decoder.replayed`): a predictor's per-forward host work, which its
@@ -29,13 +30,16 @@ from spmoe.runtime.decoder import make_decoder
 from spmoe.spec.verify import probs_from_logits, sample
 
 
+STEP_SHAPES = ((1, 1), (2, 1))  # (tokens fed, logits kept) of every draft forward after the prompt
+
+
 class ModelDrafter:
     def __init__(self, model: PreTrainedModel, device: torch.device, temperature: float, top_p: float,
                  decode: str = "eager", on_forward: list[Callable[[bool], None]] | None = None):
         self.model = model
         self.temperature = temperature
         self.top_p = top_p
-        self.decoder = make_decoder(model, device, decode, max_graph_tokens=2)
+        self.decoder = make_decoder(model, device, decode, max_graph_tokens=max(t for t, _ in STEP_SHAPES))
         self.on_forward = on_forward if on_forward is not None else []
 
     @property

@@ -55,6 +55,30 @@ def test_static_cache_gives_the_dynamic_caches_tokens(session, method, num_slots
         assert sum(len(ev.misses) for g in static for r in g.records for ev in r.layers) > num_slots  # it evicts
 
 
+def test_every_step_shape_after_the_prompt_is_precaptured_before_timing(session, monkeypatch):
+    """The target's and the draft's decoders precapture (at `Engine.reserve`, before any timed step) every
+    (tokens, logits) shape they then feed after the prompt, the draft's two-token catch-up included, so no
+    graph is captured inside a run's timed steps (CPU: the static decoder records what it would capture)."""
+    precaptured, fed = set(), set()
+    precapture, forward = StaticDecoder.precapture, StaticDecoder.forward
+
+    def spy_precapture(self, shapes):
+        precaptured.update((id(self), shape) for shape in shapes)
+        return precapture(self, shapes)
+
+    def spy_forward(self, ids, num_logits):
+        if self.kv.length > 0:
+            fed.add((id(self), (len(ids), num_logits)))
+        return forward(self, ids, num_logits)
+
+    monkeypatch.setattr(StaticDecoder, "precapture", spy_precapture)
+    monkeypatch.setattr(StaticDecoder, "forward", spy_forward)
+    gens = _tokens(session, "gpu_resident_sd", "static")
+    assert any(r.num_accepted == r.num_drafted for g in gens for r in g.records if r.num_drafted)
+    assert {shape for _, shape in fed} >= {(1, 1), (2, 1), (4, 4)}
+    assert fed <= precaptured
+
+
 @torch.inference_mode()
 def test_rollback_leaves_no_stale_position_visible(session):
     """Verify 4 drafts, keep n, feed one token: the logits equal a fresh forward over the kept prefix,
