@@ -12,10 +12,11 @@ Weights are stored quantized on the device (so the budget sees their bytes). At 
 linear layer runs `spmoe.runtime.quant_gemv`'s kernel, which reads its quantized weight once; elsewhere it
 dequantizes per use into one workspace in the compute dtype, allocated with the copy and shared by
 all its linear layers (within the planned `dequant_workspace_bytes`), so a forward allocates only its
-outputs and a captured graph's pool keeps no per-layer transients. An expert dequantizes per use into a
-transient: at decode shapes on the device, one token's routed experts at a time, without a host sync (so the
-draft's whole forward is captured as one CUDA graph); longer inputs (the prefill) one expert at a time after the
-routes reach the host. The whole draft is resident: its experts are served
+outputs and a captured graph's pool keeps no per-layer transients. At decode shapes on the device, experts
+run without a host sync (so the draft's whole forward is captured as one CUDA graph): int8 experts on CUDA
+through `spmoe.runtime.moe_gemv`'s kernels, which read each int8 weight once; elsewhere (and int4) one token's
+routed experts at a time dequantized into a transient. Longer inputs (the prefill) dequantize one expert at a
+time after the routes reach the host. The whole draft is resident: its experts are served
 from device buffers by `Int8ResidentExperts` / `Int4ResidentExperts` through the same
 `OffloadedExperts` module as the target's, so the draft computes the target's function up to
 quantization error (the knob that sets acceptance).
@@ -35,7 +36,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from spmoe.models import int4
 from spmoe.models.build import TargetModel
 from spmoe.models.experts import OffloadedExperts, find_experts
-from spmoe.runtime import quant_gemv
+from spmoe.runtime import moe_gemv, quant_gemv
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,13 +119,16 @@ class Int8ResidentExperts(nn.Module):
 
     Stacked over the K expert keys: `q` [K, N] int8 (gate_up [2I, H], then down [H, I], row-major) and `s`
     [K, 2I + H], one scale per row. Two ways to serve a layer:
-    - `device_routes` (T <= DEVICE_MAX_TOKENS, the decode shapes): each route's row is looked up on the device and
-      one token's A routed experts at a time are cast to the compute dtype into a transient [A, N] and run as two
-      batched matmuls whose outputs take the row scales; no device->host sync, so a CUDA graph captures the
-      draft's experts with the rest of its forward;
+    - `device_routes` (T <= DEVICE_MAX_TOKENS, the decode shapes): each route's row is looked up on the device; no
+      device->host sync, so a CUDA graph captures the draft's experts with the rest of its forward. Where
+      `moe_gemv.supports_quantized` (CUDA, bf16 or fp16, SiLU), its kernels read the routes' int8 rows straight
+      from `q`, each weight once; elsewhere one token's A routed experts at a time are cast to the compute dtype
+      into a transient [A, N] and run as two batched matmuls whose outputs take the row scales. The two agree
+      within the compute dtype's rounding (the kernels scale float32 products), enough for a draft;
     - `experts_for` (any T, e.g. the prefill): one expert at a time, dequantized into a transient [N].
-    Transients: A x N x (1 + dtype bytes) on the device path, N x dtype bytes per expert otherwise
-    (`dequant_workspace_bytes` plans the larger)."""
+    Transients: A x N x (1 + dtype bytes) on the device path's fallback (through the kernels only the routes'
+    [R, I] intermediate and the output), N x dtype bytes per expert otherwise (`dequant_workspace_bytes` plans
+    the larger)."""
 
     def __init__(self, target: TargetModel, device: torch.device):
         super().__init__()
@@ -158,6 +162,9 @@ class Int8ResidentExperts(nn.Module):
         """[T, A, H]: every route's expert output, all on the device; None when T > DEVICE_MAX_TOKENS.
         hidden_states [T, H]; top_k_index [T, A] ids in [0, E] (E, "no expert", gives a zero row)."""
         h, inter = self.layout.hidden_size, self.layout.intermediate_size
+        if hidden_states.shape[0] <= DEVICE_MAX_TOKENS and moe_gemv.supports_quantized(hidden_states, act_fn):
+            return moe_gemv.routes_mlp(hidden_states, top_k_index, self.row_of[layer], self.layout.num_experts,
+                                       self.q, inter, scale=self.s)  # [T, A, H]
 
         def token_routes(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # row scales go on the products
             w = self.q[rows].to(x.dtype)  # [A, N], integer values

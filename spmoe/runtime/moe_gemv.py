@@ -10,16 +10,22 @@ then sums each token's routes with their weights. No host sync, so CUDA graphs c
 
 Terms: T tokens, A experts per token, R = T * A routes, H hidden, I expert intermediate, S slots,
 N = 3 * I * H elements per slot (gate [I, H], up [I, H], then down [H, I], row-major).
+Quantized slots (`scale` given; a quantized draft's resident experts, `spmoe.models.quantized_draft`): storage
+[S, N] int8 in the same layout and scale [S, 2I + H], one per output row (gate, up, then down rows), w = q *
+scale. Each int8 tile is cast to the activations' dtype in registers (exact: |q| <= 127), so a weight is read
+once as one byte, and the row scales multiply the float32 products before they are rounded. Not bit-equal to
+dequantize-then-matmul (which rounds each product before scaling); within that rounding, which a draft can
+afford since the target verifies.
 Invariants:
 - a route's output row depends only on its token's hidden state and its slot's weights, not on
   which other routes share the launch: every row is computed with the same tile shapes and the
   same order of the H (then I) reduction. So one expert computed alone (`slot_mlp` over a single
   slot, the per-expert path) and the same expert inside a whole layer's launch give equal bits;
-- the intermediate is rounded like transformers' eager experts: gate and up to the weights'
-  dtype, SiLU of the rounded gate rounded, times up rounded;
+- the intermediate is rounded like transformers' eager experts: gate and up to the compute dtype
+  (x's, the bf16 slots' own), SiLU of the rounded gate rounded, times up rounded;
 - a route whose slot is negative ("no expert") gets a zero row.
-Used for bf16 CUDA inputs when Triton imports and the activation is SiLU (`supports`); elsewhere
-the caller keeps torch's grouped GEMM.
+Used for bf16 CUDA inputs when Triton imports and the activation is SiLU (`supports`; quantized slots
+also fp16, `supports_quantized`); elsewhere the caller keeps torch's grouped GEMM (or dequantizes).
 """
 
 from __future__ import annotations
@@ -60,6 +66,12 @@ def supports(x: torch.Tensor, act_fn: nn.Module) -> bool:
             and is_silu(act_fn))
 
 
+def supports_quantized(x: torch.Tensor, act_fn: nn.Module) -> bool:
+    """Whether `routes_mlp` with int8 slots (`scale` given) serves hidden states x [T, H] with this activation."""
+    return (_enabled and triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and x.shape[0] <= MAX_TOKENS and is_silu(act_fn))
+
+
 _SILU: dict[type, bool] = {}
 
 
@@ -76,35 +88,51 @@ def is_silu(act_fn: nn.Module) -> bool:
 
 
 def slot_mlp(x: torch.Tensor, route_slots: torch.Tensor, top_k: int, storage: torch.Tensor,
-             intermediate_size: int, grouped: bool = False) -> torch.Tensor:
+             intermediate_size: int, grouped: bool = False, scale: torch.Tensor | None = None) -> torch.Tensor:
     """Each route's expert output [R, H] in route order (route r = token r // top_k).
 
     x [T, H]; route_slots [R] the slot of each route (negative: no expert, a zero row); storage [S, N]
-    slot buffers, rows of one slot contiguous. `grouped`: the caller guarantees that routes to one
-    slot are adjacent in route order (one token's routes, whose experts are distinct; one expert's
-    rows), so the sort is skipped."""
+    slot buffers, rows of one slot contiguous (int8 with `scale` [S, 2I + H]: quantized slots). `grouped`:
+    the caller guarantees that routes to one slot are adjacent in route order (one token's routes, whose
+    experts are distinct; one expert's rows), so the sort is skipped."""
     num_routes, (num_tokens, hidden) = route_slots.numel(), x.shape
     assert num_tokens <= MAX_TOKENS and num_routes == num_tokens * top_k, (x.shape, route_slots.shape, top_k)
-    assert storage.stride(1) == 1 and storage.shape[1] == 3 * intermediate_size * hidden, storage.shape
     if grouped:
         keys, order = route_slots, index_tensor("arange", num_routes, x.device)  # [R] each
     else:
         keys, order = torch.sort(route_slots, stable=True)  # [R] each: routes grouped by slot
-    return _launch(x, keys, None, 0, order, top_k, storage, intermediate_size)
+    return _launch(x, keys, None, 0, order, top_k, storage, intermediate_size, scale)
 
 
 def routed_mlp(x: torch.Tensor, top_k_index: torch.Tensor, slot_of: torch.Tensor, num_experts: int,
-               storage: torch.Tensor, intermediate_size: int) -> torch.Tensor:
+               storage: torch.Tensor, intermediate_size: int, scale: torch.Tensor | None = None) -> torch.Tensor:
     """`slot_mlp` for one token's routes, mapped to slots inside the kernels: [A, H].
 
     x [1, H]; top_k_index [1, A] distinct expert ids (ids outside [0, E): no expert, a zero row);
-    slot_of [>= E] each expert's slot in storage [S, N]. No kernel besides the two matmuls."""
+    slot_of [>= E] each expert's slot in storage [S, N] (int8 with `scale`, as in `slot_mlp`). No kernel
+    besides the two matmuls."""
     num_tokens, top_k = top_k_index.shape
     assert num_tokens == 1 == x.shape[0], (x.shape, top_k_index.shape)
-    assert storage.stride(1) == 1 and storage.shape[1] == 3 * intermediate_size * x.shape[1], storage.shape
     ids = top_k_index.reshape(-1)  # [A]
     order = index_tensor("arange", top_k, x.device)  # [A]
-    return _launch(x, ids, slot_of, num_experts, order, top_k, storage, intermediate_size)
+    return _launch(x, ids, slot_of, num_experts, order, top_k, storage, intermediate_size, scale)
+
+
+def routes_mlp(x: torch.Tensor, top_k_index: torch.Tensor, slot_of: torch.Tensor, num_experts: int,
+               storage: torch.Tensor, intermediate_size: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Every route's expert output [T, A, H] from expert ids, all on the device: one token through
+    `routed_mlp` (ids mapped in the kernels), more through `slot_mlp` (mapped, then sorted by slot).
+
+    x [T, H]; top_k_index [T, A] ids in [0, E] (E, "no expert": a zero row), each token's distinct;
+    slot_of [>= E] each expert's slot in storage [S, N] (int8 with `scale`, as in `slot_mlp`)."""
+    num_tokens, top_k = top_k_index.shape
+    if num_tokens == 1:
+        ys = routed_mlp(x, top_k_index, slot_of, num_experts, storage, intermediate_size, scale)  # [A, H]
+    else:
+        known = top_k_index < num_experts
+        route_slots = torch.where(known, slot_of[top_k_index.clamp(max=num_experts - 1)], -1)  # [T, A]
+        ys = slot_mlp(x, route_slots.flatten(), top_k, storage, intermediate_size, scale=scale)  # [R, H]
+    return ys.view(num_tokens, top_k, x.shape[1])
 
 
 def one_slot_mlp(x: torch.Tensor, slot: torch.Tensor, intermediate_size: int) -> torch.Tensor:
@@ -113,10 +141,17 @@ def one_slot_mlp(x: torch.Tensor, slot: torch.Tensor, intermediate_size: int) ->
 
 
 def _launch(x: torch.Tensor, keys: torch.Tensor, table: torch.Tensor | None, num_experts: int, order: torch.Tensor,
-            top_k: int, storage: torch.Tensor, intermediate_size: int) -> torch.Tensor:
+            top_k: int, storage: torch.Tensor, intermediate_size: int, scale: torch.Tensor | None) -> torch.Tensor:
     """The two kernels over routes `keys` [R] (slots grouped by slot; or with `table`, expert ids mapped
-    to slots in the kernels) at route positions `order` [R]: [R, H] in route order."""
+    to slots in the kernels) at route positions `order` [R]: [R, H] in route order. `scale` [S, 2I + H]:
+    storage holds int8 slots, whose products take these row scales."""
     num_routes, hidden = keys.numel(), x.shape[1]
+    assert storage.stride(1) == 1 and storage.shape[1] == 3 * intermediate_size * hidden, storage.shape
+    scaled = scale is not None
+    if scaled:
+        assert storage.dtype == torch.int8 and scale.stride(1) == 1, (storage.dtype, scale.stride())
+        assert scale.shape == (storage.shape[0], 2 * intermediate_size + hidden), (scale.shape, storage.shape)
+    scale = scale if scaled else storage  # unread without SCALED
     x = x.contiguous()
     mid = torch.empty(num_routes, intermediate_size, dtype=x.dtype, device=x.device)  # [R, I] in grouped order
     out = torch.empty(num_routes, hidden, dtype=x.dtype, device=x.device)  # [R, H] in route order
@@ -124,11 +159,13 @@ def _launch(x: torch.Tensor, keys: torch.Tensor, table: torch.Tensor | None, num
     table = table if mapped else keys  # unread without MAP
     bn_up, bk_up, bn_down, bk_down = _blocks(hidden, intermediate_size)
     _gate_up_kernel[(triton.cdiv(intermediate_size, bn_up), num_routes)](
-        x, keys, table, num_experts, order, storage, mid, num_routes, top_k, hidden, intermediate_size,
-        storage.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=bn_up, BLOCK_K=bk_up, MAP=mapped, num_warps=4, num_stages=3)
+        x, keys, table, num_experts, order, storage, scale, mid, num_routes, top_k, hidden, intermediate_size,
+        storage.stride(0), scale.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=bn_up, BLOCK_K=bk_up, MAP=mapped,
+        SCALED=scaled, num_warps=4, num_stages=3)
     _down_kernel[(triton.cdiv(hidden, bn_down), num_routes)](
-        mid, keys, table, num_experts, order, storage, out, num_routes, hidden, intermediate_size,
-        storage.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=bn_down, BLOCK_K=bk_down, MAP=mapped, num_warps=4, num_stages=3)
+        mid, keys, table, num_experts, order, storage, scale, out, num_routes, hidden, intermediate_size,
+        storage.stride(0), scale.stride(0), BLOCK_M=BLOCK_M, BLOCK_N=bn_down, BLOCK_K=bk_down, MAP=mapped,
+        SCALED=scaled, num_warps=4, num_stages=3)
     return out
 
 
@@ -183,9 +220,9 @@ if triton is not None:
         return slot, rows, same & (rows < num_routes), lead
 
     @triton.jit
-    def _gate_up_kernel(x_ptr, keys_ptr, table_ptr, num_experts, order_ptr, w_ptr, mid_ptr, num_routes, top_k, hidden,
-                        inter, slot_stride, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        MAP: tl.constexpr):
+    def _gate_up_kernel(x_ptr, keys_ptr, table_ptr, num_experts, order_ptr, w_ptr, scale_ptr, mid_ptr, num_routes,
+                        top_k, hidden, inter, slot_stride, scale_stride, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, MAP: tl.constexpr, SCALED: tl.constexpr):
         pid_n, pid_r = tl.program_id(0), tl.program_id(1)
         slot, rows, valid, lead = _group(keys_ptr, table_ptr, num_experts, num_routes, pid_r, BLOCK_M, MAP)
         if lead:
@@ -200,10 +237,14 @@ if triton is not None:
                 k_ok = ks < hidden
                 xs = tl.load(x_ptr + tokens[:, None] * hidden + ks[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
                 w_mask = col_ok[:, None] & k_ok[None, :]
-                gate = tl.load(base + cols[:, None] * hidden + ks[None, :], mask=w_mask, other=0.0)  # [BN, BK]
-                up = tl.load(base + (cols[:, None] + inter) * hidden + ks[None, :], mask=w_mask, other=0.0)
-                acc_gate = tl.dot(xs, tl.trans(gate), acc_gate)
-                acc_up = tl.dot(xs, tl.trans(up), acc_up)
+                gate = tl.load(base + cols[:, None] * hidden + ks[None, :], mask=w_mask, other=0)  # [BN, BK]
+                up = tl.load(base + (cols[:, None] + inter) * hidden + ks[None, :], mask=w_mask, other=0)
+                acc_gate = tl.dot(xs, tl.trans(gate.to(xs.dtype)), acc_gate)  # int8 -> x's dtype: exact
+                acc_up = tl.dot(xs, tl.trans(up.to(xs.dtype)), acc_up)
+            if SCALED:
+                scales = scale_ptr + slot.to(tl.int64) * scale_stride + cols  # [BN] gate rows' scales
+                acc_gate *= tl.load(scales, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+                acc_up *= tl.load(scales + inter, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             dtype = mid_ptr.dtype.element_ty
             g = acc_gate.to(dtype).to(tl.float32)
             act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
@@ -211,9 +252,9 @@ if triton is not None:
             tl.store(mid_ptr + rows[:, None] * inter + cols[None, :], mid, mask=valid[:, None] & col_ok[None, :])
 
     @triton.jit
-    def _down_kernel(mid_ptr, keys_ptr, table_ptr, num_experts, order_ptr, w_ptr, out_ptr, num_routes, hidden, inter,
-                     slot_stride, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     MAP: tl.constexpr):
+    def _down_kernel(mid_ptr, keys_ptr, table_ptr, num_experts, order_ptr, w_ptr, scale_ptr, out_ptr, num_routes,
+                     hidden, inter, slot_stride, scale_stride, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, MAP: tl.constexpr, SCALED: tl.constexpr):
         pid_n, pid_r = tl.program_id(0), tl.program_id(1)
         slot, rows, valid, lead = _group(keys_ptr, table_ptr, num_experts, num_routes, pid_r, BLOCK_M, MAP)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] output features
@@ -229,8 +270,11 @@ if triton is not None:
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < inter
                 hs = tl.load(mid_ptr + rows[:, None] * inter + ks[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(base + cols[:, None] * inter + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-                acc = tl.dot(hs, tl.trans(w), acc)
+                w = tl.load(base + cols[:, None] * inter + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0)
+                acc = tl.dot(hs, tl.trans(w.to(hs.dtype)), acc)
+            if SCALED:
+                scales = scale_ptr + slot.to(tl.int64) * scale_stride + 2 * inter + cols  # [BN] down rows' scales
+                acc *= tl.load(scales, mask=col_ok, other=0.0).to(tl.float32)[None, :]
             pos = tl.load(order_ptr + rows, mask=valid, other=0)  # [BM] route positions
             tl.store(out_ptr + pos[:, None] * hidden + cols[None, :], acc.to(dtype), mask=valid[:, None] & col_ok[None, :])
 
