@@ -98,8 +98,14 @@ def _copy_ms(runtime: Runtime, ctx: MethodContext, warmup: int = 2, reps: int = 
     """Time of one expert copy on the run's own link (paced when pacing is on) as the copy engine times it (CUDA
     events around each copy), which is what a demand copy adds before its layer can run: not the host's round
     trip, whose launch and sync latency the run's streamed copies do not pay (for a 17 MB expert it doubles it).
-    The copies land in slot 0, which then gets back the expert it held (a cache that started full)."""
+    The copies land in slot 0, which then gets back the expert it held (a cache that started full). On a paced
+    link it is the emulated link's time per expert (`Pacer.link_ms`), which the run's copies achieve: the pacing
+    spin runs in GPU clock cycles, so on a GPU idle at build time the calibration copies take up to twice as long."""
     store, keys, device, cache = ctx.target.store, ctx.target.layout.keys, ctx.device, runtime.cache
+    pacer = getattr(runtime.transfer, "pacer", None)
+    if pacer is not None:
+        expert = store.flat(keys[0])
+        return pacer.link_ms(expert.numel() * expert.element_size())
     held = cache.key_at(0)  # at build: the prefetch worker has no request yet
 
     def copies(batch: list) -> float:

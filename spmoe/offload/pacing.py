@@ -75,6 +75,11 @@ class Pacer:
     def mark(self, end: torch.cuda.Event) -> None:
         self._last = end
 
+    def link_ms(self, nbytes: int) -> float:
+        """What one copy of `nbytes` occupies the emulated link: B / W (B / the real bandwidth where that is lower)."""
+        real = getattr(self, "_real_gb_per_s", None)
+        return nbytes / (min(self.gb_per_s, real or self.gb_per_s) * 1e6)
+
     def pad_host(self, nbytes: int, copy_ms: float) -> float:
         """CPU: sleep out the rest of the emulated copy time; returns the padding in ms."""
         ms = pad_ms(nbytes, copy_ms, self.gb_per_s)

@@ -384,3 +384,22 @@ def test_planner_copy_time_is_the_copy_engines_not_the_hosts_round_trip():
     assert _copy_ms(runtime, ctx) == pytest.approx(1.0)
     assert torch.equal(storage[0], store.flat((0, 1)))
     assert runtime.transfer.collect().copy_ms == 0.0  # calibration copies are not the run's traffic
+
+
+def test_planner_copy_time_on_a_paced_link_is_the_emulated_links():
+    """With pacing on, the copy time per expert is bytes / the paced bandwidth, with no calibration copy (the
+    pacing spin counts GPU clock cycles, which an idle GPU runs slower, so copies timed at build overstate it)."""
+    from types import SimpleNamespace
+
+    from spmoe.methods.spmoe_plus import _copy_ms
+    from spmoe.offload.pacing import Pacer
+
+    layout = ExpertLayout((0,), 2, 1, 4, 2, torch.float32)
+    expert_bytes = layout.expert_numel * 4
+    loads = []
+    transfer = SimpleNamespace(pacer=Pacer(torch.device("cpu"), 0.001), load=lambda *a, **k: loads.append(a))
+    store = SimpleNamespace(flat=lambda key: torch.zeros(layout.expert_numel))
+    runtime = SimpleNamespace(transfer=transfer, cache=SimpleNamespace(key_at=lambda s: None))
+    ctx = SimpleNamespace(target=SimpleNamespace(store=store, layout=layout), device=torch.device("cpu"))
+    assert _copy_ms(runtime, ctx) == pytest.approx(expert_bytes / (0.001 * 1e6))
+    assert loads == []
