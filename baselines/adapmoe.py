@@ -14,7 +14,8 @@ with / without SD. Three mechanisms, assembled from the shared components:
    distance stays >= MIN_LOOKAHEAD_RECALL (a reliable guess made earlier hides more of the copy;
    an unreliable one only spends that layer's slots and PCIe time). Prefetches go through a
    `PrefetchProvider` (worker thread, copy stream, batched per-layer I/O, `method.worker_thread`,
-   `batched_io`, `timeout_s`); the prediction top-k is `method.predict_top_k` (default top_k).
+   `batched_io`, `timeout_s`); the prediction top-k is `method.predict_top_k` (default top_k). Not
+   attached when every expert is resident (`spmoe.offload.assemble`); the gating stays.
 3. **DP cache sizing** (`spmoe.policy.cache_sizing`): the memory plan's slots (capped by
    `method.num_slots`) are split into per-layer partitions (`ExpertCache(slots_per_layer=...)`,
    eviction `method.eviction`) by a knapsack DP maximizing the total LRU hits of per-layer hit
@@ -180,10 +181,13 @@ def _assemble(ctx: MethodContext, gating: AdaptiveGating, calib: Calibration, sl
              depths)
     runtime, provider = prefetch_runtime(ctx, make_policy(mcfg.eviction, layout.moe_layers), total, per_layer)
     gating.count_calls()
-    predictor = GateLookaheadPredictor(model, provider, layout.moe_layers, mcfg.predict_top_k or layout.top_k,
-                                       depth=lambda layer: depths[layer])
-    runtime.listeners += [predictor, gating]
-    runtime.closers += [gating.remove, predictor.remove]
+    runtime.closers.append(gating.remove)
+    if runtime.prefetch:  # off when every expert is resident (spmoe.offload.assemble); gating stays
+        predictor = GateLookaheadPredictor(model, provider, layout.moe_layers, mcfg.predict_top_k or layout.top_k,
+                                           depth=lambda layer: depths[layer])
+        runtime.listeners.append(predictor)
+        runtime.closers.append(predictor.remove)
+    runtime.listeners.append(gating)
     runtime.extra_summary = gating.stats
     runtime.slots_per_layer = per_layer
     runtime.lookahead_depths = depths

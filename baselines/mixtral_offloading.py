@@ -15,7 +15,8 @@ Two mechanisms, assembled from the shared components:
    residual stream changes little between adjacent layers, which is what makes the guess work.
    With SD (`mixtral_offloading`) the same hook runs inside the verify forward: layer l's k+1
    hidden states predict k+1 rows for layer l+1, whose union is prefetched; the draft is the
-   session's draft, the same for every SD method.
+   session's draft, the same for every SD method. Not attached when every expert is resident
+   (`spmoe.offload.assemble`).
 
 Faithful to the paper: per-layer LRU groups of equal size; next-layer gate applied to the current
 hidden state; speculative loads go into the same LRU cache as demand loads (a wrong guess costs a
@@ -65,10 +66,11 @@ def _build(ctx: MethodContext) -> Runtime:
     total = sum(per_layer.values())
     runtime, provider = prefetch_runtime(ctx, make_policy(mcfg.eviction, layout.moe_layers), total, per_layer)
     runtime.slots_per_layer = per_layer
-    predictor = GateLookaheadPredictor(runtime.model, provider, layout.moe_layers, mcfg.predict_top_k or layout.top_k,
-                                       depth=1)
-    runtime.listeners.append(predictor)
-    runtime.closers.append(predictor.remove)
+    if runtime.prefetch:  # off when every expert is resident (spmoe.offload.assemble)
+        predictor = GateLookaheadPredictor(runtime.model, provider, layout.moe_layers,
+                                           mcfg.predict_top_k or layout.top_k, depth=1)
+        runtime.listeners.append(predictor)
+        runtime.closers.append(predictor.remove)
     return runtime
 
 

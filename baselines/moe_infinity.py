@@ -24,7 +24,8 @@ Prefetches go through the shared `PrefetchProvider` (copy stream + worker thread
 `method.worker_thread` / `batched_io` / `timeout_s`); with SD (`moe_infinity`) the prediction runs
 inside the verify forward and at the start of each step (the first layers, while the draft runs),
 with the session's draft and k, the same for every SD method. MoE-Infinity itself has no
-SD-aware prediction: its traces simply see the verify forwards' union of experts.
+SD-aware prediction: its traces simply see the verify forwards' union of experts. When every expert
+is resident nothing is traced or prefetched (`spmoe.offload.assemble`): there is nothing to load or evict.
 
 Faithful to the paper / reference code (`moe_infinity/memory/*`): EAM per sequence, EAMC with
 persistent warm entries and least-accessed replacement, cosine matching per layer, decayed
@@ -89,6 +90,9 @@ def build(ctx: MethodContext, trace_path=None) -> Runtime:
     warm = warm_eams(trace_path, layout.moe_layers, num_experts)  # bad paths fail before anything is allocated
     policy = PriorityPolicy(layout.moe_layers, num_experts)
     runtime, provider = prefetch_runtime(ctx, policy, slots)  # installs the experts before the hooks below
+    runtime.predictor = None
+    if not runtime.prefetch:  # every expert is resident (spmoe.offload.assemble): no tracing, nothing to evict
+        return runtime
     model = runtime.model
 
     collection = EamCollection(num_layers, num_experts, capacity=len(warm) + DEFAULT_CAPACITY)

@@ -8,10 +8,11 @@ While a CUDA graph is being built (its warm-up forwards and its capture: `buildi
 that also does host work on a live forward (a predictor's submissions) keeps to its device work, which
 the graph then replays; the host side runs after each replay instead (`is_building`).
 
-A hook marked with `mark_graph_safe` promises that everything it does to the forward is device work
-on tensors whose addresses do not change between calls (its host code only picks views), so a CUDA
-graph that captured the forward replays its effect; `spmoe.runtime.graphs.graph_safe` accepts such
-hooks and refuses every other.
+A hook marked with `mark_graph_safe` (a torch module hook, or an experts module's seam hook,
+`spmoe.models.experts.on_experts_call`) promises that everything it does is device work on tensors
+whose addresses do not change between calls (its host code only picks views), so a CUDA graph that
+captured the forward replays its effect; `spmoe.runtime.graphs.graph_safe` accepts such hooks and
+refuses every other.
 """
 
 from __future__ import annotations

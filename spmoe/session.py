@@ -250,6 +250,7 @@ class Session:
                     raise
             self.last_extra = runtime.extra_summary() if runtime.extra_summary else {}
             self.last_extra.update(replay.summary() if replay else {"routing": "model"})
+            self.last_extra["prefetching"] = runtime.prefetch  # False also where every expert is resident
             self.last_routing = None if recorder is None else recorder.to_trace(
                 [p.token_ids for p in self.prompts], gens, self._trace_meta(cfg, drafts))
             peak = None

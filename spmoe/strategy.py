@@ -73,6 +73,7 @@ class Runtime:
     closers: list[Callable[[], None]] = field(default_factory=list)
     listeners: list[StepListener] = field(default_factory=list)
     prefetch_counts: Callable[[], tuple[int, int, int]] | None = None  # (prefetched, dropped, wasted) since last call
+    prefetch: bool = False  # whether prefetch predictors may be attached (`spmoe.offload.assemble.prefetch_runtime`)
     extra_summary: Callable[[], dict] | None = None  # method-specific totals merged into summary.json
     accept_override: Callable | None = None  # (drafts, logits [k+1, V]) -> AcceptResult: replayed acceptance
     choose_k: Callable | None = None  # (spmoe.engine.StepState) -> draft tokens this step, clamped to [0, max_k]

@@ -100,12 +100,13 @@ def build(ctx: MethodContext) -> Runtime:
     model = runtime.model
     last = choose_cutoff(mcfg.cutoff, len(layout.moe_layers), profile, ctx.cfg.spec.num_draft_tokens)
     layers = list(layout.moe_layers[: last + 1])
-    log.info("spmoe: cutoff mode %s -> prefetching %d of %d MoE layers", mcfg.cutoff.mode, len(layers),
-             len(layout.moe_layers))
+    if runtime.prefetch:  # off when every expert is resident (spmoe.offload.assemble)
+        log.info("spmoe: cutoff mode %s -> prefetching %d of %d MoE layers", mcfg.cutoff.mode, len(layers),
+                 len(layout.moe_layers))
     runtime.cutoff_layer = last
     runtime.extra_summary = lambda: {"cutoff_mode": mcfg.cutoff.mode, "cutoff_layer": last,
                                      **(record.summary() if record else {"profile_layer_recall": None})}
-    if layers:
+    if layers and runtime.prefetch:
         predictor = DraftRouterPredictor(ctx.draft, model, provider, layers, mcfg.capture_point,
                                          mcfg.predict_top_k or layout.top_k, maps)
         runtime.listeners.append(predictor)

@@ -214,7 +214,7 @@ def _build_sd(ctx: MethodContext, choice: DraftChoice | None, staging: int) -> t
     runtime.closers.insert(0, precision.restore)  # closers run last-added first: the draft comes back last
     try:
         provider = next(l for l in runtime.listeners if isinstance(l, PrefetchProvider))
-        if isinstance(provider.cache.policy, SdLookaheadPolicy):
+        if runtime.prefetch and isinstance(provider.cache.policy, SdLookaheadPolicy):  # a full cache never evicts
             _lookahead_hints(sub, runtime, provider.cache.policy, runtime.cutoff_layer, provider.cache.num_slots)
     except BaseException:  # the session only closes runtimes that were returned
         runtime.close()

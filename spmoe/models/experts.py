@@ -48,8 +48,10 @@ from typing import Callable, Iterator, Protocol
 import torch
 from torch import nn
 
+from spmoe.hooks import is_graph_safe
 from spmoe.offload.layer_slots import LayerSlots
 from spmoe.runtime import moe_gemv
+from spmoe.runtime.streams import capturing
 from spmoe.types import ExpertKey
 
 log = logging.getLogger(__name__)
@@ -151,6 +153,10 @@ class OffloadedExperts(nn.Module):
         return self.compute(hidden_states, top_k_index, top_k_weights)
 
     def run_seam_hooks(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+        """Run the seam hooks (see `on_experts_call`); inside a CUDA graph capture only graph-safe ones may run."""
+        if self.seam_hooks and capturing(hidden_states.device) and not all(is_graph_safe(h) for h in self.seam_hooks):
+            raise RuntimeError(f"seam hooks of MoE layer {self.layer_idx} do host work (syncs, pinned buffers) and must"
+                               " not run inside a CUDA graph capture: capture this forward piecewise")
         for hook in self.seam_hooks:
             hook(hidden_states, top_k_index, top_k_weights)
 
@@ -289,7 +295,9 @@ def on_experts_call(experts: nn.Module, hook: SeamHook):
     experts module, for host work that reads the call's inputs without changing them (predict, prefetch):
     a handle with `remove()`. On an engine `OffloadedExperts` it is a *seam hook*, run eagerly at the
     experts call, so piecewise CUDA graphs (which run the experts eagerly between captured segments,
-    `spmoe.runtime.piecewise`) keep it on every replay; elsewhere a forward pre-hook (an eager forward)."""
+    `spmoe.runtime.piecewise`) keep it on every replay; elsewhere a forward pre-hook (an eager forward).
+    A seam hook never runs inside a CUDA graph capture unless marked graph-safe (`spmoe.hooks.mark_graph_safe`:
+    device work only, on static addresses), which a whole-step graph may then capture."""
     if isinstance(experts, OffloadedExperts):
         experts.seam_hooks.append(hook)
         return _SeamHandle(experts.seam_hooks, hook)

@@ -10,9 +10,18 @@ copied in when the runtime is built, before the run, as for the GPU-resident ref
 miss or evict, so its slot table is fixed from the first step (`spmoe.runtime.resident`) and the layers are
 served without a host sync, as CUDA graphs of the whole forward where nothing else stops them; those copies
 are not counted as the run's traffic.
+
+Prefetch is then off (`Runtime.prefetch` False): there is nothing to load, and a predictor's hooks (host
+work at every layer) would only keep the forward from being captured whole. The provider starts no worker
+thread and still serves and counts (its prefetch counts stay zero); a method attaches its prefetch
+predictors, and anything that only steers what is prefetched or evicted, only while `Runtime.prefetch`.
+What changes which experts compute (adaptive gating) is not prefetch and stays. A run that records its
+routing (`trace.routing`) keeps prefetch on, so its trace holds the predictors' guesses.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
@@ -24,6 +33,8 @@ from spmoe.offload.provider import OnDemandProvider
 from spmoe.offload.transfer import TransferEngine
 from spmoe.strategy import MethodContext, Runtime
 from spmoe.trace.records import ExpertEventLog
+
+log = logging.getLogger(__name__)
 
 
 def on_demand_runtime(ctx: MethodContext, num_slots: int, eviction: str, preload: bool = False) -> Runtime:
@@ -47,37 +58,42 @@ def prefetch_runtime(ctx: MethodContext, policy: EvictionPolicy, num_slots: int,
                      slots_per_layer: dict[int, int] | None = None) -> tuple[Runtime, PrefetchProvider]:
     """Experts served by a `PrefetchProvider` (cache + transfer engine + worker thread, configured by
     `method.worker_thread / batched_io / timeout_s`); the caller adds its predictor as a listener
-    and closer. Listener order: the provider first, so a step is open before predictions arrive."""
+    and closer where `Runtime.prefetch` (not for a cache that starts full: module docstring).
+    Listener order: the provider first, so a step is open before predictions arrive."""
     layout, mcfg = ctx.target.layout, ctx.cfg.method
     cache = ExpertCache(num_slots, layout.expert_numel, layout.dtype, ctx.device, policy, slots_per_layer)
     transfer = TransferEngine(ctx.device, num_slots, pace_gb_per_s(ctx))
     events = ExpertEventLog()
-    preload_if_all_fit(cache, transfer, ctx, slots_per_layer)
-    provider = PrefetchProvider(cache, ctx.target.store, transfer, events, mcfg.worker_thread, mcfg.batched_io,
-                                mcfg.timeout_s)
+    prefetch = not preload_if_all_fit(cache, transfer, ctx, slots_per_layer) or ctx.cfg.trace.routing
+    if not prefetch:
+        log.info("%s: prefetch off: every expert is resident (%d slots), no predictor or prefetch worker",
+                 ctx.cfg.method.name, num_slots)
+    provider = PrefetchProvider(cache, ctx.target.store, transfer, events, mcfg.worker_thread and prefetch,
+                                mcfg.batched_io, mcfg.timeout_s)
     install_experts(ctx.target.model, layout, provider)
     runtime = Runtime(model=ctx.target.model, events=events, transfer=transfer, cache=cache, listeners=[provider],
-                      prefetch_counts=provider.take_counts)
+                      prefetch_counts=provider.take_counts, prefetch=prefetch)
     runtime.closers += [lambda: _free(cache, ctx.device), provider.close]  # closers run last-added first
     return runtime, provider
 
 
 def preload_if_all_fit(cache: ExpertCache, transfer: TransferEngine, ctx: MethodContext,
-                       slots_per_layer: dict[int, int] | None = None) -> None:
-    """Copy every expert in when the cache has a slot for each (per layer where partitioned)."""
+                       slots_per_layer: dict[int, int] | None = None) -> bool:
+    """Copy every expert in when the cache has a slot for each (per layer where partitioned): whether it did."""
     layout, store = ctx.target.layout, ctx.target.store
     if slots_per_layer is None:
         fits = cache.num_slots >= len(layout.keys)
     else:
         fits = all(slots_per_layer.get(layer, 0) >= layout.num_experts for layer in layout.moe_layers)
     if not fits:
-        return
+        return False
     for key in layout.keys:
         slot = cache.preload(key)
         transfer.load(slot, cache.slot(slot), store.flat(key))
     if ctx.device.type == "cuda":
         torch.cuda.synchronize(ctx.device)
     transfer.collect()
+    return True
 
 
 def pace_gb_per_s(ctx: MethodContext) -> float | None:

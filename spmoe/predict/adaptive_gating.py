@@ -21,7 +21,10 @@ decode forwards only; under SD every verified token is gated on its own weights.
 Graphs: the router hook is device work only (no sync) and marked graph-safe; a forward being captured is
 gated whatever `active` says (only decode and verify steps, which are gated, are replayed from graphs).
 The counters come from a seam hook at each experts call (`spmoe.models.experts.on_experts_call`, run
-by piecewise CUDA graphs on every replay) that counts the call's "no expert" routes; it is attached by
+by piecewise CUDA graphs on every replay) that adds the call's routes and "no expert" routes to device
+counters [3] (routed, dropped, tokens gated) at a fixed address: device work only, no host sync, so it is
+marked graph-safe too and a whole-step graph (a cache that holds every expert) captures it; `stats` reads
+the counters once. Like the gating, it counts while active or while captured. It is attached by
 `count_calls` (the runtime, once its experts modules are installed) and again at `begin_step` to any
 experts module not yet counted.
 
@@ -38,7 +41,6 @@ Per-layer thresholds can be passed as a dict when available.
 
 from __future__ import annotations
 
-import threading
 from typing import Mapping
 
 import torch
@@ -47,6 +49,7 @@ from torch import nn
 from spmoe.hooks import HookOwner, mark_graph_safe
 from spmoe.models.experts import on_experts_call
 from spmoe.predict.capture import router_of
+from spmoe.runtime.streams import capturing
 
 DEFAULT_THRESHOLD = 0.85
 
@@ -74,8 +77,11 @@ def gate_routes(weights: torch.Tensor, index: torch.Tensor, threshold: float, nu
 class AdaptiveGating(HookOwner):
     """Router forward hooks that drop insensitive experts; a step listener (gates decode steps only).
 
-    Counters (since construction or `reset`): `num_routed` routed (token, slot) pairs seen while
-    active, `num_dropped` of them dropped, `num_tokens_gated` tokens that lost at least one expert."""
+    Counters (since construction or `reset`, read by `stats`): routed (token, slot) pairs seen while
+    active, how many of them were dropped, and the tokens that lost at least one expert.
+
+    NOTE: a whole-step graph captured inside a step also counts the two warm-up forwards before its capture
+    (shapes precaptured before any sequence, the engine's default, are warmed up while inactive)."""
 
     def __init__(self, target: nn.Module, moe_layers: tuple[int, ...] | list[int], num_experts: int,
                  threshold: float | Mapping[int, float] = DEFAULT_THRESHOLD, enabled: bool = True):
@@ -87,57 +93,55 @@ class AdaptiveGating(HookOwner):
         self.num_experts = num_experts
         self.enabled = enabled
         self.active = False
-        self._lock = threading.Lock()
-        self.reset()
         self._target, self._moe_layers = target, list(moe_layers)
+        device = router_of(target, self._moe_layers[0]).weight.device if self._moe_layers else torch.device("cpu")
+        self._counts = torch.zeros(3, dtype=torch.long, device=device)  # [3]: routed, dropped, tokens gated
         self._counted: list[nn.Module] = []  # the experts modules whose calls are counted
         self._handles = [] if not enabled else [router_of(target, layer).register_forward_hook(
             mark_graph_safe(lambda m, a, out, layer=layer: self._gate(layer, out))) for layer in moe_layers]
 
     def reset(self) -> None:
-        self.num_routed = self.num_dropped = self.num_tokens_gated = 0
+        self._counts.zero_()
 
     def _gate(self, layer: int, out):
         """The gated router output; where nothing is dropped its values equal the router's bit for bit
         (every weight scaled by total / total = 1, the index unchanged)."""
-        if not (self.active or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())):
+        if not (self.active or capturing(out[-1].device)):
             return None
         *head, weights, index = out
         gated_w, gated_index, _ = gate_routes(weights, index, self.thresholds[layer], self.num_experts)
         return (*head, gated_w, gated_index)
 
     def _count(self, top_k_index: torch.Tensor) -> None:
-        """The counters from one experts call's routes [T, A] ("no expert", index E, is a dropped route)."""
-        if not self.active:
+        """Add one experts call's routes [T, A] to the device counters ("no expert", index E, is a dropped route)."""
+        if not (self.active or (self.enabled and capturing(top_k_index.device))):
             return
         dropped = top_k_index >= self.num_experts  # [T, A]
-        num_dropped = int(dropped.sum())  # NOTE: a device->host sync; the experts module syncs on the index anyway
-        with self._lock:
-            self.num_routed += dropped.numel()
-            self.num_dropped += num_dropped
-            self.num_tokens_gated += int(dropped.any(dim=-1).sum()) if num_dropped else 0
+        self._counts[:1].add_(dropped.numel())
+        self._counts[1:].add_(torch.stack((dropped.sum(), dropped.any(dim=-1).sum())))  # [2]
 
     def count_calls(self) -> None:
         """Attach the counting seam hook to every experts module the model holds now, once each (a runtime
-        calls it once its experts modules are installed, so whole-step graphs are never captured without it)."""
+        calls it once its experts modules are installed, so whole-step graphs are never captured without it);
+        nothing while gating is off."""
+        if not self.enabled:
+            return
         for layer in self._moe_layers:
             experts = self._target.model.layers[layer].mlp.experts
             if not any(experts is m for m in self._counted):
                 self._counted.append(experts)
-                self._handles.append(on_experts_call(experts, lambda h, i, w: self._count(i)))
+                self._handles.append(on_experts_call(experts, mark_graph_safe(lambda h, i, w: self._count(i))))
 
     def stats(self) -> dict:
-        with self._lock:
-            return {"gating_routed": self.num_routed, "gating_dropped": self.num_dropped,
-                    "gating_tokens_gated": self.num_tokens_gated,
-                    "gating_drop_rate": self.num_dropped / self.num_routed if self.num_routed else None}
+        routed, dropped, gated = self._counts.tolist()  # the one device->host read of the counters
+        return {"gating_routed": routed, "gating_dropped": dropped, "gating_tokens_gated": gated,
+                "gating_drop_rate": dropped / routed if routed else None}
 
     # -- step listener ---------------------------------------------------------------------------
 
     def begin_step(self, step: int) -> None:
         self.active = self.enabled and step > 0  # step 0 is the prompt's prefill: never gated
-        if self.enabled:
-            self.count_calls()
+        self.count_calls()
 
     def end_step(self) -> None:
         self.active = False

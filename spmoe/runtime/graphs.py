@@ -9,10 +9,10 @@ static output logits [num_logits, V], valid until the next replay of any graph s
 Which forwards can be captured (`capturable`): on CUDA, with no forward hooks anywhere in the
 model but graph-safe ones (`spmoe.hooks.mark_graph_safe`: routing replay's; others run host code:
 predictors, routing recorders), and every engine experts module sync-free (`OffloadedExperts.sync_free`:
-the grouped path over a slot table that can no longer change) and without seam hooks (host work at the
-experts call, `spmoe.models.experts.on_experts_call`, which only piecewise graphs keep). Offloaded
-methods fail that test and run as piecewise graphs (`spmoe.runtime.piecewise`) or eagerly; a miss never
-forces a rebuild.
+the grouped path over a slot table that can no longer change) and without seam hooks but graph-safe ones
+(host work at the experts call, `spmoe.models.experts.on_experts_call`, which only piecewise graphs keep;
+adaptive gating's device-side counters are captured). Offloaded methods fail that test and run as
+piecewise graphs (`spmoe.runtime.piecewise`) or eagerly; a miss never forces a rebuild.
 
 Capture protocol: two warm-up forwards on a side stream, then the capture. Warm-up executes: it
 writes the KV cache, so it writes at the cache's last T positions (never attended before the
@@ -59,7 +59,8 @@ def graph_safe(model: nn.Module, device: torch.device, experts_run_eagerly: bool
         hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
         if not all(is_graph_safe(h) for h in hooks):
             return False
-        if isinstance(m, OffloadedExperts) and not experts_run_eagerly and (m.seam_hooks or not m.sync_free(device)):
+        if isinstance(m, OffloadedExperts) and not experts_run_eagerly and (
+                not all(is_graph_safe(h) for h in m.seam_hooks) or not m.sync_free(device)):
             return False
     return True
 

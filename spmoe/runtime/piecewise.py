@@ -29,7 +29,13 @@ replay, and they replay one at a time on one stream.
 
 An experts module's seam hooks (`spmoe.models.experts.on_experts_call`: predictors' host work on the
 call's inputs) run at the seam, after the segment before it has run and before the experts, at capture
-and at every replay, as in an eager forward.
+and at every replay, as in an eager forward, and always on the *ambient* stream (the one the step was
+called on, which no graph captures): at capture it waits for the side stream's segment, and the side
+stream waits for the hooks before the experts. Never on the capture stream: the caching host allocator
+fences a freed pinned buffer (a prediction's device->host copy) with an event on every stream that used
+it, at free time and from whichever thread frees it (the prefetch worker); a fence on the capture stream
+recorded while that stream captures a later segment or graph is captured instead of recorded, and the
+allocator's next query of it fails ("invalid argument" at a later pinned allocation or `.item()`).
 
 Which forwards qualify (`piecewise_capturable`): on CUDA, no forward hooks anywhere in the model but
 graph-safe ones (`spmoe.hooks.mark_graph_safe`; any other would run at capture only), at least one engine
@@ -91,6 +97,18 @@ class ExpertsGraph:
 ExpertsCall = tuple[OffloadedExperts, tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor, ExpertsGraph]
 
 
+def capture_streams(device: torch.device) -> tuple[torch.cuda.Stream | None, torch.cuda.Stream | None]:
+    """(ambient, capture) streams of a piecewise capture on `device`; (None, None) off CUDA."""
+    if device.type != "cuda":
+        return None, None
+    return torch.cuda.current_stream(device), dedicated_stream(device, "capture")
+
+
+def on_stream(stream: torch.cuda.Stream | None):
+    """A context that makes `stream` current (none: the current one stays)."""
+    return nullcontext() if stream is None else torch.cuda.stream(stream)
+
+
 def piecewise_capturable(model: nn.Module, device: torch.device) -> bool:
     has_experts = any(isinstance(m, OffloadedExperts) for m in model.modules())
     return device.type == "cuda" and has_experts and graph_safe(model, device, experts_run_eagerly=True)
@@ -108,10 +126,11 @@ class PiecewiseGraph:
         self._sites_pool = None  # one memory pool for the call sites' expert graphs
         self.inputs = torch.zeros(self.num_tokens + 1, dtype=torch.long, device=device)  # [T + 1]: ids, start
         experts = [m for m in model.modules() if isinstance(m, OffloadedExperts)]
-        side = dedicated_stream(device, "capture") if device.type == "cuda" else None
+        self._ambient, self._side = capture_streams(device)
+        side = self._side
         if side is not None:
-            side.wait_stream(torch.cuda.current_stream(device))
-        with building(), torch.cuda.stream(side) if side is not None else nullcontext():
+            side.wait_stream(self._ambient)
+        with building(), on_stream(side):
             self.inputs.copy_(torch.tensor(ids + [start], dtype=torch.long))
             for m in experts:
                 m.segment = self._split
@@ -128,7 +147,7 @@ class PiecewiseGraph:
                 if capturing:
                     self._abandon()
         if side is not None:
-            torch.cuda.current_stream(device).wait_stream(side)
+            self._ambient.wait_stream(side)
 
     def _begin(self) -> None:
         graph = self._new_graph()
@@ -148,13 +167,24 @@ class PiecewiseGraph:
     def _split(self, module: OffloadedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                top_k_weights: torch.Tensor) -> torch.Tensor:
         self._end_and_run()
-        module.run_seam_hooks(hidden_states, top_k_index, top_k_weights)
+        self._seam_hooks(module, (hidden_states, top_k_index, top_k_weights))
         out = module.compute(hidden_states, top_k_index, top_k_weights)  # [T, H], outside the pool
         if self._sites_pool is None and out.is_cuda:
             self._sites_pool = torch.cuda.graph_pool_handle()
         self.calls.append((module, (hidden_states, top_k_index, top_k_weights), out, ExpertsGraph(out, self._sites_pool)))
         self._begin()
         return out
+
+    def _seam_hooks(self, module: OffloadedExperts, args: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        """The call's seam hooks during capture, on the ambient stream, between the segment just run and the
+        experts (see the module docstring)."""
+        if self._side is None:
+            module.run_seam_hooks(*args)
+            return
+        self._ambient.wait_stream(self._side)
+        with on_stream(self._ambient):
+            module.run_seam_hooks(*args)
+        self._side.wait_stream(self._ambient)
 
     def replay(self, ids: list[int], start: int) -> torch.Tensor:
         """Logits [num_logits, V] of feeding `ids` at positions [start, start + T); experts run eagerly."""

@@ -14,6 +14,9 @@ expert graphs), `predict` (the draft-side router's side stream). Any other strea
 
 Invariant: `dedicated_stream(device, role)` returns the same stream for the same role, and streams of
 different roles of one device are different CUDA streams (drawn again from the pool while they collide).
+The `capture` stream carries captures and the capture passes' own segments and experts only: host work
+that hands pinned buffers to other threads (predictors' seam hooks) runs on the ambient stream
+(`spmoe.runtime.piecewise` says why).
 """
 
 from __future__ import annotations
@@ -47,3 +50,8 @@ def dedicated_stream(device: torch.device, role: str, new_stream: Callable | Non
             _streams[key] = stream
             return stream
     raise RuntimeError(f"no CUDA stream for role {role!r} distinct from {len(taken)} others after {MAX_DRAWS} draws")
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether `device`'s current stream is capturing a CUDA graph (never off CUDA)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()

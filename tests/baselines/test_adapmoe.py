@@ -159,6 +159,33 @@ def test_router_hook_drops_only_while_active(session):
     assert torch.equal(router(hidden)[2], index)
 
 
+def test_counters_are_device_work_that_a_whole_graph_captures(session, monkeypatch):
+    """The counting seam hook is graph-safe (device counters, no host sync): it counts while active and, like the
+    gating, while captured (faked here) whatever `active` says; never while gating is off."""
+    import spmoe.predict.adaptive_gating as gating_mod
+    from spmoe.hooks import is_graph_safe
+
+    model, layout = session.target.model, session.target.layout
+    experts = model.model.layers[layout.moe_layers[0]].mlp.experts
+    hidden = torch.zeros(3, layout.hidden_size)
+    index = torch.tensor([[0, layout.num_experts], [1, 2], [3, layout.num_experts]])  # [T, A]: 2 dropped routes
+    for enabled in (True, False):
+        gating = AdaptiveGating(model, layout.moe_layers, layout.num_experts, enabled=enabled)
+        try:
+            gating.count_calls()
+            assert all(is_graph_safe(h) for h in experts.seam_hooks)
+            experts.run_seam_hooks(hidden, index, torch.ones(3, 2))  # inactive, not capturing: not counted
+            monkeypatch.setattr(gating_mod, "capturing", lambda device: True)
+            experts.run_seam_hooks(hidden, index, torch.ones(3, 2))
+            monkeypatch.setattr(gating_mod, "capturing", lambda device: False)
+            want = (6, 2, 2) if enabled else (0, 0, 0)
+            stats = gating.stats()
+            assert (stats["gating_routed"], stats["gating_dropped"], stats["gating_tokens_gated"]) == want
+        finally:
+            gating.remove()
+        assert not experts.seam_hooks
+
+
 def test_gate_routes_rule():
     E = 8
     weights = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.05, 0.95], [0.45, 0.05]])  # last: unnormalized

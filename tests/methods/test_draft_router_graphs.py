@@ -6,6 +6,8 @@ forward, and its hooks no longer keep the draft from being captured."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from conftest import tiny_run_config
 
@@ -66,7 +68,7 @@ def test_the_predictor_hooks_leave_the_draft_capturable(twin):
     s = twin
     method = MethodConfig(name="spmoe", num_slots=10, cutoff=CutoffConfig(mode="all"))
     plan, drafts, _ = s._run_plan(s.cfg.hardware, method, None)
-    ctx = MethodContext(s.cfg, s.target, s.device, plan, s.draft if drafts else None)
+    ctx = MethodContext(replace(s.cfg, method=method), s.target, s.device, plan, s.draft if drafts else None)
     runtime = get_strategy("spmoe").build(ctx)
     try:
         assert any(m._forward_hooks or m._forward_pre_hooks for m in s.draft.modules())

@@ -11,10 +11,13 @@ from dataclasses import replace
 import logging
 
 import pytest
+import torch
 from conftest import tiny_run_config
 
 from experiments.presets import load_preset
 from spmoe.config import CutoffConfig, MethodConfig, RoutingConfig, SpecConfig, TraceConfig
+from spmoe.offload.prefetch import PrefetchRequest
+from spmoe.runtime.streams import dedicated_stream
 from spmoe.session import open_session
 
 K, NEW = 2, 16
@@ -90,5 +93,45 @@ def test_gate_lookahead_with_its_worker_thread_under_graphs(gpu, name):
     s = open_session(_cfg())
     try:
         assert _run(s, method, "graphs")[0] == _run(s, method, "static")[0]
+    finally:
+        s.close()
+
+
+def test_seam_hooks_never_run_on_the_capture_stream(gpu, monkeypatch):
+    """Gate lookahead's predictions (pinned buffers the worker frees later) are copied on the ambient stream, at
+    piecewise capture as at replay: a buffer used on the capture stream would be fenced, when freed, while that
+    stream captures, and the host allocator's next query of the fence fails (`spmoe.runtime.piecewise`)."""
+    capture = dedicated_stream(torch.device("cuda"), "capture")
+    on_capture = []
+    from_ids = PrefetchRequest.from_ids.__func__
+
+    def spy(cls, *args):
+        on_capture.append(torch.cuda.current_stream() == capture)
+        return from_ids(cls, *args)
+
+    monkeypatch.setattr(PrefetchRequest, "from_ids", classmethod(spy))
+    s = open_session(_cfg())
+    try:
+        _run(s, MethodConfig(name="mixtral_offloading_nosd", num_slots=8, worker_thread=True), "graphs")
+    finally:
+        s.close()
+    assert on_capture and not any(on_capture)
+
+
+@pytest.mark.parametrize("name", ["mixtral_offloading_nosd", "moe_infinity_nosd", "adapmoe_nosd", "adapmoe"])
+def test_full_cache_prefetchers_capture_whole_graphs(gpu, name, caplog):
+    """Every expert fits (the card's budget): no predictor, so the target is captured whole, with the static
+    run's tokens; AdapMoE's gating counters, captured with it, count what the static run counts."""
+    method = MethodConfig(name=name)
+    s = open_session(_cfg())
+    try:
+        static = _run(s, method, "static")
+        counted = {k: v for k, v in s.last_extra.items() if k.startswith("gating_")}
+        with caplog.at_level(logging.INFO, logger="spmoe.runtime.decoder"):
+            graphs = _run(s, method, "graphs")
+        assert "MixtralForCausalLM on cuda: CUDA graphs whole" in caplog.text
+        assert s.last_extra["prefetching"] is False
+        assert graphs == static
+        assert {k: v for k, v in s.last_extra.items() if k.startswith("gating_")} == counted
     finally:
         s.close()

@@ -6,6 +6,7 @@ the capture pass computes the real step, and a replay runs every layer's experts
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import ClassVar
 
@@ -14,7 +15,7 @@ import torch
 from conftest import tiny_run_config
 
 from spmoe.methods import get_strategy
-from spmoe.models.experts import OffloadedExperts
+from spmoe.models.experts import OffloadedExperts, on_experts_call
 from spmoe.runtime.decoder import StaticDecoder
 from spmoe.hooks import mark_graph_safe
 from spmoe.runtime.graphs import capturable, graph_safe
@@ -85,6 +86,59 @@ def test_segments_are_cut_at_every_experts_call(lru_runtime, monkeypatch):
     graph.replay(prompt[-2:], decoder.length)
     assert computed == list(session.target.layout.moe_layers)
     assert _Graph.log == [("replay", i) for i in range(num_layers + 1)]
+
+
+class _Stream:
+    """Stands in for a CUDA stream: `log` gets ("wait", waiter, waited) for every wait_stream."""
+
+    def __init__(self, name: str, log: list):
+        self.name, self.log = name, log
+
+    def wait_stream(self, other: "_Stream") -> None:
+        self.log.append(("wait", self.name, other.name))
+
+
+@torch.inference_mode()
+def test_seam_hooks_run_on_the_ambient_stream_at_capture(lru_runtime, monkeypatch):
+    """At capture the segments are captured on the side stream, while each call's seam hooks run on the ambient
+    stream (never captured), after it waited for the side stream and before the side stream waits for them:
+    a pinned buffer a hook hands to the prefetch worker is then never fenced on a stream that is capturing."""
+    import spmoe.runtime.piecewise as piecewise
+
+    session, runtime = lru_runtime
+    model, prompt = runtime.model, session.prompts[0].token_ids
+    decoder = StaticDecoder(model, session.device)
+    decoder.begin(len(prompt) + 8)
+    decoder.forward(prompt, 1)
+    log: list = []
+    ambient, side = _Stream("ambient", log), _Stream("side", log)
+    current = [ambient]
+
+    @contextmanager
+    def on_stream(stream):
+        before, current[0] = current[0], stream or current[0]
+        try:
+            yield
+        finally:
+            current[0] = before
+
+    class Graph(_Graph):
+        def capture_begin(self, pool=None, capture_error_mode="global"):
+            log.append(("capture", current[0].name))
+
+    monkeypatch.setattr(piecewise, "capture_streams", lambda device: (ambient, side))
+    monkeypatch.setattr(piecewise, "on_stream", on_stream)
+    experts = [m for m in model.modules() if isinstance(m, OffloadedExperts)]
+    handles = [on_experts_call(m, lambda h, i, w: log.append(("hook", current[0].name))) for m in experts]
+    try:
+        PiecewiseGraph(decoder.step, prompt[-1:], decoder.length, 1, model, session.device, None, graph_factory=Graph)
+    finally:
+        for h in handles:
+            h.remove()
+    num_layers = len(session.target.layout.moe_layers)
+    per_call = [("wait", "ambient", "side"), ("hook", "ambient"), ("wait", "side", "ambient"), ("capture", "side")]
+    assert log == [("wait", "side", "ambient"), ("capture", "side"), *per_call * num_layers,
+                   ("wait", "ambient", "side")]
 
 
 def test_a_failed_capture_restores_the_experts(lru_runtime):

@@ -4,6 +4,9 @@ it at every seam) and makes it not capturable whole (a whole graph would drop it
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import pytest
 import torch
 from conftest import tiny_run_config
 
@@ -53,12 +56,13 @@ def test_seam_hooks_see_each_experts_call_and_decide_what_graphs_may_capture():
 
 def test_baseline_predictors_hook_the_experts_call():
     """MoE-Infinity's, Mixtral-Offloading's and AdapMoE's (gating on) target hooks are seam hooks or
-    graph-safe: their models stay piecewise-capturable."""
+    graph-safe: their models stay piecewise-capturable (an offloaded cache: a full one has no predictor)."""
     cfg = tiny_run_config("tiny", num_prompts=1)
     s = open_session(cfg)
     try:
         for name in ("moe_infinity_nosd", "mixtral_offloading_nosd", "adapmoe_nosd"):
             plan = s.plan(s.cfg.hardware, name)
+            plan = replace(plan, num_slots=len(s.target.layout.keys) - 1)
             runtime = get_strategy(name).build(MethodContext(s.cfg, s.target, s.device, plan))
             try:
                 experts = find_experts(runtime.model)
@@ -67,5 +71,41 @@ def test_baseline_predictors_hook_the_experts_call():
                 assert not graph_safe(runtime.model, s.device), name  # never captured whole without its hooks
             finally:
                 runtime.close()
+    finally:
+        s.close()
+
+
+def test_seam_hooks_refuse_to_run_inside_a_capture(monkeypatch):
+    """Inside a CUDA graph capture (faked here) a seam hook that is not graph-safe would sync or hand pinned
+    buffers to other threads: the experts call refuses it (the capture fails, the decoder runs eagerly) and
+    runs none of the hooks; graph-safe ones (device work only) run."""
+    import spmoe.models.experts as experts_mod
+    from spmoe.hooks import mark_graph_safe
+
+    cfg = tiny_run_config("tiny", num_prompts=1)
+    s = open_session(cfg)
+    try:
+        plan = s.plan(s.cfg.hardware, "lru_nosd")
+        runtime = get_strategy("lru_nosd").build(MethodContext(s.cfg, s.target, s.device, plan))
+        try:
+            module = next(iter(find_experts(runtime.model).values()))
+            hidden = torch.zeros(1, cfg.model.hf_config["hidden_size"])
+            index, weights = torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2)
+            calls = []
+            safe = on_experts_call(module, mark_graph_safe(lambda h, i, w: calls.append("safe")))
+            monkeypatch.setattr(experts_mod, "capturing", lambda device: True)
+            module.run_seam_hooks(hidden, index, weights)
+            assert calls == ["safe"]
+            host = on_experts_call(module, lambda h, i, w: calls.append("host"))
+            with pytest.raises(RuntimeError, match="inside a CUDA graph capture"):
+                module.run_seam_hooks(hidden, index, weights)
+            assert calls == ["safe"]
+            monkeypatch.setattr(experts_mod, "capturing", lambda device: False)
+            module.run_seam_hooks(hidden, index, weights)
+            assert calls == ["safe", "safe", "host"]
+            for h in (safe, host):
+                h.remove()
+        finally:
+            runtime.close()
     finally:
         s.close()
