@@ -9,12 +9,12 @@ drafter) and the cache. `hardware.decode` picks one for the target and the draft
   graphs: the whole forward as one graph captured at its first use (`spmoe.runtime.graphs`) where
   it is capturable (on CUDA, no hooks, experts served without a host sync); else, on CUDA without
   hooks, the forward cut at every experts call into graphs with the experts run eagerly between
-  them (`spmoe.runtime.piecewise`), captured at a shape's second step; elsewhere as `static`.
+  them (`spmoe.runtime.piecewise`), captured dry before the sequence where `precapture` names the shape,
+  else at its second step; elsewhere as `static`.
 
 Interface (both classes): `reserve(max_len)` sizes the cache once for a run's longest sequence
-(so graphs are captured once per shape); `precapture(shapes)` captures the whole-step graphs of
-those (T, num_logits) shapes before any sequence, where capturable, so timed steps only replay
-them; `begin(max_len)` starts a sequence that will hold at most `max_len` positions; `forward(ids, num_logits)` feeds `ids` after the cached positions and
+(so graphs are captured once per shape); `precapture(shapes)` captures the graphs of those
+(T, num_logits) shapes before any sequence (piecewise ones dry), so timed steps only replay them; `begin(max_len)` starts a sequence that will hold at most `max_len` positions; `forward(ids, num_logits)` feeds `ids` after the cached positions and
 returns the logits of the last `num_logits` [num_logits, V] (on the device, the model's dtype; a
 graph's output stays valid until the decoder's next forward); `crop(n)` keeps the first n
 positions; `length` is the number of cached positions. Prefill (the first forward of a
@@ -122,21 +122,44 @@ class StaticDecoder:
         self._warm.clear()
 
     def precapture(self, shapes: list[tuple[int, int]]) -> None:
-        """Capture the whole-step graphs of these (T, num_logits) shapes now, before any sequence, so a
-        run's timed steps replay them (a graph's warm-up writes only the cache's tail: see
-        `spmoe.runtime.graphs`). Only where the forward is capturable whole; other shapes and kinds are
+        """Capture the graphs of these (T, num_logits) shapes now, before any sequence, so a run's timed
+        steps replay them: whole-step graphs where the forward is capturable whole, else piecewise ones
+        captured dry (`PiecewiseGraph.precapture`); both write only the cache's tail (see
+        `spmoe.runtime.graphs`). The kind is judged here: a cache that can hold every expert starts full
+        (`spmoe.offload.assemble`), so the forward is what its decode steps will run. Other shapes are
         still captured at their first use."""
-        if not self.graphs or self.kv is None or (self._kind is None and not capturable(self.model, self.device)):
-            return  # the kind is judged at the first decode step (a cache may yet come to hold every expert)
+        if not self.graphs or self.kv is None:
+            return
+        self._judge_kind()
         for num_tokens, num_logits in shapes:
-            if num_tokens <= self.max_graph_tokens and (num_tokens, num_logits) not in self._graphs:
+            if num_tokens > self.max_graph_tokens or (num_tokens, num_logits) in self._graphs:
+                continue
+            if self._kind == "whole":
                 self._capture_whole(num_tokens, num_logits)
+            elif self._kind == "piecewise":
+                self._capture_piecewise(num_tokens, num_logits)
 
-    def _capture_whole(self, num_tokens: int, num_logits: int) -> StepGraph | None:
+    def _judge_kind(self) -> None:
         if self._kind is None:
             self._kind = ("whole" if capturable(self.model, self.device) else
                           "piecewise" if piecewise_capturable(self.model, self.device) else "none")
             log.info("%s on %s: CUDA graphs %s", type(self.model).__name__, self.device.type, self._kind)
+
+    def _capture_piecewise(self, num_tokens: int, num_logits: int) -> None:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        try:
+            graph = PiecewiseGraph.precapture(self.step, num_tokens, num_logits, self.kv.capacity, self.model,
+                                              self.device, self._pool)
+        except RuntimeError:
+            log.exception("CUDA graph precapture (piecewise) of %s at T=%d failed; this shape is captured at its"
+                          " first use", type(self.model).__name__, num_tokens)
+            return
+        self._graphs[(num_tokens, num_logits)] = graph
+        self._warm.add((num_tokens, num_logits))
+
+    def _capture_whole(self, num_tokens: int, num_logits: int) -> StepGraph | None:
+        self._judge_kind()
         if self._kind != "whole":
             return None
         if self._pool is None:

@@ -17,6 +17,13 @@ one memory pool and always run in capture order, so a segment may reuse memory a
 Each experts call's inputs (hidden states, routes, weights: tensors of the pool) stay referenced,
 so no later segment overwrites them before the experts read them.
 
+A *dry* capture (`dry=True`, `PiecewiseGraph.precapture`) captures the same segments before any sequence,
+so a run's timed steps only replay them: the experts calls return zeros of their output's shape without
+touching the provider (no loads, no events, no seam hooks), the step's inputs point at the cache's last T
+positions (which only warm-ups write, as for whole-step graphs), and one dry eager step first keeps lazy
+initialisation out of the capture. Segments capture kernels, not values, so a dry capture's segments
+equal a real one's; its logits are meaningless.
+
 Each call site also gets an `ExpertsGraph`: at replay, when the provider pinned all of the layer's
 experts at once and the Triton kernels serve (`OffloadedExperts.compute` with `site`), the layer's
 expert kernels and the routes' weighted sum run as one small CUDA graph, captured at the site's second
@@ -116,9 +123,11 @@ def piecewise_capturable(model: nn.Module, device: torch.device) -> bool:
 
 class PiecewiseGraph:
     def __init__(self, step: StepFn, ids: list[int], start: int, num_logits: int, model: nn.Module,
-                 device: torch.device, pool, graph_factory: Callable = torch.cuda.CUDAGraph):
-        """Capture the step for `ids` at `start` while computing it: `self.logits` are its logits."""
+                 device: torch.device, pool, graph_factory: Callable = torch.cuda.CUDAGraph, dry: bool = False):
+        """Capture the step for `ids` at `start` while computing it: `self.logits` are its logits (with `dry`,
+        the experts are zeros and the logits meaningless: see the module docstring)."""
         self.num_tokens = len(ids)
+        self._dry = dry
         self._pool = pool
         self._new_graph = graph_factory
         self.graphs: list = []
@@ -164,11 +173,31 @@ class PiecewiseGraph:
         except RuntimeError:
             pass
 
+    @classmethod
+    def precapture(cls, step: StepFn, num_tokens: int, num_logits: int, capacity: int, model: nn.Module,
+                   device: torch.device, pool, graph_factory: Callable = torch.cuda.CUDAGraph) -> "PiecewiseGraph":
+        """The graphs of a (T, num_logits) step captured dry, before any sequence, at the cache's last T positions
+        of `capacity`, after one dry eager step (see the module docstring)."""
+        ids, start = [0] * num_tokens, capacity - num_tokens
+        experts = [m for m in model.modules() if isinstance(m, OffloadedExperts)]
+        with building():
+            for m in experts:
+                m.segment = _dry_experts
+            try:
+                step(torch.tensor(ids + [start], dtype=torch.long, device=device), num_tokens, num_logits)
+            finally:
+                for m in experts:
+                    m.segment = None
+        return cls(step, ids, start, num_logits, model, device, pool, graph_factory, dry=True)
+
     def _split(self, module: OffloadedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                top_k_weights: torch.Tensor) -> torch.Tensor:
         self._end_and_run()
-        self._seam_hooks(module, (hidden_states, top_k_index, top_k_weights))
-        out = module.compute(hidden_states, top_k_index, top_k_weights)  # [T, H], outside the pool
+        if self._dry:
+            out = _dry_experts(module, hidden_states, top_k_index, top_k_weights)  # [T, H], outside the pool
+        else:
+            self._seam_hooks(module, (hidden_states, top_k_index, top_k_weights))
+            out = module.compute(hidden_states, top_k_index, top_k_weights)  # [T, H], outside the pool
         if self._sites_pool is None and out.is_cuda:
             self._sites_pool = torch.cuda.graph_pool_handle()
         self.calls.append((module, (hidden_states, top_k_index, top_k_weights), out, ExpertsGraph(out, self._sites_pool)))
@@ -198,3 +227,9 @@ class PiecewiseGraph:
                 if got is not out:
                     out.copy_(got)
         return self.logits
+
+
+def _dry_experts(module: OffloadedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                 top_k_weights: torch.Tensor) -> torch.Tensor:
+    """An experts call's output [T, H] as zeros, touching nothing (a dry capture's stand-in)."""
+    return torch.zeros_like(hidden_states)

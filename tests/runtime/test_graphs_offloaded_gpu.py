@@ -135,3 +135,25 @@ def test_full_cache_prefetchers_capture_whole_graphs(gpu, name, caplog):
         assert {k: v for k, v in s.last_extra.items() if k.startswith("gating_")} == counted
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("name", ["lru_nosd", "lru"])
+def test_piecewise_graphs_are_captured_before_the_timed_steps(gpu, name, monkeypatch):
+    """Every piecewise graph an offloaded run replays was captured dry at `Engine.reserve`, none inside a step."""
+    from spmoe.runtime.piecewise import PiecewiseGraph
+
+    built = []
+    init = PiecewiseGraph.__init__
+
+    def spy(self, *args, dry=False, **kwargs):
+        built.append(dry)
+        init(self, *args, dry=dry, **kwargs)
+
+    monkeypatch.setattr(PiecewiseGraph, "__init__", spy)
+    s = open_session(_cfg())
+    try:
+        tokens, _ = _run(s, MethodConfig(name=name, num_slots=6), "graphs")
+    finally:
+        s.close()
+    assert built and all(built), built
+    assert tokens

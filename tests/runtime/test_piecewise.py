@@ -88,6 +88,54 @@ def test_segments_are_cut_at_every_experts_call(lru_runtime, monkeypatch):
     assert _Graph.log == [("replay", i) for i in range(num_layers + 1)]
 
 
+@torch.inference_mode()
+def test_a_dry_precapture_touches_neither_the_cache_nor_the_sequence_and_replays_for_real(lru_runtime, monkeypatch):
+    """`PiecewiseGraph.precapture` (before any sequence): the same segments as a real capture, with the experts
+    calls as zeros, so no expert is loaded, computed or recorded and no seam hook runs; it writes only the KV
+    cache's last T positions; its replay then runs every layer's experts through the provider, in order."""
+    session, runtime = lru_runtime
+    model, prompt = runtime.model, session.prompts[0].token_ids
+    decoder = StaticDecoder(model, session.device)
+    decoder.begin(len(prompt) + 8)
+    decoder.forward(prompt, 1)
+    runtime.transfer.collect()
+    runtime.events.take()
+    keys = [layer.keys.clone() for layer in decoder.kv.layers]  # [1, H_kv, C, D] each
+    held = [runtime.cache.key_at(s) for s in range(runtime.cache.num_slots)]
+    experts = [m for m in model.modules() if isinstance(m, OffloadedExperts)]
+    hooked = []
+    handles = [on_experts_call(m, lambda h, i, w: hooked.append(1)) for m in experts]
+    computed = []
+    original = OffloadedExperts.compute
+
+    def spy(self, *args, **kwargs):
+        computed.append(self.layer_idx)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(OffloadedExperts, "compute", spy)
+    _Graph.log, _Graph.count = [], 0
+    try:
+        graph = PiecewiseGraph.precapture(decoder.step, 2, 2, decoder.kv.capacity, model, session.device, None,
+                                          graph_factory=_Graph)
+    finally:
+        for h in handles:
+            h.remove()
+    num_layers = len(session.target.layout.moe_layers)
+    assert computed == [] and hooked == [] and runtime.events.take() == []
+    assert runtime.transfer.collect().h2d_bytes == 0
+    assert [runtime.cache.key_at(s) for s in range(runtime.cache.num_slots)] == held
+    tail = decoder.kv.capacity - 2
+    for before, layer in zip(keys, decoder.kv.layers):
+        torch.testing.assert_close(layer.keys[:, :, :tail], before[:, :, :tail], rtol=0, atol=0)
+        assert not torch.equal(layer.keys[:, :, tail:], before[:, :, tail:])
+    assert len(graph.graphs) == num_layers + 1 and len(graph.calls) == num_layers
+    assert all(m.segment is None for m in experts)
+    _Graph.log = []
+    graph.replay(prompt[-2:], decoder.length)
+    assert computed == list(session.target.layout.moe_layers)
+    assert _Graph.log == [("replay", i) for i in range(num_layers + 1)]
+
+
 class _Stream:
     """Stands in for a CUDA stream: `log` gets ("wait", waiter, waited) for every wait_stream."""
 
