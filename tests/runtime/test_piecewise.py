@@ -44,6 +44,19 @@ class _Graph:
         _Graph.log.append(("replay", self.idx))
 
 
+def _spy_compute(monkeypatch) -> list[int]:
+    """The layer of every `OffloadedExperts.compute` call from now on, in order."""
+    computed = []
+    original = OffloadedExperts.compute
+
+    def spy(self, *args, **kwargs):
+        computed.append(self.layer_idx)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(OffloadedExperts, "compute", spy)
+    return computed
+
+
 @pytest.fixture(scope="module")
 def lru_runtime():
     cfg = tiny_run_config("tiny", num_prompts=1)
@@ -74,14 +87,7 @@ def test_segments_are_cut_at_every_experts_call(lru_runtime, monkeypatch):
     assert _Graph.log == [e for i in range(num_layers + 1) for e in (("begin", i), ("end", i), ("replay", i))]
     assert all(m.segment is None for m in model.modules() if isinstance(m, OffloadedExperts))
 
-    computed = []
-    original = OffloadedExperts.compute
-
-    def spy(self, *args, **kwargs):
-        computed.append(self.layer_idx)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(OffloadedExperts, "compute", spy)
+    computed = _spy_compute(monkeypatch)
     _Graph.log = []
     graph.replay(prompt[-2:], decoder.length)
     assert computed == list(session.target.layout.moe_layers)
@@ -105,14 +111,7 @@ def test_a_dry_precapture_touches_neither_the_cache_nor_the_sequence_and_replays
     experts = [m for m in model.modules() if isinstance(m, OffloadedExperts)]
     hooked = []
     handles = [on_experts_call(m, lambda h, i, w: hooked.append(1)) for m in experts]
-    computed = []
-    original = OffloadedExperts.compute
-
-    def spy(self, *args, **kwargs):
-        computed.append(self.layer_idx)
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(OffloadedExperts, "compute", spy)
+    computed = _spy_compute(monkeypatch)
     _Graph.log, _Graph.count = [], 0
     try:
         graph = PiecewiseGraph.precapture(decoder.step, 2, 2, decoder.kv.capacity, model, session.device, None,
