@@ -18,7 +18,8 @@ in (how experts are served) and whether they draft; the loop, timers and records
 for all, which is what makes comparisons fair. Under routing replay the runtime's
 `accept_override` supplies each step's recorded number of accepted drafts. `reserve` sizes both
 caches and captures, before any timed step, the graphs of every shape a step may feed (verify widths
-1..k+1, the draft's `STEP_SHAPES`); shapes that only piecewise graphs serve are captured at first use.
+1..k+1, the draft's `STEP_SHAPES`), whole-step graphs or piecewise ones captured dry
+(`spmoe.runtime.decoder.StaticDecoder.precapture`).
 """
 
 from __future__ import annotations
