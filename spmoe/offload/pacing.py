@@ -58,6 +58,7 @@ class Pacer:
         self.device, self.gb_per_s = device, gb_per_s
         self.lock = threading.Lock()
         self._last: torch.cuda.Event | None = None  # end of the previous paced copy (any stream)
+        self._real_gb_per_s: float | None = None  # the real pinned bandwidth (CUDA only)
         if device.type == "cuda":
             self._cycles_per_ms = cycles_per_ms(device)
             self._real_gb_per_s = pinned_gb_per_s(device)
@@ -77,8 +78,7 @@ class Pacer:
 
     def link_ms(self, nbytes: int) -> float:
         """What one copy of `nbytes` occupies the emulated link: B / W (B / the real bandwidth where that is lower)."""
-        real = getattr(self, "_real_gb_per_s", None)
-        return nbytes / (min(self.gb_per_s, real or self.gb_per_s) * 1e6)
+        return nbytes / (min(self.gb_per_s, self._real_gb_per_s or self.gb_per_s) * 1e6)
 
     def pad_host(self, nbytes: int, copy_ms: float) -> float:
         """CPU: sleep out the rest of the emulated copy time; returns the padding in ms."""
