@@ -99,6 +99,10 @@ def validate_plus(plus: PlusConfig) -> None:
         _fail("method.plus.k_min", plus.k_min, "valid: an integer >= 0 (the smallest draft length adaptive k may choose)")
     if not _is_number(plus.accept_prior) or not 0 <= plus.accept_prior <= 1:
         _fail("method.plus.accept_prior", plus.accept_prior, "valid: 0 <= acceptance <= 1")
+    from spmoe.offload.eviction import policy_names
+
+    if plus.nosd_eviction not in policy_names():
+        _fail("method.plus.nosd_eviction", plus.nosd_eviction, f"valid: {policy_names()}")
 
 
 def validate_logger(logger: LoggerConfig) -> None:

@@ -127,6 +127,7 @@ def test_other_method_knobs(guard, key, value, needle):
     ("draft_group_size", 0, "integer >= 1"),
     ("host_threads", 0, "integer >= 1"),
     ("host_max_per_layer", -1, "integer >= 0"),
+    ("nosd_eviction", "belady", "lru"),
 ])
 def test_plus_knobs(guard, key, value, needle):
     cfg = _sd("spmoe_plus")

@@ -23,10 +23,10 @@ bf16 draft's; the profile is keyed on the quantized draft's name and reused by `
 Slots = the plan's + saved draft bytes // expert bytes (at most every expert) - lossy staging slots.
 Without a draft (`none`, or auto's pick) the run is a no-SD offloader: the session plans it without
 the draft and decodes one token per step; experts load on demand (no draft, so no predictor and no
-prefetch); eviction is `method.eviction` (the default sd_lookahead then receives no predictions and is
-expected reuse over its discounted window, the best draft-free online policy of
-results/spmoe_plus/eviction_sim); host experts and lossy misses (every MoE layer is then past the
-cutoff) work as with SD; adaptive k is off.
+prefetch); eviction is `method.plus.nosd_eviction` (default lru: without the draft's predictions
+sd_lookahead is expected reuse over its discounted window, which moved more bytes than LRU on
+DeepSeek-V2-Lite's routing, `results/spmoe_plus/deepseek_11th`); host experts and lossy misses (every
+MoE layer is then past the cutoff) work as with SD; adaptive k is off.
 Lossless: the draft only proposes (any precision); host experts compute the same function (CPU
 float32 bit-identical; on CUDA within bf16 rounding of host vs GPU accumulation); eviction and k
 change what is moved and when, never what is computed. Lossy misses are the one exception (labelled).
@@ -223,11 +223,12 @@ def _build_sd(ctx: MethodContext, choice: DraftChoice | None, staging: int) -> t
 
 
 def _build_nosd(ctx: MethodContext, staging: int) -> tuple[Runtime, DraftPrecision, int]:
-    """No draft: experts on demand through the prefetch provider (no predictor), `method.eviction`."""
+    """No draft: experts on demand through the prefetch provider (no predictor), `method.plus.nosd_eviction`."""
     plan, slots = _slots(ctx, staging)
-    runtime, _ = prefetch_runtime(ctx, make_policy(ctx.cfg.method.eviction, ctx.target.layout.moe_layers), slots)
+    eviction = ctx.cfg.method.plus.nosd_eviction
+    runtime, _ = prefetch_runtime(ctx, make_policy(eviction, ctx.target.layout.moe_layers), slots)
     runtime.cutoff_layer = -1  # nothing is prefetched: every MoE layer is past the cutoff
-    runtime.extra_summary = lambda: {"cutoff_mode": None, "cutoff_layer": None}
+    runtime.extra_summary = lambda: {"cutoff_mode": None, "cutoff_layer": None, "eviction": eviction}
     return runtime, DraftPrecision(NONE), plan.num_slots + staging
 
 
@@ -283,7 +284,8 @@ def build(ctx: MethodContext) -> Runtime:
             precision, extra_slots, stats, planner, chooser, _lossy_summary(ctx, lossy, staging, runtime.cutoff_layer),
             inner, choice)
         log.info("spmoe_plus: draft %s (+%d slots = %d), host compute %s, eviction %s, adaptive k %s, lossy misses %s",
-                 precision.precision, extra_slots, provider.cache.num_slots, pcfg.host_compute, mcfg.eviction,
+                 precision.precision, extra_slots, provider.cache.num_slots, pcfg.host_compute,
+                 pcfg.nosd_eviction if precision.precision == NONE else mcfg.eviction,
                  adaptive_k, pcfg.lossy_misses)
     except BaseException:  # the session only closes runtimes that were returned
         runtime.close()

@@ -228,7 +228,8 @@ def test_a_declining_case_shares_a_session_with_drafting_cases(tmp_path):
     cfg.model.weights = "twin"
     cfg.draft = load_preset("draft", "tiny")
     methods = {"plus_nosd": _method("none", num_slots=10), "plus_int8": _method("int8", num_slots=10),
-               "lru_nosd": MethodConfig(name="lru_nosd", num_slots=10), "spmoe": replace(_method("bf16", 10), name="spmoe")}
+               "plus_nosd_nohost": _method("none", num_slots=4, host_compute="off"),
+               "lru_nosd": MethodConfig(name="lru_nosd", num_slots=4), "spmoe": replace(_method("bf16", 10), name="spmoe")}
     cases = [Case(name, replace(cfg, method=m, spec=SpecConfig(num_draft_tokens=2)), tmp_path / name)
              for name, m in methods.items()]
     summaries = dict(zip(methods, run_cases(cases, rounds=2, warmup_tokens=0, experiment="x")))
@@ -238,6 +239,11 @@ def test_a_declining_case_shares_a_session_with_drafting_cases(tmp_path):
     assert summaries["plus_nosd"]["draft_choice"] == "none" and summaries["plus_nosd"]["num_draft_tokens"] is None
     assert summaries["plus_nosd"]["acceptance_rate"] is None
     assert summaries["plus_int8"]["draft_precision"] == "int8" and summaries["plus_int8"]["acceptance_rate"] is not None
+    # without a draft the eviction is method.plus.nosd_eviction (lru): on demand, as lru_nosd, hit for hit
+    assert summaries["plus_nosd"]["eviction"] == "lru" and summaries["plus_int8"]["eviction"] == "sd_lookahead"
+    nohost, lru = summaries["plus_nosd_nohost"], summaries["lru_nosd"]
+    assert (nohost["expert_hits"], nohost["expert_misses"]) == (lru["expert_hits"], lru["expert_misses"])
+    assert nohost["expert_misses"] > 4  # it evicts
 
 
 def test_no_draft_without_a_session_draft(tmp_path):
