@@ -143,11 +143,11 @@ class OffloadedExperts(nn.Module):
     graph_experts: bool = True  # piecewise replays run a pinned layer's expert kernels as a CUDA graph (A/B switch)
     route_sync_s: float = 0.0  # host seconds spent in the routes' device->host copy (waiting on the device)
     # set on instances only while a piecewise CUDA graph is captured (spmoe.runtime.piecewise): forward hands
-    # the call to it, which ends the captured segment and runs `compute` eagerly
+    # the call to it, which ends the captured segment and runs `compute` eagerly (a dry capture: zeros)
     segment: Callable | None = None
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        if self.segment is not None:  # it ends the captured segment, then runs the seam hooks and `compute`
+        if self.segment is not None:  # a piecewise capture's (spmoe.runtime.piecewise)
             return self.segment(self, hidden_states, top_k_index, top_k_weights)
         self.run_seam_hooks(hidden_states, top_k_index, top_k_weights)
         return self.compute(hidden_states, top_k_index, top_k_weights)
