@@ -63,6 +63,8 @@ class _LockedResidentTable(ResidentTable):
         self.lock = lock
 
     def get(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not self._possible:  # a cache smaller than the model: no lock taken on every layer call
+            return None
         with self.lock:
             return super().get(layer)
 
