@@ -42,8 +42,9 @@ from dataclasses import dataclass
 from spmoe.config import CutoffConfig
 
 MODES = ("auto", "fixed", "all", "off")
-PROFILE_VERSION = 5  # 2: + layer_recall; 3: medians after warm-up; 4: content keys, copy check vs bandwidth;
-# 5: t_d through the run's decoder (graphs replayed) and quantized sites, t_v from the full-precision draft
+PROFILE_VERSION = 6  # 2: + layer_recall; 3: medians after warm-up; 4: content keys, copy check vs bandwidth;
+# 5: t_d through the run's decoder (graphs replayed) and quantized sites, t_v from the full-precision draft;
+# 6: t_v of a quantized copy of the target scaled by its bits (its weights are buffers)
 COPY_CHECKS = ("ok", "flagged", "skipped")  # t_e within tolerance of bytes/bandwidth; off after re-measuring; not checked
 
 

@@ -13,7 +13,8 @@ Measurement (all on temporary on-demand caches that the caller frees before the 
   per-copy latency, not bandwidth, sets their time.
 - t_d: the draft's one-token decode time per layer (median after warm-up), as the run runs it: its
   `hardware.decode` mode (CUDA-graph replays under `graphs`) and, for a quantized draft, its quantized
-  sites; t_v = the full-precision draft's t_d scaled by the target's active parameters per layer; r_l as
+  sites; t_v = the full-precision draft's t_d scaled by the target's active parameters per layer, or for a
+  quantized copy of the target by dtype bits / its bits (`verify_layer_ms`); r_l as
   `measure_recall` says.
 Cache: `<cutoff.profile_dir>/profile-<key>.json` holds {format, key, fields, profile}; the key is
 `spmoe.cache_key.content_key` of `profile_fields` (the target's and draft's resolved configs and
@@ -39,6 +40,7 @@ import torch
 from spmoe.cache_key import canonical, content_key, device_name, file_digest, model_config_fields, weights_source
 from spmoe.config import RunConfig
 from spmoe.io import write_json_atomic
+from spmoe.models.experts import ExpertLayout
 from spmoe.offload.cache import ExpertCache
 from spmoe.offload.transfer import TransferEngine
 from spmoe.policy.cutoff import PROFILE_VERSION, Profile
@@ -217,13 +219,25 @@ def measure_profile(ctx, cache: ExpertCache, transfer: TransferEngine, layer_rec
     with full_precision() if full_precision is not None else nullcontext():
         fp_layer_ms = (draft_layer_ms if full_precision is None else
                        draft_forward_ms(draft, device, ctx.cfg.hardware.decode) / num_layers)
-        layer = draft.model.layers[0]
-        attn = sum(p.numel() for p in layer.self_attn.parameters())
-        ffn = sum(p.numel() for p in layer.mlp.parameters())
-    active = attn + layout.top_k * layout.expert_numel
-    return Profile(draft_layer_ms, fp_layer_ms * active / (attn + ffn), expert_ms, len(layout.moe_layers),
+        copy_bits = ctx.cfg.draft.quant_bits if ctx.cfg.draft.copy_of_target else None
+        verify_ms = verify_layer_ms(fp_layer_ms, draft.model.layers[0], layout, copy_bits)
+    return Profile(draft_layer_ms, verify_ms, expert_ms, len(layout.moe_layers),
                    layout.num_experts, layout.top_k, cache.num_slots, layer_recall, layout.expert_bytes,
                    bandwidth, estimate_ms, check)
+
+
+def verify_layer_ms(fp_draft_layer_ms: float, draft_layer: torch.nn.Module, layout: ExpertLayout,
+                    copy_bits: int | None) -> float:
+    """t_v from the full-precision draft's t_d per layer (decode reads weights, so time scales with bytes read).
+    A quantized copy of the target (`copy_bits`) runs the target's own layers on copy_bits / dtype bits of their
+    bytes: t_v = t_d x dtype bits / copy_bits (its weights are buffers, not parameters, so the dense rule below
+    would count none). A dense draft's layer: t_d x (its attention + the target's top_k routed experts) / (its
+    attention + MLP), counted as parameters."""
+    if copy_bits is not None:
+        return fp_draft_layer_ms * torch.finfo(layout.dtype).bits / copy_bits
+    attn = sum(p.numel() for p in draft_layer.self_attn.parameters())
+    ffn = sum(p.numel() for p in draft_layer.mlp.parameters())
+    return fp_draft_layer_ms * (attn + layout.top_k * layout.expert_numel) / (attn + ffn)
 
 
 @torch.inference_mode()

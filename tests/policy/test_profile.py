@@ -21,6 +21,7 @@ from spmoe.config import CutoffConfig, MethodConfig, RoutingConfig
 from spmoe.policy.cutoff import Profile
 from spmoe.policy.profile import check_copy, load_or_measure, measure_bandwidth_gb_per_s, profile_fields
 from spmoe.predict.hidden_map import load_or_fit
+from spmoe.session import open_session
 
 TRACES = Path(__file__).resolve().parents[2] / "results" / "real_pair" / "traces"
 
@@ -226,3 +227,29 @@ def test_maps_keyed_by_fields_and_written_atomically(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         load_or_fit(tmp_path, {"hidden": 128}, fit(3.0))
     assert len(list(tmp_path.iterdir())) == 2  # no temp file left, no half-written entry
+
+
+@pytest.mark.parametrize("draft,ratio", [("int8_self_fp32", 32 / 8), ("int4_self_fp32", 32 / 4)])
+def test_verify_layer_time_of_a_quantized_copy_scales_by_its_bits(draft, ratio):
+    """A quantized copy's weights are buffers: counted as parameters its layer has almost none, which scaled
+    t_v by about 1e5 (DeepSeek-V2-Lite: t_v 19.7 s against t_d 0.2 ms). The copy runs the target's own
+    layers, on bits / dtype bits of their bytes."""
+    cfg = tiny_run_config("tiny_deepseek_v2", num_prompts=1, max_new_tokens=4)
+    cfg.draft = load_preset("draft", draft)
+    s = open_session(cfg)
+    try:
+        layer, layout = s.draft.model.layers[0], s.target.layout
+        assert profile_mod.verify_layer_ms(0.5, layer, layout, cfg.draft.quant_bits) == 0.5 * ratio
+        assert profile_mod.verify_layer_ms(0.5, layer, layout, None) > 100 * 0.5  # what the dense rule made of it
+    finally:
+        s.close()
+
+
+def test_verify_layer_time_of_a_dense_draft_scales_by_active_parameters():
+    cfg = _cfg()
+    draft = AutoModelForCausalLM.from_config(_hf(cfg.draft.hf_config, cfg.draft.family))
+    layer = draft.model.layers[0]
+    layout = SimpleNamespace(dtype=torch.float32, top_k=2, expert_numel=300)
+    attn = sum(p.numel() for p in layer.self_attn.parameters())
+    mlp = sum(p.numel() for p in layer.mlp.parameters())
+    assert profile_mod.verify_layer_ms(2.0, layer, layout, None) == pytest.approx(2.0 * (attn + 600) / (attn + mlp))
