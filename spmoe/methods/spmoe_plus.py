@@ -8,7 +8,8 @@ parts, each a `method.plus.*` switch (`spmoe.config.PlusConfig`) so its gain is 
    quantized pick must pass calibration agreement with the bf16 draft (not under routing=replay,
    where the trace sets acceptance);
 2. CPU-assisted experts (`spmoe.plus.host_experts`): missing experts of a layer are computed on
-   the host while others stream in, per expert from a measured cost model;
+   the host while others stream in, per expert from a measured cost model; under `auto` the run's own
+   decode steps switch the host off where it makes steps slower per missing expert (`spmoe.plus.host_gate`);
 3. eviction toward Belady under prefetch (`method.eviction=sd_lookahead`,
    `spmoe.offload.eviction_lookahead`): the draft's predictions for the coming verify step, at
    every layer (a second, prefetch-free predictor covers the layers past the cutoff), keep the
@@ -33,7 +34,8 @@ change what is moved and when, never what is computed. Lossy misses are the one 
 Extra summary keys: draft_choice, draft_choice_predicted_ms (and draft_choice_*: the model's inputs),
 draft_precision, draft_saved_bytes, extra_slots, draft_agreement, host_* (host
 vs GPU expert split and times), host_cost_* (profiled), host_ms_in_run / host_start_ms (the planner's in-run
-cost), chosen_k_mean / chosen_k_counts (the per-step k is the trace's num_drafted), lossy_* (part 5).
+cost), host_gate_* (decode steps gated off, the fitted ms per missing expert with and without the host),
+chosen_k_mean / chosen_k_counts (the per-step k is the trace's num_drafted), lossy_* (part 5).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ from spmoe.plus.host_experts import (
     install_host_experts,
     measure_host_cost,
 )
+from spmoe.plus.host_gate import HostGate
 from spmoe.plus.k_chooser import KChooser
 from spmoe.plus.lossy_misses import (
     LossyMissTransfer,
@@ -153,7 +156,7 @@ def _lossy_summary(ctx: MethodContext, lossy: LossyMissTransfer | None, staging:
 
 
 def _summary(precision: DraftPrecision, extra_slots: int, stats: HostStats, planner: HostPlanner | None,
-             chooser: KChooser | None, lossy: dict, inner, choice: DraftChoice | None) -> dict:
+             chooser: KChooser | None, lossy: dict, inner, choice: DraftChoice | None, gate: HostGate | None) -> dict:
     total = stats.num_host_experts + stats.num_gpu_experts
     cost, times = (planner.cost, planner.times) if planner else (None, None)
     out = dict(inner() if inner else {})
@@ -170,6 +173,7 @@ def _summary(precision: DraftPrecision, extra_slots: int, stats: HostStats, plan
         "host_cost_copy_ms": cost.copy_ms if cost else None,
         "host_ms_in_run": dict(sorted(times.ms_at.items())) if times else None,
         "host_start_ms": times.start_ms if times else None,
+        **(gate.summary() if gate else {"host_gate_steps_off": None}),
         **lossy,
     })
     if precision.precision == NONE:  # the run drafted nothing: no draft, k or predictor knobs apply
@@ -260,7 +264,7 @@ def build(ctx: MethodContext) -> Runtime:
                                          ctx.cfg.hardware.host_memory_gib)
             runtime.closers.append(lossy.close)
         adaptive_k = pcfg.adaptive_k and ctx.draft is not None
-        stats, cost, chooser, planner = HostStats(), None, None, None
+        stats, cost, chooser, planner, gate = HostStats(), None, None, None, None
         if pcfg.host_compute != "off" or adaptive_k:
             copy_ms = _copy_ms(runtime, ctx)
             act_fn = runtime.model.model.layers[layout.moe_layers[0]].mlp.experts.act_fn
@@ -272,17 +276,21 @@ def build(ctx: MethodContext) -> Runtime:
             planner = HostPlanner(provider, pcfg.host_compute, cost, pcfg.host_max_per_layer,
                                   copy_fraction=lossy.copy_fraction if lossy is not None else None,
                                   reuse=pcfg.host_reuse)
+            if pcfg.host_compute == "auto":  # the run's own steps judge the host path as a whole
+                gate = HostGate(planner, stats)
+                runtime.listeners.append(gate)
             if adaptive_k:
                 miss_ms = min(copy_ms, cost.host_ms(2)) if cost else copy_ms
                 chooser = KChooser(pcfg.k_min, len(layout.moe_layers), layout.num_experts, layout.top_k, miss_ms,
                                    pcfg.accept_prior)
                 runtime.choose_k = chooser
                 runtime.listeners.append(chooser)
+            on_layer = [o.on_layer for o in (gate, chooser) if o is not None]
             install_host_experts(runtime.model, layout.moe_layers, planner, ctx.target.store, pool, stats,
-                                 chooser.on_layer if chooser else None, pcfg.host_fill)
+                                 (lambda *a: [f(*a) for f in on_layer]) if on_layer else None, pcfg.host_fill)
         runtime.extra_summary = lambda inner=runtime.extra_summary: _summary(
             precision, extra_slots, stats, planner, chooser, _lossy_summary(ctx, lossy, staging, runtime.cutoff_layer),
-            inner, choice)
+            inner, choice, gate)
         log.info("spmoe_plus: draft %s (+%d slots = %d), host compute %s, eviction %s, adaptive k %s, lossy misses %s",
                  precision.precision, extra_slots, provider.cache.num_slots, pcfg.host_compute,
                  pcfg.nosd_eviction if precision.precision == NONE else mcfg.eviction,

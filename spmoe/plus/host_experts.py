@@ -142,6 +142,7 @@ class HostPlanner:
         self.copy_fraction = copy_fraction or (lambda layer: 1.0)
         self.reuse, self.ema = reuse, ema
         self.resident_rate: float | None = None  # r: EWMA of the resident fraction of a call's routed experts
+        self.allowed = True  # False: every expert on the link this step (`spmoe.plus.host_gate.HostGate`)
 
     def observe(self, start_ms: float, expert_ms: list[tuple[int, float]]) -> None:
         """The host worker started `start_ms` after the submit and took these (routed tokens, ms) per
@@ -154,7 +155,7 @@ class HostPlanner:
 
     def split(self, layer: int, tokens_of: dict[int, int]) -> list[int]:
         """Host set among `tokens_of` (expert -> routed tokens), most tokens first."""
-        if self.mode == "off":
+        if self.mode == "off" or not self.allowed:
             return []
         cache = self.provider.cache
         with self.provider.lock:

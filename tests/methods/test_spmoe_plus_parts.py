@@ -16,6 +16,7 @@ from spmoe.offload.cache import ExpertCache
 from spmoe.offload.eviction import make_policy
 from spmoe.offload.eviction_lookahead import SdLookaheadPolicy
 from spmoe.plus.host_experts import HostAssistedExperts, HostCost, HostPlanner, HostStats
+from spmoe.plus.host_gate import HostGate
 from spmoe.plus.k_chooser import KChooser
 
 
@@ -403,3 +404,55 @@ def test_planner_copy_time_on_a_paced_link_is_the_emulated_links():
     ctx = SimpleNamespace(target=SimpleNamespace(store=store, layout=layout), device=torch.device("cpu"))
     assert _copy_ms(runtime, ctx) == pytest.approx(expert_bytes / (0.001 * 1e6))
     assert loads == []
+
+
+def _gate_run(host_ms_per_missing: float, steps: int = 40, probe_every: int = 8) -> tuple[HostGate, list[bool]]:
+    """Decode steps on a simulated clock: t = 10 + 1 ms per missing expert on the link; a step with 5 or more
+    missing experts sends one to the host when allowed, and then costs `host_ms_per_missing` per missing expert
+    instead. Returns the gate and, per decode step, whether the host was allowed."""
+    planner = HostPlanner(_Provider([], 0), "auto", HostCost(fixed_ms=4.0, per_token_ms=1.0, copy_ms=6.0), None)
+    stats, now = HostStats(), [0.0]
+    gate = HostGate(planner, stats, min_steps=3, probe_every=probe_every, clock=lambda: now[0])
+    gate.begin_step(0)  # the prefill: neither gated nor sampled
+    gate.on_layer(0, 64, 8, 8)
+    stats.num_host_experts += 3
+    now[0] += 1.0
+    gate.end_step()
+    allowed = []
+    for step in range(1, steps + 1):
+        missing = [1, 6, 2, 7, 3, 5][step % 6]
+        gate.begin_step(step)
+        allowed.append(planner.allowed)
+        gate.on_layer(0, 1, 6, missing)
+        host = planner.allowed and missing >= 5
+        stats.num_host_experts += host
+        now[0] += (10 + (host_ms_per_missing if host else 1.0) * missing) / 1e3
+        gate.end_step()
+    return gate, allowed
+
+
+def test_host_gate_switches_the_host_off_where_it_costs_more_per_missing_expert():
+    gate, allowed = _gate_run(host_ms_per_missing=2.0)
+    c, b_link, b_host = gate.fit()
+    assert c == pytest.approx(10.0) and b_link == pytest.approx(1.0) and b_host == pytest.approx(2.0)
+    first_off = allowed.index(False) + 1  # decode steps count from 1
+    assert first_off <= 12  # three host and three link steps with varying misses are enough to judge
+    for step in range(first_off, 41):  # gated off but for every 8th decode step (a probe)
+        assert allowed[step - 1] == (step % 8 == 0), step
+    assert gate.summary()["host_gate_steps_off"] == allowed.count(False) and gate.summary()["host_gate_decode_steps"] == 40
+
+
+def test_host_gate_keeps_a_host_that_saves_time_and_judges_nothing_without_samples():
+    gate, allowed = _gate_run(host_ms_per_missing=0.5)
+    assert all(allowed) and gate.fit()[2] == pytest.approx(0.5)
+    planner = HostPlanner(_Provider([], 0), "auto", HostCost(fixed_ms=4.0, per_token_ms=1.0, copy_ms=6.0), None)
+    assert HostGate(planner, HostStats()).fit() is None and HostGate(planner, HostStats()).allowed()
+
+
+def test_a_gated_off_planner_sends_nothing_to_the_host():
+    cost = HostCost(fixed_ms=4.0, per_token_ms=1.0, copy_ms=6.0)
+    planner = HostPlanner(_Provider([], 2), "auto", cost, None)
+    tokens = {0: 1, 1: 1, 2: 1}
+    assert planner.split(0, tokens)  # two copies ahead: the host wins some
+    planner.allowed = False
+    assert planner.split(0, tokens) == []

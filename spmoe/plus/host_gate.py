@@ -1,0 +1,89 @@
+"""
+Host gate: whether a decode step may compute experts on the host at all (`method.plus.host_compute=auto`),
+judged from the run's own steps. The planner (`spmoe.plus.host_experts.HostPlanner`) prices each host
+expert against the copies it replaces, not what the host path costs the rest of the step (the layer leaves
+its call-site CUDA graph, the host threads compete with the decode thread for the cores); on
+DeepSeek-V2-Lite that unpriced cost exceeded the modelled gain (`results/spmoe_plus/deepseek_12th`).
+
+Terms: a decode step's *missing experts* m = the experts not resident when their layer ran, summed over the
+step's MoE layer forwards (host-computed ones included, from `on_layer`); its time t = wall ms from
+`begin_step` to `end_step`; a *host step* computed at least one expert on the host, a *link step* none.
+Model: t = c + b m. Over the last `window` decode steps: c and b_link by least squares on the link steps;
+b_host = the mean over host steps of (t - c) / m (a host step has m >= 1), the step time each missing
+expert costs when the host takes part.
+Decision at each decode step's start: the host is allowed unless both kinds have `min_steps` samples, the
+link steps' m varies (else c and b_link are not separable) and b_host > b_link; a gated-off run still
+allows the host every `probe_every`-th decode step, so b_host follows the run. The prefill (step 0) is
+neither gated nor sampled. Units: milliseconds.
+Invariant: the gate only switches the planner off (`HostPlanner.allowed`); what a step computes is the
+same function either way (host experts are exact, see `spmoe.plus.host_experts`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from spmoe.plus.host_experts import HostPlanner, HostStats
+
+
+class HostGate:
+    def __init__(self, planner: HostPlanner, stats: HostStats, window: int = 64, min_steps: int = 4,
+                 probe_every: int = 8, clock=time.perf_counter):
+        self.planner, self.stats, self.clock = planner, stats, clock
+        self.min_steps, self.probe_every = min_steps, probe_every
+        self.samples: deque[tuple[bool, int, float]] = deque(maxlen=window)  # (host step, m, t ms)
+        self.steps_off = 0  # decode steps run with the host gated off
+        self._step = 0
+        self._decode_steps = 0
+        self._t0 = 0.0
+        self._missing = 0
+        self._host_before = 0
+
+    def fit(self) -> tuple[float, float, float] | None:
+        """(c, b_link, b_host) from the window, or None where the model cannot separate them yet."""
+        link = [(m, t) for host, m, t in self.samples if not host]
+        host = [(m, t) for h, m, t in self.samples if h]
+        if len(link) < self.min_steps or len(host) < self.min_steps:
+            return None
+        n = len(link)
+        mean_m, mean_t = sum(m for m, _ in link) / n, sum(t for _, t in link) / n
+        var = sum((m - mean_m) ** 2 for m, _ in link)
+        if var <= 0:
+            return None
+        b_link = sum((m - mean_m) * (t - mean_t) for m, t in link) / var
+        c = mean_t - b_link * mean_m
+        b_host = sum((t - c) / m for m, t in host) / len(host)
+        return c, b_link, b_host
+
+    def allowed(self) -> bool:
+        fitted = self.fit()
+        if fitted is None or fitted[2] <= fitted[1]:
+            return True
+        return self.probe_every > 0 and self._decode_steps % self.probe_every == 0
+
+    # -- the engine seam -------------------------------------------------------------------------
+
+    def begin_step(self, step: int) -> None:
+        self._step, self._missing, self._host_before = step, 0, self.stats.num_host_experts
+        self.planner.allowed = True
+        if step > 0:
+            self._decode_steps += 1
+            self.planner.allowed = self.allowed()
+            self.steps_off += not self.planner.allowed
+        self._t0 = self.clock()
+
+    def on_layer(self, layer: int, num_tokens: int, num_unique: int, num_missing: int) -> None:
+        self._missing += num_missing
+
+    def end_step(self) -> None:
+        if self._step == 0:
+            return
+        host = self.stats.num_host_experts > self._host_before
+        self.samples.append((host, self._missing, (self.clock() - self._t0) * 1e3))
+
+    def summary(self) -> dict:
+        fitted = self.fit()
+        return {"host_gate_steps_off": self.steps_off, "host_gate_decode_steps": self._decode_steps,
+                "host_gate_b_link_ms": fitted[1] if fitted else None,
+                "host_gate_b_host_ms": fitted[2] if fitted else None}
