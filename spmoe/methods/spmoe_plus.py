@@ -8,8 +8,9 @@ parts, each a `method.plus.*` switch (`spmoe.config.PlusConfig`) so its gain is 
    quantized pick must pass calibration agreement with the bf16 draft (not under routing=replay,
    where the trace sets acceptance);
 2. CPU-assisted experts (`spmoe.plus.host_experts`): missing experts of a layer are computed on
-   the host while others stream in, per expert from a measured cost model; under `auto` the run's own
-   decode steps switch the host off where it makes steps slower per missing expert (`spmoe.plus.host_gate`);
+   the host while others stream in, per expert from a measured cost model; under `auto` the prefill stays on
+   the link and the run's own decode steps switch the host off where it makes steps slower per missing
+   expert (`spmoe.plus.host_gate`);
 3. eviction toward Belady under prefetch (`method.eviction=sd_lookahead`,
    `spmoe.offload.eviction_lookahead`): the draft's predictions for the coming verify step, at
    every layer (a second, prefetch-free predictor covers the layers past the cutoff), keep the
@@ -277,7 +278,7 @@ def build(ctx: MethodContext) -> Runtime:
                                   copy_fraction=lossy.copy_fraction if lossy is not None else None,
                                   reuse=pcfg.host_reuse)
             if pcfg.host_compute == "auto":  # the run's own steps judge the host path as a whole
-                gate = HostGate(planner, stats)
+                gate = HostGate(planner, runtime.events)
                 runtime.listeners.append(gate)
             if adaptive_k:
                 miss_ms = min(copy_ms, cost.host_ms(2)) if cost else copy_ms
@@ -285,9 +286,8 @@ def build(ctx: MethodContext) -> Runtime:
                                    pcfg.accept_prior)
                 runtime.choose_k = chooser
                 runtime.listeners.append(chooser)
-            on_layer = [o.on_layer for o in (gate, chooser) if o is not None]
             install_host_experts(runtime.model, layout.moe_layers, planner, ctx.target.store, pool, stats,
-                                 (lambda *a: [f(*a) for f in on_layer]) if on_layer else None, pcfg.host_fill)
+                                 chooser.on_layer if chooser else None, pcfg.host_fill)
         runtime.extra_summary = lambda inner=runtime.extra_summary: _summary(
             precision, extra_slots, stats, planner, chooser, _lossy_summary(ctx, lossy, staging, runtime.cutoff_layer),
             inner, choice, gate)

@@ -208,19 +208,17 @@ class HostAssistedExperts(OffloadedExperts):
             return super().compute(hidden_states, top_k_index, top_k_weights, site)
         num_tokens, top_k = top_k_index.shape
         index_cpu = top_k_index.cpu()  # [T, A]; the layer's one device->host sync
+        if not self.planner.allowed and self.on_layer is None:  # host gated off: no split, the base path's work
+            ids = sorted({e for e in index_cpu.flatten().tolist() if 0 <= e < self.layout.num_experts})
+            return self._on_device(hidden_states, top_k_index, top_k_weights, site, index_cpu, ids)
         order, span = route_spans(index_cpu, self.layout.num_experts)
         host_ids = self.planner.split(self.layer_idx, {e: b - a for e, (a, b) in span.items()})
         if self.on_layer is not None:
             cache = self.provider.cache
             missing = sum(1 for e in span if cache.slot_of((self.layer_idx, e)) is None)
             self.on_layer(self.layer_idx, num_tokens, len(span), missing)
-        if not host_ids:  # every expert on the device: the base path (a call-site graph under piecewise decode)
-            self.stats.num_gpu_experts += len(span)
-            served = self._provide(hidden_states, list(span), index_cpu)  # span: the sorted routed ids
-            if site is not None and self.graph_experts and self._kernels(hidden_states):
-                return self._graphed_served(hidden_states, top_k_index, top_k_weights, site, index_cpu, served)
-            ys = self._routes(hidden_states, top_k_index, index_cpu, served)  # [T, A, H]
-            return combine_routes(ys, top_k_weights, self.act_fn)
+        if not host_ids:
+            return self._on_device(hidden_states, top_k_index, top_k_weights, site, index_cpu, list(span))
         rows_cpu = order // top_k  # [R]: each route's token
         x_host = hidden_states.to("cpu")  # [T, H]
         future = self.pool.submit(self._host, x_host, [(e, rows_cpu[span[e][0]:span[e][1]]) for e in host_ids],
@@ -241,6 +239,17 @@ class HostAssistedExperts(OffloadedExperts):
         place_host_rows(ys, order, span, top_k, results)
         self.stats.num_host_experts += len(host_ids)
         return combine_routes(ys, top_k_weights, self.act_fn)  # [T, H], as OffloadedExperts sums them
+
+
+    def _on_device(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, site,
+                   index_cpu: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        """[T, H] with every routed expert (`ids`, sorted) on the device: the base path (a call-site graph under
+        piecewise decode)."""
+        self.stats.num_gpu_experts += len(ids)
+        served = self._provide(hidden_states, ids, index_cpu)
+        if site is not None and self.graph_experts and self._kernels(hidden_states):
+            return self._graphed_served(hidden_states, top_k_index, top_k_weights, site, index_cpu, served)
+        return combine_routes(self._routes(hidden_states, top_k_index, index_cpu, served), top_k_weights, self.act_fn)
 
 
 def host_pool(num_threads: int | None) -> ThreadPoolExecutor:

@@ -1,22 +1,25 @@
 """
-Host gate: whether a decode step may compute experts on the host at all (`method.plus.host_compute=auto`),
-judged from the run's own steps. The planner (`spmoe.plus.host_experts.HostPlanner`) prices each host
-expert against the copies it replaces, not what the host path costs the rest of the step (the layer leaves
-its call-site CUDA graph, the host threads compete with the decode thread for the cores); on
-DeepSeek-V2-Lite that unpriced cost exceeded the modelled gain (`results/spmoe_plus/deepseek_12th`).
+Host gate: whether a step may compute experts on the host at all (`method.plus.host_compute=auto`), judged
+from the run's own decode steps. The planner (`spmoe.plus.host_experts.HostPlanner`) prices each host
+expert against the copies it replaces, not what the host path costs beyond that: the layer leaves its
+call-site CUDA graph, the host threads compete with the decode thread for the cores, and a host expert is
+not loaded, so it misses again at its next use.
 
-Terms: a decode step's *missing experts* m = the experts not resident when their layer ran, summed over the
-step's MoE layer forwards (host-computed ones included, from `on_layer`); its time t = wall ms from
-`begin_step` to `end_step`; a *host step* computed at least one expert on the host, a *link step* none.
+Terms: a decode step's *missing experts* m = its layer forwards' misses plus their host-computed experts
+(the provider's `ExpertEventLog` entries of the step, read at `end_step` before the engine drains them); its
+time t = wall ms from `begin_step` to `end_step`; a *host step* computed at least one expert on the host, a
+*link step* none.
 Model: t = c + b m. Over the last `window` decode steps: c and b_link by least squares on the link steps;
 b_host = the mean over host steps of (t - c) / m (a host step has m >= 1), the step time each missing
 expert costs when the host takes part.
-Decision at each decode step's start: the host is allowed unless both kinds have `min_steps` samples, the
-link steps' m varies (else c and b_link are not separable) and b_host > b_link; a gated-off run still
-allows the host every `probe_every`-th decode step, so b_host follows the run. The prefill (step 0) is
-neither gated nor sampled. Units: milliseconds.
-Invariant: the gate only switches the planner off (`HostPlanner.allowed`); what a step computes is the
-same function either way (host experts are exact, see `spmoe.plus.host_experts`).
+Decisions, at each step's start (`HostPlanner.allowed`):
+- the prefill (step 0) runs on the link only: it touches most experts, and the ones it would compute on the
+  host would stay cold and miss in the first decode steps, which TPOT counts and the prefill's gain does not;
+- a decode step may use the host unless both kinds have `min_steps` samples, the link steps' m varies (else
+  c and b_link are not separable) and b_host > b_link; a gated-off run still allows the host every
+  `probe_every`-th decode step, so b_host follows the run.
+Units: milliseconds. Invariant: the gate only switches the planner off; what a step computes is the same
+function either way (host experts are exact, see `spmoe.plus.host_experts`).
 """
 
 from __future__ import annotations
@@ -24,21 +27,20 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from spmoe.plus.host_experts import HostPlanner, HostStats
+from spmoe.plus.host_experts import HostPlanner
+from spmoe.trace.records import ExpertEventLog, LayerEvents
 
 
 class HostGate:
-    def __init__(self, planner: HostPlanner, stats: HostStats, window: int = 64, min_steps: int = 4,
+    def __init__(self, planner: HostPlanner, events: ExpertEventLog, window: int = 64, min_steps: int = 4,
                  probe_every: int = 8, clock=time.perf_counter):
-        self.planner, self.stats, self.clock = planner, stats, clock
+        self.planner, self.events, self.clock = planner, events, clock
         self.min_steps, self.probe_every = min_steps, probe_every
         self.samples: deque[tuple[bool, int, float]] = deque(maxlen=window)  # (host step, m, t ms)
         self.steps_off = 0  # decode steps run with the host gated off
         self._step = 0
         self._decode_steps = 0
         self._t0 = 0.0
-        self._missing = 0
-        self._host_before = 0
 
     def fit(self) -> tuple[float, float, float] | None:
         """(c, b_link, b_host) from the window, or None where the model cannot separate them yet."""
@@ -57,6 +59,7 @@ class HostGate:
         return c, b_link, b_host
 
     def allowed(self) -> bool:
+        """Whether the next decode step may use the host."""
         fitted = self.fit()
         if fitted is None or fitted[2] <= fitted[1]:
             return True
@@ -65,22 +68,20 @@ class HostGate:
     # -- the engine seam -------------------------------------------------------------------------
 
     def begin_step(self, step: int) -> None:
-        self._step, self._missing, self._host_before = step, 0, self.stats.num_host_experts
-        self.planner.allowed = True
+        self._step = step
+        self.planner.allowed = False  # the prefill: link only (module docstring)
         if step > 0:
             self._decode_steps += 1
             self.planner.allowed = self.allowed()
             self.steps_off += not self.planner.allowed
         self._t0 = self.clock()
 
-    def on_layer(self, layer: int, num_tokens: int, num_unique: int, num_missing: int) -> None:
-        self._missing += num_missing
-
     def end_step(self) -> None:
         if self._step == 0:
             return
-        host = self.stats.num_host_experts > self._host_before
-        self.samples.append((host, self._missing, (self.clock() - self._t0) * 1e3))
+        layers = [ev for ev in self.events.pending() if isinstance(ev, LayerEvents)]
+        missing = sum(len(ev.misses) + len(ev.host) for ev in layers)
+        self.samples.append((any(ev.host for ev in layers), missing, (self.clock() - self._t0) * 1e3))
 
     def summary(self) -> dict:
         fitted = self.fit()

@@ -87,6 +87,10 @@ class ExpertEventLog:
         """A layer whose routed experts [T, A] were all resident; ids outside [0, num_experts) are no expert."""
         self._events.append((layer, top_k_index, num_experts))
 
+    def pending(self) -> list:
+        """The entries recorded since the last drain, left in place (unresolved, as `take` returns them)."""
+        return list(self._events)
+
     def take(self) -> list:
         """Remove and return the entries recorded since the last drain, unresolved (a CUDA graph keeps
         its captured forward's route entries and `extend`s the log with them after each replay)."""

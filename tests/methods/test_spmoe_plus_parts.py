@@ -18,6 +18,7 @@ from spmoe.offload.eviction_lookahead import SdLookaheadPolicy
 from spmoe.plus.host_experts import HostAssistedExperts, HostCost, HostPlanner, HostStats
 from spmoe.plus.host_gate import HostGate
 from spmoe.plus.k_chooser import KChooser
+from spmoe.trace.records import ExpertEventLog
 
 
 def _replay(policy, events) -> ExpertCache:
@@ -338,6 +339,8 @@ def test_a_layer_without_host_experts_runs_the_base_experts_path(monkeypatch):
                         lambda self, h, i, w, site, index_cpu, served: calls.append(site) or h)
 
     class Planner:
+        allowed = True
+
         def __init__(self, host):
             self.host = host
 
@@ -350,6 +353,12 @@ def test_a_layer_without_host_experts_runs_the_base_experts_path(monkeypatch):
     assert experts.compute(h, index, torch.ones(1, 2), site="site") is h
     assert calls == ["site"] and experts.stats.num_gpu_experts == 2
     assert provided == [[0, 2]]
+    # gated off (`spmoe.plus.host_gate`): the same path without asking the planner
+    experts.planner = Planner(None)
+    experts.planner.allowed = False
+    experts.planner.split = lambda *a: pytest.fail("a gated-off layer call asked for a split")
+    assert experts.compute(h, torch.tensor([[2, 1]]), torch.ones(1, 2), site="site") is h
+    assert calls == ["site", "site"] and experts.stats.num_gpu_experts == 4 and provided[-1] == [1, 2]
 
 
 def test_planner_copy_time_is_the_copy_engines_not_the_hosts_round_trip():
@@ -407,27 +416,31 @@ def test_planner_copy_time_on_a_paced_link_is_the_emulated_links():
 
 
 def _gate_run(host_ms_per_missing: float, steps: int = 40, probe_every: int = 8) -> tuple[HostGate, list[bool]]:
-    """Decode steps on a simulated clock: t = 10 + 1 ms per missing expert on the link; a step with 5 or more
-    missing experts sends one to the host when allowed, and then costs `host_ms_per_missing` per missing expert
-    instead. Returns the gate and, per decode step, whether the host was allowed."""
+    """Decode steps on a simulated clock, recorded in an event log as a provider does: t = 10 + 1 ms per missing
+    expert on the link; a step with 5 or more missing experts computes one on the host when allowed, and then costs
+    `host_ms_per_missing` per missing expert instead. Returns the gate and, per decode step, whether the host was
+    allowed."""
     planner = HostPlanner(_Provider([], 0), "auto", HostCost(fixed_ms=4.0, per_token_ms=1.0, copy_ms=6.0), None)
-    stats, now = HostStats(), [0.0]
-    gate = HostGate(planner, stats, min_steps=3, probe_every=probe_every, clock=lambda: now[0])
-    gate.begin_step(0)  # the prefill: neither gated nor sampled
-    gate.on_layer(0, 64, 8, 8)
-    stats.num_host_experts += 3
+    events, now = ExpertEventLog(), [0.0]
+    gate = HostGate(planner, events, min_steps=3, probe_every=probe_every, clock=lambda: now[0])
+    gate.begin_step(0)  # the prefill: link only, not sampled
+    assert not planner.allowed
+    events.record(0, list(range(8)), [], list(range(8)))
     now[0] += 1.0
     gate.end_step()
+    events.drain()
     allowed = []
     for step in range(1, steps + 1):
         missing = [1, 6, 2, 7, 3, 5][step % 6]
         gate.begin_step(step)
         allowed.append(planner.allowed)
-        gate.on_layer(0, 1, 6, missing)
         host = planner.allowed and missing >= 5
-        stats.num_host_experts += host
+        events.record(0, list(range(missing)), [], list(range(host, missing)))  # the host expert is no miss
+        if host:
+            events.mark_host(0, [0])
         now[0] += (10 + (host_ms_per_missing if host else 1.0) * missing) / 1e3
         gate.end_step()
+        events.drain()
     return gate, allowed
 
 
@@ -446,7 +459,7 @@ def test_host_gate_keeps_a_host_that_saves_time_and_judges_nothing_without_sampl
     gate, allowed = _gate_run(host_ms_per_missing=0.5)
     assert all(allowed) and gate.fit()[2] == pytest.approx(0.5)
     planner = HostPlanner(_Provider([], 0), "auto", HostCost(fixed_ms=4.0, per_token_ms=1.0, copy_ms=6.0), None)
-    assert HostGate(planner, HostStats()).fit() is None and HostGate(planner, HostStats()).allowed()
+    assert HostGate(planner, ExpertEventLog()).fit() is None and HostGate(planner, ExpertEventLog()).allowed()
 
 
 def test_a_gated_off_planner_sends_nothing_to_the_host():
