@@ -265,9 +265,7 @@ class OffloadedExperts(nn.Module):
         t0 = time.perf_counter()
         index_cpu = top_k_index.cpu()  # [T, A]
         self.route_sync_s += time.perf_counter() - t0
-        # ids outside [0, E) mean "no expert" (transformers' sentinel is E; adaptive gating uses it)
-        expert_ids = sorted({e for e in index_cpu.flatten().tolist() if 0 <= e < self.layout.num_experts})
-        return index_cpu, self._provide(hidden_states, expert_ids, index_cpu)
+        return index_cpu, self._provide(hidden_states, routed_ids(index_cpu, self.layout.num_experts), index_cpu)
 
     def _provide(self, hidden_states: torch.Tensor, expert_ids: list[int], index_cpu: torch.Tensor,
                  ) -> LayerSlots | Iterator[tuple[int, torch.Tensor]]:
@@ -276,6 +274,12 @@ class OffloadedExperts(nn.Module):
         if serve is not None and self.grouped and self.layer_grouped and grouped_supported(hidden_states):
             return serve(self.layer_idx, expert_ids, index_cpu)
         return self.provider.experts_for(self.layer_idx, expert_ids, index_cpu)
+
+
+def routed_ids(index_cpu: torch.Tensor, num_experts: int) -> list[int]:
+    """The distinct experts routes [T, A] on the host name, sorted; ids outside [0, E) mean "no expert"
+    (transformers' sentinel is E; adaptive gating uses it)."""
+    return sorted({e for e in index_cpu.flatten().tolist() if 0 <= e < num_experts})
 
 
 SeamHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]

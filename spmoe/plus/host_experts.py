@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spmoe.models.experts import OffloadedExperts, combine_routes, expert_mlp
+from spmoe.models.experts import OffloadedExperts, combine_routes, expert_mlp, routed_ids
 from spmoe.offload.prefetch import PrefetchProvider
 from spmoe.offload.store import ExpertStore
 
@@ -209,7 +209,7 @@ class HostAssistedExperts(OffloadedExperts):
         num_tokens, top_k = top_k_index.shape
         index_cpu = top_k_index.cpu()  # [T, A]; the layer's one device->host sync
         if not self.planner.allowed and self.on_layer is None:  # host gated off: no split, the base path's work
-            ids = sorted({e for e in index_cpu.flatten().tolist() if 0 <= e < self.layout.num_experts})
+            ids = routed_ids(index_cpu, self.layout.num_experts)
             return self._on_device(hidden_states, top_k_index, top_k_weights, site, index_cpu, ids)
         order, span = route_spans(index_cpu, self.layout.num_experts)
         host_ids = self.planner.split(self.layer_idx, {e: b - a for e, (a, b) in span.items()})
