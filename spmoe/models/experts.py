@@ -408,10 +408,7 @@ def grouped_expert_mlp(x: torch.Tensor, top_k_index: torch.Tensor, storage: torc
     num_slots = storage.shape[0]
     h, i, num_experts = layout.hidden_size, layout.intermediate_size, layout.num_experts
     if moe_gemv.supports(x, act_fn):
-        if num_tokens == 1:  # one token's distinct experts: already grouped, mapped to slots in the kernels
-            return moe_gemv.routed_mlp(x, top_k_index, slot_of, num_experts, storage, i).view(1, top_k, h)
-        route_slots = torch.where(top_k_index < num_experts, slot_of[top_k_index.clamp(max=num_experts - 1)], -1)  # [T, A]
-        return moe_gemv.slot_mlp(x, route_slots.flatten(), top_k, storage, i).view(num_tokens, top_k, h)  # [T, A, H]
+        return moe_gemv.routes_mlp(x, top_k_index, slot_of, num_experts, storage, i)  # [T, A, H]
     if slot_of.numel() == num_experts:
         slot_of = nn.functional.pad(slot_of, (0, 1))  # [E + 1]
     sorted_slots, order = torch.sort(slot_of[top_k_index].flatten(), stable=True)  # [R] each

@@ -126,7 +126,7 @@ def routes_mlp(x: torch.Tensor, top_k_index: torch.Tensor, slot_of: torch.Tensor
     x [T, H]; top_k_index [T, A] ids in [0, E] (E, "no expert": a zero row), each token's distinct;
     slot_of [>= E] each expert's slot in storage [S, N] (int8 with `scale`, as in `slot_mlp`)."""
     num_tokens, top_k = top_k_index.shape
-    if num_tokens == 1:
+    if num_tokens == 1:  # one token's distinct experts: already grouped, mapped to slots in the kernels
         ys = routed_mlp(x, top_k_index, slot_of, num_experts, storage, intermediate_size, scale)  # [A, H]
     else:
         known = top_k_index < num_experts
