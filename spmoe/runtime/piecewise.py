@@ -52,7 +52,7 @@ experts module.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -141,18 +141,15 @@ class PiecewiseGraph:
             side.wait_stream(self._ambient)
         with building(), on_stream(side):
             self.inputs.copy_(torch.tensor(ids + [start], dtype=torch.long))
-            for m in experts:
-                m.segment = self._split
             capturing = False
             try:
-                self._begin()
-                capturing = True
-                self.logits = step(self.inputs, self.num_tokens, num_logits)  # [num_logits, V], static
-                capturing = False
-                self._end_and_run()
+                with experts_segment(experts, self._split):
+                    self._begin()
+                    capturing = True
+                    self.logits = step(self.inputs, self.num_tokens, num_logits)  # [num_logits, V], static
+                    capturing = False
+                    self._end_and_run()
             finally:
-                for m in experts:
-                    m.segment = None
                 if capturing:
                     self._abandon()
         if side is not None:
@@ -180,14 +177,8 @@ class PiecewiseGraph:
         of `capacity`, after one dry eager step (see the module docstring)."""
         ids, start = [0] * num_tokens, capacity - num_tokens
         experts = [m for m in model.modules() if isinstance(m, OffloadedExperts)]
-        with building():
-            for m in experts:
-                m.segment = _dry_experts
-            try:
-                step(torch.tensor(ids + [start], dtype=torch.long, device=device), num_tokens, num_logits)
-            finally:
-                for m in experts:
-                    m.segment = None
+        with building(), experts_segment(experts, _dry_experts):
+            step(torch.tensor(ids + [start], dtype=torch.long, device=device), num_tokens, num_logits)
         return cls(step, ids, start, num_logits, model, device, pool, graph_factory, dry=True)
 
     def _split(self, module: OffloadedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -227,6 +218,18 @@ class PiecewiseGraph:
                 if got is not out:
                     out.copy_(got)
         return self.logits
+
+
+@contextmanager
+def experts_segment(experts: list[OffloadedExperts], segment: Callable):
+    """Every experts module hands its calls to `segment` inside the block (`OffloadedExperts.segment`)."""
+    for m in experts:
+        m.segment = segment
+    try:
+        yield
+    finally:
+        for m in experts:
+            m.segment = None
 
 
 def _dry_experts(module: OffloadedExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
