@@ -40,6 +40,13 @@ def open_with_reference(cfg: RunConfig, num_tokens: int):
     return s
 
 
+def tiny_reference_session(model: str, draft: str, num_prompts: int, num_tokens: int):
+    """`open_with_reference` on the tiny CPU run of `model` with the `draft` preset, `num_tokens` per prompt."""
+    cfg = tiny_run_config(model, num_prompts=num_prompts, max_new_tokens=num_tokens)
+    cfg.draft = load_preset("draft", draft)
+    return open_with_reference(cfg, num_tokens)
+
+
 def tiny_run_config(model: str = "tiny", method: str = "gpu_resident", weights: str = "random", **kw) -> RunConfig:
     """A tiny CPU run. The `tiny` preset is a twin of its draft for `python run.py`; tests get random
     weights (independent of any draft) unless they ask for `weights="twin"` and set a draft."""

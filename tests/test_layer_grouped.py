@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import open_with_reference, tiny_run_config
+from conftest import tiny_reference_session, tiny_run_config
 from torch import nn
 
-from experiments.presets import load_preset
 from spmoe.config import CutoffConfig, MethodConfig, PlusConfig, SpecConfig
 from spmoe.methods import STRATEGIES, get_strategy
 from spmoe.models.experts import ExpertLayout, OffloadedExperts
@@ -31,9 +30,7 @@ OFFLOADING = sorted(m for m, s in STRATEGIES.items() if s.offloads and m != "acc
 
 @pytest.fixture(scope="module")
 def session():
-    cfg = tiny_run_config("tiny", num_prompts=2, max_new_tokens=TOKENS)
-    cfg.draft = load_preset("draft", "tiny")
-    s = open_with_reference(cfg, TOKENS)
+    s = tiny_reference_session("tiny", "tiny", 2, TOKENS)
     yield s
     s.close()
 

@@ -13,8 +13,7 @@ import torch
 
 import baselines.adapmoe  # noqa: F401  (registers the two strategies)
 from baselines.adapmoe import lookahead_depths
-from conftest import open_with_reference, tiny_run_config
-from experiments.presets import load_preset
+from conftest import tiny_reference_session
 from spmoe.summary import summarize_run
 from spmoe.config import MethodConfig, SpecConfig
 from spmoe.policy.cache_sizing import choose_sizes, lru_hit_curve, spread_leftover, total_value
@@ -40,9 +39,7 @@ class Run:
 
 @pytest.fixture(scope="module")
 def session():
-    cfg = tiny_run_config("tiny", num_prompts=2, max_new_tokens=TOKENS)
-    cfg.draft = load_preset("draft", "tiny")
-    s = open_with_reference(cfg, TOKENS)
+    s = tiny_reference_session("tiny", "tiny", 2, TOKENS)
     s.runs = {}
     yield s
     s.close()

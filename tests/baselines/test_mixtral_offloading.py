@@ -11,8 +11,7 @@ import torch
 
 import baselines.mixtral_offloading  # noqa: F401  (registers the two strategies)
 from baselines.mixtral_offloading import split_slots
-from conftest import open_with_reference, tiny_run_config
-from experiments.presets import load_preset
+from conftest import tiny_reference_session, tiny_run_config
 from spmoe.session import open_session
 from spmoe.config import MethodConfig, SpecConfig
 from spmoe.predict.capture import router_of
@@ -26,9 +25,7 @@ TOKENS = 16
 
 @pytest.fixture(scope="module", params=["tiny", "tiny_qwen3_moe"])
 def session(request):
-    cfg = tiny_run_config(request.param, num_prompts=2, max_new_tokens=TOKENS)
-    cfg.draft = load_preset("draft", DRAFT_OF[request.param])
-    s = open_with_reference(cfg, TOKENS)
+    s = tiny_reference_session(request.param, DRAFT_OF[request.param], 2, TOKENS)
     yield s
     s.close()
 

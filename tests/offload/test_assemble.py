@@ -10,9 +10,8 @@ import threading
 from dataclasses import replace
 
 import pytest
-from conftest import open_with_reference, tiny_run_config
+from conftest import tiny_reference_session
 
-from experiments.presets import load_preset
 from spmoe.config import CutoffConfig, MethodConfig, SpecConfig, TraceConfig
 from spmoe.hooks import is_graph_safe
 from spmoe.methods import get_strategy
@@ -31,9 +30,7 @@ PREFETCHERS = ["mixtral_offloading_nosd", "moe_infinity_nosd", "adapmoe_nosd", "
 
 @pytest.fixture(scope="module")
 def session():
-    cfg = tiny_run_config("tiny", num_prompts=2, max_new_tokens=TOKENS)
-    cfg.draft = load_preset("draft", "tiny")
-    s = open_with_reference(cfg, TOKENS)
+    s = tiny_reference_session("tiny", "tiny", 2, TOKENS)
     yield s
     s.close()
 
