@@ -139,8 +139,8 @@ class PlusConfig:
     k_min: int = 0  # adaptive_k: the smallest k it may choose
     accept_prior: float = 0.8  # acceptance per draft token where none is measured (adaptive_k, draft choice)
     lossy_misses: str = "off"  # off | int8 | int4: demand misses past the cutoff load a quantized copy (lossless=false)
-    nosd_eviction: str = "lru"  # eviction without a draft (method.eviction's sd_lookahead looks ahead with the draft's predictions)
     lossy_group_size: int = 128  # lossy_misses=int4: input columns per scale and offset
+    nosd_eviction: str = "lru"  # eviction without a draft (method.eviction's sd_lookahead looks ahead with the draft's predictions)
     choice_link_gb_per_s: float = 25.0  # draft choice: the link when the card names none (hardware.pcie_gb_per_s)
     choice_device_gb_per_s: float = 2000.0  # draft choice: device memory bandwidth a forward reads weights at
     choice_layer_ms: float = 0.5  # draft choice: host ms per layer forward beyond its bytes (spmoe.plus.draft_choice)
