@@ -193,7 +193,7 @@ class HardwareConfig:
     gpu_budget_gib: float | None = None  # None: no budget (the whole device)
     pcie_gb_per_s: float | None = None  # the emulated card's PCIe bandwidth
     pace_pcie: bool = False  # stretch every expert copy to pcie_gb_per_s (spmoe.offload.pacing)
-    reserve_mib: float = 512.0  # CUDA workspaces, allocator fragmentation and temporaries
+    reserve_mib: float = 768.0  # CUDA and cuBLAS workspaces, CUDA-graph pools, allocator fragmentation, temporaries
     emulated: bool = False
     host_memory_gib: float | None = None  # host RAM the run may use (None: detected, see spmoe.offload.host_memory)
     # how target and draft forwards run (spmoe.runtime.decoder): eager (a dynamic KV cache) | static (a static

@@ -219,6 +219,7 @@ class Session:
                       spec=spec_cfg or self.cfg.spec)
         ctx = MethodContext(cfg, self.target, self.device, plan, self.draft if drafts else None,
                             self.routing_trace, offer)
+        allocated_at_start = 0
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -238,7 +239,9 @@ class Session:
                 drafter = ModelDrafter(self.draft, self.device, cfg.spec.temperature, cfg.spec.top_p,
                                        cfg.hardware.decode, runtime.draft_listeners)
             engine = Engine(runtime, self.device, drafter, cfg.spec, cfg.seed, cfg.hardware.decode)
+            _log_memory(self.device, "built", allocated_at_start)
             engine.reserve(max(len(p.token_ids) for p in self.prompts[:num_prompts]), max_new_tokens)
+            _log_memory(self.device, "precaptured", allocated_at_start)
             gens = []
             for i, p in enumerate(self.prompts[:num_prompts]):
                 try:
@@ -254,6 +257,7 @@ class Session:
             self.last_routing = None if recorder is None else recorder.to_trace(
                 [p.token_ids for p in self.prompts], gens, self._trace_meta(cfg, drafts))
             peak = None
+            _log_memory(self.device, "generated", allocated_at_start)
             if self.device.type == "cuda":
                 workspace = getattr(self.draft, "dequant_workspace", None)  # a quantized copy's, allocated at open
                 resident = self.target.non_expert_bytes + (
@@ -394,3 +398,11 @@ def open_session(cfg: RunConfig, cases: Sequence[RunConfig] = (),
         target.store.close()
         raise
     return session
+
+
+def _log_memory(device: torch.device, stage: str, allocated_at_start_bytes: int) -> None:
+    """Log the run's device allocation above its start, now and at its peak so far (where a budget overrun began)."""
+    if device.type == "cuda":
+        now = torch.cuda.memory_allocated(device) - allocated_at_start_bytes
+        peak = torch.cuda.max_memory_allocated(device) - allocated_at_start_bytes
+        log.info("memory %s: %.3f GiB allocated by the run, peak %.3f GiB", stage, now / 2**30, peak / 2**30)

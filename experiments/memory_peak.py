@@ -1,0 +1,91 @@
+"""
+Where a run's device memory peaked: runs `run.py` with the CUDA caching allocator's history recorded,
+replays its alloc/free events and lists the blocks live at the peak, grouped by allocation site.
+
+    python -m experiments.memory_peak [--top 20] [--out peak.csv] -- <run.py overrides>
+
+Terms: an allocation's *site* is the innermost frame of its Python stack inside this repository
+(`spmoe/`, `baselines/`, `experiments/`, `run.py`), or its innermost frame where none is; *live* bytes
+are allocated and not yet freed (`free_completed`). The peak is the process's (the build, the profile
+and every case), so run one case with `check_lossless=false` (the reference check holds every expert)
+to see that case's. Needs CUDA; the history costs a few microseconds per allocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+REPO_DIRS = ("/spmoe/", "/baselines/", "/experiments/", "/run.py")
+
+
+def site(frames: list[dict]) -> str:
+    """The innermost repository frame of a stack (innermost first), as `file:line name`."""
+    for f in frames:
+        if any(d in f["filename"] for d in REPO_DIRS):
+            return f"{Path(f['filename']).name}:{f['line']} {f['name']}"
+    return f"{Path(frames[0]['filename']).name}:{frames[0]['line']} {frames[0]['name']}" if frames else "?"
+
+
+def live_at_peak(events: list[dict]) -> tuple[int, dict[int, dict]]:
+    """Replay alloc / free_completed events in order: (peak live bytes, the blocks live then by address)."""
+    live: dict[int, dict] = {}
+    total = peak = 0
+    at_peak: dict[int, dict] = {}
+    for e in events:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+            total += e["size"]
+            if total > peak:
+                peak, at_peak = total, dict(live)
+        elif e["action"] == "free_completed" and e["addr"] in live:
+            total -= live.pop(e["addr"])["size"]
+    return peak, at_peak
+
+
+def by_site(blocks: dict[int, dict]) -> pd.DataFrame:
+    rows: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for b in blocks.values():
+        r = rows[site(b.get("frames", []))]
+        r[0] += b["size"]
+        r[1] += 1
+    df = pd.DataFrame([(s, n, c) for s, (n, c) in rows.items()], columns=["site", "bytes", "blocks"])
+    df["gib"] = df["bytes"] / 2**30
+    return df.sort_values("bytes", ascending=False).reset_index(drop=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--out", type=Path, default=None, help="CSV of every site at the peak")
+    ap.add_argument("overrides", nargs="*", help="run.py's arguments (after --)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("memory_peak needs CUDA: the caching allocator's history exists only there")
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+    sys.argv = ["run.py", *args.overrides]
+    try:
+        runpy.run_path(str(Path(__file__).resolve().parent.parent / "run.py"), run_name="__main__")
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            print(f"run.py exited with {exc.code}; the peak below is up to that point")
+    snapshot = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    events = [e for trace in snapshot["device_traces"] for e in trace]
+    peak, blocks = live_at_peak(events)
+    df = by_site(blocks)
+    print(f"peak {peak / 2**30:.3f} GiB live over {len(events)} events; by allocation site:")
+    print(df.head(args.top).to_string(index=False, formatters={"gib": "{:.3f}".format}))
+    if args.out is not None:
+        df.to_csv(args.out, index=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
