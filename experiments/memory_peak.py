@@ -2,13 +2,15 @@
 Where a run's device memory peaked: runs `run.py` with the CUDA caching allocator's history recorded,
 replays its alloc/free events and lists the blocks live at the peak, grouped by allocation site.
 
-    python -m experiments.memory_peak [--top 20] [--out peak.csv] -- <run.py overrides>
+    python -m experiments.memory_peak [--top 20] [--expand 3] [--out peak.csv] -- <run.py overrides>
 
 Terms: an allocation's *site* is the innermost frame of its Python stack inside this repository
 (`spmoe/`, `baselines/`, `experiments/`, `run.py`), or its innermost frame where none is; *live* bytes
 are allocated and not yet freed (`free_completed`). The peak is the process's (the build, the profile
 and every case), so run one case with `check_lossless=false` (the reference check holds every expert)
-to see that case's. Needs CUDA; the history costs a few microseconds per allocation.
+to see that case's. `--expand N` breaks each of the N largest sites down by the innermost frame of its
+blocks' stacks (inside transformers or torch, where a repository frame only calls the model). Needs CUDA; the
+history costs a few microseconds per allocation.
 """
 
 from __future__ import annotations
@@ -25,12 +27,21 @@ import torch
 REPO_DIRS = ("/spmoe/", "/baselines/", "/experiments/", "/run.py")
 
 
+def _frame(f: dict) -> str:
+    return f"{Path(f['filename']).name}:{f['line']} {f['name']}"
+
+
 def site(frames: list[dict]) -> str:
     """The innermost repository frame of a stack (innermost first), as `file:line name`."""
     for f in frames:
         if any(d in f["filename"] for d in REPO_DIRS):
-            return f"{Path(f['filename']).name}:{f['line']} {f['name']}"
-    return f"{Path(frames[0]['filename']).name}:{frames[0]['line']} {frames[0]['name']}" if frames else "?"
+            return _frame(f)
+    return _frame(frames[0]) if frames else "?"
+
+
+def innermost(frames: list[dict]) -> str:
+    """The innermost frame of a stack, repository or not."""
+    return _frame(frames[0]) if frames else "?"
 
 
 def live_at_peak(events: list[dict]) -> tuple[int, dict[int, dict]]:
@@ -49,10 +60,11 @@ def live_at_peak(events: list[dict]) -> tuple[int, dict[int, dict]]:
     return peak, at_peak
 
 
-def by_site(blocks: dict[int, dict]) -> pd.DataFrame:
+def by_site(blocks: dict[int, dict], key=site) -> pd.DataFrame:
+    """Bytes and blocks per `key(frames)` (default: the allocation site), largest first."""
     rows: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for b in blocks.values():
-        r = rows[site(b.get("frames", []))]
+        r = rows[key(b.get("frames", []))]
         r[0] += b["size"]
         r[1] += 1
     df = pd.DataFrame([(s, n, c) for s, (n, c) in rows.items()], columns=["site", "bytes", "blocks"])
@@ -63,6 +75,7 @@ def by_site(blocks: dict[int, dict]) -> pd.DataFrame:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--expand", type=int, default=0, help="break the N largest sites down by innermost frame")
     ap.add_argument("--out", type=Path, default=None, help="CSV of every site at the peak")
     ap.add_argument("overrides", nargs="*", help="run.py's arguments (after --)")
     args = ap.parse_args(argv)
@@ -82,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     df = by_site(blocks)
     print(f"peak {peak / 2**30:.3f} GiB live over {len(events)} events; by allocation site:")
     print(df.head(args.top).to_string(index=False, formatters={"gib": "{:.3f}".format}))
+    for name in df["site"].head(args.expand):
+        inner = by_site({a: b for a, b in blocks.items() if site(b.get("frames", [])) == name}, innermost)
+        print(f"\n{name}, by innermost frame:")
+        print(inner.head(args.top).to_string(index=False, formatters={"gib": "{:.3f}".format}))
     if args.out is not None:
         df.to_csv(args.out, index=False)
     return 0
