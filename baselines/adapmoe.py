@@ -185,8 +185,7 @@ def _assemble(ctx: MethodContext, gating: AdaptiveGating, calib: Calibration, sl
     if runtime.prefetch:  # off when every expert is resident (spmoe.offload.assemble); gating stays
         predictor = GateLookaheadPredictor(model, provider, layout.moe_layers, mcfg.predict_top_k or layout.top_k,
                                            depth=lambda layer: depths[layer])
-        runtime.listeners.append(predictor)
-        runtime.closers.append(predictor.remove)
+        runtime.attach(predictor)
     runtime.listeners.append(gating)
     runtime.extra_summary = gating.stats
     runtime.slots_per_layer = per_layer

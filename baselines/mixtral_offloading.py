@@ -69,8 +69,7 @@ def _build(ctx: MethodContext) -> Runtime:
     if runtime.prefetch:  # off when every expert is resident (spmoe.offload.assemble)
         predictor = GateLookaheadPredictor(runtime.model, provider, layout.moe_layers,
                                            mcfg.predict_top_k or layout.top_k, depth=1)
-        runtime.listeners.append(predictor)
-        runtime.closers.append(predictor.remove)
+        runtime.attach(predictor)
     return runtime
 
 

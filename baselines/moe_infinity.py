@@ -109,8 +109,7 @@ def build(ctx: MethodContext, trace_path=None) -> Runtime:
 
     predictor = EamPredictor(model, provider, layout.moe_layers, num_experts, collection, width, budget,
                              DEFAULT_DEPTH, on_layer=on_layer, on_new_sequence=policy.new_sequence)
-    runtime.listeners.append(predictor)
-    runtime.closers.append(predictor.remove)
+    runtime.attach(predictor)
     runtime.predictor = predictor  # for tests and analysis: the collection and match history
     return runtime
 

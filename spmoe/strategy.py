@@ -79,6 +79,16 @@ class Runtime:
     choose_k: Callable | None = None  # (spmoe.engine.StepState) -> draft tokens this step, clamped to [0, max_k]
     draft_listeners: list[Callable[[bool], None]] = field(default_factory=list)  # `ModelDrafter.on_forward`
 
+    def attach(self, listener: StepListener, after_draft_forward: Callable[[bool], None] | None = None) -> None:
+        """Add a step listener (a predictor, a gate) with its `remove`, if it has one, as a closer, and its hook
+        after each draft forward, if given."""
+        self.listeners.append(listener)
+        if after_draft_forward is not None:
+            self.draft_listeners.append(after_draft_forward)
+        remove = getattr(listener, "remove", None)
+        if remove is not None:
+            self.closers.append(remove)
+
     def begin_step(self, step: int) -> None:
         for listener in self.listeners:
             listener.begin_step(step)

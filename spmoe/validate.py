@@ -18,6 +18,13 @@ from __future__ import annotations
 import math
 
 from spmoe.config import LoggerConfig, MethodConfig, PlusConfig, RunConfig, SpecConfig, parse_dtype
+from spmoe.data.prompts import validate_dataset
+from spmoe.methods import get_strategy
+from spmoe.models.checkpoint import Checkpoint
+from spmoe.offload.eviction import policy_names
+from spmoe.policy.cutoff import MODES
+from spmoe.predict.capture import CAPTURE_POINTS
+from spmoe.tracking import VALID_MODES
 
 MAX_DRAFT_TOKENS = 64  # k per verify step; the routing trace stores drafted counts as int16
 MODEL_WEIGHTS = ("random", "checkpoint", "twin")
@@ -51,11 +58,6 @@ def validate_spec(spec: SpecConfig, speculative: bool) -> None:
 
 def validate_method(method: MethodConfig) -> None:
     """A method's knobs that need no model: name, eviction, slots, predictor, cutoff, runtime."""
-    from spmoe.methods import get_strategy
-    from spmoe.offload.eviction import policy_names
-    from spmoe.policy.cutoff import MODES
-    from spmoe.predict.capture import CAPTURE_POINTS
-
     spec = get_strategy(method.name)  # unknown names list the registered methods
     if spec.offloads and method.eviction not in policy_names():
         _fail("method.eviction", method.eviction, f"valid: {policy_names()}")
@@ -99,16 +101,12 @@ def validate_plus(plus: PlusConfig) -> None:
         _fail("method.plus.k_min", plus.k_min, "valid: an integer >= 0 (the smallest draft length adaptive k may choose)")
     if not _is_number(plus.accept_prior) or not 0 <= plus.accept_prior <= 1:
         _fail("method.plus.accept_prior", plus.accept_prior, "valid: 0 <= acceptance <= 1")
-    from spmoe.offload.eviction import policy_names
-
     if plus.nosd_eviction not in policy_names():
         _fail("method.plus.nosd_eviction", plus.nosd_eviction, f"valid: {policy_names()}")
 
 
 def validate_logger(logger: LoggerConfig) -> None:
     """The tracker's name and mode (the tracker itself is opened only after the run)."""
-    from spmoe.tracking import VALID_MODES
-
     if logger.name not in ("none", "wandb"):
         _fail("logger", logger.name, "valid: none, wandb")
     if logger.name == "wandb" and logger.mode not in VALID_MODES:
@@ -117,9 +115,6 @@ def validate_logger(logger: LoggerConfig) -> None:
 
 def validate_config(cfg: RunConfig) -> None:
     """Everything in `cfg` that can be checked without reading a file or building a model."""
-    from spmoe.data.prompts import validate_dataset
-    from spmoe.methods import get_strategy
-
     cfg.check_lossless = str(cfg.check_lossless).lower()  # Hydra parses `true` as a bool
     if cfg.check_lossless not in CHECK_LOSSLESS:
         _fail("check_lossless", cfg.check_lossless, f"valid: {', '.join(CHECK_LOSSLESS)}")
@@ -187,6 +182,4 @@ def validate_against_model(cfg: RunConfig, hf_cfg, layout, model=None) -> None:
               f" = {longest} positions exceeds the model's max_position_embeddings={max_positions}; lower"
               " dataset.max_prompt_tokens or max_new_tokens")
     if cfg.model.weights == "checkpoint" and model is not None:
-        from spmoe.models.checkpoint import Checkpoint
-
         Checkpoint.open(cfg.model.path).check_model(model, layout)

@@ -109,7 +109,5 @@ def build(ctx: MethodContext) -> Runtime:
     if layers and runtime.prefetch:
         predictor = DraftRouterPredictor(ctx.draft, model, provider, layers, mcfg.capture_point,
                                          mcfg.predict_top_k or layout.top_k, maps)
-        runtime.listeners.append(predictor)
-        runtime.draft_listeners.append(predictor.after_draft_forward)
-        runtime.closers.append(predictor.remove)
+        runtime.attach(predictor, predictor.after_draft_forward)
     return runtime

@@ -138,9 +138,7 @@ def _lookahead_hints(ctx: MethodContext, runtime: Runtime, policy: SdLookaheadPo
     maps = None if is_twin(ctx.draft, runtime.model) else base._hidden_maps(ctx, slots)
     hints = DraftRouterPredictor(ctx.draft, runtime.model, PredictionSink(policy), beyond, mcfg.capture_point,
                                  mcfg.predict_top_k or layout.top_k, maps)
-    runtime.listeners.append(hints)
-    runtime.draft_listeners.append(hints.after_draft_forward)
-    runtime.closers.append(hints.remove)
+    runtime.attach(hints, hints.after_draft_forward)
 
 
 def _lossy_summary(ctx: MethodContext, lossy: LossyMissTransfer | None, staging: int, cutoff: int) -> dict:

@@ -29,8 +29,7 @@ def attach_replay(runtime: Runtime, trace: RoutingTrace, layout: ExpertLayout, s
 
 def attach_recorder(runtime: Runtime, layout: ExpertLayout, lookahead_depth: int) -> RoutingRecorder:
     recorder = RoutingRecorder(runtime.model, layout, lookahead_depth)
-    runtime.listeners.append(recorder)
-    runtime.closers.append(recorder.remove)
+    runtime.attach(recorder)
     for listener in runtime.listeners:
         if hasattr(listener, "observers"):
             listener.observers.append(recorder.observe)
