@@ -129,3 +129,17 @@ def test_silu_is_recognised_in_torch_and_transformers_modules():
 def test_kernel_choice_is_validated():
     with pytest.raises(ValueError, match="valid: auto, torch"):
         moe_gemv.use("cutlass")
+
+
+def test_serves_quantized_only_on_cuda_in_half_precision_with_silu_and_the_kernels_on():
+    silu = torch.nn.SiLU()
+    cuda = torch.device("cuda")
+    assert not moe_gemv.serves_quantized(torch.device("cpu"), torch.bfloat16, silu)
+    assert not moe_gemv.serves_quantized(cuda, torch.float32, silu)
+    assert not moe_gemv.serves_quantized(cuda, torch.bfloat16, torch.nn.GELU())
+    assert moe_gemv.serves_quantized(cuda, torch.bfloat16, silu) == (moe_gemv.triton is not None)
+    try:
+        moe_gemv.use("torch")
+        assert not moe_gemv.serves_quantized(cuda, torch.bfloat16, silu)
+    finally:
+        moe_gemv.use("auto")

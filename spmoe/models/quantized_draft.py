@@ -322,20 +322,25 @@ def quantized_copy_bytes(target: TargetModel, bits: int = 8, group_size: int = 1
     return total + len(layout.keys) * expert
 
 
-def dequant_workspace_bytes(target: TargetModel, bits: int = 8, group_size: int = 128) -> int:
+def dequant_workspace_bytes(target: TargetModel, bits: int = 8, group_size: int = 128,
+                            int8_kernels: bool = False) -> int:
     """Device bytes a quantized copy's dequantization needs beside its quantized weights: the linear layers'
     shared workspace (`linear_workspace_bytes`: the LM head's, for DeepSeek-V2-Lite 0.42 GB), allocated with
     the copy, plus the experts' transient while they run, the larger of the device path's (one token's A routed
-    experts: int8, their [A, N] rows and the same in the compute dtype; int4, their gathered nibbles, scales and
-    offsets, dequantized padded weights, and one matrix's nibble plane) and the per-expert path's (one expert's [N]
-    weights in the compute dtype; int4 adds the nibble plane of its larger matrix, and a padded matrix its own
-    temporary before the copy into the expert's buffer)."""
+    experts: int8, their [A, N] rows and the same in the compute dtype, or with `int8_kernels` (where
+    `moe_gemv.serves_quantized`) the kernels' [R, I] intermediate and [R, H] output for R = DEVICE_MAX_TOKENS x A
+    routes; int4, their gathered nibbles, scales and offsets, dequantized padded weights, and one matrix's nibble
+    plane) and the per-expert path's (one expert's [N] weights in the compute dtype; int4 adds the nibble plane of
+    its larger matrix, and a padded matrix its own temporary before the copy into the expert's buffer)."""
     _check_bits(bits)
     layout = target.layout
     dsize = layout.expert_bytes // layout.expert_numel
     linear = linear_workspace_bytes(target.model, layout.dtype, bits, group_size)
     expert = layout.expert_numel * dsize
-    if bits == 8:
+    if bits == 8 and int8_kernels:
+        routes = DEVICE_MAX_TOKENS * layout.top_k
+        expert = max(expert, routes * (layout.intermediate_size + layout.hidden_size) * dsize)
+    elif bits == 8:
         expert = max(expert, layout.top_k * layout.expert_numel * (1 + dsize))
     if bits == 4:
         h, inter = layout.hidden_size, layout.intermediate_size

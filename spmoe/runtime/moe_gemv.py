@@ -68,8 +68,13 @@ def supports(x: torch.Tensor, act_fn: nn.Module) -> bool:
 
 def supports_quantized(x: torch.Tensor, act_fn: nn.Module) -> bool:
     """Whether `routes_mlp` with int8 slots (`scale` given) serves hidden states x [T, H] with this activation."""
-    return (_enabled and triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-            and x.shape[0] <= MAX_TOKENS and is_silu(act_fn))
+    return serves_quantized(x.device, x.dtype, act_fn) and x.shape[0] <= MAX_TOKENS
+
+
+def serves_quantized(device: torch.device, dtype: torch.dtype, act_fn: nn.Module) -> bool:
+    """Whether `routes_mlp` with int8 slots serves decode shapes on `device` in `dtype` with this activation."""
+    return (_enabled and triton is not None and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+            and is_silu(act_fn))
 
 
 _SILU: dict[type, bool] = {}

@@ -53,6 +53,13 @@ def test_self_draft_is_small_accepted_and_lossless(model):
         head, layout = s.target.model.lm_head.weight, s.target.layout
         experts = layout.top_k * layout.expert_numel * (1 + layout.expert_bytes // layout.expert_numel)
         assert dequant_workspace_bytes(s.target) == head.numel() * head.element_size() + experts
+        # where the int8 kernels serve the decode shapes, the larger transient is the kernels' [R, I] and [R, H]
+        # for R = DEVICE_MAX_TOKENS x A routes, or the prefill's one expert [N], whichever is larger
+        dsize = layout.expert_bytes // layout.expert_numel
+        kernels = max(layout.expert_numel * dsize,
+                      DEVICE_MAX_TOKENS * layout.top_k * (layout.intermediate_size + layout.hidden_size) * dsize)
+        assert dequant_workspace_bytes(s.target, int8_kernels=True) == head.numel() * head.element_size() + kernels
+        assert kernels < experts
         assert s.draft_bytes() >= actual + dequant_workspace_bytes(s.target)
         _assert_one_shared_workspace(s, dequant_workspace_bytes(s.target))
         assert _lossless_sd_acceptance(s) > 0.8
