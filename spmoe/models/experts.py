@@ -279,7 +279,17 @@ class OffloadedExperts(nn.Module):
 def routed_ids(index_cpu: torch.Tensor, num_experts: int) -> list[int]:
     """The distinct experts routes [T, A] on the host name, sorted; ids outside [0, E) mean "no expert"
     (transformers' sentinel is E; adaptive gating uses it)."""
-    return sorted({e for e in index_cpu.flatten().tolist() if 0 <= e < num_experts})
+    return list(routed_tokens(index_cpu, num_experts))
+
+
+def routed_tokens(index_cpu: torch.Tensor, num_experts: int) -> dict[int, int]:
+    """Routes [T, A] on the host as expert -> its routed tokens (a token's ids are distinct), ascending expert
+    ids, routed experts only (see `routed_ids`), from one `tolist`."""
+    counts: dict[int, int] = {}
+    for e in index_cpu.flatten().tolist():
+        if 0 <= e < num_experts:
+            counts[e] = counts.get(e, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 SeamHook = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]

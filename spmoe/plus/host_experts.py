@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spmoe.models.experts import OffloadedExperts, combine_routes, expert_mlp, routed_ids
+from spmoe.models.experts import OffloadedExperts, combine_routes, expert_mlp, routed_ids, routed_tokens
 from spmoe.offload.prefetch import PrefetchProvider
 from spmoe.offload.store import ExpertStore
 
@@ -160,17 +160,19 @@ class HostPlanner:
         cache = self.provider.cache
         with self.provider.lock:
             missing = [e for e in tokens_of if cache.slot_of((layer, e)) is None]
+        reuse = self.mode == "auto" and self.reuse and bool(tokens_of)
+        if reuse:  # every call counts toward r, the all-resident ones too
+            rate = 1 - len(missing) / len(tokens_of)
+            old = self.resident_rate
+            self.resident_rate = rate if old is None else (1 - self.ema) * old + self.ema * rate
+        if not missing:  # nothing to price (nor the copy queue to scan)
+            return []
         missing.sort(key=lambda e: -tokens_of[e])
         cap = len(missing) if self.max_per_layer is None else self.max_per_layer
         if self.mode == "all":
             return missing[:cap]
         copy_ms = self.cost.copy_ms * self.copy_fraction(layer)
-        credit = 0.0
-        if self.reuse and tokens_of:
-            rate = 1 - len(missing) / len(tokens_of)
-            old = self.resident_rate
-            self.resident_rate = rate if old is None else (1 - self.ema) * old + self.ema * rate
-            credit = self.resident_rate * copy_ms
+        credit = self.resident_rate * copy_ms if reuse else 0.0
         host, host_t = [], self.times.start_ms or 0.0
         gpu_t = self.provider.num_in_flight() * self.cost.copy_ms  # prefetch copies move whole experts
         for e in missing:
@@ -211,14 +213,15 @@ class HostAssistedExperts(OffloadedExperts):
         if not self.planner.allowed and self.on_layer is None:  # host gated off: no split, the base path's work
             ids = routed_ids(index_cpu, self.layout.num_experts)
             return self._on_device(hidden_states, top_k_index, top_k_weights, site, index_cpu, ids)
-        order, span = route_spans(index_cpu, self.layout.num_experts)
-        host_ids = self.planner.split(self.layer_idx, {e: b - a for e, (a, b) in span.items()})
+        tokens_of = routed_tokens(index_cpu, self.layout.num_experts)
+        host_ids = self.planner.split(self.layer_idx, tokens_of)
         if self.on_layer is not None:
             cache = self.provider.cache
-            missing = sum(1 for e in span if cache.slot_of((self.layer_idx, e)) is None)
-            self.on_layer(self.layer_idx, num_tokens, len(span), missing)
+            missing = sum(1 for e in tokens_of if cache.slot_of((self.layer_idx, e)) is None)
+            self.on_layer(self.layer_idx, num_tokens, len(tokens_of), missing)
         if not host_ids:
-            return self._on_device(hidden_states, top_k_index, top_k_weights, site, index_cpu, list(span))
+            return self._on_device(hidden_states, top_k_index, top_k_weights, site, index_cpu, list(tokens_of))
+        order, span = route_spans(index_cpu, self.layout.num_experts)  # torch ops: only for calls with host experts
         rows_cpu = order // top_k  # [R]: each route's token
         x_host = hidden_states.to("cpu")  # [T, H]
         future = self.pool.submit(self._host, x_host, [(e, rows_cpu[span[e][0]:span[e][1]]) for e in host_ids],

@@ -469,3 +469,16 @@ def test_a_gated_off_planner_sends_nothing_to_the_host():
     assert planner.split(0, tokens)  # two copies ahead: the host wins some
     planner.allowed = False
     assert planner.split(0, tokens) == []
+
+
+def test_routed_tokens_are_route_spans_lengths_in_expert_order():
+    from spmoe.models.experts import routed_tokens
+    from spmoe.plus.host_experts import route_spans
+
+    gen = torch.Generator().manual_seed(3)
+    for num_tokens in (1, 2, 5):
+        index = torch.stack([torch.randperm(9, generator=gen)[:3] for _ in range(num_tokens)])  # [T, 3] in [0, 8]
+        tokens_of = routed_tokens(index, 8)  # id 8 is the "no expert" sentinel
+        _, span = route_spans(index, 8)
+        assert tokens_of == {e: b - a for e, (a, b) in span.items()}
+        assert list(tokens_of) == sorted(tokens_of) and 8 not in tokens_of
