@@ -433,7 +433,7 @@ def test_runtime_efficiency_reads_the_floor_of_a_resumed_reference():
 
 def test_a_retried_case_leaves_no_stale_error(tmp_path):
     args = ("experiment=cpu/harness_check", "experiment.rounds=1", "experiment.warmup_tokens=0",
-            "+experiment.cases.mo=['method=mixtral_offloading']", f"hydra.run.dir={tmp_path}")
+            "+experiment.cases.mo=['method=mixtral_offloading']", "experiment.only=[lru_nosd,mo]", f"hydra.run.dir={tmp_path}")
     assert run_py(*args, "method.num_slots=3").returncode == 2
     assert (tmp_path / "mo" / "error.json").is_file()
     proc = run_py(*args, "method.num_slots=8")  # 2 slots per MoE layer: it fits now
@@ -445,7 +445,7 @@ def test_a_case_that_does_not_fit_its_card_is_recorded_before_loading(tmp_path):
     """gpu_resident keeps every expert on the device: on the tiny card it cannot fit, the others run."""
     proc = run_py("experiment=cpu/harness_check", "experiment.rounds=1", "experiment.warmup_tokens=0",
                   "+experiment.cases.resident_on_card=['method=gpu_resident','hardware=tiny_card','hardware.gpu_budget_gib=0.004']",
-                  f"hydra.run.dir={tmp_path}")
+                  "experiment.only=[resident_on_card,spmoe]", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 2, proc.stderr[-3000:]
     error = json.loads((tmp_path / "resident_on_card" / "error.json").read_text())
     assert error["error"].startswith("BudgetError") and "use an offloading method" in error["error"]
