@@ -46,18 +46,28 @@ def innermost(frames: list[dict]) -> str:
 
 def live_at_peak(events: list[dict]) -> tuple[int, dict[int, dict]]:
     """Replay alloc / free_completed events in order: (peak live bytes, the blocks live then by address)."""
+    best = [0, -1]  # peak bytes, the first event index that reached them
+
+    def on_alloc(i: int, total: int) -> None:
+        if total > best[0]:
+            best[:] = [total, i]
+
+    _replay(events, len(events), on_alloc)
+    return best[0], _replay(events, best[1] + 1, lambda i, total: None)  # a second pass, not a copy per new peak
+
+
+def _replay(events: list[dict], stop: int, on_alloc) -> dict[int, dict]:
+    """The blocks live after events[:stop], calling on_alloc(index, live bytes) after each allocation."""
     live: dict[int, dict] = {}
-    total = peak = 0
-    at_peak: dict[int, dict] = {}
-    for e in events:
+    total = 0
+    for i, e in enumerate(events[:stop]):
         if e["action"] == "alloc":
             live[e["addr"]] = e
             total += e["size"]
-            if total > peak:
-                peak, at_peak = total, dict(live)
+            on_alloc(i, total)
         elif e["action"] == "free_completed" and e["addr"] in live:
             total -= live.pop(e["addr"])["size"]
-    return peak, at_peak
+    return live
 
 
 def by_site(blocks: dict[int, dict], key=site) -> pd.DataFrame:

@@ -37,7 +37,6 @@ from spmoe.models.build import (
     skeleton,
 )
 from spmoe.models.checkpoint import Checkpoint
-from spmoe.models.experts import find_experts
 from spmoe.models.draft import build_draft, check_vocab, draft_hf_config
 from spmoe.models.quantized_draft import build_quantized_copy, dequant_workspace_bytes, quantized_copy_bytes
 from spmoe.models.twin import upcycle
@@ -146,8 +145,7 @@ class Session:
         max_prompt = max(len(p.token_ids) for p in self.prompts)
         workspace = 0
         if self.cfg.draft.copy_of_target:
-            act_fn = next(iter(find_experts(self.target.model).values())).act_fn
-            kernels = moe_gemv.serves_quantized(self.device, self.target.layout.dtype, act_fn)
+            kernels = moe_gemv.serves_quantized(self.device, self.target.layout.dtype, self.target.act_fn)
             workspace = dequant_workspace_bytes(self.target, *self._quant, int8_kernels=kernels)
         return self.draft_weight_bytes + workspace + kv_bytes(config, _max_seq(self.cfg, max_prompt), dtype_bytes)
 

@@ -266,24 +266,23 @@ def build(ctx: MethodContext) -> Runtime:
         stats, cost, chooser, planner, gate = HostStats(), None, None, None, None
         if pcfg.host_compute != "off" or adaptive_k:
             copy_ms = _copy_ms(runtime, ctx)
-            act_fn = runtime.model.model.layers[layout.moe_layers[0]].mlp.experts.act_fn
             pool = host_pool(pcfg.host_threads)
             runtime.closers.append(pool.shutdown)
             if pcfg.host_compute == "auto":  # measured on the host worker, with its threads
-                cost = pool.submit(measure_host_cost, ctx.target.store, act_fn, copy_ms).result()
+                cost = pool.submit(measure_host_cost, ctx.target.store, ctx.target.act_fn, copy_ms).result()
                 log.info("spmoe_plus host cost: %s", cost)
             planner = HostPlanner(provider, pcfg.host_compute, cost, pcfg.host_max_per_layer,
                                   copy_fraction=lossy.copy_fraction if lossy is not None else None,
                                   reuse=pcfg.host_reuse)
             if pcfg.host_compute == "auto":  # the run's own steps judge the host path as a whole
                 gate = HostGate(planner, runtime.events)
-                runtime.listeners.append(gate)
+                runtime.attach(gate)
             if adaptive_k:
                 miss_ms = min(copy_ms, cost.host_ms(2)) if cost else copy_ms
                 chooser = KChooser(pcfg.k_min, len(layout.moe_layers), layout.num_experts, layout.top_k, miss_ms,
                                    pcfg.accept_prior)
                 runtime.choose_k = chooser
-                runtime.listeners.append(chooser)
+                runtime.attach(chooser)
             install_host_experts(runtime.model, layout.moe_layers, planner, ctx.target.store, pool, stats,
                                  chooser.on_layer if chooser else None, pcfg.host_fill)
         runtime.extra_summary = lambda inner=runtime.extra_summary: _summary(

@@ -48,6 +48,11 @@ class TargetModel:
     non_expert_bytes: int
     weights: str  # random | checkpoint
 
+    @property
+    def act_fn(self) -> torch.nn.Module:
+        """The routed experts' activation (every MoE layer's is the same)."""
+        return self.model.model.layers[self.layout.moe_layers[0]].mlp.experts.act_fn
+
 
 def hf_config(cfg: ModelConfig) -> PretrainedConfig:
     if cfg.weights == "checkpoint":
