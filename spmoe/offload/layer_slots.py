@@ -74,7 +74,7 @@ class SlotTables:
     def _send(self, host: torch.Tensor, dev: torch.Tensor, copied) -> None:
         dev.copy_(host, non_blocking=True)
         if copied is not None:
-            copied.record()
+            copied.record(torch.cuda.current_stream(dev.device.index))
         self.num_uploads += 1
 
     def upload(self, layer: int, table: list[int]) -> torch.Tensor:

@@ -87,7 +87,7 @@ class PrefetchRequest:
         host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
         host.copy_(ids, non_blocking=True)
         ready = torch.cuda.Event()
-        ready.record()
+        ready.record(torch.cuda.current_stream(ids.device.index))
         return cls(step, layer, position, host, ready)
 
 

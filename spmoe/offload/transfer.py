@@ -42,7 +42,7 @@ from typing import Callable
 import torch
 
 from spmoe.offload.pacing import Pacer
-from spmoe.runtime.streams import dedicated_stream
+from spmoe.runtime.streams import dedicated_stream, on_stream
 
 
 @dataclass
@@ -68,6 +68,7 @@ class TransferEngine:
         self._stall_spans: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._lock = threading.Lock()
         if self.cuda:
+            self._index = device.index if device.index is not None else torch.cuda.current_device()
             self.copy_stream = dedicated_stream(device, "copy")  # on-demand: highest priority
             self.prefetch_stream = dedicated_stream(device, "prefetch")
             self.ready = [torch.cuda.Event() for _ in range(num_slots)]
@@ -99,20 +100,20 @@ class TransferEngine:
             return
         stream = self.prefetch_stream if prefetch else self.copy_stream
         self._landed[slot] = False
-        with torch.cuda.stream(stream), self._issue_lock:
+        with on_stream(stream), self._issue_lock:
             if self._freed[slot]:
                 stream.wait_event(self.free[slot])
             if self.pacer:
                 self.pacer.wait(stream)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            start.record(stream)
             dst.copy_(src, non_blocking=True)
             if self.pacer:
                 self.pacer.pad(nbytes)  # the slot is "ready" when the emulated link would deliver it
-            end.record()
+            end.record(stream)
             if finish is not None:
                 finish()
-            self.ready[slot].record()
+            self.ready[slot].record(stream)
             if self.pacer:
                 self.pacer.mark(end)
         with self._lock:
@@ -135,7 +136,7 @@ class TransferEngine:
         if self.ready[slot].query():
             self._landed[slot] = True
             return
-        stream = torch.cuda.current_stream(self.device)
+        stream = torch.cuda.current_stream(self._index)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record(stream)
         stream.wait_event(self.ready[slot])
@@ -147,7 +148,7 @@ class TransferEngine:
         """The compute stream has enqueued its last read of slot `slot`."""
         if self.cuda:
             event = self._own_free[slot]
-            event.record(torch.cuda.current_stream(self.device))
+            event.record(torch.cuda.current_stream(self._index))
             self.free[slot] = event
             self._freed[slot] = True
 
@@ -155,7 +156,7 @@ class TransferEngine:
         """The compute stream has enqueued its last read of every slot in `slots`: one shared free event."""
         if self.cuda and slots:
             event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(self.device))
+            event.record(torch.cuda.current_stream(self._index))
             for slot in slots:
                 self.free[slot] = event
                 self._freed[slot] = True

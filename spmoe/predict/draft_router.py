@@ -33,7 +33,7 @@ from spmoe.hooks import HookOwner, is_building, mark_graph_safe
 from spmoe.offload.prefetch import PrefetchProvider, PrefetchRequest
 from spmoe.predict.capture import CAPTURE_POINTS, router_of
 from spmoe.predict.hidden_map import layer_pairs
-from spmoe.runtime.streams import dedicated_stream
+from spmoe.runtime.streams import dedicated_stream, on_stream
 
 
 def is_twin(draft: nn.Module, target: nn.Module) -> bool:
@@ -136,10 +136,10 @@ class DraftRouterPredictor(HookOwner):
             return PrefetchRequest(self.step, layer, self.position, self._static[i].clone())
         host = torch.empty(self._static.shape[1:], dtype=torch.long, pin_memory=True)  # [1, A]
         self._side.wait_event(self._landed[i])
-        with torch.cuda.stream(self._side):
+        with on_stream(self._side):
             host.copy_(self._static[i], non_blocking=True)
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(self._side)
         return PrefetchRequest(self.step, layer, self.position, host, ready)
 
     def begin_step(self, step: int) -> None:

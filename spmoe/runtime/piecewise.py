@@ -52,7 +52,7 @@ experts module.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -60,7 +60,7 @@ from torch import nn
 from spmoe.hooks import building
 from spmoe.models.experts import OffloadedExperts
 from spmoe.runtime.graphs import StepFn, graph_safe
-from spmoe.runtime.streams import dedicated_stream
+from spmoe.runtime.streams import dedicated_stream, on_stream
 
 
 class ExpertsGraph:
@@ -109,11 +109,6 @@ def capture_streams(device: torch.device) -> tuple[torch.cuda.Stream | None, tor
     if device.type != "cuda":
         return None, None
     return torch.cuda.current_stream(device), dedicated_stream(device, "capture")
-
-
-def on_stream(stream: torch.cuda.Stream | None):
-    """A context that makes `stream` current (none: the current one stays)."""
-    return nullcontext() if stream is None else torch.cuda.stream(stream)
 
 
 def piecewise_capturable(model: nn.Module, device: torch.device) -> bool:

@@ -17,11 +17,16 @@ different roles of one device are different CUDA streams (drawn again from the p
 The `capture` stream carries captures and the capture passes' own segments and experts only: host work
 that hands pinned buffers to other threads (predictors' seam hooks) runs on the ambient stream
 (`spmoe.runtime.piecewise` says why).
+
+`on_stream(stream)` makes a stream current for a block like `torch.cuda.stream` (None: no switch), without resolving the
+current device (which `torch.cuda.stream` and an argument-less `Event.record()` do through
+`torch.cuda.is_available()` on every call): hot paths use it and record events on explicit streams.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 
@@ -55,3 +60,24 @@ def dedicated_stream(device: torch.device, role: str, new_stream: Callable | Non
 def capturing(device: torch.device) -> bool:
     """Whether `device`'s current stream is capturing a CUDA graph (never off CUDA)."""
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def on_stream(stream):
+    """`with on_stream(stream):` the block's work is enqueued on `stream` (made current on its device, for this
+    thread; the previous current stream is restored on exit). None: the current stream stays."""
+    return nullcontext() if stream is None else _StreamSwitch(stream)
+
+
+class _StreamSwitch:
+    __slots__ = ("stream", "previous")
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def __enter__(self):
+        self.previous = torch.cuda.current_stream(self.stream.device_index)
+        torch.cuda.set_stream(self.stream)
+        return self.stream
+
+    def __exit__(self, *exc) -> None:
+        torch.cuda.set_stream(self.previous)

@@ -7,8 +7,6 @@ the order in which work is enqueued: an event "covers" every entry before its re
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
@@ -33,7 +31,7 @@ class FakeEvent:
 class FakeStream:
     def __init__(self, name: str):
         self.name, self.waits = name, []
-        self.cuda_stream = id(self)
+        self.cuda_stream, self.device_index = id(self), 0
 
     def wait_event(self, event: FakeEvent) -> None:
         self.waits.append(event.at)
@@ -44,10 +42,10 @@ def engine(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.cuda, "Stream", lambda device, priority=0: FakeStream(f"copy{priority}"))
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream("compute"))
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: None)
     monkeypatch.setattr(streams, "_streams", {})  # the fakes stay out of the process's stream registry
     LOG.clear()
-    eng = TransferEngine(torch.device("cuda"), 4)
+    eng = TransferEngine(torch.device("cuda", 0), 4)
     eng.device = torch.device("cpu")
     return eng
 

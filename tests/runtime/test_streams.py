@@ -88,7 +88,7 @@ def test_captures_and_worker_copies_run_side_by_side(gpu):
     def worker():
         try:
             torch.cuda.set_device(index)
-            with torch.cuda.stream(prefetch):
+            with streams.on_stream(prefetch):  # this thread's current stream only
                 for i in range(64):
                     prefetch.wait_event(free)
                     dst[i].copy_(src, non_blocking=True)
@@ -115,3 +115,25 @@ def test_captures_and_worker_copies_run_side_by_side(gpu):
     assert errors == []
     assert all(torch.equal(y, x * 2) for y in outs)
     assert torch.equal(dst, src.to(gpu).expand(64, -1))
+
+
+def test_on_stream_none_keeps_the_current_stream():
+    with streams.on_stream(None) as stream:
+        assert stream is None
+
+
+def test_on_stream_switches_the_current_stream_and_restores_it(gpu):
+    before = torch.cuda.current_stream(gpu)
+    copy = streams.dedicated_stream(gpu, "copy")
+    with streams.on_stream(copy):
+        assert torch.cuda.current_stream(gpu) == copy
+        with streams.on_stream(streams.dedicated_stream(gpu, "prefetch")):
+            assert torch.cuda.current_stream(gpu) != copy
+        assert torch.cuda.current_stream(gpu) == copy
+    assert torch.cuda.current_stream(gpu) == before
+    try:
+        with streams.on_stream(copy):
+            raise KeyError
+    except KeyError:
+        pass
+    assert torch.cuda.current_stream(gpu) == before
