@@ -27,10 +27,11 @@ def parse_dtype(name: str) -> torch.dtype:
 
 @dataclass
 class TwinConfig:
-    """How a target MoE is upcycled from its dense draft (`model.weights=twin`).
+    """How a target MoE is upcycled from its draft (`model.weights=twin`, `spmoe.models.twin`).
 
     Every expert = the draft's FFN + `expert_noise` x (a seeded Gaussian of the same std as the
-    FFN weights, drawn per expert); attention, norms, embeddings and head are the draft's."""
+    FFN weights, drawn per expert); attention, norms, embeddings and head are the draft's. A sparse
+    draft's routers are copied too and its experts widened (the added neurons' output scaled by `expert_noise`)."""
 
     expert_noise: float = 0.1
 

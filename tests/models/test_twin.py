@@ -76,3 +76,62 @@ def test_vocabulary_mismatch_fails_with_both_sizes():
 def test_sd_method_without_draft_fails():
     with pytest.raises(ValueError, match="needs a draft model"):
         open_session(tiny_run_config("tiny", method="lru"))
+
+
+_TINY_PHI = dict(vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=4096, rms_norm_eps=1.0e-05)
+
+
+def _grown_session(noise: float, draft_width: int = 16, **draft_over):
+    """A tiny Phi-3.5-MoE-shaped target (expert width 48) grown from a tiny Phi-mini-MoE-shaped sparse draft."""
+    cfg = tiny_run_config("tiny", num_prompts=2, max_new_tokens=24)
+    cfg.model = load_preset("model", "phimoe", hf_config={**_TINY_PHI, "intermediate_size": 48}, weights="twin",
+                            twin=TwinConfig(expert_noise=noise))
+    cfg.model.dtype = "float32"
+    cfg.draft = load_preset("draft", "phi_mini_moe_twin",
+                            hf_config={**_TINY_PHI, "intermediate_size": draft_width, **draft_over})
+    cfg.draft.dtype = "float32"
+    return open_session(cfg)
+
+
+@torch.inference_mode()
+def test_zero_noise_grown_target_equals_its_sparse_draft():
+    s = _grown_session(0.0)
+    try:
+        ctx = MethodContext(s.cfg, s.target, s.device, s.plan(s.cfg.hardware, "gpu_resident"))
+        runtime = get_strategy("gpu_resident").build(ctx)
+        ids = torch.tensor([s.prompts[0].token_ids])
+        target_logits = runtime.model(input_ids=ids).logits
+        draft_logits = s.draft(input_ids=ids).logits
+        runtime.close()
+        torch.testing.assert_close(target_logits, draft_logits, rtol=1e-4, atol=1e-4)
+        router_t = s.target.model.model.layers[1].mlp.router.weight
+        torch.testing.assert_close(router_t, s.draft.model.layers[1].mlp.router.weight)  # routing is the draft's
+    finally:
+        s.close()
+
+
+def test_grown_twin_noise_lowers_acceptance():
+    def acceptance(noise: float) -> float:
+        s = _grown_session(noise)
+        try:
+            gens, _, _ = s.generate(MethodConfig(name="gpu_resident_sd"), s.cfg.hardware, 24,
+                                    spec_cfg=SpecConfig(num_draft_tokens=3))
+            recs = [r for g in gens for r in g.records if r.num_drafted]
+            return sum(r.num_accepted for r in recs) / sum(r.num_drafted for r in recs)
+        finally:
+            s.close()
+
+    exact, noisy = acceptance(0.0), acceptance(2.0)
+    assert exact > 0.95
+    assert noisy < exact
+
+
+@pytest.mark.parametrize("width, over, message", [
+    (64, {}, "expert width 48 vs a wider draft expert \\(64\\)"),
+    (16, {"num_local_experts": 8}, "experts per layer: target 4 vs draft 8"),
+    (16, {"num_attention_heads": 2, "num_key_value_heads": 1}, "num_attention_heads: target 4 vs draft 2"),
+])
+def test_grown_twin_names_the_mismatch(width, over, message):
+    with pytest.raises(ValueError, match=message):
+        _grown_session(0.1, draft_width=width, **over)
