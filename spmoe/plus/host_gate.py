@@ -12,11 +12,17 @@ time t = wall ms from `begin_step` to `end_step`; a *host step* computed at leas
 Model: t = c + b m. Over the last `window` decode steps: c and b_link by least squares on the link steps;
 b_host = the mean over host steps of (t - c) / m (a host step has m >= 1), the step time each missing
 expert costs when the host takes part.
+Cold experts: a host-computed expert is not loaded, so its next use may miss again, in a later step of either
+kind, where no per-step fit can see it. The gate follows every host-computed key until it is next needed: a
+*repeat* if it then misses (hit, prefetched or host again: no repeat). p = repeats / host experts, r = the decode
+steps' hit rate (needed experts found resident, over those and the misses; the prefill's cold misses would drown
+it); a repeat would have been a hit with probability about r had the expert been loaded, so each host expert
+costs cold = p r b_link more, and the host is judged by b_host + cold.
 Decisions, at each step's start (`HostPlanner.allowed`):
 - the prefill (step 0) runs on the link only: it touches most experts, and the ones it would compute on the
   host would stay cold and miss in the first decode steps, which TPOT counts and the prefill's gain does not;
 - a decode step may use the host unless both kinds have `min_steps` samples, the link steps' m varies (else
-  c and b_link are not separable) and b_host > b_link; a gated-off run still allows the host every
+  c and b_link are not separable) and b_host + cold > b_link; a gated-off run still allows the host every
   `probe_every`-th decode step, so b_host follows the run.
 Units: milliseconds. Invariant: the gate only switches the planner off; what a step computes is the same
 function either way (host experts are exact, see `spmoe.plus.host_experts`).
@@ -41,6 +47,9 @@ class HostGate:
         self._step = 0
         self._decode_steps = 0
         self._t0 = 0.0
+        self._cold: set[tuple[int, int]] = set()  # host-computed keys not needed since
+        self.num_host = self.num_repeats = 0  # host experts, and their repeats (module docstring)
+        self.num_resident = self.num_misses = 0  # needed experts found resident, and missed (decode steps)
 
     def fit(self) -> tuple[float, float, float] | None:
         """(c, b_link, b_host) from the window, or None where the model cannot separate them yet."""
@@ -58,10 +67,17 @@ class HostGate:
         b_host = sum((t - c) / m for m, t in host) / len(host)
         return c, b_link, b_host
 
+    def cold_ms(self, b_link: float) -> float:
+        """What each host expert costs later steps through its repeat misses: p r b_link (module docstring)."""
+        needed = self.num_resident + self.num_misses
+        if not self.num_host or not needed:
+            return 0.0
+        return self.num_repeats / self.num_host * self.num_resident / needed * b_link
+
     def allowed(self) -> bool:
         """Whether the next decode step may use the host."""
         fitted = self.fit()
-        if fitted is None or fitted[2] <= fitted[1]:
+        if fitted is None or fitted[2] + self.cold_ms(fitted[1]) <= fitted[1]:
             return True
         return self.probe_every > 0 and self._decode_steps % self.probe_every == 0
 
@@ -77,14 +93,29 @@ class HostGate:
         self._t0 = self.clock()
 
     def end_step(self) -> None:
+        layers = [ev for ev in self.events.pending() if isinstance(ev, LayerEvents)]
         if self._step == 0:
             return
-        layers = [ev for ev in self.events.pending() if isinstance(ev, LayerEvents)]
+        for ev in layers:
+            self._follow_cold(ev)
         missing = sum(len(ev.misses) + len(ev.host) for ev in layers)
         self.samples.append((any(ev.host for ev in layers), missing, (self.clock() - self._t0) * 1e3))
+
+    def _follow_cold(self, ev: LayerEvents) -> None:
+        resident = (*ev.hits, *ev.prefetch_hits, *ev.late)
+        self.num_resident += len(resident)
+        self.num_misses += len(ev.misses)
+        for e in ev.misses:
+            if (ev.layer, e) in self._cold:
+                self.num_repeats += 1
+        self._cold.difference_update((ev.layer, e) for e in (*resident, *ev.misses))
+        self._cold.update((ev.layer, e) for e in ev.host)
+        self.num_host += len(ev.host)
 
     def summary(self) -> dict:
         fitted = self.fit()
         return {"host_gate_steps_off": self.steps_off, "host_gate_decode_steps": self._decode_steps,
                 "host_gate_b_link_ms": fitted[1] if fitted else None,
-                "host_gate_b_host_ms": fitted[2] if fitted else None}
+                "host_gate_b_host_ms": fitted[2] if fitted else None,
+                "host_gate_cold_ms": self.cold_ms(fitted[1]) if fitted else None,
+                "host_gate_repeat_rate": self.num_repeats / self.num_host if self.num_host else None}

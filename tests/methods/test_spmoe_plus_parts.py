@@ -415,11 +415,13 @@ def test_planner_copy_time_on_a_paced_link_is_the_emulated_links():
     assert loads == []
 
 
-def _gate_run(host_ms_per_missing: float, steps: int = 40, probe_every: int = 8) -> tuple[HostGate, list[bool]]:
+def _gate_run(host_ms_per_missing: float, steps: int = 40, probe_every: int = 8, resident: int = 0,
+              ) -> tuple[HostGate, list[bool]]:
     """Decode steps on a simulated clock, recorded in an event log as a provider does: t = 10 + 1 ms per missing
-    expert on the link; a step with 5 or more missing experts computes one on the host when allowed, and then costs
-    `host_ms_per_missing` per missing expert instead. Returns the gate and, per decode step, whether the host was
-    allowed."""
+    expert on the link; a step with 5 or more missing experts computes one (expert 0) on the host when allowed, and
+    then costs `host_ms_per_missing` per missing expert instead. Missing experts are 0, 1, ...: expert 0, when
+    computed on the host, misses again at the next link step. Each step also finds `resident` other experts
+    resident (hits, free). Returns the gate and, per decode step, whether the host was allowed."""
     planner = HostPlanner(_Provider([], 0), "auto", HostCost(fixed_ms=4.0, per_token_ms=1.0, copy_ms=6.0), None)
     events, now = ExpertEventLog(), [0.0]
     gate = HostGate(planner, events, min_steps=3, probe_every=probe_every, clock=lambda: now[0])
@@ -435,7 +437,8 @@ def _gate_run(host_ms_per_missing: float, steps: int = 40, probe_every: int = 8)
         gate.begin_step(step)
         allowed.append(planner.allowed)
         host = planner.allowed and missing >= 5
-        events.record(0, list(range(missing)), [], list(range(host, missing)))  # the host expert is no miss
+        hits = list(range(100, 100 + resident))
+        events.record(0, hits + list(range(missing)), hits, list(range(host, missing)))  # the host expert is no miss
         if host:
             events.mark_host(0, [0])
         now[0] += (10 + (host_ms_per_missing if host else 1.0) * missing) / 1e3
@@ -460,6 +463,21 @@ def test_host_gate_keeps_a_host_that_saves_time_and_judges_nothing_without_sampl
     assert all(allowed) and gate.fit()[2] == pytest.approx(0.5)
     planner = HostPlanner(_Provider([], 0), "auto", HostCost(fixed_ms=4.0, per_token_ms=1.0, copy_ms=6.0), None)
     assert HostGate(planner, ExpertEventLog()).fit() is None and HostGate(planner, ExpertEventLog()).allowed()
+
+
+def test_host_gate_charges_host_experts_for_their_repeat_misses():
+    """Per missing expert the host is cheaper (0.5 against 1 ms), but expert 0 misses again after every host step;
+    with 8 hits beside 1-7 misses a step (hit rate r ~0.7) that repeat costs r x 1 ms more than the host saves."""
+    gate, allowed = _gate_run(host_ms_per_missing=0.5, resident=8)
+    c, b_link, b_host = gate.fit()
+    assert b_host == pytest.approx(0.5) and b_link == pytest.approx(1.0)
+    summary = gate.summary()
+    assert gate.num_host == 3 and summary["host_gate_repeat_rate"] == 1.0  # every host expert missed again
+    r = gate.num_resident / (gate.num_resident + gate.num_misses)
+    assert 0.6 < r < 0.8 and summary["host_gate_cold_ms"] == pytest.approx(summary["host_gate_repeat_rate"] * r)
+    assert not allowed[-2] and summary["host_gate_steps_off"] > 20  # gated off (but for its probes)
+    _, without_hits = _gate_run(host_ms_per_missing=0.5)
+    assert all(without_hits)  # r = 0: a loaded expert would have missed anyway, no charge
 
 
 def test_a_gated_off_planner_sends_nothing_to_the_host():
