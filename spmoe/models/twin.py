@@ -39,13 +39,15 @@ def sparse_experts(draft: PreTrainedModel, layer: int):
     return experts if hasattr(experts, "gate_up_proj") and hasattr(experts, "down_proj") else None
 
 
-def check_twinnable(target: PreTrainedModel, draft: PreTrainedModel, layout: ExpertLayout) -> None:
+def check_twinnable(target: PreTrainedModel, draft: PreTrainedModel, layout: ExpertLayout) -> bool:
+    """Raise, naming every mismatch, unless `draft` can twin `target`; whether it is sparse (its target grows)."""
     tc, dc = target.config, draft.config
     bad = [f"{k}: target {getattr(tc, k, None)} vs draft {getattr(dc, k, None)}"
            for k in _MUST_MATCH if getattr(tc, k, None) != getattr(dc, k, None)]
-    sparse = [sparse_experts(draft, layer) for layer in layout.moe_layers if layer < dc.num_hidden_layers]
-    if sparse and all(e is not None for e in sparse):
-        num_experts, width = sparse[0].gate_up_proj.shape[0], sparse[0].down_proj.shape[-1]
+    experts = [sparse_experts(draft, layer) for layer in layout.moe_layers if layer < dc.num_hidden_layers]
+    sparse = bool(experts) and all(e is not None for e in experts)
+    if sparse:
+        num_experts, width = experts[0].gate_up_proj.shape[0], experts[0].down_proj.shape[-1]
         if num_experts != layout.num_experts:
             bad.append(f"experts per layer: target {layout.num_experts} vs draft {num_experts}")
         if getattr(dc, "num_experts_per_tok", None) != layout.top_k:
@@ -56,6 +58,7 @@ def check_twinnable(target: PreTrainedModel, draft: PreTrainedModel, layout: Exp
         bad.append(f"expert width {layout.intermediate_size} vs draft FFN width {dc.intermediate_size}")
     if bad:
         raise ValueError("model.weights=twin needs a structurally twinned draft; mismatched: " + "; ".join(bad))
+    return sparse
 
 
 @torch.no_grad()
@@ -63,10 +66,9 @@ def upcycle(target: PreTrainedModel, layout: ExpertLayout, store: ExpertStore, d
             twin: TwinConfig, seed: int) -> None:
     """Copy the draft's shared weights (and a sparse draft's routers) into `target` and fill `store` with noisy
     copies of its FFNs (a sparse draft's experts, widened)."""
-    check_twinnable(target, draft, layout)
+    sparse = check_twinnable(target, draft, layout)
     if twin.expert_noise < 0:
         raise ValueError(f"model.twin.expert_noise must be >= 0, got {twin.expert_noise}")
-    sparse = sparse_experts(draft, layout.moe_layers[0]) is not None
     target_state = target.state_dict()
     for name, tensor in draft.state_dict().items():
         if ".mlp.experts." in name or (".mlp." in name and not sparse):

@@ -243,7 +243,6 @@ class HostAssistedExperts(OffloadedExperts):
         self.stats.num_host_experts += len(host_ids)
         return combine_routes(ys, top_k_weights, self.act_fn)  # [T, H], as OffloadedExperts sums them
 
-
     def _on_device(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, site,
                    index_cpu: torch.Tensor, ids: list[int]) -> torch.Tensor:
         """[T, H] with every routed expert (`ids`, sorted) on the device: the base path (a call-site graph under

@@ -93,9 +93,9 @@ class HostGate:
         self._t0 = self.clock()
 
     def end_step(self) -> None:
-        layers = [ev for ev in self.events.pending() if isinstance(ev, LayerEvents)]
         if self._step == 0:
             return
+        layers = [ev for ev in self.events.pending() if isinstance(ev, LayerEvents)]
         for ev in layers:
             self._follow_cold(ev)
         missing = sum(len(ev.misses) + len(ev.host) for ev in layers)
