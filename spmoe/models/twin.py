@@ -16,8 +16,10 @@ A sparse draft (an MoE of the target's family with the same experts per layer an
 SlimMoE-style pruned draft such as Phi-mini-MoE for Phi-3.5-MoE) gives a *grown* twin: the target copies the
 draft's routers too, and target expert e = draft expert e widened from I_d to I_t neurons. Its first I_d neurons
 are the draft expert's (plus the noise above); the other I_t - I_d have gate/up rows drawn with the draft's gate/up
-std and down columns drawn with `expert_noise` x the draft's down std, so at zero noise they add nothing and the
-target computes exactly the draft's function, with the draft's routing.
+std and down columns drawn with `expert_noise` x the draft's down std x sqrt(I_d / (I_t - I_d)): together they add
+about as much to an expert's output as the noise on its I_d copied down columns, so a grown twin diverges from its
+draft as a same-width twin of the same `expert_noise` does, whatever the growth (Phi: 960 -> 6400 neurons); at zero
+noise they add nothing and the target computes exactly the draft's function, with the draft's routing.
 """
 
 from __future__ import annotations
@@ -113,7 +115,8 @@ def _grow_experts(layout: ExpertLayout, store: ExpertStore, draft: PreTrainedMod
             extra_gate_up = gate_up_d.std() * randn(2, i_t - i_d, h)  # the new neurons' gate and up rows
             gate, up = gate_up_d.view(2, i_d, h)
             gate_up = torch.cat([gate, extra_gate_up[0], up, extra_gate_up[1]])  # [2 I_t, H]
-            down = torch.cat([down_d, noise * down_d_std * randn(h, i_t - i_d)], dim=1)  # [H, I_t]
+            extra_down_std = noise * down_d_std * (i_d / (i_t - i_d)) ** 0.5 if i_t > i_d else 0.0
+            down = torch.cat([down_d, extra_down_std * randn(h, i_t - i_d)], dim=1)  # [H, I_t]
             gu_out, d_out = layout.split(store.flat((layer, e)))
             gu_out.copy_(gate_up.to(layout.dtype))
             d_out.copy_(down.to(layout.dtype))

@@ -86,10 +86,10 @@ _TINY_PHI = dict(vocab_size=512, hidden_size=32, num_hidden_layers=2, num_attent
                  num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=4096, rms_norm_eps=1.0e-05)
 
 
-def _grown_session(noise: float, draft_width: int = 16, **draft_over):
+def _grown_session(noise: float, draft_width: int = 16, target_width: int = 48, **draft_over):
     """A tiny Phi-3.5-MoE-shaped target (expert width 48) grown from a tiny Phi-mini-MoE-shaped sparse draft."""
     cfg = tiny_run_config("tiny", num_prompts=2, max_new_tokens=24)
-    cfg.model = load_preset("model", "phimoe", hf_config={**_TINY_PHI, "intermediate_size": 48}, weights="twin",
+    cfg.model = load_preset("model", "phimoe", hf_config={**_TINY_PHI, "intermediate_size": target_width}, weights="twin",
                             twin=TwinConfig(expert_noise=noise))
     cfg.model.dtype = "float32"
     cfg.draft = load_preset("draft", "phi_mini_moe_twin",
@@ -120,3 +120,37 @@ def test_grown_twin_noise_lowers_acceptance():
 def test_grown_twin_names_the_mismatch(width, over, message):
     with pytest.raises(ValueError, match=message):
         _grown_session(0.1, draft_width=width, **over)
+
+
+@torch.inference_mode()
+def _expert_divergence(target_width: int, noise: float = 0.2) -> float:
+    """RMS of (grown expert - its draft expert) over RMS of the draft expert, on random inputs, over every expert
+    of every layer (silu-gated FFNs, as Phi's)."""
+    s = _grown_session(noise, target_width=target_width)
+    try:
+        layout, gen = s.target.layout, torch.Generator().manual_seed(0)
+        x = torch.randn(256, _TINY_PHI["hidden_size"], generator=gen)  # [N, H]
+
+        def ffn(gate_up, down):  # gate_up [2I, H], down [H, I]
+            gate, up = (x @ gate_up.T).chunk(2, dim=-1)  # [N, I] each
+            return (torch.nn.functional.silu(gate) * up) @ down.T  # [N, H]
+
+        diff = ref = 0.0
+        for layer in layout.moe_layers:
+            experts = s.draft.model.layers[layer].mlp.experts
+            for e in range(layout.num_experts):
+                draft_out = ffn(experts.gate_up_proj[e].float(), experts.down_proj[e].float())
+                target_out = ffn(*(t.float() for t in layout.split(s.target.store.flat((layer, e)))))
+                diff += (target_out - draft_out).pow(2).sum().item()
+                ref += draft_out.pow(2).sum().item()
+        return (diff / ref) ** 0.5
+    finally:
+        s.close()
+
+
+def test_grown_twin_divergence_is_set_by_noise_not_by_growth():
+    # 3x and 10x growth diverge alike; before the added down columns were scaled by sqrt(I_d / (I_t - I_d)),
+    # 10x growth diverged about 1.6x more than 3x at the same noise
+    small, large = _expert_divergence(48), _expert_divergence(160)
+    assert 0.05 < small < 0.6
+    assert 0.8 < large / small < 1.25
