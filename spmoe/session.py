@@ -63,6 +63,7 @@ from spmoe.validate import validate_against_model, validate_config
 
 log = logging.getLogger(__name__)
 GIB = 2**30
+CAPTURE_FIT_ATTEMPTS = 2  # rebuilds a run may take to fit its precaptured graphs in the budget
 
 
 def resolve_device(name: str) -> torch.device:
@@ -121,6 +122,7 @@ class Session:
     last_extra: dict = field(default_factory=dict)  # the last run's method-specific totals (Runtime.extra_summary)
     routing_trace: RoutingTrace | None = None  # routing=replay: the trace every method replays
     last_routing: RoutingTrace | None = None  # trace.routing=true: the last run's recorded routing
+    _capture_reserve_bytes: dict = field(default_factory=dict)  # repr((method, hardware, spec)) -> extra reserve
 
     @property
     def has_draft(self) -> bool:
@@ -215,60 +217,92 @@ class Session:
                  on_prompt: Callable[[int], None] | None = None,
                  ) -> tuple[list[Generation], MemoryPlan, int | None]:
         """Run one method over the prompts: (generations, memory plan, peak device bytes).
-        `on_prompt(num_tokens)` is called after each prompt (progress bars)."""
+        `on_prompt(num_tokens)` is called after each prompt (progress bars).
+
+        The plan's reserve is an estimate; what the precaptured CUDA graphs hold is known only once they
+        are captured. So after `Engine.reserve` the run's peak is projected (allocated so far, plus the
+        planned activations, plus the resident weights); where it would pass the budget, the run is built
+        again with the overrun added to its reserve (fewer expert slots), and later runs of the same
+        method, card and draft length start from that reserve (`capture_reserve_bytes` in the summary)."""
         spec = get_strategy(method.name)
-        plan, drafts, offer = self._run_plan(hardware, method, spec_cfg)
-        cfg = replace(self.cfg, method=method, hardware=hardware, max_new_tokens=max_new_tokens,
-                      spec=spec_cfg or self.cfg.spec)
-        ctx = MethodContext(cfg, self.target, self.device, plan, self.draft if drafts else None,
-                            self.routing_trace, offer)
-        allocated_at_start = 0
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            allocated_at_start = torch.cuda.memory_allocated(self.device)
-        runtime = spec.build(ctx)
-        if runtime.cache is not None:
-            plan = replace(plan, num_slots=runtime.cache.num_slots)
-        try:
-            replay = recorder = None
-            if self.routing_trace is not None:
-                replay = attach_replay(runtime, self.routing_trace, self.target.layout, drafts,
-                                       cfg.spec.num_draft_tokens, cfg.routing.graphs)
-            if cfg.trace.routing:
-                recorder = attach_recorder(runtime, self.target.layout, cfg.trace.lookahead_depth)
-            drafter = None
-            if drafts:
-                drafter = ModelDrafter(self.draft, self.device, cfg.spec.temperature, cfg.spec.top_p,
-                                       cfg.hardware.decode, runtime.draft_listeners)
-            engine = Engine(runtime, self.device, drafter, cfg.spec, cfg.seed, cfg.hardware.decode)
-            _log_memory(self.device, "built", allocated_at_start)
-            engine.reserve(max(len(p.token_ids) for p in self.prompts[:num_prompts]), max_new_tokens)
-            _log_memory(self.device, "precaptured", allocated_at_start)
-            gens = []
-            for i, p in enumerate(self.prompts[:num_prompts]):
-                try:
-                    gens.append(engine.generate(p.token_ids, max_new_tokens, i))
-                    if on_prompt is not None:
-                        on_prompt(len(gens[-1].token_ids))
-                except BaseException as exc:
-                    exc.finished_generations = gens  # the prompts done before the failure are kept
-                    raise
-            self.last_extra = runtime.extra_summary() if runtime.extra_summary else {}
-            self.last_extra.update(replay.summary() if replay else {"routing": "model"})
-            self.last_extra["prefetching"] = runtime.prefetch  # False also where every expert is resident
-            self.last_routing = None if recorder is None else recorder.to_trace(
-                [p.token_ids for p in self.prompts], gens, self._trace_meta(cfg, drafts))
-            peak = None
-            _log_memory(self.device, "generated", allocated_at_start)
+        fit_key = repr((method, hardware, spec_cfg))
+        for attempt in range(CAPTURE_FIT_ATTEMPTS + 1):
+            extra_bytes = self._capture_reserve_bytes.get(fit_key, 0)
+            hw = replace(hardware, reserve_mib=hardware.reserve_mib + extra_bytes / 2**20)
+            plan, drafts, offer = self._run_plan(hw, method, spec_cfg)
+            cfg = replace(self.cfg, method=method, hardware=hw, max_new_tokens=max_new_tokens,
+                          spec=spec_cfg or self.cfg.spec)
+            ctx = MethodContext(cfg, self.target, self.device, plan, self.draft if drafts else None,
+                                self.routing_trace, offer)
+            allocated_at_start = 0
             if self.device.type == "cuda":
-                workspace = getattr(self.draft, "dequant_workspace", None)  # a quantized copy's, allocated at open
-                resident = self.target.non_expert_bytes + (
-                    self.draft_weight_bytes + (0 if workspace is None else workspace.numel()) if drafts else 0)
-                peak = torch.cuda.max_memory_allocated(self.device) - allocated_at_start + resident
-        finally:
-            runtime.close()
-        return gens, plan, peak
+                torch.cuda.synchronize(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
+                allocated_at_start = torch.cuda.memory_allocated(self.device)
+            runtime = spec.build(ctx)
+            if runtime.cache is not None:
+                plan = replace(plan, num_slots=runtime.cache.num_slots)
+            try:
+                replay = recorder = None
+                if self.routing_trace is not None:
+                    replay = attach_replay(runtime, self.routing_trace, self.target.layout, drafts,
+                                           cfg.spec.num_draft_tokens, cfg.routing.graphs)
+                if cfg.trace.routing:
+                    recorder = attach_recorder(runtime, self.target.layout, cfg.trace.lookahead_depth)
+                drafter = None
+                if drafts:
+                    drafter = ModelDrafter(self.draft, self.device, cfg.spec.temperature, cfg.spec.top_p,
+                                           cfg.hardware.decode, runtime.draft_listeners)
+                engine = Engine(runtime, self.device, drafter, cfg.spec, cfg.seed, cfg.hardware.decode)
+                _log_memory(self.device, "built", allocated_at_start)
+                engine.reserve(max(len(p.token_ids) for p in self.prompts[:num_prompts]), max_new_tokens)
+                _log_memory(self.device, "precaptured", allocated_at_start)
+                overrun = projected_overrun_bytes(self.device, plan, allocated_at_start, self._resident_bytes(drafts))
+                if (overrun > 0 and attempt < CAPTURE_FIT_ATTEMPTS and spec.offloads
+                        and self._fits_with_reserve(hardware, method, spec_cfg, extra_bytes + overrun)):
+                    log.warning("%s: the precaptured graphs would pass the budget by %.1f MiB; rebuilding with"
+                                " that much more reserve", method.name, overrun / 2**20)
+                    self._capture_reserve_bytes[fit_key] = extra_bytes + overrun
+                    continue
+                gens = []
+                for i, p in enumerate(self.prompts[:num_prompts]):
+                    try:
+                        gens.append(engine.generate(p.token_ids, max_new_tokens, i))
+                        if on_prompt is not None:
+                            on_prompt(len(gens[-1].token_ids))
+                    except BaseException as exc:
+                        exc.finished_generations = gens  # the prompts done before the failure are kept
+                        raise
+                self.last_extra = runtime.extra_summary() if runtime.extra_summary else {}
+                self.last_extra.update(replay.summary() if replay else {"routing": "model"})
+                self.last_extra["prefetching"] = runtime.prefetch  # False also where every expert is resident
+                self.last_extra["capture_reserve_bytes"] = extra_bytes
+                self.last_routing = None if recorder is None else recorder.to_trace(
+                    [p.token_ids for p in self.prompts], gens, self._trace_meta(cfg, drafts))
+                peak = None
+                _log_memory(self.device, "generated", allocated_at_start)
+                if self.device.type == "cuda":
+                    peak = torch.cuda.max_memory_allocated(self.device) - allocated_at_start + self._resident_bytes(drafts)
+                return gens, plan, peak
+            finally:
+                runtime.close()
+        raise AssertionError("unreachable: the last attempt always runs")
+
+    def _resident_bytes(self, drafts: bool) -> int:
+        """Device bytes a run holds from before its start: the non-expert weights, and the draft's weights
+        and dequantization workspace when it drafts."""
+        workspace = getattr(self.draft, "dequant_workspace", None)  # a quantized copy's, allocated at open
+        return self.target.non_expert_bytes + (
+            self.draft_weight_bytes + (0 if workspace is None else workspace.numel()) if drafts else 0)
+
+    def _fits_with_reserve(self, hardware: HardwareConfig, method: MethodConfig, spec_cfg: SpecConfig | None,
+                           extra_bytes: int) -> bool:
+        """Whether the run can still be planned with `extra_bytes` more reserve (else it runs as built)."""
+        try:
+            self._run_plan(replace(hardware, reserve_mib=hardware.reserve_mib + extra_bytes / 2**20), method, spec_cfg)
+        except BudgetError:
+            return False
+        return True
 
     def _trace_meta(self, cfg: RunConfig, speculative: bool) -> dict:
         return {"model": cfg.model.name, "weights": cfg.model.weights, "draft": cfg.draft.name if speculative else None,
@@ -401,6 +435,18 @@ def open_session(cfg: RunConfig, cases: Sequence[RunConfig] = (),
         target.store.close()
         raise
     return session
+
+
+def projected_overrun_bytes(device: torch.device, plan: MemoryPlan, allocated_at_start_bytes: int,
+                            resident_bytes: int) -> int:
+    """By how many bytes a built run's peak would pass its budget (0 if it fits, or without CUDA or a budget):
+    the larger of its peak so far and its allocation now plus the planned activations, above its start, plus
+    the weights resident from before it."""
+    if device.type != "cuda" or plan.budget_bytes is None:
+        return 0
+    now = torch.cuda.memory_allocated(device) - allocated_at_start_bytes + plan.activation_bytes
+    peak = torch.cuda.max_memory_allocated(device) - allocated_at_start_bytes
+    return max(0, max(now, peak) + resident_bytes - plan.budget_bytes)
 
 
 def _log_memory(device: torch.device, stage: str, allocated_at_start_bytes: int) -> None:
