@@ -185,6 +185,9 @@ class MethodConfig:
             self.plus = PlusConfig(**self.plus)
 
 
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "spmoe_sdpa")  # hardware.attention (spmoe.runtime.gqa_attention)
+
+
 @dataclass
 class HardwareConfig:
     """A device profile. A budget emulates a smaller card on a larger one (always labeled so)."""
@@ -204,12 +207,18 @@ class HardwareConfig:
     # (spmoe.runtime.quant_gemv): auto (Triton kernels where they serve: CUDA bf16, SiLU experts, at most 16
     # tokens) | torch (torch's grouped GEMM; quantized weights dequantized, then multiplied)
     expert_kernel: str = "auto"
+    # attention of target and draft (spmoe.runtime.gqa_attention), session-wide: sdpa (transformers' SDPA; grouped
+    # keys and values expanded to every head) | spmoe_sdpa (query heads folded into the query length, keys and
+    # values read in place, on CUDA)
+    attention: str = "sdpa"
 
     def __post_init__(self) -> None:
         if self.decode not in ("eager", "static", "graphs"):
             raise ValueError(f"hardware.decode={self.decode!r}; valid: eager, static, graphs")
         if self.expert_kernel not in ("auto", "torch"):
             raise ValueError(f"hardware.expert_kernel={self.expert_kernel!r}; valid: auto, torch")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"hardware.attention={self.attention!r}; valid: {', '.join(ATTENTION_IMPLEMENTATIONS)}")
 
 
 @dataclass

@@ -50,7 +50,7 @@ from spmoe.offload.budget import (
 from spmoe.offload.eviction import make_policy
 from spmoe.offload.host_memory import check_host_memory
 from spmoe.offload.store import ExpertStore
-from spmoe.runtime import moe_gemv
+from spmoe.runtime import gqa_attention, moe_gemv
 from spmoe.runtime.attention_backend import pin_deterministic_attention
 from spmoe.spec.drafter import ModelDrafter
 from spmoe.methods import STRATEGIES, get_strategy
@@ -434,6 +434,9 @@ def open_session(cfg: RunConfig, cases: Sequence[RunConfig] = (),
     except BaseException:
         target.store.close()
         raise
+    for m in (model, session.draft):
+        if m is not None:
+            gqa_attention.select(m, cfg.hardware.attention)
     return session
 
 

@@ -71,6 +71,7 @@ def summarize_run(session, method: MethodConfig, hardware: HardwareConfig, gens:
         "pcie_paced_gb_per_s": hardware.pcie_gb_per_s if hardware.pace_pcie and spec.offloads else None,
         "decode": hardware.decode,
         "expert_kernel": hardware.expert_kernel,
+        "attention": hardware.attention,
         "weights": cfg.model.weights,
         "twin_expert_noise": cfg.model.twin.expert_noise if cfg.model.weights == "twin" else None,
         "dtype": cfg.model.dtype,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 
-from spmoe.config import LoggerConfig, MethodConfig, PlusConfig, RunConfig, SpecConfig, parse_dtype
+from spmoe.config import ATTENTION_IMPLEMENTATIONS, LoggerConfig, MethodConfig, PlusConfig, RunConfig, SpecConfig, parse_dtype
 from spmoe.data.prompts import validate_dataset
 from spmoe.methods import get_strategy
 from spmoe.models.checkpoint import Checkpoint
@@ -142,6 +142,8 @@ def validate_config(cfg: RunConfig) -> None:
         _fail("hardware.pace_pcie", hw.pace_pcie, f"pacing needs hardware.pcie_gb_per_s (hardware {hw.name!r} has none)")
     if not _is_number(hw.reserve_mib) or hw.reserve_mib < 0:
         _fail("hardware.reserve_mib", hw.reserve_mib, "valid: MiB >= 0")
+    if hw.attention not in ATTENTION_IMPLEMENTATIONS:
+        _fail("hardware.attention", hw.attention, f"valid: {', '.join(ATTENTION_IMPLEMENTATIONS)}")
     if cfg.routing.name not in ROUTING_SOURCES:
         _fail("routing", cfg.routing.name, f"valid: {', '.join(ROUTING_SOURCES)}")
     if cfg.routing.name == "replay" and not cfg.routing.trace_path:

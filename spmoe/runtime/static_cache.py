@@ -24,6 +24,8 @@ import torch
 from transformers import Cache
 from transformers.cache_utils import StaticLayer
 
+from spmoe.runtime import gqa_attention
+
 
 class _PositionedLayer(StaticLayer):
     """One layer's static keys/values [1, H_kv, C, D], written at the owner's `write_positions`."""
@@ -81,10 +83,10 @@ class PositionedCache(Cache):
 def causal_mask(positions: torch.Tensor, key_idx: torch.Tensor, attn_implementation: str,
                 dtype: torch.dtype) -> torch.Tensor:
     """The attention mask of queries at `positions` [T] over keys `key_idx` [C] = arange(C), as
-    transformers' attention functions take a prepared 4D mask: sdpa a bool [1, 1, T, C] (True =
+    transformers' attention functions take a prepared 4D mask: sdpa (and `spmoe_sdpa`) a bool [1, 1, T, C] (True =
     attend), eager an additive float of `dtype` (0 or its minimum)."""
     allowed = key_idx[None, :] <= positions[:, None]  # [T, C]
-    if attn_implementation == "sdpa":
+    if attn_implementation in ("sdpa", gqa_attention.NAME):
         return allowed[None, None]
     if attn_implementation == "eager":
         blocked = torch.full(allowed.shape, torch.finfo(dtype).min, dtype=dtype, device=allowed.device)  # [T, C]
