@@ -123,6 +123,7 @@ class Session:
     routing_trace: RoutingTrace | None = None  # routing=replay: the trace every method replays
     last_routing: RoutingTrace | None = None  # trace.routing=true: the last run's recorded routing
     _capture_reserve_bytes: dict = field(default_factory=dict)  # repr((method, hardware, spec)) -> extra reserve
+    _method_memory: dict = field(default_factory=dict)  # repr((method, hardware, spec)) -> MethodContext.memory
 
     @property
     def has_draft(self) -> bool:
@@ -225,15 +226,15 @@ class Session:
         again with the overrun added to its reserve (fewer expert slots), and later runs of the same
         method, card and draft length start from that reserve (`capture_reserve_bytes` in the summary)."""
         spec = get_strategy(method.name)
-        fit_key = repr((method, hardware, spec_cfg))
+        run_key = repr((method, hardware, spec_cfg))
         for attempt in range(CAPTURE_FIT_ATTEMPTS + 1):
-            extra_bytes = self._capture_reserve_bytes.get(fit_key, 0)
+            extra_bytes = self._capture_reserve_bytes.get(run_key, 0)
             hw = replace(hardware, reserve_mib=hardware.reserve_mib + extra_bytes / 2**20)
             plan, drafts, offer = self._run_plan(hw, method, spec_cfg)
             cfg = replace(self.cfg, method=method, hardware=hw, max_new_tokens=max_new_tokens,
                           spec=spec_cfg or self.cfg.spec)
             ctx = MethodContext(cfg, self.target, self.device, plan, self.draft if drafts else None,
-                                self.routing_trace, offer)
+                                self.routing_trace, offer, self._method_memory.setdefault(run_key, {}))
             allocated_at_start = 0
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -262,7 +263,7 @@ class Session:
                         and self._fits_with_reserve(hardware, method, spec_cfg, extra_bytes + overrun)):
                     log.warning("%s: the precaptured graphs would pass the budget by %.1f MiB; rebuilding with"
                                 " that much more reserve", method.name, overrun / 2**20)
-                    self._capture_reserve_bytes[fit_key] = extra_bytes + overrun
+                    self._capture_reserve_bytes[run_key] = extra_bytes + overrun
                     continue
                 gens = []
                 for i, p in enumerate(self.prompts[:num_prompts]):

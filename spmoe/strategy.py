@@ -38,6 +38,7 @@ class MethodContext:
     draft: nn.Module | None = None  # the session's draft model (SD methods)
     routing_trace: object = None  # routing=replay: the loaded RoutingTrace (spmoe.trace.routing)
     draft_offer: DraftOffer | None = None  # speculative methods with `accepts_draft`: what they were offered
+    memory: dict = field(default_factory=dict)  # state a method keeps across a session's runs of one configuration
 
 
 @dataclass

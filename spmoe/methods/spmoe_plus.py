@@ -69,7 +69,7 @@ from spmoe.plus.host_experts import (
     install_host_experts,
     measure_host_cost,
 )
-from spmoe.plus.host_gate import HostGate
+from spmoe.plus.host_gate import GateHistory, HostGate
 from spmoe.plus.k_chooser import KChooser
 from spmoe.plus.lossy_misses import (
     LossyMissTransfer,
@@ -275,7 +275,7 @@ def build(ctx: MethodContext) -> Runtime:
                                   copy_fraction=lossy.copy_fraction if lossy is not None else None,
                                   reuse=pcfg.host_reuse)
             if pcfg.host_compute == "auto":  # the run's own steps judge the host path as a whole
-                gate = HostGate(planner, runtime.events)
+                gate = HostGate(planner, runtime.events, ctx.memory.setdefault("host_gate", GateHistory()))
                 runtime.attach(gate)
             if adaptive_k:
                 miss_ms = min(copy_ms, cost.host_ms(2)) if cost else copy_ms

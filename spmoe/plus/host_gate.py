@@ -9,7 +9,7 @@ Terms: a decode step's *missing experts* m = its layer forwards' misses plus the
 (the provider's `ExpertEventLog` entries of the step, read at `end_step` before the engine drains them); its
 time t = wall ms from `begin_step` to `end_step`; a *host step* computed at least one expert on the host, a
 *link step* none.
-Model: t = c + b m. Over the last `window` decode steps: c and b_link by least squares on the link steps;
+Model: t = c + b m. Over the last WINDOW_STEPS decode steps: c and b_link by least squares on the link steps;
 b_host = the mean over host steps of (t - c) / m (a host step has m >= 1), the step time each missing
 expert costs when the host takes part.
 Cold experts: a host-computed expert is not loaded, so its next use may miss again, in a later step of either
@@ -24,6 +24,10 @@ Decisions, at each step's start (`HostPlanner.allowed`):
 - a decode step may use the host unless both kinds have `min_steps` samples, the link steps' m varies (else
   c and b_link are not separable) and b_host + cold > b_link; a gated-off run still allows the host every
   `probe_every`-th decode step, so b_host follows the run.
+Memory: what the gate has learned (`GateHistory`: the window of samples and the repeat and hit counts) may outlive
+one run: a session hands each run of one method configuration the same history (`MethodContext.memory`), as a
+long-running engine keeps its gate, so a later run judges from its first decode step; `host_gate_carried_samples`
+in the summary says how many samples a run started with. The cold keys being followed stay per run.
 Units: milliseconds. Invariant: the gate only switches the planner off; what a step computes is the same
 function either way (host experts are exact, see `spmoe.plus.host_experts`).
 """
@@ -32,29 +36,42 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from dataclasses import dataclass, field
 
 from spmoe.plus.host_experts import HostPlanner
 from spmoe.trace.records import ExpertEventLog, LayerEvents
 
+WINDOW_STEPS = 64
+
+
+@dataclass
+class GateHistory:
+    """What a gate has learned, which may outlive one run (module docstring)."""
+
+    samples: deque = field(default_factory=lambda: deque(maxlen=WINDOW_STEPS))  # (host step, m, t ms)
+    num_host: int = 0  # host experts
+    num_repeats: int = 0  # their repeat misses
+    num_resident: int = 0  # needed experts found resident (decode steps)
+    num_misses: int = 0  # needed experts missed (decode steps)
+
 
 class HostGate:
-    def __init__(self, planner: HostPlanner, events: ExpertEventLog, window: int = 64, min_steps: int = 4,
-                 probe_every: int = 8, clock=time.perf_counter):
+    def __init__(self, planner: HostPlanner, events: ExpertEventLog, history: GateHistory | None = None,
+                 min_steps: int = 4, probe_every: int = 8, clock=time.perf_counter):
         self.planner, self.events, self.clock = planner, events, clock
         self.min_steps, self.probe_every = min_steps, probe_every
-        self.samples: deque[tuple[bool, int, float]] = deque(maxlen=window)  # (host step, m, t ms)
+        self.h = history if history is not None else GateHistory()
+        self.carried_samples = len(self.h.samples)
         self.steps_off = 0  # decode steps run with the host gated off
         self._step = 0
         self._decode_steps = 0
         self._t0 = 0.0
         self._cold: set[tuple[int, int]] = set()  # host-computed keys not needed since
-        self.num_host = self.num_repeats = 0  # host experts, and their repeats (module docstring)
-        self.num_resident = self.num_misses = 0  # needed experts found resident, and missed (decode steps)
 
     def fit(self) -> tuple[float, float, float] | None:
         """(c, b_link, b_host) from the window, or None where the model cannot separate them yet."""
-        link = [(m, t) for host, m, t in self.samples if not host]
-        host = [(m, t) for h, m, t in self.samples if h]
+        link = [(m, t) for host, m, t in self.h.samples if not host]
+        host = [(m, t) for h, m, t in self.h.samples if h]
         if len(link) < self.min_steps or len(host) < self.min_steps:
             return None
         n = len(link)
@@ -69,10 +86,11 @@ class HostGate:
 
     def cold_ms(self, b_link: float) -> float:
         """What each host expert costs later steps through its repeat misses: p r b_link (module docstring)."""
-        needed = self.num_resident + self.num_misses
-        if not self.num_host or not needed:
+        h = self.h
+        needed = h.num_resident + h.num_misses
+        if not h.num_host or not needed:
             return 0.0
-        return self.num_repeats / self.num_host * self.num_resident / needed * b_link
+        return h.num_repeats / h.num_host * h.num_resident / needed * b_link
 
     def allowed(self) -> bool:
         """Whether the next decode step may use the host."""
@@ -99,18 +117,16 @@ class HostGate:
         for ev in layers:
             self._follow_cold(ev)
         missing = sum(len(ev.misses) + len(ev.host) for ev in layers)
-        self.samples.append((any(ev.host for ev in layers), missing, (self.clock() - self._t0) * 1e3))
+        self.h.samples.append((any(ev.host for ev in layers), missing, (self.clock() - self._t0) * 1e3))
 
     def _follow_cold(self, ev: LayerEvents) -> None:
-        resident = (*ev.hits, *ev.prefetch_hits, *ev.late)
-        self.num_resident += len(resident)
-        self.num_misses += len(ev.misses)
-        for e in ev.misses:
-            if (ev.layer, e) in self._cold:
-                self.num_repeats += 1
+        h, resident = self.h, (*ev.hits, *ev.prefetch_hits, *ev.late)
+        h.num_resident += len(resident)
+        h.num_misses += len(ev.misses)
+        h.num_repeats += sum((ev.layer, e) in self._cold for e in ev.misses)
         self._cold.difference_update((ev.layer, e) for e in (*resident, *ev.misses))
         self._cold.update((ev.layer, e) for e in ev.host)
-        self.num_host += len(ev.host)
+        h.num_host += len(ev.host)
 
     def summary(self) -> dict:
         fitted = self.fit()
@@ -118,4 +134,5 @@ class HostGate:
                 "host_gate_b_link_ms": fitted[1] if fitted else None,
                 "host_gate_b_host_ms": fitted[2] if fitted else None,
                 "host_gate_cold_ms": self.cold_ms(fitted[1]) if fitted else None,
-                "host_gate_repeat_rate": self.num_repeats / self.num_host if self.num_host else None}
+                "host_gate_repeat_rate": self.h.num_repeats / self.h.num_host if self.h.num_host else None,
+                "host_gate_carried_samples": self.carried_samples}

@@ -16,7 +16,7 @@ from spmoe.offload.cache import ExpertCache
 from spmoe.offload.eviction import make_policy
 from spmoe.offload.eviction_lookahead import SdLookaheadPolicy
 from spmoe.plus.host_experts import HostAssistedExperts, HostCost, HostPlanner, HostStats
-from spmoe.plus.host_gate import HostGate
+from spmoe.plus.host_gate import GateHistory, HostGate
 from spmoe.plus.k_chooser import KChooser
 from spmoe.trace.records import ExpertEventLog
 
@@ -416,7 +416,7 @@ def test_planner_copy_time_on_a_paced_link_is_the_emulated_links():
 
 
 def _gate_run(host_ms_per_missing: float, steps: int = 40, probe_every: int = 8, resident: int = 0,
-              ) -> tuple[HostGate, list[bool]]:
+              history: GateHistory | None = None) -> tuple[HostGate, list[bool]]:
     """Decode steps on a simulated clock, recorded in an event log as a provider does: t = 10 + 1 ms per missing
     expert on the link; a step with 5 or more missing experts computes one (expert 0) on the host when allowed, and
     then costs `host_ms_per_missing` per missing expert instead. Missing experts are 0, 1, ...: expert 0, when
@@ -424,7 +424,7 @@ def _gate_run(host_ms_per_missing: float, steps: int = 40, probe_every: int = 8,
     resident (hits, free). Returns the gate and, per decode step, whether the host was allowed."""
     planner = HostPlanner(_Provider([], 0), "auto", HostCost(fixed_ms=4.0, per_token_ms=1.0, copy_ms=6.0), None)
     events, now = ExpertEventLog(), [0.0]
-    gate = HostGate(planner, events, min_steps=3, probe_every=probe_every, clock=lambda: now[0])
+    gate = HostGate(planner, events, history, min_steps=3, probe_every=probe_every, clock=lambda: now[0])
     gate.begin_step(0)  # the prefill: link only, not sampled
     assert not planner.allowed
     events.record(0, list(range(8)), [], list(range(8)))
@@ -458,6 +458,20 @@ def test_host_gate_switches_the_host_off_where_it_costs_more_per_missing_expert(
     assert gate.summary()["host_gate_steps_off"] == allowed.count(False) and gate.summary()["host_gate_decode_steps"] == 40
 
 
+def test_a_carried_history_judges_from_the_first_decode_step():
+    history = GateHistory()
+    first, allowed_first = _gate_run(host_ms_per_missing=2.0, history=history)
+    assert all(allowed_first[:6]) and first.summary()["host_gate_carried_samples"] == 0  # learning
+    second, allowed = _gate_run(host_ms_per_missing=2.0, history=history)
+    assert second.summary()["host_gate_carried_samples"] == 40
+    # off from step 1 but for the probes (until the window has slid past the first run's host steps: this
+    # simulation's probe steps miss too few experts to compute any on the host)
+    assert allowed[:24] == [step % 8 == 0 for step in range(1, 25)]
+    assert len(history.samples) == 64  # the window keeps the last 64 decode steps of both runs
+    fresh, allowed_fresh = _gate_run(host_ms_per_missing=2.0)
+    assert allowed_fresh == allowed_first  # without a history each run learns again
+
+
 def test_host_gate_keeps_a_host_that_saves_time_and_judges_nothing_without_samples():
     gate, allowed = _gate_run(host_ms_per_missing=0.5)
     assert all(allowed) and gate.fit()[2] == pytest.approx(0.5)
@@ -472,8 +486,8 @@ def test_host_gate_charges_host_experts_for_their_repeat_misses():
     c, b_link, b_host = gate.fit()
     assert b_host == pytest.approx(0.5) and b_link == pytest.approx(1.0)
     summary = gate.summary()
-    assert gate.num_host == 3 and summary["host_gate_repeat_rate"] == 1.0  # every host expert missed again
-    r = gate.num_resident / (gate.num_resident + gate.num_misses)
+    assert gate.h.num_host == 3 and summary["host_gate_repeat_rate"] == 1.0  # every host expert missed again
+    r = gate.h.num_resident / (gate.h.num_resident + gate.h.num_misses)
     assert 0.6 < r < 0.8 and summary["host_gate_cold_ms"] == pytest.approx(summary["host_gate_repeat_rate"] * r)
     assert not allowed[-2] and summary["host_gate_steps_off"] > 20  # gated off (but for its probes)
     _, without_hits = _gate_run(host_ms_per_missing=0.5)

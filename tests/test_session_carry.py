@@ -1,7 +1,10 @@
-"""A run whose precaptured graphs would pass the budget is rebuilt with that overrun added to its reserve
-(fewer expert slots); later runs of the same method, card and draft length start from it; methods that do not
-offload, or a reserve the budget cannot plan, run as built. The overrun itself (`projected_overrun_bytes`)
-needs CUDA, so these tests feed it."""
+"""What a session carries from one run of a method configuration to the next: the reserve its precaptured graphs
+needed, and the method's own memory (`MethodContext.memory`, e.g. spmoe_plus's host gate).
+
+A run whose precaptured graphs would pass the budget is rebuilt with that overrun added to its reserve (fewer expert
+slots); later runs of the same method, card and draft length start from it; methods that do not offload, or a
+reserve the budget cannot plan, run as built. The overrun itself (`projected_overrun_bytes`) needs CUDA, so these
+tests feed it."""
 
 from __future__ import annotations
 
@@ -73,3 +76,15 @@ def test_no_rebuild_where_the_cache_cannot_shrink(session, monkeypatch):
     seen = _feed(monkeypatch, [1])
     session.generate(MethodConfig(name="gpu_resident"), replace(session.card, gpu_budget_gib=None), 8)
     assert len(seen) == 1  # gpu_resident keeps every expert: nothing to give up
+
+
+def test_a_method_keeps_its_memory_across_runs_of_one_configuration(session):
+    from spmoe.config import PlusConfig
+
+    plus = MethodConfig(name="spmoe_plus", plus=PlusConfig(draft_precision="none", host_compute="auto", host_threads=1))
+    carried = []
+    for method in (plus, plus, replace(plus, plus=replace(plus.plus, host_threads=2))):
+        session.generate(method, session.card, 8)
+        carried.append(session.last_extra["host_gate_carried_samples"])
+    decode_steps = 2 * 7  # two prompts, 8 tokens: the prefill emits the first
+    assert carried == [0, decode_steps, 0]  # the second run starts from the first's gate; another config does not
