@@ -1,0 +1,3 @@
+. experiments/gpu_calls/common.sh
+run ds_mtbench 470 experiment=datasets dataset=mtbench
+pack
