@@ -10,6 +10,7 @@ method's expert provider, runs the prompts through the one engine loop and frees
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from dataclasses import dataclass, field, replace
@@ -218,16 +219,47 @@ class Session:
                  on_prompt: Callable[[int], None] | None = None,
                  ) -> tuple[list[Generation], MemoryPlan, int | None]:
         """Run one method over the prompts: (generations, memory plan, peak device bytes).
-        `on_prompt(num_tokens)` is called after each prompt (progress bars).
+        `on_prompt(num_tokens)` is called after each prompt (progress bars)."""
+        run = self._build(method, hardware, max_new_tokens, num_prompts, spec_cfg)
+        try:
+            gens = []
+            for i, p in enumerate(self.prompts[:num_prompts]):
+                try:
+                    gens.append(run.engine.generate(p.token_ids, max_new_tokens, i))
+                    if on_prompt is not None:
+                        on_prompt(len(gens[-1].token_ids))
+                except BaseException as exc:
+                    exc.finished_generations = gens  # the prompts done before the failure are kept
+                    raise
+            runtime = run.runtime
+            self.last_extra = runtime.extra_summary() if runtime.extra_summary else {}
+            self.last_extra.update(run.replay.summary() if run.replay else {"routing": "model"})
+            self.last_extra["prefetching"] = runtime.prefetch  # False also where every expert is resident
+            self.last_extra["capture_reserve_bytes"] = run.capture_reserve_bytes
+            self.last_routing = None if run.recorder is None else run.recorder.to_trace(
+                [p.token_ids for p in self.prompts], gens, self._trace_meta(run.cfg, run.drafts))
+            peak = None
+            _log_memory(self.device, "generated", run.allocated_at_start)
+            if self.device.type == "cuda":
+                peak = (torch.cuda.max_memory_allocated(self.device) - run.allocated_at_start
+                        + self._resident_bytes(run.drafts))
+        finally:
+            run.runtime.close()
+        return gens, run.plan, peak
 
-        The plan's reserve is an estimate; what the precaptured CUDA graphs hold is known only once they
-        are captured. So after `Engine.reserve` the run's peak is projected (allocated so far, plus the
-        planned activations, plus the resident weights); where it would pass the budget, the run is built
-        again with the overrun added to its reserve (fewer expert slots), and later runs of the same
-        method, card and draft length start from that reserve (`capture_reserve_bytes` in the summary)."""
+    def _build(self, method: MethodConfig, hardware: HardwareConfig, max_new_tokens: int, num_prompts: int | None,
+               spec_cfg: SpecConfig | None) -> "_BuiltRun":
+        """A run's runtime and engine, built and precaptured within its budget.
+
+        The plan's reserve is an estimate; what the precaptured CUDA graphs hold is known only once they are
+        captured. So after `Engine.reserve` the run's peak is projected (`projected_overrun_bytes`); where it
+        would pass the budget, the run is built again with the overrun added to its reserve (fewer expert slots),
+        and later runs of the same method, card and draft length start from that reserve. A method that keeps
+        every expert resident, or a reserve the budget cannot plan, runs as built (its summary then records
+        `within_budget: false`)."""
         spec = get_strategy(method.name)
         run_key = repr((method, hardware, spec_cfg))
-        for attempt in range(CAPTURE_FIT_ATTEMPTS + 1):
+        for attempt in itertools.count():  # the attempt after CAPTURE_FIT_ATTEMPTS rebuilds always returns
             extra_bytes = self._capture_reserve_bytes.get(run_key, 0)
             hw = replace(hardware, reserve_mib=hardware.reserve_mib + extra_bytes / 2**20)
             plan, drafts, offer = self._run_plan(hw, method, spec_cfg)
@@ -259,35 +291,16 @@ class Session:
                 engine.reserve(max(len(p.token_ids) for p in self.prompts[:num_prompts]), max_new_tokens)
                 _log_memory(self.device, "precaptured", allocated_at_start)
                 overrun = projected_overrun_bytes(self.device, plan, allocated_at_start, self._resident_bytes(drafts))
-                if (overrun > 0 and attempt < CAPTURE_FIT_ATTEMPTS and spec.offloads
-                        and self._fits_with_reserve(hardware, method, spec_cfg, extra_bytes + overrun)):
-                    log.warning("%s: the precaptured graphs would pass the budget by %.1f MiB; rebuilding with"
-                                " that much more reserve", method.name, overrun / 2**20)
-                    self._capture_reserve_bytes[run_key] = extra_bytes + overrun
-                    continue
-                gens = []
-                for i, p in enumerate(self.prompts[:num_prompts]):
-                    try:
-                        gens.append(engine.generate(p.token_ids, max_new_tokens, i))
-                        if on_prompt is not None:
-                            on_prompt(len(gens[-1].token_ids))
-                    except BaseException as exc:
-                        exc.finished_generations = gens  # the prompts done before the failure are kept
-                        raise
-                self.last_extra = runtime.extra_summary() if runtime.extra_summary else {}
-                self.last_extra.update(replay.summary() if replay else {"routing": "model"})
-                self.last_extra["prefetching"] = runtime.prefetch  # False also where every expert is resident
-                self.last_extra["capture_reserve_bytes"] = extra_bytes
-                self.last_routing = None if recorder is None else recorder.to_trace(
-                    [p.token_ids for p in self.prompts], gens, self._trace_meta(cfg, drafts))
-                peak = None
-                _log_memory(self.device, "generated", allocated_at_start)
-                if self.device.type == "cuda":
-                    peak = torch.cuda.max_memory_allocated(self.device) - allocated_at_start + self._resident_bytes(drafts)
-                return gens, plan, peak
-            finally:
+            except BaseException:
                 runtime.close()
-        raise AssertionError("unreachable: the last attempt always runs")
+                raise
+            if not (overrun > 0 and attempt < CAPTURE_FIT_ATTEMPTS and spec.offloads
+                    and self._fits_with_reserve(hardware, method, spec_cfg, extra_bytes + overrun)):
+                return _BuiltRun(cfg, plan, drafts, runtime, engine, replay, recorder, allocated_at_start, extra_bytes)
+            runtime.close()
+            log.warning("%s: the precaptured graphs would pass the budget by %.1f MiB; rebuilding with that much"
+                        " more reserve", method.name, overrun / 2**20)
+            self._capture_reserve_bytes[run_key] = extra_bytes + overrun
 
     def _resident_bytes(self, drafts: bool) -> int:
         """Device bytes a run holds from before its start: the non-expert weights, and the draft's weights
@@ -439,6 +452,21 @@ def open_session(cfg: RunConfig, cases: Sequence[RunConfig] = (),
         if m is not None:
             gqa_attention.select(m, cfg.hardware.attention)
     return session
+
+
+@dataclass
+class _BuiltRun:
+    """What `Session._build` hands `Session.generate`: one run's config, plan, runtime and engine."""
+
+    cfg: RunConfig
+    plan: MemoryPlan
+    drafts: bool
+    runtime: object  # spmoe.strategy.Runtime
+    engine: Engine
+    replay: object  # the attached RouteReplay, or None
+    recorder: object  # the attached routing recorder, or None
+    allocated_at_start: int  # device bytes allocated when the build began
+    capture_reserve_bytes: int  # reserve added to the plan's for the precaptured graphs
 
 
 def projected_overrun_bytes(device: torch.device, plan: MemoryPlan, allocated_at_start_bytes: int,
