@@ -60,8 +60,8 @@ class HostGate:
                  min_steps: int = 4, probe_every: int = 8, clock=time.perf_counter):
         self.planner, self.events, self.clock = planner, events, clock
         self.min_steps, self.probe_every = min_steps, probe_every
-        self.h = history if history is not None else GateHistory()
-        self.carried_samples = len(self.h.samples)
+        self.history = history if history is not None else GateHistory()
+        self.carried_samples = len(self.history.samples)
         self.steps_off = 0  # decode steps run with the host gated off
         self._step = 0
         self._decode_steps = 0
@@ -70,8 +70,8 @@ class HostGate:
 
     def fit(self) -> tuple[float, float, float] | None:
         """(c, b_link, b_host) from the window, or None where the model cannot separate them yet."""
-        link = [(m, t) for host, m, t in self.h.samples if not host]
-        host = [(m, t) for h, m, t in self.h.samples if h]
+        link = [(m, t) for host, m, t in self.history.samples if not host]
+        host = [(m, t) for h, m, t in self.history.samples if h]
         if len(link) < self.min_steps or len(host) < self.min_steps:
             return None
         n = len(link)
@@ -86,7 +86,7 @@ class HostGate:
 
     def cold_ms(self, b_link: float) -> float:
         """What each host expert costs later steps through its repeat misses: p r b_link (module docstring)."""
-        h = self.h
+        h = self.history
         needed = h.num_resident + h.num_misses
         if not h.num_host or not needed:
             return 0.0
@@ -117,10 +117,10 @@ class HostGate:
         for ev in layers:
             self._follow_cold(ev)
         missing = sum(len(ev.misses) + len(ev.host) for ev in layers)
-        self.h.samples.append((any(ev.host for ev in layers), missing, (self.clock() - self._t0) * 1e3))
+        self.history.samples.append((any(ev.host for ev in layers), missing, (self.clock() - self._t0) * 1e3))
 
     def _follow_cold(self, ev: LayerEvents) -> None:
-        h, resident = self.h, (*ev.hits, *ev.prefetch_hits, *ev.late)
+        h, resident = self.history, (*ev.hits, *ev.prefetch_hits, *ev.late)
         h.num_resident += len(resident)
         h.num_misses += len(ev.misses)
         h.num_repeats += sum((ev.layer, e) in self._cold for e in ev.misses)
@@ -134,5 +134,5 @@ class HostGate:
                 "host_gate_b_link_ms": fitted[1] if fitted else None,
                 "host_gate_b_host_ms": fitted[2] if fitted else None,
                 "host_gate_cold_ms": self.cold_ms(fitted[1]) if fitted else None,
-                "host_gate_repeat_rate": self.h.num_repeats / self.h.num_host if self.h.num_host else None,
+                "host_gate_repeat_rate": self.history.num_repeats / self.history.num_host if self.history.num_host else None,
                 "host_gate_carried_samples": self.carried_samples}

@@ -91,4 +91,5 @@ def causal_mask(positions: torch.Tensor, key_idx: torch.Tensor, attn_implementat
     if attn_implementation == "eager":
         blocked = torch.full(allowed.shape, torch.finfo(dtype).min, dtype=dtype, device=allowed.device)  # [T, C]
         return blocked.masked_fill(allowed, 0.0)[None, None]
-    raise ValueError(f"static decode supports the sdpa and eager attention implementations, not {attn_implementation!r}")
+    raise ValueError(f"static decode supports the sdpa, spmoe_sdpa and eager attention implementations, not"
+                     f" {attn_implementation!r}")

@@ -486,8 +486,8 @@ def test_host_gate_charges_host_experts_for_their_repeat_misses():
     c, b_link, b_host = gate.fit()
     assert b_host == pytest.approx(0.5) and b_link == pytest.approx(1.0)
     summary = gate.summary()
-    assert gate.h.num_host == 3 and summary["host_gate_repeat_rate"] == 1.0  # every host expert missed again
-    r = gate.h.num_resident / (gate.h.num_resident + gate.h.num_misses)
+    assert gate.history.num_host == 3 and summary["host_gate_repeat_rate"] == 1.0  # every host expert missed again
+    r = gate.history.num_resident / (gate.history.num_resident + gate.history.num_misses)
     assert 0.6 < r < 0.8 and summary["host_gate_cold_ms"] == pytest.approx(summary["host_gate_repeat_rate"] * r)
     assert not allowed[-2] and summary["host_gate_steps_off"] > 20  # gated off (but for its probes)
     _, without_hits = _gate_run(host_ms_per_missing=0.5)
