@@ -7,11 +7,10 @@ key/value head h // G), T query positions, C key positions (the static cache's c
 transformers' SDPA attention, given an explicit mask (which the static decode always passes, see
 `spmoe.runtime.static_cache.causal_mask`), expands keys and values to every query head (`repeat_kv`: two
 [1, H, C, D] copies per layer and step) before calling `scaled_dot_product_attention`. Inside a captured step
-those copies are graph-pool memory, and every precaptured width holds its own: 4.9 GiB for Mixtral's draft
-and target at k = 4 (`results/runtime/capture_fit_15th`). Here the G query heads of one key/value head are
-folded into the query length instead: queries [B, H, T, D] -> [B, KVH, G T, D], the mask [B, 1, T, C] ->
-[B, 1, G T, C] (each query row keeps its own mask row), one SDPA call over the unexpanded keys and values
-[B, KVH, C, D], and the output unfolded back. Each query row's scores, softmax and weighted sum are over the
+those copies are graph-pool memory, and every precaptured width holds its own. Here the G query heads of one
+key/value head are folded into the query length instead: queries [B, H, T, D] -> [B, KVH, G T, D], the mask
+[B, 1, T, C] -> [B, 1, G T, C] (each query row keeps its own mask row), one SDPA call over the unexpanded keys
+and values [B, KVH, C, D], and the output unfolded back. Each query row's scores, softmax and weighted sum are over the
 same keys and values as with the expansion; what may differ is the kernel's tiling, hence rounding (bf16:
 within the lossless check's tolerance; tests compare both).
 
