@@ -90,28 +90,25 @@ def upcycle(target: PreTrainedModel, layout: ExpertLayout, store: ExpertStore, d
         for e in range(layout.num_experts):
             gu_out, d_out = layout.split(store.flat((layer, e)))
             for src, dst in ((gate_up, gu_out), (down, d_out)):
-                noise = torch.randn(src.shape, generator=gen, device=device, dtype=torch.float32)
-                dst.copy_((src.float() + twin.expert_noise * src.float().std() * noise).to(layout.dtype))
+                dst.copy_(_perturbed(src.float(), twin.expert_noise, gen).to(layout.dtype))
 
 
 def _grow_experts(layout: ExpertLayout, store: ExpertStore, draft: PreTrainedModel, noise: float,
                   gen: torch.Generator) -> None:
     """Target expert e of each layer = the draft's expert e widened to the target's width (module docstring)."""
     i_t = layout.intermediate_size
-    device = gen.device
 
     def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+        return torch.randn(shape, generator=gen, device=gen.device, dtype=torch.float32)
 
     for layer in layout.moe_layers:
         experts = sparse_experts(draft, layer)
         for e in range(layout.num_experts):
-            gate_up_d = experts.gate_up_proj[e].float()  # [2 I_d, H]: gate rows, then up rows
+            gate_up_d = _perturbed(experts.gate_up_proj[e].float(), noise, gen)  # [2 I_d, H]: gate rows, then up rows
             down_d = experts.down_proj[e].float()  # [H, I_d]
             h, i_d = down_d.shape
-            gate_up_d = gate_up_d + noise * gate_up_d.std() * randn(*gate_up_d.shape)
             down_d_std = down_d.std()
-            down_d = down_d + noise * down_d_std * randn(h, i_d)
+            down_d = _perturbed(down_d, noise, gen)
             extra_gate_up = gate_up_d.std() * randn(2, i_t - i_d, h)  # the new neurons' gate and up rows
             gate, up = gate_up_d.view(2, i_d, h)
             gate_up = torch.cat([gate, extra_gate_up[0], up, extra_gate_up[1]])  # [2 I_t, H]
@@ -120,3 +117,8 @@ def _grow_experts(layout: ExpertLayout, store: ExpertStore, draft: PreTrainedMod
             gu_out, d_out = layout.split(store.flat((layer, e)))
             gu_out.copy_(gate_up.to(layout.dtype))
             d_out.copy_(down.to(layout.dtype))
+
+
+def _perturbed(weight: torch.Tensor, noise: float, gen: torch.Generator) -> torch.Tensor:
+    """float32 `weight` + `noise` x its std x a seeded standard Gaussian of its shape (drawn from `gen`)."""
+    return weight + noise * weight.std() * torch.randn(weight.shape, generator=gen, device=gen.device, dtype=torch.float32)

@@ -91,7 +91,7 @@ class ExpertsGraph:
         side = dedicated_stream(self.out.device, "capture")
         side.wait_stream(current)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(side):
+        with on_stream(side):
             graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
             try:
                 self.out.copy_(layer())
