@@ -10,7 +10,8 @@ drafter) and the cache. `hardware.decode` picks one for the target and the draft
   it is capturable (on CUDA, no hooks, experts served without a host sync); else, on CUDA without
   hooks, the forward cut at every experts call into graphs with the experts run eagerly between
   them (`spmoe.runtime.piecewise`), captured dry before the sequence where `precapture` names the shape,
-  else at its second step; elsewhere as `static`.
+  else at its second step; elsewhere as `static`. A rotary embedding computed on the host is served
+  from device tables inside the graphs (`spmoe.runtime.rope_table`).
 
 Interface (both classes): `reserve(max_len)` sizes the cache once for a run's longest sequence
 (so graphs are captured once per shape); `precapture(shapes)` captures the graphs of those
@@ -30,6 +31,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from spmoe.runtime.graphs import StepGraph, capturable
+from spmoe.runtime import rope_table
 from spmoe.runtime.piecewise import PiecewiseGraph, piecewise_capturable
 from spmoe.runtime.static_cache import PositionedCache, causal_mask
 from spmoe.spec.kv import cache_kwarg, crop_to
@@ -116,6 +118,8 @@ class StaticDecoder:
         self._graphs.clear()  # they hold the old cache's addresses
         self.kv = None
         self.kv = PositionedCache(self.model.config, capacity)
+        if self.graphs:
+            rope_table.install(self.model, capacity)
         self._key_idx = torch.arange(capacity, device=self.device)  # [C]
         self._pool = None
         self._kind = None
