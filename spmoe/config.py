@@ -207,10 +207,10 @@ class HardwareConfig:
     # (spmoe.runtime.quant_gemv): auto (Triton kernels where they serve: CUDA bf16, SiLU experts, at most 16
     # tokens) | torch (torch's grouped GEMM; quantized weights dequantized, then multiplied)
     expert_kernel: str = "auto"
-    # attention of target and draft (spmoe.runtime.gqa_attention), session-wide: sdpa (transformers' SDPA; grouped
-    # keys and values expanded to every head) | spmoe_sdpa (query heads folded into the query length, keys and
-    # values read in place, on CUDA)
-    attention: str = "sdpa"
+    # attention of target and draft (spmoe.runtime.gqa_attention), session-wide: spmoe_sdpa (query heads folded
+    # into the query length, keys and values read in place, on CUDA; elsewhere transformers' SDPA) | sdpa
+    # (transformers' SDPA; grouped keys and values expanded to every head)
+    attention: str = "spmoe_sdpa"
 
     def __post_init__(self) -> None:
         if self.decode not in ("eager", "static", "graphs"):

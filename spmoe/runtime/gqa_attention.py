@@ -15,7 +15,7 @@ same keys and values as with the expansion; what may differ is the kernel's tili
 within the lossless check's tolerance; tests compare both).
 
 Registered as the attention implementation `spmoe_sdpa` (with transformers' SDPA mask function) and chosen
-session-wide by `hardware.attention=spmoe_sdpa` (`select`; default `sdpa`, transformers' own); on other devices,
+session-wide by `hardware.attention` (`select`; the default, `spmoe_sdpa`, or `sdpa`, transformers' own); on other devices,
 without groups, without a mask, or with a per-head mask it is transformers' `sdpa_attention_forward` unchanged,
 so CPU runs stay bit-identical to transformers' own.
 """
@@ -41,7 +41,7 @@ def folded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     q = query.reshape(b, kvh, g * t, d)  # [B, KVH, G T, D]: head kvh * G + j, row j T + i
     m = mask[:, :, None].expand(mask.shape[0], 1, g, t, mask.shape[-1]).reshape(mask.shape[0], 1, g * t, -1)  # [B, 1, G T, C]
     out = F.scaled_dot_product_attention(q, key, value, attn_mask=m, scale=scaling)  # [B, KVH, G T, D]
-    return out.reshape(b, h, t, d).transpose(1, 2).contiguous()  # [B, T, H, D]
+    return out.reshape(b, h, t, value.shape[-1]).transpose(1, 2).contiguous()  # [B, T, H, Dv]
 
 
 def spmoe_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

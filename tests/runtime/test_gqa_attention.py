@@ -33,6 +33,13 @@ def test_folded_equals_repeated_keys_and_values(t):
     torch.testing.assert_close(folded_attention(q, k, v, mask, 0.25), stock, rtol=1e-5, atol=1e-6)
 
 
+def test_folded_keeps_a_value_width_other_than_the_keys():
+    q, k, v, mask = _inputs(3)
+    v = torch.cat([v, v[..., :4]], dim=-1)  # [1, KVH, C, 20]: values wider than queries and keys
+    stock, _ = sdpa_attention_forward(_Attn(4), q, k, v, mask, scaling=0.25)  # [1, T, H, 20]
+    torch.testing.assert_close(folded_attention(q, k, v, mask, 0.25), stock, rtol=1e-5, atol=1e-6)
+
+
 def test_folding_keeps_each_query_rows_mask():
     q, k, v, mask = _inputs(3)
     moved = mask.clone()
