@@ -1,5 +1,6 @@
 . experiments/gpu_calls/common.sh
-python3 -m pytest -q -p no:cacheprovider tests/runtime/test_gqa_attention.py tests/runtime/test_graphs_offloaded_gpu.py tests/runtime/test_static_decode.py 2>&1 | tail -5 | tee /tmp/runs/gpu_tests.log
-run fold 240 experiment=draft_length 'experiment.only=[lru_k4]' max_new_tokens=8 experiment.rounds=1 check_lossless=true hardware.attention=spmoe_sdpa
-grep -E "rebuild|precaptured|memory:" /tmp/runs/fold.log | cut -c1-200
+P="experiment=fig10_tpot model=phimoe model.weights=twin draft=phi_mini_moe_twin hardware=rtx4090 max_new_tokens=16"
+run phi_graphs 300 $P model.twin.expert_noise=0.02 'experiment.only=[spmoe,moe_infinity,lru,moe_infinity_nosd,lru_nosd]'
+run phi_noise005 200 $P model.twin.expert_noise=0.005 'experiment.only=[spmoe,moe_infinity,moe_infinity_nosd]'
+grep -c "failed" /tmp/runs/phi_graphs.log
 pack

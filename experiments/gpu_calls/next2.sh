@@ -1,3 +1,3 @@
 . experiments/gpu_calls/common.sh
-run draft_len 520 experiment=draft_length max_new_tokens=24
+run ds_sharegpt 500 experiment=datasets dataset=sharegpt
 pack

@@ -1,3 +1,3 @@
 . experiments/gpu_calls/common.sh
-run ds_mtbench 470 experiment=datasets dataset=mtbench
+run lossless_fold 500 experiment=lossless_gpu 'experiment.only=[spmoe,spmoe_plus]'
 pack
