@@ -52,9 +52,12 @@ def install(model: nn.Module, num_positions: int) -> None:
 
 def _forward(rotary: nn.Module, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     table = rotary._spmoe_rope_table
-    if x.is_cuda and torch.cuda.is_current_stream_capturing():
-        return table(x, position_ids)
-    return table.stock(x, position_ids)
+    return table(x, position_ids) if capturing(x) else table.stock(x, position_ids)
+
+
+def capturing(x: torch.Tensor) -> bool:
+    """Whether `x`'s forward is being captured into a CUDA graph (the tables serve it then)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _rotary(model: nn.Module) -> nn.Module | None:

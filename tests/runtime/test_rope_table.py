@@ -1,7 +1,8 @@
 """Rotary tables (spmoe.runtime.rope_table): Phi-3.5-MoE's host-computed rotary embedding, served from device
 tables inside CUDA graphs, gives the stock forward's cos/sin bit for bit (default and longrope, on both sides of
-longrope's switch); tables only grow and keep the old ones alive; other families are left alone; on CUDA a
-phimoe target is captured whole and replays the static decoder's tokens."""
+longrope's switch); tables only grow and keep the old ones alive; other families are left alone; every supported
+family's rotary embedding, as a capture runs it, reads no host tensor and makes no host sync (checked on the meta
+device, so on the CPU); on CUDA a phimoe target is captured whole and replays the static decoder's tokens."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from dataclasses import replace
 import pytest
 import torch
 from conftest import tiny_run_config
-from tiny_families import tiny_hf_config
-from transformers import MixtralForCausalLM, PhimoeForCausalLM
+from tiny_families import FAMILIES, tiny_hf_config
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from transformers import AutoModelForCausalLM, MixtralForCausalLM, PhimoeForCausalLM
 
 from experiments.presets import load_preset
 from spmoe.config import MethodConfig
@@ -72,6 +75,41 @@ def test_other_families_keep_their_rotary_forward():
     rope_table.install(model, 16)
     assert not rope_table.needs_table(model)
     assert model.model.rotary_emb.forward == forward and not hasattr(model.model.rotary_emb, "_spmoe_rope_table")
+
+
+class _HostReads(TorchDispatchMode):
+    """Records every operator that copies a host tensor to the (meta) device, mixes the two, or syncs to the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        on_host = any(t.device.type == "cpu" and t.dim() > 0 for t in tensors)
+        to_device = str(kwargs.get("device", "")) == "meta" or any(t.device.type == "meta" for t in tensors)
+        if (on_host and to_device) or func is torch.ops.aten._local_scalar_dense.default:
+            self.found.append(str(func))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_familys_rotary_embedding_reads_no_host_tensor_as_captured(family, monkeypatch):
+    """The stock Phi-MoE rotary copies host frequencies (what CUDA graph capture refuses); with its tables it does
+    not; no other family's does either way."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(tiny_hf_config(family, 1, 2))
+    rotary = model.model.rotary_emb
+    x, positions = torch.empty(1, 3, 32, device="meta"), torch.arange(5, 8, device="meta")[None]
+    with _HostReads() as stock:
+        rotary(x, positions)
+    assert bool(stock.found) == (family == "phimoe"), stock.found
+    rope_table.install(model, 16)
+    monkeypatch.setattr(rope_table, "capturing", lambda x: True)
+    with _HostReads() as tabled:
+        rotary(x, positions)
+    assert tabled.found == []
 
 
 @pytest.mark.gpu
