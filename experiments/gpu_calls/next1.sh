@@ -1,6 +1,7 @@
 . experiments/gpu_calls/common.sh
-P="experiment=fig10_tpot model=phimoe model.weights=twin draft=phi_mini_moe_twin hardware=rtx4090 max_new_tokens=16"
-run phi_graphs 300 $P model.twin.expert_noise=0.02 'experiment.only=[spmoe,moe_infinity,lru,moe_infinity_nosd,lru_nosd]'
-run phi_noise005 200 $P model.twin.expert_noise=0.005 'experiment.only=[spmoe,moe_infinity,moe_infinity_nosd]'
-grep -c "failed" /tmp/runs/phi_graphs.log
+python3 -m pytest -q -p no:cacheprovider tests/runtime/test_rope_table.py tests/oracle/test_hf_oracle.py -k "cuda or rope" 2>&1 | tail -8 | tee /tmp/runs/gpu_tests.log
+A="experiment=acceptance model=phimoe model.weights=twin draft=phi_mini_moe_twin model.twin.expert_noise=0.02 num_prompts=1 max_new_tokens=32 'experiment.only=[k1]'"
+eval run phi_acc_torch 150 $A hardware.expert_kernel=torch
+eval run phi_acc_auto 150 $A hardware.expert_kernel=auto
+grep -h "acceptance" /tmp/runs/phi_acc_*.log | tail -4
 pack

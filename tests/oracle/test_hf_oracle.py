@@ -110,3 +110,33 @@ def test_method_matches_transformers_generate(request, session, method):
         drafted = sum(r.num_drafted or 0 for r in decode)
         accepted = sum(r.num_accepted or 0 for r in decode)
         assert drafted and 0.5 <= accepted / drafted
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("method,num_slots", [("gpu_resident", None), ("lru_nosd", 4)])
+def test_cuda_bf16_tokens_are_transformers_argmax_on_their_own_prefix(gpu, tmp_path, family, method, num_slots):
+    """On CUDA in bf16 under graphs (the project's expert kernels, folded attention, rotary tables), every greedy
+    token is transformers' own argmax on the run's prefix, within bf16 rounding of its logits: the engine's
+    GPU path computes each family's function, not just the same function as its own reference."""
+    from experiments.presets import load_preset
+
+    target, _ = write_pair(family, tmp_path)
+    cfg = tiny_run_config(num_prompts=2, max_new_tokens=NEW_TOKENS, hardware=load_preset("hardware", "h200"))
+    cfg.dataset = replace(cfg.dataset, prompt_len=8, max_prompt_tokens=64)
+    cfg.model = replace(cfg.model, name=f"tiny_{family}", weights="checkpoint", path=str(target), hf_config={},
+                        dtype="bfloat16")
+    s = open_session(cfg)
+    try:
+        gens, _, _ = s.generate(MethodConfig(name=method, num_slots=num_slots), s.cfg.hardware, NEW_TOKENS)
+        prompts = [p.token_ids for p in s.prompts]
+    finally:
+        s.close()
+    hf = AutoModelForCausalLM.from_pretrained(target, dtype=torch.bfloat16).to(gpu).eval()
+    for ids, g in zip(prompts, gens):
+        seq = torch.tensor([ids + g.token_ids], device=gpu)
+        with torch.no_grad():
+            logits = hf(seq).logits[0, len(ids) - 1:-1].float()  # [NEW, V]: the logits each token was chosen from
+        chosen = logits.gather(1, torch.tensor(g.token_ids, device=gpu)[:, None])[:, 0]
+        slack = 0.02 * logits.abs().amax(dim=1) + 1e-2  # bf16 rounding of a logit of that size, with headroom
+        assert (chosen >= logits.amax(dim=1) - slack).all(), (chosen, logits.amax(dim=1))
