@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from spmoe.runtime.graphs import StepGraph, capturable
 from spmoe.runtime import rope_table
+from spmoe.runtime.graphs import StepGraph, capturable
 from spmoe.runtime.piecewise import PiecewiseGraph, piecewise_capturable
 from spmoe.runtime.static_cache import PositionedCache, causal_mask
 from spmoe.spec.kv import cache_kwarg, crop_to

@@ -15,9 +15,9 @@ same keys and values as with the expansion; what may differ is the kernel's tili
 within the lossless check's tolerance; tests compare both).
 
 Registered as the attention implementation `spmoe_sdpa` (with transformers' SDPA mask function) and chosen
-session-wide by `hardware.attention` (`select`; the default, `spmoe_sdpa`, or `sdpa`, transformers' own); on other devices,
-without groups, without a mask, or with a per-head mask it is transformers' `sdpa_attention_forward` unchanged,
-so CPU runs stay bit-identical to transformers' own.
+session-wide by `hardware.attention` (`select`: the default `spmoe_sdpa`, or `sdpa`, transformers' own); on
+other devices, without groups, without a mask, or with a per-head mask it is transformers'
+`sdpa_attention_forward` unchanged, so CPU runs stay bit-identical to transformers' own.
 """
 
 from __future__ import annotations

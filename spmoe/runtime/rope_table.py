@@ -2,17 +2,18 @@
 Rotary tables: a model's rotary embedding served by indexing cos/sin tables on the device, for the
 families whose stock rotary forward computes its inverse frequencies on the host at every call
 (`HOST_ROPE_MODEL_TYPES`: Phi-3.5-MoE's `PhimoeRotaryEmbedding` calls its init function without a
-device and copies the result over, a pageable copy that CUDA graph capture refuses, so those models
-decoded eagerly; it is also host work on every step).
+device and copies the result over, a pageable copy that CUDA graph capture refuses, so such a model
+would decode eagerly; it is also host work on every step).
 
 Terms: P, the table's positions (a static cache's capacity); D, the rotary width. `install(model, P)`
 builds the tables by running the stock forward once, eagerly, at positions 0..P-1, and makes the
 rotary module's forward index them while a CUDA graph is being captured (outside capture it runs the
-stock forward, so eager steps and callers past P are served as before): row p of the stock output at positions 0..P-1 is the stock
-output at position p whenever the stock forward would pick the same frequencies, so the tables give
-the stock values bit for bit. Longrope picks its long frequencies once the sequence passes
-`original_max_position_embeddings` (O); where P > O a second table built at positions 0..O-1 holds
-the short ones, and the forward picks between them on the device (no host sync).
+stock forward, so eager steps and callers past P are served as before). Row p of the stock output at
+positions 0..P-1 is the stock output at position p whenever the stock forward would pick the same
+frequencies, so the tables give the stock values bit for bit. Longrope picks its long frequencies
+once the sequence passes `original_max_position_embeddings` (O); where P > O a second table built at
+positions 0..O-1 holds the short ones, and the forward picks between them on the device (no host
+sync).
 
 Invariants: tables only grow; a table a captured graph may read is never freed (the module keeps
 every table it built), so graphs captured against an older, smaller table stay valid for the
