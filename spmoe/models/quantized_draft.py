@@ -252,9 +252,15 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"draft.quant_bits={bits!r}; valid: 8, 4")
 
 
+def quantizable(module: nn.Module) -> bool:
+    """Whether `module` is a plain linear layer, which a quantized one can stand in for. A subclass is not: it
+    computes more than x W^T + b (PhiMoE's router returns its logits, routing weights and experts)."""
+    return type(module) is nn.Linear
+
+
 def _replace_linears(module: nn.Module, make) -> None:
     for name, child in module.named_children():
-        if isinstance(child, nn.Linear):
+        if quantizable(child):
             setattr(module, name, make(child))
         elif not isinstance(child, OffloadedExperts):
             _replace_linears(child, make)
@@ -296,7 +302,7 @@ def linear_workspace_bytes(model: nn.Module, dtype: torch.dtype, bits: int, grou
     [O, I] weight in `dtype`; for int4 the padded [O, I_pad] weight plus its nibble plane
     (`int4.workspace_bytes`)."""
     return max((matrix_workspace_bytes(m.out_features, m.in_features, bits, group_size, dtype.itemsize)
-                for m in model.modules() if isinstance(m, nn.Linear)), default=0)
+                for m in model.modules() if quantizable(m)), default=0)
 
 
 def _matrix_bytes(out_features: int, in_features: int, dsize: int, bits: int, group_size: int) -> int:
@@ -312,7 +318,7 @@ def quantized_copy_bytes(target: TargetModel, bits: int = 8, group_size: int = 1
     _check_bits(bits)
     layout = target.layout
     dsize = layout.expert_bytes // layout.expert_numel
-    linear = [m for m in target.model.modules() if isinstance(m, nn.Linear)]
+    linear = [m for m in target.model.modules() if quantizable(m)]
     linear_ids = {id(m.weight) for m in linear}
     other = {id(t): t for t in list(target.model.parameters()) + list(target.model.buffers()) if id(t) not in linear_ids}
     total = sum(_matrix_bytes(m.out_features, m.in_features, dsize, bits, group_size) for m in linear)

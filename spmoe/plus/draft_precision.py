@@ -40,7 +40,7 @@ from transformers import DynamicCache
 
 from spmoe.models import int4
 from spmoe.models.experts import OffloadedExperts
-from spmoe.models.quantized_draft import dequantize_rows_into, matrix_workspace_bytes, quantize_rows
+from spmoe.models.quantized_draft import dequantize_rows_into, matrix_workspace_bytes, quantizable, quantize_rows
 from spmoe.runtime import quant_gemv
 from spmoe.spec.kv import cache_kwarg
 
@@ -83,7 +83,7 @@ class QuantLinear(nn.Module):
 def _sites(module: nn.Module, shared: set[int]) -> list[tuple[nn.Module, str, nn.Linear]]:
     out = []
     for name, child in module.named_children():
-        if isinstance(child, nn.Linear):
+        if quantizable(child):
             if id(child.weight) not in shared:
                 out.append((module, name, child))
         elif not isinstance(child, OffloadedExperts):

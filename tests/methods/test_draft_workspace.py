@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_families import tiny_hf_config
 from torch import nn
+from transformers import PhimoeForCausalLM
 
 from spmoe.models import int4
 from spmoe.models.quantized_draft import Int4Linear, Int8Linear, linear_workspace_bytes
@@ -116,3 +118,18 @@ def test_captured_graphs_of_quantized_sites_keep_no_per_site_transients(gpu, kin
     graph, y, _ = graphs[-1]
     graph.replay()
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_a_linear_subclass_with_its_own_forward_stays_unquantized(precision):
+    """PhiMoE's router subclasses nn.Linear and returns (logits, routing weights, experts): quantizing it as a
+    plain linear layer broke the draft's forward. Every plain linear layer is quantized; the router is kept."""
+    torch.manual_seed(0)
+    model = PhimoeForCausalLM(tiny_hf_config("phimoe", 2, 4)).eval()
+    ids = torch.tensor([[1, 5, 9, 2]])
+    quantize_draft(model, precision, group_size=16)
+    routers = [m for m in model.modules() if type(m).__name__ == "PhimoeTopKRouter"]
+    assert len(routers) == 2 and not any(isinstance(m, QuantLinear) for m in routers)
+    assert not any(type(m) is nn.Linear for m in model.modules())  # every plain one was swapped
+    with torch.no_grad():
+        assert model(ids).logits.shape == (1, 4, 128)
