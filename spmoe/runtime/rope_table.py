@@ -66,6 +66,9 @@ def _rotary(model: nn.Module) -> nn.Module | None:
 
 
 class RopeTable:
+    """cos/sin [P, D] of one rotary module at positions 0..P-1 (and the short ones [O, D] for longrope with P > O),
+    and the stock forward they were built with; called like the rotary module."""
+
     def __init__(self, stock, rotary: nn.Module, like: torch.Tensor, num_positions: int):
         self.stock = stock  # the rotary module's own bound forward
         self.num_positions = num_positions
