@@ -261,7 +261,7 @@ class Session:
         run_key = repr((method, hardware, spec_cfg))
         for attempt in itertools.count():  # the attempt after CAPTURE_FIT_ATTEMPTS rebuilds always returns
             extra_bytes = self._capture_reserve_bytes.get(run_key, 0)
-            hw = replace(hardware, reserve_mib=hardware.reserve_mib + extra_bytes / 2**20)
+            hw = _with_reserve(hardware, extra_bytes)
             plan, drafts, offer = self._run_plan(hw, method, spec_cfg)
             cfg = replace(self.cfg, method=method, hardware=hw, max_new_tokens=max_new_tokens,
                           spec=spec_cfg or self.cfg.spec)
@@ -313,7 +313,7 @@ class Session:
                            extra_bytes: int) -> bool:
         """Whether the run can still be planned with `extra_bytes` more reserve (else it runs as built)."""
         try:
-            self._run_plan(replace(hardware, reserve_mib=hardware.reserve_mib + extra_bytes / 2**20), method, spec_cfg)
+            self._run_plan(_with_reserve(hardware, extra_bytes), method, spec_cfg)
         except BudgetError:
             return False
         return True
@@ -452,6 +452,11 @@ def open_session(cfg: RunConfig, cases: Sequence[RunConfig] = (),
         if m is not None:
             gqa_attention.select(m, cfg.hardware.attention)
     return session
+
+
+def _with_reserve(hardware: HardwareConfig, extra_bytes: int) -> HardwareConfig:
+    """`hardware` with `extra_bytes` more reserve (what a run's precaptured graphs were measured to need)."""
+    return replace(hardware, reserve_mib=hardware.reserve_mib + extra_bytes / 2**20)
 
 
 @dataclass

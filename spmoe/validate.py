@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import math
 
-from spmoe.config import ATTENTION_IMPLEMENTATIONS, LoggerConfig, MethodConfig, PlusConfig, RunConfig, SpecConfig, parse_dtype
+from spmoe.config import (ATTENTION_IMPLEMENTATIONS, LoggerConfig, MethodConfig, PlusConfig, RunConfig, SpecConfig,
+                          parse_dtype)
 from spmoe.data.prompts import validate_dataset
 from spmoe.methods import get_strategy
 from spmoe.models.checkpoint import Checkpoint

@@ -121,4 +121,5 @@ def _grow_experts(layout: ExpertLayout, store: ExpertStore, draft: PreTrainedMod
 
 def _perturbed(weight: torch.Tensor, noise: float, gen: torch.Generator) -> torch.Tensor:
     """float32 `weight` + `noise` x its std x a seeded standard Gaussian of its shape (drawn from `gen`)."""
-    return weight + noise * weight.std() * torch.randn(weight.shape, generator=gen, device=gen.device, dtype=torch.float32)
+    draw = torch.randn(weight.shape, generator=gen, device=gen.device, dtype=torch.float32)
+    return weight + noise * weight.std() * draw

@@ -134,5 +134,6 @@ class HostGate:
                 "host_gate_b_link_ms": fitted[1] if fitted else None,
                 "host_gate_b_host_ms": fitted[2] if fitted else None,
                 "host_gate_cold_ms": self.cold_ms(fitted[1]) if fitted else None,
-                "host_gate_repeat_rate": self.history.num_repeats / self.history.num_host if self.history.num_host else None,
+                "host_gate_repeat_rate": (self.history.num_repeats / self.history.num_host
+                                          if self.history.num_host else None),
                 "host_gate_carried_samples": self.carried_samples}

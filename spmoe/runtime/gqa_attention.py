@@ -39,7 +39,8 @@ def folded_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     kvh = key.shape[1]
     g = h // kvh
     q = query.reshape(b, kvh, g * t, d)  # [B, KVH, G T, D]: head kvh * G + j, row j T + i
-    m = mask[:, :, None].expand(mask.shape[0], 1, g, t, mask.shape[-1]).reshape(mask.shape[0], 1, g * t, -1)  # [B, 1, G T, C]
+    mb, c = mask.shape[0], mask.shape[-1]
+    m = mask[:, :, None].expand(mb, 1, g, t, c).reshape(mb, 1, g * t, c)  # [B, 1, G T, C]
     out = F.scaled_dot_product_attention(q, key, value, attn_mask=m, scale=scaling)  # [B, KVH, G T, D]
     return out.reshape(b, h, t, value.shape[-1]).transpose(1, 2).contiguous()  # [B, T, H, Dv]
 
