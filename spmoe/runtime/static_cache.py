@@ -50,12 +50,26 @@ class _PositionedLayer(StaticLayer):
         return self.max_cache_len
 
 
+def sliding_window(text_config) -> int | None:
+    """The attention window some layer of `text_config` applies, or None when every layer attends fully.
+
+    `layer_types` (transformers 5) names each layer's attention; without it, `use_sliding_window` (Qwen2's flag)
+    or a set `sliding_window` decides."""
+    window = getattr(text_config, "sliding_window", None)
+    layer_types = getattr(text_config, "layer_types", None)
+    if layer_types is not None:
+        return window if "sliding_attention" in layer_types else None
+    if not getattr(text_config, "use_sliding_window", True):
+        return None
+    return window
+
+
 class PositionedCache(Cache):
     """A transformers `Cache` of `capacity` positions for every decoder layer of `config`."""
 
     def __init__(self, config, capacity: int):
         text = config.get_text_config(decoder=True)
-        window = getattr(text, "sliding_window", None)
+        window = sliding_window(text)
         if window is not None and window < capacity:
             raise ValueError(f"a static KV cache serves full attention only; {text.model_type} has a sliding"
                              f" window of {window} < {capacity} positions (use hardware.decode=eager)")

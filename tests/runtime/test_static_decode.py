@@ -7,17 +7,19 @@ the step's mask and positions, and the engine and drafter wired through decoders
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import tiny_run_config
+from tiny_families import tiny_hf_config
 
 from experiments.presets import load_preset
 from spmoe.config import HardwareConfig, MethodConfig, SpecConfig
 from spmoe.methods import get_strategy
 from spmoe.runtime.decoder import DynamicDecoder, StaticDecoder, make_decoder
 from spmoe.runtime.graphs import capturable
-from spmoe.runtime.static_cache import PositionedCache, causal_mask
+from spmoe.runtime.static_cache import PositionedCache, causal_mask, sliding_window
 from spmoe.session import open_session
 from spmoe.strategy import MethodContext
 
@@ -129,6 +131,20 @@ def test_sliding_window_shorter_than_the_cache_is_refused(session):
     cfg = session.draft.config.__class__(**{**session.draft.config.to_dict(), "sliding_window": 4})
     with pytest.raises(ValueError, match="sliding window"):
         PositionedCache(cfg, 8)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_a_window_no_layer_applies_is_not_refused(family):
+    """Qwen2-MoE carries a `sliding_window` that `use_sliding_window=False` / `layer_types` switch off."""
+    text = tiny_hf_config(family, num_layers=2, num_experts=4, max_position_embeddings=64)
+    text.sliding_window = 4
+    text.layer_types = ["full_attention"] * 2
+    assert PositionedCache(text, 8).capacity == 8
+    text.layer_types = ["full_attention", "sliding_attention"]
+    with pytest.raises(ValueError, match="sliding window of 4"):
+        PositionedCache(text, 8)
+    assert sliding_window(SimpleNamespace(sliding_window=4, use_sliding_window=False)) is None
+    assert sliding_window(SimpleNamespace(sliding_window=4)) == 4
 
 
 def test_graphs_fall_back_to_static_off_cuda(session):
