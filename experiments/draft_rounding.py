@@ -17,9 +17,8 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-import yaml
-
 import torch
+import yaml
 
 from experiments.presets import load_preset
 from spmoe.models.draft import build_draft, draft_hf_config
